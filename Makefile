@@ -1,0 +1,40 @@
+# vlmopt: `make demo` runs the whole pipeline on the built-in demo model; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+DEMO ?= build/demo
+DEMO_SIZE ?= base
+
+.PHONY: install demo test bench lint clean
+
+install: $(BIN)/vlmopt
+
+# torch first, pinned: an unpinned torch pulls gigabytes of CUDA wheels.
+$(BIN)/vlmopt: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@touch $@
+
+demo: install
+	rm -rf $(DEMO)-src
+	$(BIN)/vlmopt demo-model $(DEMO)-src --size $(DEMO_SIZE)
+	$(BIN)/vlmopt export $(DEMO)-src -o $(DEMO)
+	$(BIN)/vlmopt convert $(DEMO)
+	$(BIN)/vlmopt bench $(DEMO) --batch 1,8
+	$(BIN)/vlmopt info $(DEMO)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/run.py
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
+
+clean:
+	rm -rf build .pytest_cache

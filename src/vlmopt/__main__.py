@@ -1,0 +1,3 @@
+from vlmopt.cli import main
+
+main()

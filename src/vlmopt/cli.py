@@ -1,0 +1,389 @@
+"""The `vlmopt` command line: a thin typer layer over the stages.
+
+Exit codes: 0 success, 1 a verification or threshold check failed, 2 bad usage or bad input,
+3 an internal error (a bug: rerun with --debug for the traceback).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vlmopt import __version__
+from vlmopt.errors import EXIT_INTERNAL, CheckFailed, VlmoptError
+
+app = typer.Typer(
+    name="vlmopt",
+    help="Turn Hugging Face vision-language models into verified, fast deployment artifacts.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# Logs (CI, `make`) are not terminals; give tables room there instead of Rich's 80 columns.
+_LOG_WIDTH = 200
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+if not out.is_terminal:
+    out = Console(highlight=False, width=_LOG_WIDTH)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks and the exporters' own output.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even when its inputs and options are unchanged.")]
+DirArg = Annotated[Path, typer.Argument(help="The model directory (made by `vlmopt export`).", show_default=False)]
+
+
+def _quiet_libraries(debug: bool) -> None:
+    if debug:
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+
+
+def _emit_json(payload: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def command(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a command body with vlmopt's error contract: one line and an exit code, tracebacks only with --debug."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        as_json, debug = kwargs.get("as_json", False), kwargs.get("debug", False)
+        _quiet_libraries(debug)
+        try:
+            return func(*args, **kwargs)
+        except VlmoptError as exc:
+            if debug:
+                raise
+            if as_json:
+                _emit_json({"ok": False, "error": exc.message, "exit_code": exc.exit_code, **(exc.details if isinstance(exc, CheckFailed) else {})})
+            label = "check failed" if isinstance(exc, CheckFailed) else "error"
+            err.print(f"[bold red]{label}:[/] {exc.message}", soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("[bold red]interrupted[/]: nothing was committed")
+            raise typer.Exit(130) from None
+        except typer.Exit:
+            raise
+        except Exception as exc:
+            if debug:
+                raise
+            message = (str(exc).strip().splitlines() or [""])[0][:300]
+            err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {message} (rerun with --debug for the traceback)", soft_wrap=True)
+            if as_json:
+                _emit_json({"ok": False, "error": f"{type(exc).__name__}: {message}", "exit_code": EXIT_INTERNAL})
+            raise typer.Exit(EXIT_INTERNAL) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"vlmopt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Stages over a model directory: demo-model → export → convert → bench; `info` shows what is there."""
+
+
+def _open_for_writing(path: Path):
+    from vlmopt.workspace import ModelDir
+
+    return ModelDir.open(path)
+
+
+def _status(message: str, as_json: bool):
+    """A spinner on stderr for long work (silent when stderr is not a terminal)."""
+    return err.status(message) if not as_json else _NullStatus()
+
+
+class _NullStatus:
+    def __enter__(self) -> _NullStatus:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, message: str) -> None:
+        return None
+
+
+# -- demo-model ----------------------------------------------------------------------------
+@app.command("demo-model")
+@command
+def demo_model(
+    directory: Annotated[Path, typer.Argument(help="Where to write the Hugging Face model folder.", show_default=False)],
+    family: Annotated[str, typer.Option(help="clip, siglip, vit, vit-classifier or bert.")] = "clip",
+    size: Annotated[str, typer.Option(help="tiny (tests) or base (real sizes: CLIP ViT-B/32, ...).")] = "tiny",
+    seed: Annotated[int, typer.Option(help="Random seed for the weights.")] = 0,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Build a demo checkpoint offline: a real architecture with random weights, tokenizer and image processor.
+
+    Example: vlmopt demo-model build/clip-src --size base
+    """
+    from vlmopt.demo import build_demo_model
+
+    with _status(f"building a {size} {family} with random weights", as_json):
+        path = build_demo_model(directory, family, size, seed)
+    files = sorted(p.name for p in path.iterdir())
+    if as_json:
+        _emit_json({"ok": True, "path": str(path), "family": family, "size": size, "files": files})
+    else:
+        out.print(f"[green]✓[/] demo {family} ({size}, random weights) written to [bold]{path}[/]: {', '.join(files)}")
+
+
+# -- export --------------------------------------------------------------------------------
+@app.command()
+@command
+def export(
+    source: Annotated[str, typer.Argument(help="A hub id (org/name) or a local Hugging Face model folder.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The model directory to create or update.", show_default=False)],
+    revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")] = None,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow the checkpoint's own Python code to run (off by default).")] = False,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Save a checkpoint (safetensors weights, config, processor) into DIR/hf/.
+
+    Example: vlmopt export build/clip-src -o build/clip
+    """
+    from vlmopt.hf import check_source
+    from vlmopt.stages import export as stage
+    from vlmopt.workspace import ModelDir
+
+    check_source(source)
+    model_dir = ModelDir.create(output)
+    with model_dir.lock(), _status(f"exporting {source}", as_json):
+        result = stage.run(model_dir, stage.ExportOptions(source, revision, trust_remote_code), force=force)
+    _report_stage(result, model_dir, as_json)
+
+
+# -- convert -------------------------------------------------------------------------------
+@app.command()
+@command
+def convert(
+    directory: DirArg,
+    source: Annotated[str, typer.Option("--from", help="The Hugging Face artifact to convert.")] = "hf",
+    name: Annotated[str, typer.Option("--name", help="Name of the ONNX artifact to write.")] = "onnx",
+    monolith: Annotated[bool, typer.Option("--monolith", help="One graph with both towers and the zero-shot logits.")] = False,
+    static: Annotated[bool, typer.Option("--static", help="Fixed shapes instead of dynamic batch/sequence axes.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Batch size of a --static export.")] = 1,
+    seq_len: Annotated[int | None, typer.Option(help="Sequence length of a --static export (default: the model's maximum).")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset (17..23).")] = 18,
+    atol: Annotated[float | None, typer.Option(help="Largest accepted |PyTorch - ONNX Runtime| per output (default: the family's).")] = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Export each tower to ONNX (dynamic batch/sequence axes) and verify it against PyTorch.
+
+    Fails with exit 1, writing nothing, when an output differs by more than --atol.
+    Example: vlmopt convert build/clip
+    """
+    from vlmopt.stages import convert as stage
+
+    options = stage.ConvertOptions(source, name, monolith, static, batch_size, seq_len, opset, atol)
+    options.validate()
+    model_dir = _open_for_writing(directory)
+    with model_dir.lock(), _status("converting to ONNX", as_json) as status:
+        result = stage.run(model_dir, options, force=force, debug=debug, progress=status.update)
+    _report_stage(result, model_dir, as_json)
+
+
+def _report_stage(result: Any, model_dir: Any, as_json: bool) -> None:
+    artifact = result.artifact
+    if as_json:
+        _emit_json({"ok": True, **result.to_json()})
+        return
+    verb = "up to date, skipped" if result.skipped else "written"
+    out.print(f"[green]✓[/] {artifact.name} ({artifact.kind}, {artifact.size / 2**20:.1f} MB) {verb}: {model_dir.artifact_path(artifact.name)}")
+    verification = artifact.verification
+    if verification and verification.get("towers"):
+        table = Table(title=f"verification against {verification['reference']}", title_justify="left")
+        for column in ("tower", "output", "shapes", "max |diff|", "atol", "cosine min", ""):
+            table.add_column(column, justify="right" if column in ("max |diff|", "atol", "cosine min") else "left")
+        for tower, result_ in verification["towers"].items():
+            shapes = "; ".join(", ".join(f"{k}={v}" for k, v in s.items()) for s in result_["shapes"])
+            for output, r in result_["outputs"].items():
+                ok = r["max_abs_diff"] <= result_["atol"]
+                table.add_row(tower, output, shapes, f"{r['max_abs_diff']:.2e}", f"{result_['atol']:.0e}", f"{r['cosine_min']:.6f}", "[green]ok[/]" if ok else "[red]FAIL[/]")
+        out.print(table)
+
+
+# -- bench ---------------------------------------------------------------------------------
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers like 1,8,32, got '{text}'") from None
+    if not values or any(v < 1 for v in values):
+        raise typer.BadParameter(f"expected positive integers like 1,8,32, got '{text}'")
+    return values
+
+
+@app.command()
+@command
+def bench(
+    directory: DirArg,
+    artifacts: Annotated[list[str] | None, typer.Argument(help="Artifacts to run (default: every runnable one); the PyTorch reference `hf` is always included.", show_default=False)] = None,
+    batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8",
+    seq_len: Annotated[int | None, typer.Option(help="Text sequence length (default: the tower's usual length, e.g. 77 for CLIP).")] = None,
+    tower: Annotated[list[str] | None, typer.Option(help="Only these towers (repeatable): vision, text, model.")] = None,
+    warmup: Annotated[int, typer.Option(help="Untimed runs before measuring.")] = 3,
+    iterations: Annotated[int, typer.Option(help="Timed runs per measurement.")] = 20,
+    duration: Annotated[float | None, typer.Option(help="Seconds per measurement instead of a fixed --iterations.")] = None,
+    threads: Annotated[int | None, typer.Option(help="Intra-op threads for every backend (default: physical cores).")] = None,
+    min_speedup: Annotated[float | None, typer.Option(help="Exit 1 when any artifact is slower than this multiple of PyTorch.")] = None,
+    torch_attention: Annotated[str, typer.Option(help="Attention of the PyTorch reference: sdpa (its fastest) or eager.")] = "sdpa",
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Measure latency (mean/p50/p90/p99), throughput, memory and speed-up against PyTorch.
+
+    Writes DIR/reports/bench-<time>.json and .md and records the results in the manifest.
+    Example: vlmopt bench build/clip --batch 1,8
+    """
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from vlmopt.stages import bench as stage
+
+    options = stage.BenchOptions(
+        artifacts=list(artifacts or []),
+        batches=_int_list(batch),
+        seq_len=seq_len,
+        towers=list(tower or []),
+        warmup=warmup,
+        iterations=iterations,
+        duration=duration,
+        threads=threads,
+        min_speedup=min_speedup,
+        attn_implementation=torch_attention,
+    )
+    options.validate()
+    model_dir = _open_for_writing(directory)
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed} measured"), TimeElapsedColumn(), console=err, transient=True, disable=as_json)
+    with model_dir.lock(), progress:
+        task = progress.add_task("benchmarking", total=None)
+
+        def advance(message: str, step: int) -> None:
+            progress.update(task, description=message, advance=step)
+
+        try:
+            report = stage.run(model_dir, options, progress=advance)
+        except CheckFailed as exc:
+            progress.stop()
+            if not as_json and "report" in exc.details:
+                _print_bench(exc.details["report"])
+            raise
+    if as_json:
+        _emit_json({"ok": True, **report})
+    else:
+        _print_bench(report)
+
+
+def _print_bench(report: dict[str, Any]) -> None:
+    settings = report["settings"]
+    measure = f"{settings['duration']:g} s" if settings["duration"] else f"{settings['iterations']} iterations"
+    table = Table(title=f"vlmopt bench · {report['machine']['threads']} threads · warm-up {settings['warmup']} · {measure}", title_justify="left")
+    columns = ("artifact", "backend", "tower", "batch", "seq", "mean ms", "p50", "p90", "p99", "items/s", "Δ RSS MB", "size MB", "speed-up", "cosine min")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("artifact", "backend", "tower") else "right")
+    for r in report["rows"]:
+        lat = r["latency_ms"]
+        speedup = r["speedup"]
+        style = "" if speedup is None else ("green" if speedup >= 1 else "red")
+        table.add_row(
+            r["artifact"], r["backend"], r["tower"], str(r["batch"]), str(r["sequence"] or ""),
+            f"{lat['mean']:.2f}", f"{lat['p50']:.2f}", f"{lat['p90']:.2f}", f"{lat['p99']:.2f}", f"{r['throughput']:.1f}",
+            f"{r['peak_rss_mb']:.0f}", f"{r['size_mb']:.1f}",
+            f"[{style}]{speedup:.2f}x[/]" if speedup is not None else "", f"{r['cosine_min']:.6f}" if r["cosine_min"] is not None else "",
+        )
+    out.print(table)
+    files = report.get("files")
+    if files:
+        out.print(f"reports: {', '.join(files)}")
+
+
+# -- info ----------------------------------------------------------------------------------
+@app.command()
+@command
+def info(
+    directory: DirArg,
+    verify: Annotated[bool, typer.Option("--verify", help="Re-hash every file against the manifest (slower).")] = False,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """List the artifacts in a model directory: what made each, its size, verification and benchmark.
+
+    Example: vlmopt info build/clip
+    """
+    from vlmopt.workspace import ModelDir
+
+    model_dir = ModelDir.open(directory)
+    artifacts = model_dir.load()
+    entries = []
+    for name, artifact in artifacts.items():
+        problems = model_dir.check_files(artifact, hashes=verify)
+        parent = artifacts.get(artifact.parent) if artifact.parent else None
+        stale = artifact.parent is not None and (parent is None or parent.digest != artifact.parent_digest)
+        status = "modified: " + "; ".join(problems) if problems else ("stale (parent changed)" if stale else "ok")
+        entries.append((artifact, status))
+    if as_json:
+        _emit_json({"ok": True, "path": str(model_dir.path), "artifacts": [{**a.to_json(), "size": a.size, "status": s} for a, s in entries]})
+        return
+    table = Table(title=f"{model_dir.path}", title_justify="left")
+    for column in ("artifact", "kind", "stage", "from", "towers", "size MB", "verified", "best speed-up", "created", "status"):
+        table.add_column(column, justify="right" if column == "size MB" else "left")
+    for artifact, status in entries:
+        table.add_row(
+            artifact.name, artifact.kind, artifact.stage, artifact.parent or artifact.meta.get("source", ""),
+            ", ".join(artifact.towers) or artifact.meta.get("family", ""), f"{artifact.size / 2**20:.1f}",
+            _verified(artifact), _best_speedup(artifact), artifact.created.replace("+00:00", "Z"), status if status == "ok" else f"[red]{status}[/]",
+        )
+    out.print(table)
+
+
+def _verified(artifact: Any) -> str:
+    verification = artifact.verification
+    if not verification:
+        return ""
+    diffs = [r["max_abs_diff"] for t in verification.get("towers", {}).values() for r in t["outputs"].values()]
+    worst = f" (max |diff| {max(diffs):.1e})" if diffs else ""
+    return ("passed" if verification.get("passed") else "FAILED") + worst
+
+
+def _best_speedup(artifact: Any) -> str:
+    rows = (artifact.benchmark or {}).get("rows") or []
+    speedups = [r["speedup"] for r in rows if r.get("speedup") is not None]
+    return f"{max(speedups):.2f}x" if speedups and artifact.kind != "hf" else ""
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,155 @@
+"""The vocabulary every family declares its architecture in."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+Axis = int | str
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A named graph input or output; string axes are dynamic and named ("batch", "sequence").
+
+    `role` tells the dummy-input generator what to put in an input: "image", "input_ids",
+    "attention_mask" or "token_type_ids". Outputs carry the role "output".
+    """
+
+    name: str
+    shape: tuple[Axis, ...]
+    dtype: str = "float32"
+    role: str = "output"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "role": self.role}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TensorSpec:
+        return cls(data["name"], tuple(data["shape"]), data["dtype"], data["role"])
+
+
+@dataclass(frozen=True)
+class TextVocab:
+    """What a tokenizer would put into input_ids, so dummy text looks like real text."""
+
+    vocab_size: int
+    max_length: int
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Tower:
+    """One exported graph: a wrapper around (part of) the Hugging Face model, its inputs and outputs.
+
+    `wrap` turns the loaded model into the `nn.Module` whose forward takes the inputs by name in
+    order and returns the outputs in order. `num_heads`/`hidden_size`/`optimizer_model_type` are
+    what ONNX Runtime's transformer optimizer needs to fuse this tower.
+    """
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    wrap: Callable[[Any], Any]
+    vocab: TextVocab | None = None
+    num_heads: int | None = None
+    hidden_size: int | None = None
+    optimizer_model_type: str | None = None
+    bench_sizes: dict[str, int] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def axes(self) -> list[str]:
+        names: list[str] = []
+        for spec in self.inputs:
+            names.extend(a for a in spec.shape if isinstance(a, str) and a not in names)
+        return names
+
+    def with_static_axes(self, sizes: dict[str, int]) -> Tower:
+        """The same tower with every dynamic axis fixed to `sizes`."""
+
+        def fix(specs: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
+            return tuple(
+                TensorSpec(s.name, tuple(sizes[a] if isinstance(a, str) and a in sizes else a for a in s.shape), s.dtype, s.role)
+                for s in specs
+            )
+
+        return Tower(**{**self.__dict__, "inputs": fix(self.inputs), "outputs": fix(self.outputs)})
+
+    @classmethod
+    def from_json(cls, name: str, data: dict[str, Any]) -> Tower:
+        """A tower as recorded in the manifest: enough to feed and describe it, with no `wrap`."""
+        vocab = TextVocab(**data["vocab"]) if data.get("vocab") else None
+        return cls(
+            name=name,
+            inputs=tuple(TensorSpec.from_json(s) for s in data["inputs"]),
+            outputs=tuple(TensorSpec.from_json(s) for s in data["outputs"]),
+            wrap=_not_wrappable,
+            vocab=vocab,
+            num_heads=data.get("num_heads"),
+            hidden_size=data.get("hidden_size"),
+            optimizer_model_type=data.get("optimizer_model_type"),
+            bench_sizes=data.get("bench_sizes") or {},
+            meta=data.get("meta") or {},
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "inputs": [s.to_json() for s in self.inputs],
+            "outputs": [s.to_json() for s in self.outputs],
+            "vocab": self.vocab.to_json() if self.vocab else None,
+            "num_heads": self.num_heads,
+            "hidden_size": self.hidden_size,
+            "optimizer_model_type": self.optimizer_model_type,
+            "bench_sizes": self.bench_sizes,
+            "meta": self.meta,
+        }
+
+
+def _not_wrappable(model: Any) -> Any:
+    raise TypeError("a tower read from the manifest has no PyTorch wrapper; get it from its family")
+
+
+class Family:
+    """Architecture knowledge for one model family. Subclasses fill in the declarations."""
+
+    name: str = ""
+    model_types: tuple[str, ...] = ()
+    summary: str = ""
+    #: verification tolerance (max abs diff) between PyTorch and the fp32 export
+    atol: float = 1e-4
+    supports_monolith: bool = False
+
+    def model_class(self, config: Any) -> Any:
+        from transformers import AutoModel
+
+        return AutoModel
+
+    def towers(self, config: Any, hf_dir: Path | None = None, monolith: bool = False) -> list[Tower]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}>"
+
+
+def image_input(config: Any, batch_axis: str = "batch") -> TensorSpec:
+    size = config.image_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return TensorSpec("pixel_values", (batch_axis, config.num_channels, height, width), "float32", "image")
+
+
+def text_vocab(config: Any, max_length: int | None = None) -> TextVocab:
+    return TextVocab(
+        vocab_size=config.vocab_size,
+        max_length=max_length or config.max_position_embeddings,
+        bos_token_id=getattr(config, "bos_token_id", None),
+        eos_token_id=getattr(config, "eos_token_id", None),
+        pad_token_id=getattr(config, "pad_token_id", None),
+    )

@@ -1,0 +1,86 @@
+"""Backends behind one interface, and `ArtifactRunners`: the runners of any artifact in a model directory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vlmopt.errors import VlmoptError
+from vlmopt.families import Tower, family_for
+from vlmopt.runners.base import Runner
+from vlmopt.runners.ort_runner import OrtRunner
+from vlmopt.runners.torch_runner import TorchRunner
+from vlmopt.workspace import Artifact, ModelDir
+
+__all__ = ["ArtifactRunners", "OrtRunner", "Runner", "TorchRunner", "set_threads"]
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+class ArtifactRunners:
+    """Towers and runners of one artifact; a Hugging Face artifact loads its model once for all towers."""
+
+    def __init__(self, model_dir: ModelDir, artifact: Artifact, threads: int | None = None, attn_implementation: str | None = None):
+        self.model_dir = model_dir
+        self.artifact = artifact
+        self.threads = threads
+        self.attn_implementation = attn_implementation
+        self._model: Any = None
+        self._family = None
+        self._config = None
+        if artifact.kind not in ("hf", "onnx"):
+            raise VlmoptError(f"artifact '{artifact.name}' is of kind '{artifact.kind}', which has no runner on this machine")
+
+    @property
+    def backend(self) -> str:
+        return "pytorch" if self.artifact.kind == "hf" else "onnxruntime"
+
+    def _hf(self) -> tuple[Any, Any]:
+        if self._config is None:
+            from vlmopt.hf import load_config
+
+            self._config = load_config(self.model_dir.artifact_path(self.artifact.name))
+            self._family = family_for(self._config)
+        return self._config, self._family
+
+    def towers(self) -> dict[str, Tower]:
+        if self.artifact.kind == "onnx":
+            return {name: Tower.from_json(name, data) for name, data in self.artifact.towers.items()}
+        config, family = self._hf()
+        path = self.model_dir.artifact_path(self.artifact.name)
+        towers = family.towers(config, path, monolith=False)
+        if family.supports_monolith:
+            towers += family.towers(config, path, monolith=True)
+        return {t.name: t for t in towers}
+
+    def runner(self, tower: Tower) -> Runner:
+        input_names = [s.name for s in tower.inputs]
+        output_names = [s.name for s in tower.outputs]
+        if self.artifact.kind == "onnx":
+            path = self.model_dir.artifact_path(self.artifact.name) / self.artifact.towers[tower.name]["file"]
+            runner: Runner = OrtRunner(path, threads=self.threads)
+            if runner.input_names != input_names:
+                raise VlmoptError(f"{path} takes inputs {runner.input_names}, but the manifest records {input_names}; re-run the stage that made it with --force")
+            return runner
+        set_threads(self.threads)
+        if self._model is None:
+            from vlmopt.hf import load_model
+
+            config, family = self._hf()
+            self._model = load_model(self.model_dir.artifact_path(self.artifact.name), config=config, family=family, attn_implementation=self.attn_implementation)
+        config, family = self._hf()
+        full = {t.name: t for t in family.towers(config, self.model_dir.artifact_path(self.artifact.name), monolith=tower.name == "model")}
+        return TorchRunner(full[tower.name].wrap(self._model), input_names, output_names)
+
+    def size_bytes(self, tower: Tower, runner: Runner) -> int:
+        if isinstance(runner, TorchRunner):
+            return runner.parameter_bytes()
+        stem = self.artifact.towers[tower.name]["file"]
+        return sum(f.size for f in self.artifact.files if f.path == stem or f.path.startswith(stem + "."))
+
+    def close(self) -> None:
+        self._model = None

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from vlmopt.errors import VlmoptError
+from vlmopt.runners.base import Runner
+
+
+class OrtRunner(Runner):
+    """An ONNX file in an ONNX Runtime session (CPU unless other providers are given)."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, path: Path, threads: int | None = None, providers: list[str] | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise VlmoptError(f"cannot load ONNX file {path}: {first}") from exc
+        super().__init__([i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
+
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = self.session.run(self.output_names, {name: feed[name] for name in self.input_names})
+        return dict(zip(self.output_names, outputs, strict=True))
+
+    def close(self) -> None:
+        self.session = None

@@ -1,0 +1,282 @@
+"""`vlmopt bench`: every artifact through the same runner interface, on the same inputs, in one run.
+
+The PyTorch reference (the `hf` artifact) is always measured alongside, so speed-ups and
+fidelity are ratios taken on this machine, now, not against remembered numbers.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlmopt.errors import CheckFailed, VlmoptError
+from vlmopt.inputs import make_inputs
+from vlmopt.runners import ArtifactRunners
+from vlmopt.verify import compare
+from vlmopt.workspace import ModelDir
+
+REFERENCE = "hf"
+
+
+@dataclass
+class BenchOptions:
+    artifacts: list[str] = field(default_factory=list)
+    batches: list[int] = field(default_factory=lambda: [1, 8])
+    seq_len: int | None = None
+    towers: list[str] = field(default_factory=list)
+    warmup: int = 3
+    iterations: int = 20
+    duration: float | None = None
+    threads: int | None = None
+    min_speedup: float | None = None
+    attn_implementation: str = "sdpa"
+
+    def validate(self) -> None:
+        if not self.batches or any(b < 1 for b in self.batches):
+            raise VlmoptError(f"--batch takes positive batch sizes, got {self.batches}")
+        if self.seq_len is not None and self.seq_len < 1:
+            raise VlmoptError(f"--seq-len must be at least 1, got {self.seq_len}")
+        if self.warmup < 0 or self.iterations < 1:
+            raise VlmoptError("--warmup must be >= 0 and --iterations >= 1")
+        if self.duration is not None and self.duration <= 0:
+            raise VlmoptError(f"--duration must be positive, got {self.duration}")
+        if self.threads is not None and self.threads < 1:
+            raise VlmoptError(f"--threads must be at least 1, got {self.threads}")
+        if self.attn_implementation not in ("eager", "sdpa"):
+            raise VlmoptError(f"--torch-attention must be eager or sdpa, got {self.attn_implementation}")
+
+
+class PeakRss:
+    """Samples this process's resident memory in a thread; `peak - baseline` is what a load+run cost."""
+
+    def __init__(self, interval: float = 0.005):
+        import psutil
+
+        self._process = psutil.Process()
+        self._interval = interval
+        self.baseline = self.peak = self._process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> PeakRss:
+        gc.collect()
+        self.baseline = self.peak = self._process.memory_info().rss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+    @property
+    def increase_mb(self) -> float:
+        return (self.peak - self.baseline) / 2**20
+
+
+def measure(run: Callable[[], Any], warmup: int, iterations: int, duration: float | None) -> dict[str, Any]:
+    """Latencies of `run` in ms after `warmup` calls: `iterations` calls, or as many as fit in `duration` s."""
+    for _ in range(warmup):
+        run()
+    times = []
+    deadline = time.perf_counter() + duration if duration else None
+    while True:
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1000)
+        if deadline is None and len(times) >= iterations:
+            break
+        if deadline is not None and time.perf_counter() >= deadline:
+            break
+    ms = np.asarray(times)
+    return {
+        "mean": float(ms.mean()),
+        "p50": float(np.percentile(ms, 50)),
+        "p90": float(np.percentile(ms, 90)),
+        "p99": float(np.percentile(ms, 99)),
+        "min": float(ms.min()),
+        "iterations": len(times),
+    }
+
+
+def _batch_of(sizes: dict[str, int], tower_axes: list[str]) -> int:
+    """Items per call: the image batch for monoliths (text prompts are the classes), else the batch."""
+    for axis in ("batch", "image_batch"):
+        if axis in tower_axes:
+            return sizes[axis]
+    return 1
+
+
+def _sizes(tower, batch: int, seq_len: int | None) -> dict[str, int]:
+    sizes = dict(tower.bench_sizes)
+    sizes.update({"batch": batch, "image_batch": batch})
+    sizes.setdefault("text_batch", 8)
+    if seq_len is not None:
+        if tower.vocab and seq_len > tower.vocab.max_length:
+            raise VlmoptError(f"--seq-len {seq_len} is longer than the {tower.name} tower's {tower.vocab.max_length} positions")
+        sizes["sequence"] = seq_len
+    sizes.setdefault("sequence", tower.vocab.max_length if tower.vocab else 1)
+    return sizes
+
+
+def run(model_dir: ModelDir, options: BenchOptions, progress: Callable[[str, int], None] | None = None) -> dict[str, Any]:
+    """Benchmark the artifacts; write `reports/bench-<time>.{json,md}`; record results in the manifest.
+
+    Raises `CheckFailed` after writing the report when an artifact is slower than `min_speedup`.
+    """
+    options.validate()
+    all_artifacts = model_dir.load()
+    names = list(options.artifacts) or [n for n, a in all_artifacts.items() if a.kind in ("hf", "onnx")]
+    for name in names:
+        model_dir.artifact(name)
+    if REFERENCE in all_artifacts and REFERENCE not in names:
+        names.insert(0, REFERENCE)
+    if REFERENCE in names:
+        names.remove(REFERENCE)
+        names.insert(0, REFERENCE)
+    threads = options.threads or _physical_cores()
+
+    loaders = {name: ArtifactRunners(model_dir, all_artifacts[name], threads=threads, attn_implementation=options.attn_implementation) for name in names}
+    tower_sets = {name: loader.towers() for name, loader in loaders.items()}
+    measured = [n for n in names if all_artifacts[n].kind != "hf"] or names
+    tower_names: list[str] = []
+    for name in measured:
+        tower_names += [t for t in tower_sets[name] if t not in tower_names]
+    if options.towers:
+        unknown = [t for t in options.towers if t not in tower_names]
+        if unknown:
+            raise VlmoptError(f"no tower named {', '.join(unknown)} in {', '.join(measured)} (towers: {', '.join(tower_names)})")
+        tower_names = [t for t in tower_names if t in options.towers]
+
+    rows: list[dict[str, Any]] = []
+    say = progress or (lambda message, advance: None)
+    for tower_name in tower_names:
+        references: dict[int, dict[str, np.ndarray]] = {}
+        reference_latency: dict[int, float] = {}
+        for name in names:
+            if tower_name not in tower_sets[name]:
+                continue
+            tower = tower_sets[name][tower_name]
+            loader = loaders[name]
+            with PeakRss() as memory:
+                runner = loader.runner(tower)
+                results = []
+                for batch in options.batches:
+                    sizes = _sizes(tower, batch, options.seq_len)
+                    say(f"{name} · {tower_name} · batch {batch}", 0)
+                    feed = make_inputs(tower, sizes, seed=batch)
+                    latency = measure(lambda feed=feed: runner.run(feed), options.warmup, options.iterations, options.duration)
+                    outputs = runner.run(feed)
+                    results.append((batch, sizes, latency, outputs))
+                    say(f"{name} · {tower_name} · batch {batch}", 1)
+                size = loader.size_bytes(tower, runner)
+                runner.close()
+            for batch, sizes, latency, outputs in results:
+                items = _batch_of(sizes, tower.axes)
+                row = {
+                    "artifact": name,
+                    "backend": loader.backend,
+                    "tower": tower_name,
+                    "batch": batch,
+                    "sequence": sizes["sequence"] if "sequence" in tower.axes else None,
+                    "latency_ms": latency,
+                    "throughput": items * 1000 / latency["mean"],
+                    "peak_rss_mb": round(memory.increase_mb, 1),
+                    "size_mb": round(size / 2**20, 2),
+                    "speedup": None,
+                    "cosine_min": None,
+                    "max_abs_diff": None,
+                }
+                if name == REFERENCE:
+                    references[batch], reference_latency[batch] = outputs, latency["mean"]
+                    row["speedup"] = 1.0
+                elif batch in references:
+                    row["speedup"] = reference_latency[batch] / latency["mean"]
+                    fidelity = [compare(k, references[batch][k], outputs[k]) for k in outputs if k in references[batch]]
+                    row["cosine_min"] = min(c.cosine_min for c in fidelity)
+                    row["max_abs_diff"] = max(c.max_abs_diff for c in fidelity)
+                rows.append(row)
+            gc.collect()
+    for loader in loaders.values():
+        loader.close()
+
+    report = {
+        "model_dir": str(model_dir.path),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpu": platform.processor() or platform.machine(), "logical_cores": os.cpu_count(), "threads": threads},
+        "settings": {**asdict(options), "threads": threads},
+        "rows": rows,
+    }
+    paths = write_report(model_dir, report)
+    report["files"] = [str(p) for p in paths]
+    for name in names:
+        model_dir.update_artifact(name, benchmark={"report": paths[0].name, "rows": [r for r in rows if r["artifact"] == name]})
+
+    if options.min_speedup is not None:
+        slow = [r for r in rows if r["artifact"] != REFERENCE and r["speedup"] is not None and r["speedup"] < options.min_speedup]
+        if slow:
+            worst = min(slow, key=lambda r: r["speedup"])
+            raise CheckFailed(
+                f"{len(slow)} measurement(s) below --min-speedup {options.min_speedup:g}: slowest is {worst['artifact']} "
+                f"{worst['tower']} at batch {worst['batch']}, {worst['speedup']:.2f}x PyTorch",
+                details={"report": report},
+            )
+    return report
+
+
+def _physical_cores() -> int:
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    header = "| artifact | backend | tower | batch | seq | mean ms | p50 ms | p90 ms | p99 ms | items/s | Δ peak RSS MB | size MB | speed-up | cosine min |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in rows:
+        lat = r["latency_ms"]
+        lines.append(
+            f"| {r['artifact']} | {r['backend']} | {r['tower']} | {r['batch']} | {r['sequence'] or ''} | {lat['mean']:.2f} | {lat['p50']:.2f} | "
+            f"{lat['p90']:.2f} | {lat['p99']:.2f} | {r['throughput']:.1f} | {r['peak_rss_mb']:.0f} | {r['size_mb']:.1f} | "
+            f"{_fmt(r['speedup'], '{:.2f}x')} | {_fmt(r['cosine_min'], '{:.6f}')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None, pattern: str) -> str:
+    return "" if value is None else pattern.format(value)
+
+
+def write_report(model_dir: ModelDir, report: dict[str, Any]) -> list[Path]:
+    folder = model_dir.path / "reports"
+    folder.mkdir(exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    json_path, md_path = folder / f"bench-{stamp}.json", folder / f"bench-{stamp}.md"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    settings = report["settings"]
+    md = (
+        f"# vlmopt bench — {model_dir.path.name}\n\n{report['created']} · {report['machine']['cpu']} · "
+        f"{settings['threads']} threads · warm-up {settings['warmup']} · "
+        f"{'%gs per measurement' % settings['duration'] if settings['duration'] else '%d iterations' % settings['iterations']}\n\n"
+        + markdown_table(report["rows"])
+        + "\nSpeed-up and cosine are against the PyTorch reference (`hf`) measured in the same run; "
+        "Δ peak RSS is the resident-memory rise while loading and running the artifact.\n"
+    )
+    md_path.write_text(md)
+    return [json_path, md_path]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -179,9 +180,15 @@ def export(
     from vlmopt.workspace import ModelDir
 
     check_source(source)
+    new_directory = not output.exists()
     model_dir = ModelDir.create(output)
-    with model_dir.lock(), _status(f"exporting {source}", as_json):
-        result = stage.run(model_dir, stage.ExportOptions(source, revision, trust_remote_code), force=force)
+    try:
+        with model_dir.lock(), _status(f"exporting {source}", as_json):
+            result = stage.run(model_dir, stage.ExportOptions(source, revision, trust_remote_code), force=force)
+    except BaseException:
+        if new_directory and not model_dir.manifest_path.exists():
+            shutil.rmtree(output, ignore_errors=True)
+        raise
     _report_stage(result, model_dir, as_json)
 
 
@@ -198,6 +205,7 @@ def convert(
     seq_len: Annotated[int | None, typer.Option(help="Sequence length of a --static export (default: the model's maximum).")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset (17..23).")] = 18,
     atol: Annotated[float | None, typer.Option(help="Largest accepted |PyTorch - ONNX Runtime| per output (default: the family's).")] = None,
+    exporter: Annotated[str, typer.Option(help="auto (TorchScript below 2 GB of weights, dynamo above), dynamo or torchscript.")] = "auto",
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
@@ -209,7 +217,7 @@ def convert(
     """
     from vlmopt.stages import convert as stage
 
-    options = stage.ConvertOptions(source, name, monolith, static, batch_size, seq_len, opset, atol)
+    options = stage.ConvertOptions(source, name, monolith, static, batch_size, seq_len, opset, atol, exporter)
     options.validate()
     model_dir = _open_for_writing(directory)
     with model_dir.lock(), _status("converting to ONNX", as_json) as status:
@@ -233,7 +241,15 @@ def _report_stage(result: Any, model_dir: Any, as_json: bool) -> None:
             shapes = "; ".join(", ".join(f"{k}={v}" for k, v in s.items()) for s in result_["shapes"])
             for output, r in result_["outputs"].items():
                 ok = r["max_abs_diff"] <= result_["atol"]
-                table.add_row(tower, output, shapes, f"{r['max_abs_diff']:.2e}", f"{result_['atol']:.0e}", f"{r['cosine_min']:.6f}", "[green]ok[/]" if ok else "[red]FAIL[/]")
+                table.add_row(
+                    tower,
+                    output,
+                    shapes,
+                    f"{r['max_abs_diff']:.2e}",
+                    f"{result_['atol']:.0e}",
+                    f"{r['cosine_min']:.6f}",
+                    "[green]ok[/]" if ok else "[red]FAIL[/]",
+                )
         out.print(table)
 
 
@@ -252,7 +268,10 @@ def _int_list(text: str) -> list[int]:
 @command
 def bench(
     directory: DirArg,
-    artifacts: Annotated[list[str] | None, typer.Argument(help="Artifacts to run (default: every runnable one); the PyTorch reference `hf` is always included.", show_default=False)] = None,
+    artifacts: Annotated[
+        list[str] | None,
+        typer.Argument(help="Artifacts to run (default: every runnable one); the PyTorch reference `hf` is always included.", show_default=False),
+    ] = None,
     batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8",
     seq_len: Annotated[int | None, typer.Option(help="Text sequence length (default: the tower's usual length, e.g. 77 for CLIP).")] = None,
     tower: Annotated[list[str] | None, typer.Option(help="Only these towers (repeatable): vision, text, model.")] = None,
@@ -288,7 +307,16 @@ def bench(
     )
     options.validate()
     model_dir = _open_for_writing(directory)
-    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed} measured"), TimeElapsedColumn(), console=err, transient=True, disable=as_json)
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed} measured"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=as_json,
+    )
     with model_dir.lock(), progress:
         task = progress.add_task("benchmarking", total=None)
 
@@ -320,10 +348,20 @@ def _print_bench(report: dict[str, Any]) -> None:
         speedup = r["speedup"]
         style = "" if speedup is None else ("green" if speedup >= 1 else "red")
         table.add_row(
-            r["artifact"], r["backend"], r["tower"], str(r["batch"]), str(r["sequence"] or ""),
-            f"{lat['mean']:.2f}", f"{lat['p50']:.2f}", f"{lat['p90']:.2f}", f"{lat['p99']:.2f}", f"{r['throughput']:.1f}",
-            f"{r['peak_rss_mb']:.0f}", f"{r['size_mb']:.1f}",
-            f"[{style}]{speedup:.2f}x[/]" if speedup is not None else "", f"{r['cosine_min']:.6f}" if r["cosine_min"] is not None else "",
+            r["artifact"],
+            r["backend"],
+            r["tower"],
+            str(r["batch"]),
+            str(r["sequence"] or ""),
+            f"{lat['mean']:.2f}",
+            f"{lat['p50']:.2f}",
+            f"{lat['p90']:.2f}",
+            f"{lat['p99']:.2f}",
+            f"{r['throughput']:.1f}",
+            f"{r['peak_rss_mb']:.0f}",
+            f"{r['size_mb']:.1f}",
+            f"[{style}]{speedup:.2f}x[/]" if speedup is not None else "",
+            f"{r['cosine_min']:.6f}" if r["cosine_min"] is not None else "",
         )
     out.print(table)
     files = report.get("files")
@@ -349,7 +387,7 @@ def info(
     model_dir = ModelDir.open(directory)
     artifacts = model_dir.load()
     entries = []
-    for name, artifact in artifacts.items():
+    for artifact in artifacts.values():
         problems = model_dir.check_files(artifact, hashes=verify)
         parent = artifacts.get(artifact.parent) if artifact.parent else None
         stale = artifact.parent is not None and (parent is None or parent.digest != artifact.parent_digest)
@@ -363,9 +401,16 @@ def info(
         table.add_column(column, justify="right" if column == "size MB" else "left")
     for artifact, status in entries:
         table.add_row(
-            artifact.name, artifact.kind, artifact.stage, artifact.parent or artifact.meta.get("source", ""),
-            ", ".join(artifact.towers) or artifact.meta.get("family", ""), f"{artifact.size / 2**20:.1f}",
-            _verified(artifact), _best_speedup(artifact), artifact.created.replace("+00:00", "Z"), status if status == "ok" else f"[red]{status}[/]",
+            artifact.name,
+            artifact.kind,
+            artifact.stage,
+            artifact.parent or artifact.meta.get("source", ""),
+            ", ".join(artifact.towers) or artifact.meta.get("family", ""),
+            f"{artifact.size / 2**20:.1f}",
+            _verified(artifact),
+            _best_speedup(artifact),
+            artifact.created.replace("+00:00", "Z"),
+            status if status == "ok" else f"[red]{status}[/]",
         )
     out.print(table)
 

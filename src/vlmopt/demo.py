@@ -19,7 +19,61 @@ SIZES = ("tiny", "base")
 _TINY = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
 _TINY_IMAGE = {"image_size": 32, "patch_size": 8}
 # A small word list the demo tokenizer learns its merges from, so common words are single tokens.
-_CORPUS = ["a", "photo", "of", "the", "cat", "dog", "car", "bird", "horse", "ship", "truck", "plane", "frog", "deer", "person", "people", "man", "woman", "child", "on", "in", "with", "and", "at", "near", "under", "over", "red", "blue", "green", "black", "white", "small", "large", "picture", "image", "drawing", "painting", "sketch", "close", "up", "view", "street", "city", "beach", "forest", "mountain", "river", "sky", "night", "day", "sunset", "food"]
+_CORPUS = [
+    "a",
+    "photo",
+    "of",
+    "the",
+    "cat",
+    "dog",
+    "car",
+    "bird",
+    "horse",
+    "ship",
+    "truck",
+    "plane",
+    "frog",
+    "deer",
+    "person",
+    "people",
+    "man",
+    "woman",
+    "child",
+    "on",
+    "in",
+    "with",
+    "and",
+    "at",
+    "near",
+    "under",
+    "over",
+    "red",
+    "blue",
+    "green",
+    "black",
+    "white",
+    "small",
+    "large",
+    "picture",
+    "image",
+    "drawing",
+    "painting",
+    "sketch",
+    "close",
+    "up",
+    "view",
+    "street",
+    "city",
+    "beach",
+    "forest",
+    "mountain",
+    "river",
+    "sky",
+    "night",
+    "day",
+    "sunset",
+    "food",
+]
 
 
 def _bytes_to_unicode() -> list[str]:
@@ -47,7 +101,7 @@ def _learn_merges(words: list[str], budget: int) -> list[tuple[str, str]]:
     while len(merges) < budget:
         pairs: Counter = Counter()
         for symbols, count in vocab.items():
-            for pair in zip(symbols, symbols[1:]):
+            for pair in zip(symbols, symbols[1:], strict=False):
                 pairs[pair] += count
         if not pairs:
             break
@@ -88,7 +142,14 @@ def _clip(size: str) -> tuple[Any, Any]:
 
     if size == "base":  # openai/clip-vit-base-patch32
         vision = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12, "image_size": 224, "patch_size": 32}
-        text = {"hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 8, "num_hidden_layers": 12, "vocab_size": 49408, "max_position_embeddings": 77}
+        text = {
+            "hidden_size": 512,
+            "intermediate_size": 2048,
+            "num_attention_heads": 8,
+            "num_hidden_layers": 12,
+            "vocab_size": 49408,
+            "max_position_embeddings": 77,
+        }
         projection_dim = 512
     else:
         vision, text, projection_dim = {**_TINY, **_TINY_IMAGE}, {**_TINY, "vocab_size": 1024, "max_position_embeddings": 32}, 16
@@ -107,7 +168,14 @@ def _siglip(size: str) -> tuple[Any, Any]:
 
     if size == "base":  # google/siglip-base-patch16-224
         vision = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12, "image_size": 224, "patch_size": 16}
-        text = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12, "vocab_size": 32000, "max_position_embeddings": 64}
+        text = {
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_attention_heads": 12,
+            "num_hidden_layers": 12,
+            "vocab_size": 32000,
+            "max_position_embeddings": 64,
+        }
     else:
         vision, text = {**_TINY, **_TINY_IMAGE}, {**_TINY, "vocab_size": 1024, "max_position_embeddings": 16}
     return SiglipModel(SiglipConfig(text_config=text, vision_config=vision)), None

@@ -83,7 +83,9 @@ def load_model(
     missing = info.get("missing_keys") or []
     if missing:
         shown = ", ".join(sorted(missing)[:3])
-        raise VlmoptError(f"weights in {source} do not match its config: {len(missing)} tensors missing (e.g. {shown}); the checkpoint is incomplete or corrupt")
+        raise VlmoptError(
+            f"weights in {source} do not match its config: {len(missing)} tensors missing (e.g. {shown}); the checkpoint is incomplete or corrupt"
+        )
     return model.eval()
 
 

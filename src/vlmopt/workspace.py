@@ -141,7 +141,9 @@ class ModelDir:
         if not model_dir.path.is_dir():
             raise VlmoptError(f"model directory {model_dir.path} does not exist; create it with `vlmopt export SOURCE -o {model_dir.path}`")
         if not model_dir.manifest_path.is_file():
-            raise VlmoptError(f"{model_dir.path} is not a vlmopt model directory (no {MANIFEST_NAME}); create one with `vlmopt export SOURCE -o {model_dir.path}`")
+            raise VlmoptError(
+                f"{model_dir.path} is not a vlmopt model directory (no {MANIFEST_NAME}); create one with `vlmopt export SOURCE -o {model_dir.path}`"
+            )
         model_dir.load()
         return model_dir
 
@@ -151,9 +153,8 @@ class ModelDir:
         model_dir = cls(path)
         if model_dir.path.exists() and not model_dir.path.is_dir():
             raise VlmoptError(f"{model_dir.path} exists and is not a directory")
-        if model_dir.path.is_dir() and not model_dir.manifest_path.exists():
-            if any(model_dir.path.iterdir()):
-                raise VlmoptError(f"{model_dir.path} is a non-empty directory that is not a vlmopt model directory; choose an empty or new folder")
+        if model_dir.path.is_dir() and not model_dir.manifest_path.exists() and any(p.name != LOCK_NAME for p in model_dir.path.iterdir()):
+            raise VlmoptError(f"{model_dir.path} is a non-empty directory that is not a vlmopt model directory; choose an empty or new folder")
         model_dir.path.mkdir(parents=True, exist_ok=True)
         return model_dir
 

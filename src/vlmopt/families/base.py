@@ -76,10 +76,7 @@ class Tower:
         """The same tower with every dynamic axis fixed to `sizes`."""
 
         def fix(specs: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
-            return tuple(
-                TensorSpec(s.name, tuple(sizes[a] if isinstance(a, str) and a in sizes else a for a in s.shape), s.dtype, s.role)
-                for s in specs
-            )
+            return tuple(TensorSpec(s.name, tuple(sizes[a] if isinstance(a, str) and a in sizes else a for a in s.shape), s.dtype, s.role) for s in specs)
 
         return Tower(**{**self.__dict__, "inputs": fix(self.inputs), "outputs": fix(self.outputs)})
 

@@ -64,14 +64,18 @@ class ArtifactRunners:
             path = self.model_dir.artifact_path(self.artifact.name) / self.artifact.towers[tower.name]["file"]
             runner: Runner = OrtRunner(path, threads=self.threads)
             if runner.input_names != input_names:
-                raise VlmoptError(f"{path} takes inputs {runner.input_names}, but the manifest records {input_names}; re-run the stage that made it with --force")
+                raise VlmoptError(
+                    f"{path} takes inputs {runner.input_names}, but the manifest records {input_names}; re-run the stage that made it with --force"
+                )
             return runner
         set_threads(self.threads)
         if self._model is None:
             from vlmopt.hf import load_model
 
             config, family = self._hf()
-            self._model = load_model(self.model_dir.artifact_path(self.artifact.name), config=config, family=family, attn_implementation=self.attn_implementation)
+            self._model = load_model(
+                self.model_dir.artifact_path(self.artifact.name), config=config, family=family, attn_implementation=self.attn_implementation
+            )
         config, family = self._hf()
         full = {t.name: t for t in family.towers(config, self.model_dir.artifact_path(self.artifact.name), monolith=tower.name == "model")}
         return TorchRunner(full[tower.name].wrap(self._model), input_names, output_names)

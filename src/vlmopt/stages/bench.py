@@ -135,6 +135,12 @@ def _sizes(tower, batch: int, seq_len: int | None) -> dict[str, int]:
     return sizes
 
 
+def _runnable_batches(tower, batches: list[int]) -> list[int]:
+    """A static-shape artifact runs only the batch it was exported with."""
+    fixed = tower.inputs[0].shape[0]
+    return list(batches) if isinstance(fixed, str) else [b for b in batches if b == fixed]
+
+
 def run(model_dir: ModelDir, options: BenchOptions, progress: Callable[[str, int], None] | None = None) -> dict[str, Any]:
     """Benchmark the artifacts; write `reports/bench-<time>.{json,md}`; record results in the manifest.
 
@@ -177,11 +183,11 @@ def run(model_dir: ModelDir, options: BenchOptions, progress: Callable[[str, int
             with PeakRss() as memory:
                 runner = loader.runner(tower)
                 results = []
-                for batch in options.batches:
+                for batch in _runnable_batches(tower, options.batches):
                     sizes = _sizes(tower, batch, options.seq_len)
                     say(f"{name} · {tower_name} · batch {batch}", 0)
                     feed = make_inputs(tower, sizes, seed=batch)
-                    latency = measure(lambda feed=feed: runner.run(feed), options.warmup, options.iterations, options.duration)
+                    latency = measure(lambda feed=feed, runner=runner: runner.run(feed), options.warmup, options.iterations, options.duration)
                     outputs = runner.run(feed)
                     results.append((batch, sizes, latency, outputs))
                     say(f"{name} · {tower_name} · batch {batch}", 1)
@@ -270,12 +276,11 @@ def write_report(model_dir: ModelDir, report: dict[str, Any]) -> list[Path]:
     json_path, md_path = folder / f"bench-{stamp}.json", folder / f"bench-{stamp}.md"
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     settings = report["settings"]
+    amount = f"{settings['duration']:g}s per measurement" if settings["duration"] else f"{settings['iterations']} iterations"
     md = (
         f"# vlmopt bench — {model_dir.path.name}\n\n{report['created']} · {report['machine']['cpu']} · "
         f"{settings['threads']} threads · warm-up {settings['warmup']} · "
-        f"{'%gs per measurement' % settings['duration'] if settings['duration'] else '%d iterations' % settings['iterations']}\n\n"
-        + markdown_table(report["rows"])
-        + "\nSpeed-up and cosine are against the PyTorch reference (`hf`) measured in the same run; "
+        f"{amount}\n\n" + markdown_table(report["rows"]) + "\nSpeed-up and cosine are against the PyTorch reference (`hf`) measured in the same run; "
         "Δ peak RSS is the resident-memory rise while loading and running the artifact.\n"
     )
     md_path.write_text(md)

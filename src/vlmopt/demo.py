@@ -178,6 +178,7 @@ def _siglip(size: str) -> tuple[Any, Any]:
         }
     else:
         vision, text = {**_TINY, **_TINY_IMAGE}, {**_TINY, "vocab_size": 1024, "max_position_embeddings": 16}
+    text.update(pad_token_id=1, eos_token_id=1, bos_token_id=None)
     return SiglipModel(SiglipConfig(text_config=text, vision_config=vision)), None
 
 

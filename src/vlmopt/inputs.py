@@ -19,9 +19,14 @@ def resolve_shape(spec: TensorSpec, sizes: dict[str, int]) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def _in_vocab(token: int | None, vocab: TextVocab) -> int | None:
+    """Configs carry defaults from other models (SigLIP's are CLIP's 49406/49407); ignore ids the vocabulary lacks."""
+    return token if token is not None and 0 <= token < vocab.vocab_size else None
+
+
 def _token_range(vocab: TextVocab) -> tuple[int, int]:
     """Ordinary (non-special) token ids: below the lowest special id that sits high in the vocabulary."""
-    specials = [t for t in (vocab.bos_token_id, vocab.eos_token_id, vocab.pad_token_id) if t is not None]
+    specials = [t for t in (_in_vocab(vocab.bos_token_id, vocab), _in_vocab(vocab.eos_token_id, vocab), _in_vocab(vocab.pad_token_id, vocab)) if t is not None]
     low = max([t for t in specials if t < 16] + [-1]) + 1
     high_specials = [t for t in specials if t >= 16]
     high = min(high_specials + [vocab.vocab_size])
@@ -36,14 +41,15 @@ def _text(vocab: TextVocab, batch: int, length: int, rng: np.random.Generator) -
         lengths[1:] = rng.integers(max(2, length // 2), length + 1, size=batch - 1)
     ids = rng.integers(low, high, size=(batch, length), dtype=np.int64)
     mask = np.zeros((batch, length), dtype=np.int64)
-    pad = vocab.pad_token_id if vocab.pad_token_id is not None else (vocab.eos_token_id or 0)
+    bos, eos, pad = (_in_vocab(t, vocab) for t in (vocab.bos_token_id, vocab.eos_token_id, vocab.pad_token_id))
+    pad = pad if pad is not None else (eos or 0)
     for row, n in enumerate(lengths):
         mask[row, :n] = 1
         ids[row, n:] = pad
-        if vocab.bos_token_id is not None:
-            ids[row, 0] = vocab.bos_token_id
-        if vocab.eos_token_id is not None:
-            ids[row, n - 1] = vocab.eos_token_id
+        if bos is not None:
+            ids[row, 0] = bos
+        if eos is not None:
+            ids[row, n - 1] = eos
     return ids, mask
 
 

@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -28,6 +29,9 @@ from vlmopt.versions import tool_versions
 MANIFEST_NAME = "vlmopt.json"
 LOCK_NAME = ".vlmopt.lock"
 SCHEMA_VERSION = 1
+_ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: folders of the model directory that are not artifacts
+RESERVED_NAMES = ("reports",)
 _TMP_PREFIX = ".tmp-"
 _OLD_PREFIX = ".old-"
 
@@ -276,6 +280,16 @@ class ModelDir:
             return None
         return existing
 
+    def check_artifact_name(self, name: str, stage: str) -> None:
+        """Refuse names that are not plain folder names, are reserved, or belong to another stage's artifact."""
+        if not _ARTIFACT_NAME.match(name) or name == MANIFEST_NAME or name in RESERVED_NAMES:
+            raise VlmoptError(
+                f"'{name}' cannot name an artifact: use letters, digits, '.', '_' and '-' (not starting with '.'), and not {', '.join(RESERVED_NAMES)}"
+            )
+        existing = self.load().get(name)
+        if existing is not None and existing.stage != stage:
+            raise VlmoptError(f"artifact '{name}' was made by `vlmopt {existing.stage}`; choose another name")
+
     def produce(
         self,
         name: str,
@@ -293,6 +307,7 @@ class ModelDir:
         (a `CheckFailed` when verification fails). Only when it returns is the folder renamed into
         place and the manifest updated; the caller must hold `lock()`.
         """
+        self.check_artifact_name(name, stage)
         if not force:
             existing = self.up_to_date(name, stage, options, parent)
             if existing is not None:

@@ -47,13 +47,14 @@ class ArtifactRunners:
             self._family = family_for(self._config)
         return self._config, self._family
 
-    def towers(self) -> dict[str, Tower]:
+    def towers(self, include_monolith: bool = False) -> dict[str, Tower]:
+        """The artifact's towers; a Hugging Face dual encoder also offers the one-graph `model` when asked."""
         if self.artifact.kind == "onnx":
             return {name: Tower.from_json(name, data) for name, data in self.artifact.towers.items()}
         config, family = self._hf()
         path = self.model_dir.artifact_path(self.artifact.name)
         towers = family.towers(config, path, monolith=False)
-        if family.supports_monolith:
+        if include_monolith and family.supports_monolith:
             towers += family.towers(config, path, monolith=True)
         return {t.name: t for t in towers}
 

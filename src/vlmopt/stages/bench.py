@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from vlmopt.errors import CheckFailed, VlmoptError
+from vlmopt.families import Tower
 from vlmopt.inputs import make_inputs
 from vlmopt.runners import ArtifactRunners
 from vlmopt.verify import compare
@@ -115,15 +116,16 @@ def measure(run: Callable[[], Any], warmup: int, iterations: int, duration: floa
     }
 
 
-def _batch_of(sizes: dict[str, int], tower_axes: list[str]) -> int:
-    """Items per call: the image batch for monoliths (text prompts are the classes), else the batch."""
-    for axis in ("batch", "image_batch"):
-        if axis in tower_axes:
-            return sizes[axis]
-    return 1
+def _items(tower: Tower, feed: dict[str, np.ndarray]) -> int:
+    """Items per call: the (image) batch; for monoliths the images, the prompts being the classes."""
+    return int(feed[tower.inputs[0].name].shape[0])
 
 
-def _sizes(tower, batch: int, seq_len: int | None) -> dict[str, int]:
+def _sequence(feed: dict[str, np.ndarray]) -> int | None:
+    return int(feed["input_ids"].shape[1]) if "input_ids" in feed else None
+
+
+def _sizes(tower: Tower, batch: int, seq_len: int | None) -> dict[str, int]:
     sizes = dict(tower.bench_sizes)
     sizes.update({"batch": batch, "image_batch": batch})
     sizes.setdefault("text_batch", 8)
@@ -135,10 +137,22 @@ def _sizes(tower, batch: int, seq_len: int | None) -> dict[str, int]:
     return sizes
 
 
-def _runnable_batches(tower, batches: list[int]) -> list[int]:
-    """A static-shape artifact runs only the batch it was exported with."""
-    fixed = tower.inputs[0].shape[0]
-    return list(batches) if isinstance(fixed, str) else [b for b in batches if b == fixed]
+def _accepts(tower: Tower, feed: dict[str, np.ndarray]) -> bool:
+    """Whether the feed fits the tower's fixed dimensions (a static-shape export runs one shape only)."""
+    for spec in tower.inputs:
+        shape = feed[spec.name].shape
+        if len(shape) != len(spec.shape) or any(isinstance(d, int) and d != n for d, n in zip(spec.shape, shape, strict=True)):
+            return False
+    return True
+
+
+def _feeds(tower: Tower, options: BenchOptions) -> dict[int, dict[str, np.ndarray]]:
+    """One feed per batch size, shared by every artifact so all run (and are compared on) the same inputs."""
+    feeds: dict[int, dict[str, np.ndarray]] = {}
+    for batch in options.batches:
+        feed = make_inputs(tower, _sizes(tower, batch, options.seq_len), seed=batch)
+        feeds.setdefault(_items(tower, feed), feed)
+    return feeds
 
 
 def run(model_dir: ModelDir, options: BenchOptions, progress: Callable[[str, int], None] | None = None) -> dict[str, Any]:
@@ -159,7 +173,8 @@ def run(model_dir: ModelDir, options: BenchOptions, progress: Callable[[str, int
     threads = options.threads or _physical_cores()
 
     loaders = {name: ArtifactRunners(model_dir, all_artifacts[name], threads=threads, attn_implementation=options.attn_implementation) for name in names}
-    tower_sets = {name: loader.towers() for name, loader in loaders.items()}
+    monolith = any("model" in all_artifacts[n].towers for n in names)
+    tower_sets = {name: loader.towers(include_monolith=monolith) for name, loader in loaders.items()}
     measured = [n for n in names if all_artifacts[n].kind != "hf"] or names
     tower_names: list[str] = []
     for name in measured:
@@ -171,38 +186,40 @@ def run(model_dir: ModelDir, options: BenchOptions, progress: Callable[[str, int
         tower_names = [t for t in tower_names if t in options.towers]
 
     rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
     say = progress or (lambda message, advance: None)
     for tower_name in tower_names:
-        references: dict[int, dict[str, np.ndarray]] = {}
-        reference_latency: dict[int, float] = {}
-        for name in names:
-            if tower_name not in tower_sets[name]:
-                continue
+        having = [n for n in names if tower_name in tower_sets[n]]
+        dynamic = [n for n in having if all(isinstance(a, str) for a in tower_sets[n][tower_name].inputs[0].shape[:1])]
+        feeds = _feeds(tower_sets[(dynamic or having)[0]][tower_name], options)
+        references: dict[int, tuple[dict[str, np.ndarray], float]] = {}
+        for name in having:
             tower = tower_sets[name][tower_name]
             loader = loaders[name]
+            runnable = {b: f for b, f in feeds.items() if _accepts(tower, f)}
+            for batch in sorted(set(feeds) - set(runnable)):
+                skipped.append({"artifact": name, "tower": tower_name, "batch": batch, "reason": "static shapes differ from this measurement's"})
+            if not runnable:
+                continue
             with PeakRss() as memory:
                 runner = loader.runner(tower)
                 results = []
-                for batch in _runnable_batches(tower, options.batches):
-                    sizes = _sizes(tower, batch, options.seq_len)
+                for batch, feed in runnable.items():
                     say(f"{name} · {tower_name} · batch {batch}", 0)
-                    feed = make_inputs(tower, sizes, seed=batch)
                     latency = measure(lambda feed=feed, runner=runner: runner.run(feed), options.warmup, options.iterations, options.duration)
-                    outputs = runner.run(feed)
-                    results.append((batch, sizes, latency, outputs))
+                    results.append((batch, feed, latency, runner.run(feed)))
                     say(f"{name} · {tower_name} · batch {batch}", 1)
                 size = loader.size_bytes(tower, runner)
                 runner.close()
-            for batch, sizes, latency, outputs in results:
-                items = _batch_of(sizes, tower.axes)
+            for batch, feed, latency, outputs in results:
                 row = {
                     "artifact": name,
                     "backend": loader.backend,
                     "tower": tower_name,
                     "batch": batch,
-                    "sequence": sizes["sequence"] if "sequence" in tower.axes else None,
+                    "sequence": _sequence(feed),
                     "latency_ms": latency,
-                    "throughput": items * 1000 / latency["mean"],
+                    "throughput": _items(tower, feed) * 1000 / latency["mean"],
                     "peak_rss_mb": round(memory.increase_mb, 1),
                     "size_mb": round(size / 2**20, 2),
                     "speedup": None,
@@ -210,11 +227,12 @@ def run(model_dir: ModelDir, options: BenchOptions, progress: Callable[[str, int
                     "max_abs_diff": None,
                 }
                 if name == REFERENCE:
-                    references[batch], reference_latency[batch] = outputs, latency["mean"]
+                    references[batch] = (outputs, latency["mean"])
                     row["speedup"] = 1.0
                 elif batch in references:
-                    row["speedup"] = reference_latency[batch] / latency["mean"]
-                    fidelity = [compare(k, references[batch][k], outputs[k]) for k in outputs if k in references[batch]]
+                    expected, reference_ms = references[batch]
+                    fidelity = [compare(k, expected[k], outputs[k]) for k in outputs if k in expected]
+                    row["speedup"] = reference_ms / latency["mean"]
                     row["cosine_min"] = min(c.cosine_min for c in fidelity)
                     row["max_abs_diff"] = max(c.max_abs_diff for c in fidelity)
                 rows.append(row)
@@ -228,6 +246,7 @@ def run(model_dir: ModelDir, options: BenchOptions, progress: Callable[[str, int
         "machine": {"cpu": platform.processor() or platform.machine(), "logical_cores": os.cpu_count(), "threads": threads},
         "settings": {**asdict(options), "threads": threads},
         "rows": rows,
+        "skipped": skipped,
     }
     paths = write_report(model_dir, report)
     report["files"] = [str(p) for p in paths]

@@ -1,0 +1,181 @@
+"""Shared fixtures: tiny demo checkpoints and model directories, each built once per session.
+
+Session fixtures hand out pristine directories; a test that changes one works on a copy
+(`copy_model_dir`). Nothing here reaches a model hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# Before transformers is imported anywhere: a test must never reach the hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import pytest  # noqa: E402
+from click.testing import Result  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from vlmopt.cli import app  # noqa: E402
+from vlmopt.demo import build_demo_model  # noqa: E402
+from vlmopt.workspace import LOCK_NAME, MANIFEST_NAME  # noqa: E402
+
+FAMILIES = ("clip", "siglip", "vit", "vit-classifier", "bert")
+TOWERS = {
+    "clip": ("text", "vision"),
+    "siglip": ("text", "vision"),
+    "vit": ("vision",),
+    "vit-classifier": ("vision",),
+    "bert": ("text",),
+}
+
+
+def family_params() -> list[Any]:
+    """Every demo family."""
+    return list(FAMILIES)
+
+
+def vlmopt(*args: object) -> Result:
+    """Run the CLI in-process, as a user would type it."""
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def vlmopt_json(*args: object) -> dict[str, Any]:
+    """Run a command with --json that must succeed; its stdout parsed."""
+    result = vlmopt(*args, "--json")
+    assert result.exit_code == 0, f"exit {result.exit_code}: {result.stderr}"
+    return json.loads(result.stdout)
+
+
+def manifest(model_dir: Path) -> dict[str, Any]:
+    return json.loads((model_dir / MANIFEST_NAME).read_text())
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every path under `folder` with a hash of its content (the lock file only by name: it holds a pid)."""
+    state = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_dir():
+            state[rel] = "<dir>"
+        elif path.name == LOCK_NAME:
+            state[rel] = "<lock>"
+        else:
+            state[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return state
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temporary folders or files a stage left behind."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith((".tmp-", ".old-")))
+
+
+def assert_bad_input(result: Result, *fragments: str) -> None:
+    """Exit 2 with one line on stderr naming what was wrong, and no traceback."""
+    assert result.exit_code == 2, f"exit {result.exit_code}: {result.output}"
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:"), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+class _Cache:
+    """Lazily builds one artifact per key and remembers it (or the failure) for the session."""
+
+    def __init__(self, make: Callable[[str], Path]):
+        self._make = make
+        self._done: dict[str, Path | BaseException] = {}
+
+    def __call__(self, key: str) -> Path:
+        if key not in self._done:
+            try:
+                self._done[key] = self._make(key)
+            except Exception as exc:  # remembered so a failing build is not retried by every test
+                self._done[key] = exc
+        value = self._done[key]
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+
+@pytest.fixture(scope="session")
+def demo_source(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """A tiny Hugging Face folder (random weights) per family: `demo_source("clip")`."""
+    root = tmp_path_factory.mktemp("sources")
+    return _Cache(lambda family: build_demo_model(root / family, family, "tiny"))
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory: pytest.TempPathFactory, demo_source: Callable[[str], Path]) -> Callable[[str], Path]:
+    """A model directory holding only the `hf` artifact of a family's demo model."""
+    root = tmp_path_factory.mktemp("exported")
+
+    def make(family: str) -> Path:
+        model_dir = root / family
+        result = vlmopt("export", demo_source(family), "-o", model_dir)
+        assert result.exit_code == 0, f"export of {family} failed with exit {result.exit_code}: {result.stderr}"
+        return model_dir
+
+    return _Cache(make)
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory: pytest.TempPathFactory, exported: Callable[[str], Path]) -> Callable[[str], Path]:
+    """A model directory with `hf` and its default `onnx` conversion."""
+    root = tmp_path_factory.mktemp("converted")
+
+    def make(family: str) -> Path:
+        model_dir = root / family
+        shutil.copytree(exported(family), model_dir)
+        result = vlmopt("convert", model_dir)
+        assert result.exit_code == 0, f"convert of {family} failed with exit {result.exit_code}: {result.stderr}"
+        return model_dir
+
+    return _Cache(make)
+
+
+@pytest.fixture(scope="session")
+def static_clip(tmp_path_factory: pytest.TempPathFactory, exported: Callable[[str], Path]) -> Path:
+    """The tiny CLIP converted with fixed shapes: batch 2, sequence 8."""
+    model_dir = tmp_path_factory.mktemp("static") / "clip"
+    shutil.copytree(exported("clip"), model_dir)
+    result = vlmopt("convert", model_dir, "--static", "--batch-size", "2", "--seq-len", "8")
+    assert result.exit_code == 0, result.stderr
+    return model_dir
+
+
+@pytest.fixture(scope="session")
+def retrained_clip_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny CLIP architecture with other weights (another seed)."""
+    return build_demo_model(tmp_path_factory.mktemp("retrained") / "clip", "clip", "tiny", seed=1)
+
+
+@pytest.fixture
+def reexported_clip(converted: Callable[[str], Path], retrained_clip_source: Path, copy_model_dir: Callable[[Path], Path]) -> Path:
+    """A converted tiny CLIP whose `hf` artifact was then re-exported from other weights."""
+    model_dir = copy_model_dir(converted("clip"))
+    result = vlmopt("export", retrained_clip_source, "-o", model_dir)
+    assert result.exit_code == 0, result.stderr
+    return model_dir
+
+
+@pytest.fixture
+def copy_model_dir(tmp_path: Path) -> Callable[[Path], Path]:
+    """A private copy of a shared model directory, for tests that change it."""
+
+    def copy(model_dir: Path) -> Path:
+        dest = tmp_path / f"copy-{model_dir.name}"
+        shutil.copytree(model_dir, dest)
+        return dest
+
+    return copy

@@ -91,20 +91,7 @@ class PeakRss:
         return (self.peak - self.baseline) / 2**20
 
 
-def measure(run: Callable[[], Any], warmup: int, iterations: int, duration: float | None) -> dict[str, Any]:
-    """Latencies of `run` in ms after `warmup` calls: `iterations` calls, or as many as fit in `duration` s."""
-    for _ in range(warmup):
-        run()
-    times = []
-    deadline = time.perf_counter() + duration if duration else None
-    while True:
-        start = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - start) * 1000)
-        if deadline is None and len(times) >= iterations:
-            break
-        if deadline is not None and time.perf_counter() >= deadline:
-            break
+def _stats(times: list[float]) -> dict[str, Any]:
     ms = np.asarray(times)
     return {
         "mean": float(ms.mean()),
@@ -114,6 +101,29 @@ def measure(run: Callable[[], Any], warmup: int, iterations: int, duration: floa
         "min": float(ms.min()),
         "iterations": len(times),
     }
+
+
+def measure_interleaved(calls: dict[str, Callable[[], Any]], warmup: int, iterations: int, duration: float | None) -> dict[str, dict[str, Any]]:
+    """Latency statistics (ms) per call, timed in round-robin rounds (A, B, A, B, ...).
+
+    Interleaving makes the ratios robust on a shared machine: a slow spell (another process, a
+    frequency change) hits every contender alike instead of whichever happened to run then.
+    Stops after `iterations` rounds, or once `duration` seconds per contender have passed.
+    """
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    deadline = time.perf_counter() + duration * len(calls) if duration else None
+    while True:
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append((time.perf_counter() - start) * 1000)
+        rounds = len(next(iter(times.values())))
+        if (deadline is None and rounds >= iterations) or (deadline is not None and time.perf_counter() >= deadline):
+            break
+    return {name: _stats(t) for name, t in times.items()}
 
 
 def _items(tower: Tower, feed: dict[str, np.ndarray]) -> int:
@@ -192,51 +202,60 @@ def run(model_dir: ModelDir, options: BenchOptions, progress: Callable[[str, int
         having = [n for n in names if tower_name in tower_sets[n]]
         dynamic = [n for n in having if all(isinstance(a, str) for a in tower_sets[n][tower_name].inputs[0].shape[:1])]
         feeds = _feeds(tower_sets[(dynamic or having)[0]][tower_name], options)
-        references: dict[int, tuple[dict[str, np.ndarray], float]] = {}
+        accepted = {n: [b for b, f in feeds.items() if _accepts(tower_sets[n][tower_name], f)] for n in having}
         for name in having:
-            tower = tower_sets[name][tower_name]
-            loader = loaders[name]
-            runnable = {b: f for b, f in feeds.items() if _accepts(tower, f)}
-            for batch in sorted(set(feeds) - set(runnable)):
+            for batch in sorted(set(feeds) - set(accepted[name])):
                 skipped.append({"artifact": name, "tower": tower_name, "batch": batch, "reason": "static shapes differ from this measurement's"})
-            if not runnable:
-                continue
-            with PeakRss() as memory:
-                runner = loader.runner(tower)
-                results = []
-                for batch, feed in runnable.items():
-                    say(f"{name} · {tower_name} · batch {batch}", 0)
-                    latency = measure(lambda feed=feed, runner=runner: runner.run(feed), options.warmup, options.iterations, options.duration)
-                    results.append((batch, feed, latency, runner.run(feed)))
-                    say(f"{name} · {tower_name} · batch {batch}", 1)
-                size = loader.size_bytes(tower, runner)
-                runner.close()
-            for batch, feed, latency, outputs in results:
+
+        # Load every contender first (memory: the rise while loading and first running each one) ...
+        runners, memory, sizes = {}, {}, {}
+        for name in [n for n in having if accepted[n]]:
+            say(f"loading {name} · {tower_name}", 0)
+            with PeakRss() as rss:
+                runners[name] = loaders[name].runner(tower_sets[name][tower_name])
+                for batch in accepted[name]:
+                    runners[name].run(feeds[batch])
+            memory[name] = round(rss.increase_mb, 1)
+            sizes[name] = round(loaders[name].size_bytes(tower_sets[name][tower_name], runners[name]) / 2**20, 2)
+
+        # ... then time them against each other, interleaved, on the same inputs.
+        for batch, feed in feeds.items():
+            contenders = {n: runners[n] for n in runners if batch in accepted[n]}
+            say(f"{tower_name} · batch {batch} · {', '.join(contenders)}", 0)
+            latencies = measure_interleaved(
+                {n: (lambda r=r, f=feed: r.run(f)) for n, r in contenders.items()}, options.warmup, options.iterations, options.duration
+            )
+            outputs = {n: r.run(feed) for n, r in contenders.items()}
+            reference = REFERENCE if REFERENCE in contenders else None
+            for name in contenders:
+                latency = latencies[name]
                 row = {
                     "artifact": name,
-                    "backend": loader.backend,
+                    "backend": loaders[name].backend,
                     "tower": tower_name,
                     "batch": batch,
                     "sequence": _sequence(feed),
                     "latency_ms": latency,
-                    "throughput": _items(tower, feed) * 1000 / latency["mean"],
-                    "peak_rss_mb": round(memory.increase_mb, 1),
-                    "size_mb": round(size / 2**20, 2),
+                    "throughput": _items(tower_sets[name][tower_name], feed) * 1000 / latency["mean"],
+                    "peak_rss_mb": memory[name],
+                    "size_mb": sizes[name],
                     "speedup": None,
                     "cosine_min": None,
                     "max_abs_diff": None,
                 }
-                if name == REFERENCE:
-                    references[batch] = (outputs, latency["mean"])
-                    row["speedup"] = 1.0
-                elif batch in references:
-                    expected, reference_ms = references[batch]
-                    fidelity = [compare(k, expected[k], outputs[k]) for k in outputs if k in expected]
-                    row["speedup"] = reference_ms / latency["mean"]
-                    row["cosine_min"] = min(c.cosine_min for c in fidelity)
-                    row["max_abs_diff"] = max(c.max_abs_diff for c in fidelity)
+                if reference is not None:
+                    row["speedup"] = latencies[reference]["mean"] / latency["mean"]
+                    if name != reference:
+                        expected = outputs[reference]
+                        fidelity = [compare(k, expected[k], outputs[name][k]) for k in outputs[name] if k in expected]
+                        row["cosine_min"] = min(c.cosine_min for c in fidelity)
+                        row["max_abs_diff"] = max(c.max_abs_diff for c in fidelity)
                 rows.append(row)
-            gc.collect()
+            say(f"{tower_name} · batch {batch}", 1)
+        for runner in runners.values():
+            runner.close()
+        del runners
+        gc.collect()
     for loader in loaders.values():
         loader.close()
 

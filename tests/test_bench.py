@@ -147,3 +147,11 @@ def test_bench_compares_a_static_artifact_with_pytorch_on_the_same_inputs(benche
     assert onnx_rows
     for row in onnx_rows:
         assert row["cosine_min"] > 0.999, row
+
+
+def test_bench_times_exactly_the_requested_iterations(converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]) -> None:
+    model_dir = copy_model_dir(converted("clip"))
+
+    report = vlmopt_json("bench", model_dir, "--tower", "vision", "--batch", "1", "--iterations", "7", "--warmup", "0")
+
+    assert [r["latency_ms"]["iterations"] for r in report["rows"]] == [7, 7]

@@ -28,6 +28,8 @@ from vlmopt.verify import compare
 from vlmopt.workspace import ModelDir
 
 REFERENCE = "hf"
+#: timed calls per contender in each round
+_BLOCK = 5
 
 
 @dataclass
@@ -104,11 +106,14 @@ def _stats(times: list[float]) -> dict[str, Any]:
 
 
 def measure_interleaved(calls: dict[str, Callable[[], Any]], warmup: int, iterations: int, duration: float | None) -> dict[str, dict[str, Any]]:
-    """Latency statistics (ms) per call, timed in round-robin rounds (A, B, A, B, ...).
+    """Latency statistics (ms) per call, timed in round-robin blocks (A×5, B×5, A×5, ...).
 
     Interleaving makes the ratios robust on a shared machine: a slow spell (another process, a
     frequency change) hits every contender alike instead of whichever happened to run then.
-    Stops after `iterations` rounds, or once `duration` seconds per contender have passed.
+    Each block starts with one untimed call, because the previous contender's thread pool keeps
+    spinning for a while after it returns (timing single alternating calls made PyTorch's batch-1
+    vision tower 50% slower here). Stops after `iterations` timed calls per contender, or once
+    `duration` seconds per contender have passed.
     """
     for call in calls.values():
         for _ in range(warmup):
@@ -117,9 +122,12 @@ def measure_interleaved(calls: dict[str, Callable[[], Any]], warmup: int, iterat
     deadline = time.perf_counter() + duration * len(calls) if duration else None
     while True:
         for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append((time.perf_counter() - start) * 1000)
+            call()  # untimed: lets the previous contender's idle threads stop spinning
+            block = _BLOCK if deadline is not None else min(_BLOCK, iterations - len(times[name]))
+            for _ in range(block):
+                start = time.perf_counter()
+                call()
+                times[name].append((time.perf_counter() - start) * 1000)
         rounds = len(next(iter(times.values())))
         if (deadline is None and rounds >= iterations) or (deadline is not None and time.perf_counter() >= deadline):
             break

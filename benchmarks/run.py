@@ -4,7 +4,8 @@ Measures in one run on this machine:
   1. conversion cost: `vlmopt convert` of both towers, verification included, in wall time and
      peak RSS (a child process, so its peak is its own);
   2. inference: `vlmopt bench` of both towers at batch 1 and 8, printing the ratios.
-Exits 1 when ONNX Runtime is below 1.1x PyTorch on the vision tower at batch 8.
+Prints whether ONNX Runtime reaches the 1.1x expectation on the vision tower at batch 8; a
+benchmark reports, it does not gate (use `vlmopt bench --min-speedup` for a gate).
 """
 
 from __future__ import annotations
@@ -52,7 +53,10 @@ def main() -> int:
 
     seconds, peak_mb = convert_cost(model_dir.path)
     print(f"\nconvert (both towers, verification included): {seconds:.1f} s wall, {peak_mb:.0f} MB peak RSS")
-    print("  anchor on this machine: optimum-cli export onnx of the same model, about 15 s and 2800 MB peak RSS")
+    print(
+        "  anchor, same machine and model (2026-11-21): `optimum-cli export onnx --task zero-shot-image-classification`"
+        " (optimum-onnx 0.1.0, transformers 4.57, which it requires) took 11.9-13.2 s and 2.73 GB peak RSS"
+    )
 
     options = bench.BenchOptions(batches=[1, 8], iterations=args.iterations, warmup=5)
     with model_dir.lock():
@@ -69,7 +73,7 @@ def main() -> int:
                 vision_b8 = row["speedup"]
     met = vision_b8 is not None and vision_b8 >= VISION_B8_TARGET
     print(f"vision tower, batch 8: {vision_b8:.2f}x, target >= {VISION_B8_TARGET}x: {'met' if met else 'MISSED'}")
-    return 0 if met else 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -101,13 +101,18 @@ def test_dummy_inputs_are_the_same_for_the_same_seed() -> None:
 
 
 # -- verify_tower -------------------------------------------------------------------------------
-def test_verification_records_the_worst_cosine_over_all_shapes() -> None:
-    tower = Tower(
+def _embedding_tower() -> Tower:
+    """A tower whose outputs the tests' reference/candidate functions compute directly."""
+    return Tower(
         name="vision",
         inputs=(TensorSpec("pixel_values", ("batch", 3, 4, 4), "float32", "image"),),
         outputs=(TensorSpec("image_embeds", ("batch", 2)),),
         wrap=lambda model: model,
     )
+
+
+def test_verification_records_the_worst_cosine_over_all_shapes() -> None:
+    tower = _embedding_tower()
 
     def reference(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"image_embeds": np.tile([0.1, 0.0], (len(feed["pixel_values"]), 1))}
@@ -124,12 +129,7 @@ def test_verification_records_the_worst_cosine_over_all_shapes() -> None:
 
 
 def test_verification_fails_when_any_output_exceeds_atol() -> None:
-    tower = Tower(
-        name="vision",
-        inputs=(TensorSpec("pixel_values", ("batch", 3, 4, 4), "float32", "image"),),
-        outputs=(TensorSpec("image_embeds", ("batch", 2)),),
-        wrap=lambda model: model,
-    )
+    tower = _embedding_tower()
 
     def reference(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"image_embeds": np.zeros((len(feed["pixel_values"]), 2), dtype=np.float32)}

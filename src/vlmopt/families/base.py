@@ -23,6 +23,11 @@ class TensorSpec:
     dtype: str = "float32"
     role: str = "output"
 
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        """Position -> name of each dynamic axis, as both ONNX exporters take them."""
+        return {i: axis for i, axis in enumerate(self.shape) if isinstance(axis, str)}
+
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "role": self.role}
 

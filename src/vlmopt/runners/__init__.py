@@ -70,14 +70,13 @@ class ArtifactRunners:
                 )
             return runner
         set_threads(self.threads)
+        config, family = self._hf()
         if self._model is None:
             from vlmopt.hf import load_model
 
-            config, family = self._hf()
             self._model = load_model(
                 self.model_dir.artifact_path(self.artifact.name), config=config, family=family, attn_implementation=self.attn_implementation
             )
-        config, family = self._hf()
         full = {t.name: t for t in family.towers(config, self.model_dir.artifact_path(self.artifact.name), monolith=tower.name == "model")}
         return TorchRunner(full[tower.name].wrap(self._model), input_names, output_names)
 

@@ -100,12 +100,12 @@ def export_tower(module: Any, tower: Tower, path: Path, opset: int, dynamic: boo
 
     feed = make_inputs(tower, export_sizes(tower))
     args = tuple(torch.from_numpy(feed[spec.name]) for spec in tower.inputs)
-    axes = {spec.name: {i: axis for i, axis in enumerate(spec.shape) if isinstance(axis, str)} for spec in tower.inputs}
+    axes = {spec.name: spec.dynamic_axes for spec in tower.inputs}
     names = {"input_names": [s.name for s in tower.inputs], "output_names": [s.name for s in tower.outputs], "opset_version": opset}
     with quiet_exporter(debug) as log:
         try:
             if exporter == "torchscript":
-                output_axes = {spec.name: {i: axis for i, axis in enumerate(spec.shape) if isinstance(axis, str)} for spec in tower.outputs}
+                output_axes = {spec.name: spec.dynamic_axes for spec in tower.outputs}
                 torch.onnx.export(
                     module, args, str(path), dynamo=False, dynamic_axes={**axes, **output_axes} if dynamic else None, do_constant_folding=True, **names
                 )

@@ -108,7 +108,7 @@ def _version(value: bool) -> None:
 def main_callback(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
-    """Stages over a model directory: demo-model → export → convert → bench; `info` shows what is there."""
+    """Stages over a model directory: demo-model → export → convert → optimize / quantize → bench; `info` shows what is there."""
 
 
 def _open_for_writing(path: Path):
@@ -225,6 +225,117 @@ def convert(
     _report_stage(result, model_dir, as_json)
 
 
+# -- optimize ------------------------------------------------------------------------------
+@app.command()
+@command
+def optimize(
+    directory: DirArg,
+    source: Annotated[str, typer.Option("--from", help="The fp32 ONNX artifact to optimize.")] = "onnx",
+    name: Annotated[str, typer.Option("--name", help="Name of the optimized artifact.")] = "onnx-opt",
+    attention: Annotated[bool, typer.Option("--attention/--no-attention", help="Fuse attention blocks into ONNX Runtime's Attention op.")] = True,
+    model_type: Annotated[str | None, typer.Option(help="ONNX Runtime optimizer model type (default: the family's per tower).")] = None,
+    atol: Annotated[float, typer.Option(help="Largest accepted |fused - unfused| per output.")] = 1e-3,
+    min_cosine: Annotated[float, typer.Option(help="Smallest accepted cosine between fused and unfused outputs.")] = 0.9999,
+    threads: Annotated[int | None, typer.Option(help="Threads for verification (default: physical cores).")] = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Fuse Attention, SkipLayerNormalization and Gelu with ONNX Runtime's transformer optimizer; verify against the unfused graph.
+
+    Example: vlmopt optimize build/clip
+    """
+    from vlmopt.stages import optimize as stage
+
+    options = stage.OptimizeOptions(source, name, attention, model_type, atol, min_cosine)
+    options.validate()
+    model_dir = _open_for_writing(directory)
+    with model_dir.lock(), _status("optimizing", as_json) as status:
+        result = stage.run(model_dir, options, force=force, debug=debug, progress=status.update, threads=threads or _cores())
+    _report_stage(result, model_dir, as_json)
+
+
+# -- quantize ------------------------------------------------------------------------------
+def _names(values: list[str] | None) -> list[str]:
+    """Repeatable options that also take comma-separated lists."""
+    return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
+
+
+@app.command()
+@command
+def quantize(
+    directory: DirArg,
+    mode: Annotated[str, typer.Option(help="fp16, int8-dynamic, int8-static or int4 (bf16 is refused: no ONNX Runtime CPU kernels).")] = "int8-dynamic",
+    source: Annotated[str, typer.Option("--from", help="The fp32 ONNX artifact to quantize (onnx, onnx-opt, ...).")] = "onnx",
+    name: Annotated[str | None, typer.Option("--name", help="Name of the artifact (default: the mode, int8-static-trt for TensorRT).")] = None,
+    target: Annotated[str, typer.Option(help="cpu, or tensorrt: symmetric INT8 Q/DQ on MatMul/Gemm only, float bias.")] = "cpu",
+    per_channel: Annotated[bool, typer.Option("--per-channel", help="INT8 weights with one scale per output channel.")] = False,
+    reduce_range: Annotated[bool, typer.Option("--reduce-range", help="7-bit INT8 weights (for CPUs without VNNI).")] = False,
+    calib_images: Annotated[Path | None, typer.Option(help="int8-static: a folder of jpg/png images for calibration.")] = None,
+    calib_text: Annotated[Path | None, typer.Option(help="int8-static: a text file, one prompt a line, for calibration.")] = None,
+    calib_samples: Annotated[int, typer.Option(help="Most calibration samples per tower (synthetic ones too).")] = 64,
+    calib_method: Annotated[str, typer.Option(help="int8-static range estimation: minmax, entropy or percentile.")] = "minmax",
+    percentile: Annotated[float, typer.Option(help="Percentile for --calib-method percentile.")] = 99.999,
+    block_size: Annotated[int, typer.Option(help="int4: weights per quantization block (power of two, >= 16).")] = 32,
+    accuracy_level: Annotated[int, typer.Option(help="int4: MatMulNBits compute (0 fp32 ... 4 int8).")] = 4,
+    op_types: Annotated[list[str] | None, typer.Option("--op-types", help="Only quantize these op types (repeatable or comma-separated).")] = None,
+    exclude_op_types: Annotated[list[str] | None, typer.Option("--exclude-op-types", help="Never quantize these op types (fp16: keep them in fp32).")] = None,
+    nodes: Annotated[list[str] | None, typer.Option("--nodes", help="Only quantize these nodes (by name).")] = None,
+    exclude_nodes: Annotated[list[str] | None, typer.Option("--exclude-nodes", help="Never quantize these nodes (by name).")] = None,
+    keep_io_types: Annotated[bool, typer.Option("--keep-io-types/--fp16-io", help="fp16: keep graph inputs and outputs fp32.")] = True,
+    min_cosine: Annotated[float, typer.Option(help="Fail (exit 1, nothing written) below this cosine to the fp32 parent; 0 turns it off.")] = 0.99,
+    min_agreement: Annotated[float | None, typer.Option(help="Fail below this zero-shot top-1 agreement with the fp32 parent (dual encoders).")] = None,
+    threads: Annotated[int | None, typer.Option(help="Threads for calibration and verification (default: physical cores).")] = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Make an fp16, INT8 or INT4 variant of an fp32 ONNX artifact and verify it against that artifact.
+
+    Fails with exit 1, writing nothing, when the cosine or zero-shot agreement falls below the thresholds.
+    Example: vlmopt quantize build/clip --mode int8-static --calib-images photos/ --calib-text prompts.txt
+    """
+    from vlmopt.stages import quantize as stage
+
+    options = stage.QuantizeOptions(
+        mode=mode,
+        source=source,
+        output=name,
+        target=target,
+        per_channel=per_channel,
+        reduce_range=reduce_range,
+        calib_images=str(calib_images) if calib_images else None,
+        calib_text=str(calib_text) if calib_text else None,
+        calib_samples=calib_samples,
+        calib_method=calib_method,
+        percentile=percentile,
+        block_size=block_size,
+        accuracy_level=accuracy_level,
+        op_types=_names(op_types),
+        exclude_op_types=_names(exclude_op_types),
+        nodes=_names(nodes),
+        exclude_nodes=_names(exclude_nodes),
+        keep_io_types=keep_io_types,
+        min_cosine=min_cosine or None,
+        min_agreement=min_agreement,
+    )
+    options.validate()
+    model_dir = _open_for_writing(directory)
+
+    def warn(message: str) -> None:
+        err.print(f"[bold yellow]warning:[/] {message}", soft_wrap=True)
+
+    with model_dir.lock(), _status(f"quantizing ({mode})", as_json) as status:
+        result = stage.run(model_dir, options, force=force, debug=debug, progress=status.update, warn=warn, threads=threads or _cores())
+    _report_stage(result, model_dir, as_json)
+
+
+def _cores() -> int:
+    from vlmopt.stages.bench import _physical_cores
+
+    return _physical_cores()
+
+
 def _report_stage(result: Any, model_dir: Any, as_json: bool) -> None:
     artifact = result.artifact
     if as_json:
@@ -234,23 +345,66 @@ def _report_stage(result: Any, model_dir: Any, as_json: bool) -> None:
     out.print(f"[green]✓[/] {artifact.name} ({artifact.kind}, {artifact.size / 2**20:.1f} MB) {verb}: {model_dir.artifact_path(artifact.name)}")
     verification = artifact.verification
     if verification and verification.get("towers"):
-        table = Table(title=f"verification against {verification['reference']}", title_justify="left")
-        for column in ("tower", "output", "shapes", "max |diff|", "atol", "cosine min", ""):
-            table.add_column(column, justify="right" if column in ("max |diff|", "atol", "cosine min") else "left")
-        for tower, result_ in verification["towers"].items():
-            shapes = "; ".join(", ".join(f"{k}={v}" for k, v in s.items()) for s in result_["shapes"])
-            for output, r in result_["outputs"].items():
-                ok = r["max_abs_diff"] <= result_["atol"]
-                table.add_row(
-                    tower,
-                    output,
-                    shapes,
-                    f"{r['max_abs_diff']:.2e}",
-                    f"{result_['atol']:.0e}",
-                    f"{r['cosine_min']:.6f}",
-                    "[green]ok[/]" if ok else "[red]FAIL[/]",
-                )
-        out.print(table)
+        out.print(_verification_table(verification))
+    sizes = [(t, r["parent_size"], r["size"]) for t, r in artifact.towers.items() if "parent_size" in r]
+    if sizes:
+        out.print("size: " + "; ".join(f"{t} {before / 2**20:.1f} MB -> {after / 2**20:.1f} MB ({after / before:.0%})" for t, before, after in sizes))
+    fused = [(t, r["fused"], r.get("attention_layers")) for t, r in artifact.towers.items() if "fused" in r]
+    for tower, counts, layers in fused:
+        attention = counts.get("Attention", 0) + counts.get("MultiHeadAttention", 0)
+        out.print(f"fused in {tower}: attention {attention}/{layers} layers; " + ", ".join(f"{op} {n}" for op, n in counts.items()))
+    ready = {t: r.get("tensorrt_issue") for t, r in artifact.towers.items() if "tensorrt_ready" in r}
+    if ready and artifact.meta.get("target") == "tensorrt":
+        for tower, issue in ready.items():
+            out.print(f"TensorRT (strongly typed): {tower} " + ("[green]ready[/]" if issue is None else f"[red]not ready[/]: {issue}"))
+    for tower, info in (artifact.meta.get("calibration") or {}).items():
+        label = "[bold yellow]SYNTHETIC[/]" if info["data"] == "synthetic" else "real"
+        out.print(f"calibration of {tower}: {info['samples']} {label} samples, {info['method']}")
+
+
+def _verification_table(verification: dict[str, Any]) -> Table:
+    """One row per tower output: convert's tolerance check against PyTorch, or a variant's check against its fp32 parent."""
+    table = Table(title=f"verification against {verification['reference']}", title_justify="left")
+    threshold = verification.get("min_cosine")
+    for column in ("tower", "output", "inputs", "max |diff|", "cosine mean", "cosine min", "threshold", ""):
+        table.add_column(column, justify="right" if column not in ("tower", "output", "inputs", "") else "left")
+    for tower, result in verification["towers"].items():
+        if "shapes" in result:
+            inputs = "; ".join(", ".join(f"{k}={v}" for k, v in s.items()) for s in result["shapes"])
+        else:
+            inputs = f"{result['feeds']} batches, {result['data']}"
+        for output, r in result["outputs"].items():
+            if "atol" in result:
+                ok, limit = r["max_abs_diff"] <= result["atol"], f"atol {result['atol']:.0e}"
+            else:
+                ok = (threshold is None or r["cosine_min"] >= threshold) and (verification.get("atol") is None or r["max_abs_diff"] <= verification["atol"])
+                limit = f"cos >= {threshold:g}" if threshold is not None else ""
+            mean = r.get("cosine_mean")
+            table.add_row(
+                tower,
+                output,
+                inputs,
+                f"{r['max_abs_diff']:.2e}",
+                f"{mean:.6f}" if mean is not None else "",
+                f"{r['cosine_min']:.6f}",
+                limit,
+                "[green]ok[/]" if ok else "[red]FAIL[/]",
+            )
+    zero_shot = verification.get("zero_shot")
+    if zero_shot:
+        limit = verification.get("min_agreement")
+        ok = limit is None or zero_shot["agreement"] >= limit
+        table.add_row(
+            "zero-shot",
+            "top-1 agreement",
+            f"{zero_shot['images']} images x {zero_shot['prompts']} prompts ({zero_shot['data']})",
+            "",
+            "",
+            f"{zero_shot['agreement']:.3f}",
+            f">= {limit:g}" if limit is not None else "report only",
+            "[green]ok[/]" if ok else "[red]FAIL[/]",
+        )
+    return table
 
 
 # -- bench ---------------------------------------------------------------------------------

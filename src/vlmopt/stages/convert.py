@@ -20,7 +20,7 @@ from vlmopt.families import Tower, family_for
 from vlmopt.hf import load_config, load_model
 from vlmopt.inputs import export_sizes, make_inputs, verification_sizes
 from vlmopt.runners import OrtRunner, TorchRunner
-from vlmopt.verify import compare
+from vlmopt.verify import compare_feeds
 from vlmopt.workspace import ModelDir, StageOutput, StageResult
 
 MIN_OPSET, MAX_OPSET = 17, 23
@@ -130,22 +130,12 @@ def verify_tower(
 ) -> dict[str, Any]:
     """Run both on the same inputs at every shape; per output the largest max-abs-diff (and the shape
     where it occurred), the smallest cosine and the mean cosine over all shapes."""
-    worst: dict[str, dict[str, Any]] = {}
-    for seed, sizes in enumerate(shapes):
-        feed = make_inputs(tower, sizes, seed=seed)
-        expected, actual = reference(feed), candidate(feed)
-        for name in expected:
-            result = compare(name, expected[name], actual[name])
-            shape = {k: v for k, v in sizes.items() if k in tower.axes}
-            seen = worst.setdefault(name, {"output": name, "max_abs_diff": -1.0, "cosine_min": 1.0, "cosine_means": []})
-            if result.max_abs_diff > seen["max_abs_diff"]:
-                seen.update(max_abs_diff=result.max_abs_diff, shape=shape)
-            seen["cosine_min"] = min(seen["cosine_min"], result.cosine_min)
-            seen["cosine_means"].append(result.cosine_mean)
+    worst = compare_feeds(reference, candidate, [make_inputs(tower, sizes, seed=seed) for seed, sizes in enumerate(shapes)])
+    axes = [{k: v for k, v in s.items() if k in tower.axes} for s in shapes]
     for seen in worst.values():
-        seen["cosine_mean"] = float(np.mean(seen.pop("cosine_means")))
+        seen["shape"] = axes[seen.pop("feed")]
     passed = all(r["max_abs_diff"] <= atol for r in worst.values())
-    return {"atol": atol, "shapes": [{k: v for k, v in s.items() if k in tower.axes} for s in shapes], "outputs": worst, "passed": passed}
+    return {"atol": atol, "shapes": axes, "outputs": worst, "passed": passed}
 
 
 def run(model_dir: ModelDir, options: ConvertOptions, force: bool = False, debug: bool = False, progress: Callable[[str], None] | None = None) -> StageResult:

@@ -1,0 +1,161 @@
+"""Calibration and evaluation data: images through the saved image processor, prompts through the saved tokenizer.
+
+Every problem a user can cause (an unreadable folder, a corrupt or oversized image, an empty
+prompt file, data the model's inputs cannot take) is a `VlmoptError` naming the file and what to do.
+When no data is given the caller falls back to synthetic inputs and must say so loudly.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vlmopt.errors import VlmoptError
+from vlmopt.families import Tower
+from vlmopt.inputs import make_inputs
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+#: decompression-bomb guard: Pillow's own default limit (a 9459 x 9459 image)
+MAX_IMAGE_PIXELS = 89_478_485
+#: samples per calibration batch
+BATCH = 8
+
+
+@dataclass
+class CalibrationData:
+    """Real samples per input role, or none; `sources` says where each tower's data came from."""
+
+    pixel_values: np.ndarray | None = None
+    text: dict[str, np.ndarray] | None = None
+    image_files: int = 0
+    prompts: int = 0
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def for_tower(self, tower: Tower) -> dict[str, np.ndarray] | None:
+        """The real samples for `tower` (all its inputs), or None when it needs synthetic data."""
+        roles = {spec.role for spec in tower.inputs}
+        feed: dict[str, np.ndarray] = {}
+        for spec in tower.inputs:
+            if spec.role == "image" and self.pixel_values is not None:
+                feed[spec.name] = self.pixel_values
+            elif spec.role in ("input_ids", "attention_mask", "token_type_ids") and self.text is not None and spec.name in self.text:
+                feed[spec.name] = self.text[spec.name]
+        if set(feed) != {spec.name for spec in tower.inputs} or ("image" in roles and len(roles) > 1):
+            return None  # a monolith pairs images with prompts; its calibration stays synthetic
+        return feed
+
+
+def load_images(folder: Path, processor_dir: Path, limit: int) -> tuple[np.ndarray, int]:
+    """`pixel_values` for up to `limit` images of `folder` (sorted by name), made by the saved image processor."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not folder.is_dir():
+        raise VlmoptError(f"--calib-images {folder} is not a folder")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise VlmoptError(f"--calib-images {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); add some or drop the option")
+    processor = _image_processor(processor_dir)
+    images = []
+    for path in files[:limit]:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as image:
+                    width, height = image.size
+                    if width * height > MAX_IMAGE_PIXELS:
+                        raise VlmoptError(
+                            f"calibration image {path} is {width}x{height} pixels, above the {MAX_IMAGE_PIXELS / 1e6:.0f} MP limit "
+                            "(decompression-bomb guard); resize it or remove it"
+                        )
+                    images.append(image.convert("RGB"))
+        except VlmoptError:
+            raise
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+            raise VlmoptError(f"calibration image {path} cannot be read ({str(exc).splitlines()[0][:120]}); fix or remove it") from exc
+    try:
+        pixel_values = np.asarray(processor(images=images, return_tensors="np")["pixel_values"], dtype=np.float32)
+    except Exception as exc:
+        raise VlmoptError(f"the image processor in {processor_dir} failed on the calibration images: {str(exc).splitlines()[0][:200]}") from exc
+    return pixel_values, len(images)
+
+
+def load_prompts(path: Path, tokenizer_dir: Path, tower: Tower, limit: int) -> tuple[dict[str, np.ndarray], int]:
+    """Token ids (and attention mask) for up to `limit` non-blank lines of `path`, made by the saved tokenizer."""
+    if not path.is_file():
+        raise VlmoptError(f"--calib-text {path} is not a file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise VlmoptError(f"--calib-text {path} cannot be read as UTF-8 text ({exc})") from exc
+    prompts = [line.strip() for line in lines if line.strip()][:limit]
+    if not prompts:
+        raise VlmoptError(f"--calib-text {path} has no prompts; write one prompt a line")
+    tokenizer = _tokenizer(tokenizer_dir)
+    max_length = tower.vocab.max_length if tower.vocab else None
+    names = [spec.name for spec in tower.inputs]
+    # Towers without an attention mask (SigLIP) were trained on text padded to the full length.
+    padding = "max_length" if "attention_mask" not in names else True
+    try:
+        encoded = tokenizer(prompts, padding=padding, truncation=True, max_length=max_length, return_tensors="np")
+    except Exception as exc:
+        raise VlmoptError(f"the tokenizer in {tokenizer_dir} failed on {path}: {str(exc).splitlines()[0][:200]}") from exc
+    missing = [n for n in names if n not in encoded]
+    if missing:
+        raise VlmoptError(f"the tokenizer in {tokenizer_dir} makes {sorted(encoded)}, but the {tower.name} tower takes {names}")
+    text = {n: np.asarray(encoded[n], dtype=np.int64) for n in names}
+    if tower.vocab and int(text["input_ids"].max()) >= tower.vocab.vocab_size:
+        raise VlmoptError(
+            f"the tokenizer in {tokenizer_dir} makes token id {int(text['input_ids'].max())}, beyond the {tower.name} tower's "
+            f"vocabulary of {tower.vocab.vocab_size}; the tokenizer does not belong to this model"
+        )
+    return text, len(prompts)
+
+
+def check_fits(tower: Tower, feed: dict[str, np.ndarray], origin: str) -> None:
+    """Refuse data whose fixed dimensions differ from the tower's (say a 336-pixel processor for a 224-pixel model)."""
+    for spec in tower.inputs:
+        shape = feed[spec.name].shape
+        fixed = [(i, d) for i, d in enumerate(spec.shape) if isinstance(d, int)]
+        if len(shape) != len(spec.shape) or any(shape[i] != d for i, d in fixed):
+            expected = "x".join(str(d) if isinstance(d, int) else d for d in spec.shape)
+            raise VlmoptError(f"{origin} gives {spec.name} of shape {'x'.join(map(str, shape))}; the {tower.name} tower takes {expected}")
+
+
+def batches(feed: dict[str, np.ndarray], size: int = BATCH) -> list[dict[str, np.ndarray]]:
+    """Split a feed of N samples into batches of `size`."""
+    n = len(next(iter(feed.values())))
+    return [{k: v[i : i + size] for k, v in feed.items()} for i in range(0, n, size)]
+
+
+def synthetic_batches(tower: Tower, samples: int, seed: int = 1000) -> list[dict[str, np.ndarray]]:
+    """Random inputs shaped like real ones (the fallback when no calibration data is given)."""
+    sizes = {"batch": BATCH, "image_batch": BATCH, "text_batch": BATCH, "sequence": tower.vocab.max_length if tower.vocab else 1}
+    count = max(1, -(-samples // BATCH))
+    return [make_inputs(tower, sizes, seed=seed + i) for i in range(count)]
+
+
+def _image_processor(path: Path):
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:
+        raise VlmoptError(
+            f"--calib-images needs the model's image processor, and {path} has none that loads ({str(exc).splitlines()[0][:120]}); "
+            "re-export from a checkpoint that ships preprocessor_config.json"
+        ) from exc
+
+
+def _tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:
+        raise VlmoptError(
+            f"--calib-text needs the model's tokenizer, and {path} has none that loads ({str(exc).splitlines()[0][:120]}); "
+            "re-export from a checkpoint that ships its tokenizer files"
+        ) from exc

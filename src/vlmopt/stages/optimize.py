@@ -1,0 +1,191 @@
+"""`vlmopt optimize`: ONNX Runtime's transformer optimizer (Attention, SkipLayerNormalization, Gelu fusions), verified.
+
+The family declares each tower's optimizer model type, heads and hidden size; this stage runs
+`onnxruntime.transformers.optimizer.optimize_model` with them, counts what fused, and checks the
+result against the fp32 graph it came from on the same inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from vlmopt import graph
+from vlmopt.errors import VlmoptError
+from vlmopt.families import Tower
+from vlmopt.stages import fidelity
+from vlmopt.workspace import Artifact, ModelDir, StageOutput, StageResult
+
+#: fused operators worth reporting (ONNX Runtime's names)
+FUSED_OPS = (
+    "Attention",
+    "MultiHeadAttention",
+    "SkipLayerNormalization",
+    "LayerNormalization",
+    "EmbedLayerNormalization",
+    "BiasGelu",
+    "FastGelu",
+    "Gelu",
+    "QuickGelu",
+    "SkipSimplifiedLayerNormalization",
+)
+#: optimizer model types whose attention fusion takes an additive mask only from a tensor named `attention_mask`
+_ADDITIVE_MASK_BY_NAME = ("clip",)
+_MASK_ALIAS = "attention_mask"
+_INPUT_ALIAS = "attention_mask__vlmopt_input"
+
+
+@dataclass
+class OptimizeOptions:
+    source: str = "onnx"
+    output: str = "onnx-opt"
+    attention: bool = True
+    model_type: str | None = None
+    atol: float = 1e-3
+    min_cosine: float = 0.9999
+
+    def validate(self) -> None:
+        from onnxruntime.transformers.optimizer import MODEL_TYPES
+
+        if self.model_type is not None and self.model_type not in MODEL_TYPES:
+            raise VlmoptError(f"--model-type must be one of ONNX Runtime's optimizer types ({', '.join(sorted(MODEL_TYPES))}), got '{self.model_type}'")
+        if not self.atol > 0:
+            raise VlmoptError(f"--atol must be positive, got {self.atol}")
+        if not 0 < self.min_cosine <= 1:
+            raise VlmoptError(f"--min-cosine must be in (0, 1], got {self.min_cosine}")
+
+
+def check_parent(parent: Artifact) -> None:
+    if parent.kind != "onnx":
+        raise VlmoptError(f"'{parent.name}' is a {parent.kind} artifact; optimize reads ONNX (run `vlmopt convert` first)")
+    precision = parent.meta.get("precision", "fp32")
+    if precision != "fp32" or parent.meta.get("optimized"):
+        what = "already optimized" if parent.meta.get("optimized") else f"{precision}"
+        raise VlmoptError(f"'{parent.name}' is {what}; optimize reads an fp32 export such as 'onnx'")
+
+
+def attention_layers(model: Any) -> int:
+    """Attention blocks in an unfused export: one Softmax each."""
+    return sum(1 for node in model.graph.node if node.op_type == "Softmax")
+
+
+def _shared_additive_mask(model: Any) -> str | None:
+    """The one tensor added to the scores before every Softmax (CLIP text's causal + padding mask), if there is one."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    masks = set()
+    for node in model.graph.node:
+        if node.op_type == "Softmax":
+            add = producers.get(node.input[0])
+            if add is None or add.op_type != "Add":
+                return None
+            masks.add(add.input[1])
+    return masks.pop() if len(masks) == 1 else None
+
+
+def _rename(model: Any, renames: dict[str, str]) -> None:
+    for node in model.graph.node:
+        node.input[:] = [renames.get(name, name) for name in node.input]
+        node.output[:] = [renames.get(name, name) for name in node.output]
+    for value in model.graph.input:
+        value.name = renames.get(value.name, value.name)
+
+
+def optimize_graph(model: Any, tower: Tower, model_type: str, attention: bool, debug: bool = False) -> tuple[Any, dict[str, int]]:
+    """Fuse `model` (an fp32 tower export) in place; returns it and the fused operator counts.
+
+    ONNX Runtime's CLIP attention fusion accepts the text tower's precomputed mask only when the
+    tensor is called `attention_mask` (the name of our graph input); it is renamed for the fusion and back.
+    """
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    mask = _shared_additive_mask(model) if model_type in _ADDITIVE_MASK_BY_NAME and attention else None
+    if mask is not None:
+        _rename(model, {_MASK_ALIAS: _INPUT_ALIAS, mask: _MASK_ALIAS})
+    options = FusionOptions(model_type)
+    options.enable_attention = attention
+    with _quiet(debug):
+        optimized = optimize_model(
+            model, model_type=model_type, num_heads=tower.num_heads or 0, hidden_size=tower.hidden_size or 0, optimization_options=options, opt_level=0
+        )
+    result = optimized.model
+    if mask is not None:
+        _rename(result, {_MASK_ALIAS: mask, _INPUT_ALIAS: _MASK_ALIAS})
+    counts = graph.op_counts(result)
+    return result, {op: counts[op] for op in FUSED_OPS if counts.get(op)}
+
+
+@contextlib.contextmanager
+def _quiet(debug: bool):
+    if debug:
+        yield
+        return
+    logger = logging.getLogger("onnxruntime.transformers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def run(
+    model_dir: ModelDir, options: OptimizeOptions, force: bool = False, debug: bool = False, progress: Callable[[str], None] | None = None, threads: int | None = None
+) -> StageResult:
+    """Fuse every tower of an fp32 ONNX artifact; verify each against its parent (max |diff| and cosine)."""
+    options.validate()
+    parent = model_dir.artifact(options.source)
+    check_parent(parent)
+    parent_dir = model_dir.artifact_path(parent.name)
+    towers = {name: Tower.from_json(name, data) for name, data in parent.towers.items()}
+    say = progress or (lambda message: None)
+
+    def build(tmp: Path) -> StageOutput:
+        recorded: dict[str, dict[str, Any]] = {}
+        for name, tower in towers.items():
+            model_type = options.model_type or tower.optimizer_model_type or "bert"
+            say(f"fusing the {name} tower ({model_type} optimizer)")
+            source = graph.load(parent_dir / parent.towers[name]["file"])
+            layers = attention_layers(source)
+            optimized, fused = optimize_graph(source, tower, model_type, options.attention, debug)
+            file = parent.towers[name]["file"]
+            graph.save(optimized, tmp / file)
+            recorded[name] = {
+                **parent.towers[name],
+                "file": file,
+                "optimizer_model_type": model_type,
+                "fused": fused,
+                "attention_layers": layers,
+                "size": graph.weight_bytes(tmp, file),
+                "parent_size": graph.weight_bytes(parent_dir, file),
+            }
+        say("verifying against the unfused graphs")
+        verification = fidelity.check(
+            parent_dir,
+            {n: parent.towers[n]["file"] for n in towers},
+            tmp,
+            {n: recorded[n]["file"] for n in towers},
+            towers,
+            fidelity.Thresholds(min_cosine=options.min_cosine, atol=options.atol),
+            threads=threads,
+        )
+        verification["reference"] = parent.name
+        return StageOutput(
+            towers=recorded,
+            meta={**parent.meta, "precision": "fp32", "optimized": True, "custom_domains": sorted({d for t in recorded for d in _domains(tmp, recorded[t])})},
+            verification=verification,
+        )
+
+    return model_dir.produce(options.output, kind="onnx", stage="optimize", options=asdict(options), parent=parent, build=build, force=force)
+
+
+def _domains(folder: Path, tower: dict[str, Any]) -> list[str]:
+    import onnx
+
+    return graph.custom_domains(onnx.load(str(folder / tower["file"]), load_external_data=False))

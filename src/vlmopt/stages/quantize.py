@@ -1,0 +1,433 @@
+"""`vlmopt quantize`: fp16, INT8 (dynamic, calibrated static QDQ for CPU or TensorRT) and INT4 weight-only variants.
+
+Every mode is a thin layer over ONNX Runtime's own tools (`float16.convert_float_to_float16`,
+`quantization.quantize_dynamic` / `quantize_static`, `MatMulNBitsQuantizer`); what vlmopt adds is the
+choice of defaults (measured, see the module constants), calibration data, and the check of every
+variant against its fp32 parent before it is committed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlmopt import graph
+from vlmopt.calibration import BATCH, CalibrationData, batches, check_fits, load_images, load_prompts, synthetic_batches
+from vlmopt.errors import VlmoptError
+from vlmopt.families import Tower
+from vlmopt.stages import fidelity
+from vlmopt.workspace import Artifact, ModelDir, StageOutput, StageResult
+
+MODES = ("fp16", "bf16", "int8-dynamic", "int8-static", "int4")
+TARGETS = ("cpu", "tensorrt")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+#: Kept in fp32 by default in fp16 graphs: normalisation statistics and softmax sums overflow fp16's
+#: 65504 on real activations (DESIGN.md: TensorRT's strongly typed builds need this in the graph).
+FP16_KEEP_FP32 = ("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization", "Softmax", "Pow", "ReduceMean", "ReduceSum", "ReduceL2")
+#: Quantized by default on CPU. Not Conv: ONNX Runtime's ConvInteger took 29 of 87 ms of the int8 ViT-B/32
+#: vision tower at batch 8 (profiled here); the fp32 patch embedding costs about 9 ms.
+INT8_DYNAMIC_OPS = ("MatMul", "Attention")
+INT8_STATIC_CPU_OPS = ("MatMul", "Gemm")
+#: The only ops TensorRT's strongly typed builder takes as explicit Q/DQ in vlmopt's graphs
+INT8_TENSORRT_OPS = ("MatMul", "Gemm")
+DEFAULT_NAMES = {"fp16": "fp16", "bf16": "bf16", "int8-dynamic": "int8-dynamic", "int8-static": "int8-static", "int4": "int4"}
+
+
+@dataclass
+class QuantizeOptions:
+    mode: str = "int8-dynamic"
+    source: str = "onnx"
+    output: str | None = None
+    target: str = "cpu"
+    per_channel: bool = False
+    reduce_range: bool = False
+    calib_images: str | None = None
+    calib_text: str | None = None
+    calib_samples: int = 64
+    calib_method: str = "minmax"
+    percentile: float = 99.999
+    block_size: int = 32
+    accuracy_level: int = 4
+    op_types: list[str] = field(default_factory=list)
+    exclude_op_types: list[str] = field(default_factory=list)
+    nodes: list[str] = field(default_factory=list)
+    exclude_nodes: list[str] = field(default_factory=list)
+    keep_io_types: bool = True
+    min_cosine: float | None = 0.99
+    min_agreement: float | None = None
+
+    @property
+    def name(self) -> str:
+        if self.output:
+            return self.output
+        return "int8-static-trt" if self.mode == "int8-static" and self.target == "tensorrt" else DEFAULT_NAMES.get(self.mode, self.mode)
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise VlmoptError(f"--mode must be one of {', '.join(MODES)}, got '{self.mode}'")
+        if self.mode == "bf16":
+            raise VlmoptError(
+                "--mode bf16 is not available: ONNX Runtime's CPU provider has no bf16 MatMul/Add kernels, so a bf16 graph "
+                "cannot be verified here, and ONNX Runtime ships no bf16 converter; use --mode fp16"
+            )
+        if self.target not in TARGETS:
+            raise VlmoptError(f"--target must be cpu or tensorrt, got '{self.target}'")
+        if self.target == "tensorrt" and self.mode not in ("int8-static", "fp16"):
+            raise VlmoptError(f"--target tensorrt applies to int8-static and fp16; {self.mode} makes ONNX Runtime-only operators")
+        if self.calib_method not in CALIBRATION_METHODS:
+            raise VlmoptError(f"--calib-method must be one of {', '.join(CALIBRATION_METHODS)}, got '{self.calib_method}'")
+        if self.mode != "int8-static" and (self.calib_images or self.calib_text or self.calib_method != "minmax"):
+            raise VlmoptError("--calib-images, --calib-text and --calib-method calibrate int8-static; drop them for " + self.mode)
+        if self.calib_samples < 1:
+            raise VlmoptError(f"--calib-samples must be at least 1, got {self.calib_samples}")
+        if not 90 <= self.percentile < 100:
+            raise VlmoptError(f"--percentile must be in [90, 100), got {self.percentile}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise VlmoptError(f"--block-size must be a power of two of at least 16, got {self.block_size}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise VlmoptError(f"--accuracy-level must be 0..4 (4: int8 compute), got {self.accuracy_level}")
+        if (self.per_channel or self.reduce_range) and self.mode not in ("int8-dynamic", "int8-static"):
+            raise VlmoptError(f"--per-channel and --reduce-range apply to int8 modes, not {self.mode}")
+        if self.mode == "fp16" and self.op_types:
+            raise VlmoptError("fp16 converts every op it can; keep some in fp32 with --exclude-op-types or --exclude-nodes instead of --op-types")
+        if self.target == "tensorrt" and self.op_types and set(self.op_types) - set(INT8_TENSORRT_OPS):
+            extra = sorted(set(self.op_types) - set(INT8_TENSORRT_OPS))
+            raise VlmoptError(f"--target tensorrt quantizes only {', '.join(INT8_TENSORRT_OPS)}; drop {', '.join(extra)} from --op-types")
+        overlap = set(self.op_types) & set(self.exclude_op_types) or set(self.nodes) & set(self.exclude_nodes)
+        if overlap:
+            raise VlmoptError(f"{', '.join(sorted(overlap))} is both included and excluded")
+        for name, value in (("--min-cosine", self.min_cosine), ("--min-agreement", self.min_agreement)):
+            if value is not None and not 0 <= value <= 1:
+                raise VlmoptError(f"{name} must be in [0, 1], got {value}")
+
+
+def check_parent(parent: Artifact, options: QuantizeOptions) -> None:
+    """Refuse modes the artifact cannot take: only fp32 ONNX is quantized, and TensorRT needs standard ONNX ops."""
+    if parent.kind != "onnx":
+        raise VlmoptError(f"'{parent.name}' is a {parent.kind} artifact; quantize reads ONNX (run `vlmopt convert` first)")
+    precision = parent.meta.get("precision", "fp32")
+    if precision != "fp32":
+        raise VlmoptError(f"'{parent.name}' is already {precision}; quantize an fp32 artifact such as 'onnx' or 'onnx-opt'")
+    if options.target == "tensorrt" and parent.meta.get("custom_domains"):
+        raise VlmoptError(
+            f"'{parent.name}' holds ONNX Runtime-only operators ({', '.join(parent.meta['custom_domains'])}) that TensorRT cannot parse; "
+            "quantize the plain export ('onnx') for --target tensorrt"
+        )
+
+
+# -- the modes -------------------------------------------------------------------------------
+def to_fp16(source: Path, destination: Path, options: QuantizeOptions) -> dict[str, Any]:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    keep = sorted(set(FP16_KEEP_FP32) | set(options.exclude_op_types))
+    model = convert_float_to_float16(
+        graph.load(source), keep_io_types=options.keep_io_types, op_block_list=keep, node_block_list=options.exclude_nodes or None
+    )
+    graph.save(model, destination)
+    return {"kept_fp32_ops": keep, "kept_fp32_nodes": options.exclude_nodes}
+
+
+def int8_dynamic(source: Path, destination: Path, options: QuantizeOptions) -> dict[str, Any]:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    op_types = _op_types(options, INT8_DYNAMIC_OPS)
+    with _prepared(source) as prepared:
+        quantize_dynamic(
+            prepared,
+            destination,
+            weight_type=QuantType.QInt8,
+            per_channel=options.per_channel,
+            reduce_range=options.reduce_range,
+            op_types_to_quantize=op_types,
+            nodes_to_quantize=options.nodes or None,
+            nodes_to_exclude=options.exclude_nodes or None,
+            use_external_data_format=_large(source),
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+    return {"op_types": op_types, "weights": "int8", "activations": "uint8 (dynamic)"}
+
+
+def int8_static(source: Path, destination: Path, options: QuantizeOptions, feeds: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    tensorrt = options.target == "tensorrt"
+    op_types = _op_types(options, INT8_TENSORRT_OPS if tensorrt else INT8_STATIC_CPU_OPS)
+    extra: dict[str, Any] = {"DefaultTensorType": onnx.TensorProto.FLOAT}
+    if tensorrt:
+        # TensorRT takes symmetric INT8 Q/DQ with zero zero-points and a float bias.
+        extra.update(ActivationSymmetric=True, WeightSymmetric=True, QuantizeBias=False)
+    if options.calib_method == "percentile":
+        extra["CalibPercentile"] = options.percentile
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[options.calib_method]
+    with _prepared(source) as prepared:
+        quantize_static(
+            prepared,
+            destination,
+            _FeedReader(feeds),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=op_types,
+            per_channel=options.per_channel,
+            reduce_range=options.reduce_range,
+            activation_type=QuantType.QInt8 if tensorrt else QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_quantize=options.nodes or None,
+            nodes_to_exclude=options.exclude_nodes or None,
+            calibrate_method=method,
+            use_external_data_format=_large(source),
+            extra_options=extra,
+        )
+    activations = "int8 symmetric" if tensorrt else "uint8 asymmetric"
+    return {"op_types": op_types, "format": "QDQ", "weights": "int8 symmetric", "activations": activations, "bias": "fp32" if tensorrt else "int32"}
+
+
+def int4(source: Path, destination: Path, options: QuantizeOptions) -> dict[str, Any]:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    op_types = tuple(_op_types(options, ("MatMul",)))
+    quantizer = MatMulNBitsQuantizer(
+        graph.load(source),
+        block_size=options.block_size,
+        is_symmetric=True,
+        accuracy_level=options.accuracy_level,
+        nodes_to_exclude=options.exclude_nodes or None,
+        nodes_to_include=options.nodes or None,
+        op_types_to_quantize=op_types,
+    )
+    quantizer.process()
+    graph.save(quantizer.model.model, destination)
+    return {"op_types": list(op_types), "weights": f"int4 symmetric, blocks of {options.block_size}", "accuracy_level": options.accuracy_level}
+
+
+def _op_types(options: QuantizeOptions, defaults: tuple[str, ...]) -> list[str]:
+    chosen = options.op_types or list(defaults)
+    return [op for op in chosen if op not in options.exclude_op_types]
+
+
+def _large(path: Path) -> bool:
+    return graph.weight_bytes(path.parent, path.name) > graph.EXTERNAL_DATA_BYTES
+
+
+@contextlib.contextmanager
+def _prepared(source: Path):
+    """The source without recorded value_info: ORT's quantizers fail on dynamo exports' shapes otherwise (DESIGN.md)."""
+    model = graph.load(source)
+    del model.graph.value_info[:]
+    with tempfile.TemporaryDirectory(prefix="vlmopt-quantize-") as folder:
+        path = Path(folder) / source.name
+        graph.save(model, path)
+        del model
+        yield path
+
+
+class _FeedReader:
+    """ONNX Runtime's CalibrationDataReader protocol over a list of feeds."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]):
+        self._feeds = feeds
+        self._iter = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._iter, None)
+
+    def rewind(self) -> None:
+        self._iter = iter(self._feeds)
+
+    def __iter__(self):
+        return iter(self._feeds)
+
+    def __len__(self) -> int:
+        return len(self._feeds)
+
+
+# -- calibration data ------------------------------------------------------------------------
+def load_calibration(model_dir: ModelDir, towers: dict[str, Tower], options: QuantizeOptions) -> CalibrationData:
+    """The user's images and prompts, checked against the towers that will take them."""
+    data = CalibrationData()
+    hf_dir = _processor_dir(model_dir)
+    image_towers = [t for t in towers.values() if [s.role for s in t.inputs] == ["image"]]
+    text_towers = [t for t in towers.values() if t.vocab is not None and "image" not in {s.role for s in t.inputs}]
+    if options.calib_images:
+        if not image_towers:
+            raise VlmoptError("--calib-images was given, but this model has no image tower")
+        data.pixel_values, data.image_files = load_images(Path(options.calib_images), hf_dir, options.calib_samples)
+        for tower in image_towers:
+            check_fits(tower, {tower.inputs[0].name: data.pixel_values}, f"the image processor in {hf_dir}")
+    if options.calib_text:
+        if not text_towers:
+            raise VlmoptError("--calib-text was given, but this model has no text tower")
+        tower = text_towers[0]
+        data.text, data.prompts = load_prompts(Path(options.calib_text), hf_dir, tower, options.calib_samples)
+        check_fits(tower, data.text, f"the tokenizer in {hf_dir}")
+    return data
+
+
+def _processor_dir(model_dir: ModelDir) -> Path:
+    artifacts = model_dir.load()
+    hf = next((a for a in artifacts.values() if a.kind == "hf"), None)
+    if hf is None:
+        raise VlmoptError(f"calibration data needs the model's processor, and {model_dir.path} has no Hugging Face artifact")
+    return model_dir.artifact_path(hf.name)
+
+
+def calibration_feeds(tower: Tower, data: CalibrationData, samples: int) -> tuple[list[dict[str, np.ndarray]], str]:
+    real = data.for_tower(tower)
+    if real is not None:
+        return batches(real, BATCH), "real"
+    return synthetic_batches(tower, samples), "synthetic"
+
+
+def _data_digest(options: QuantizeOptions) -> str | None:
+    """What the calibration files hold, so changed images or prompts re-run the stage."""
+    paths: list[Path] = []
+    if options.calib_images and Path(options.calib_images).is_dir():
+        paths += sorted(p for p in Path(options.calib_images).iterdir() if p.is_file())
+    if options.calib_text and Path(options.calib_text).is_file():
+        paths.append(Path(options.calib_text))
+    if not paths:
+        return None
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+# -- the stage -------------------------------------------------------------------------------
+def run(
+    model_dir: ModelDir,
+    options: QuantizeOptions,
+    force: bool = False,
+    debug: bool = False,
+    progress: Callable[[str], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+    threads: int | None = None,
+) -> StageResult:
+    """Write a quantized variant of an fp32 ONNX artifact; verify it against that artifact; commit only if it passes.
+
+    Raises `VlmoptError` for what the artifact or the data cannot take, `CheckFailed` below the thresholds.
+    """
+    options.validate()
+    parent = model_dir.artifact(options.source)
+    check_parent(parent, options)
+    parent_dir = model_dir.artifact_path(parent.name)
+    towers = {name: Tower.from_json(name, data) for name, data in parent.towers.items()}
+    say = progress or (lambda message: None)
+    shout = warn or (lambda message: None)
+    data = load_calibration(model_dir, towers, options) if options.mode == "int8-static" else CalibrationData()
+
+    def build(tmp: Path) -> StageOutput:
+        recorded: dict[str, dict[str, Any]] = {}
+        calibration: dict[str, Any] = {}
+        for name, tower in towers.items():
+            file = parent.towers[name]["file"]
+            source, destination = parent_dir / file, tmp / file
+            say(f"{options.mode}: the {name} tower")
+            with _quiet(debug):
+                if options.mode == "fp16":
+                    details = to_fp16(source, destination, options)
+                elif options.mode == "int8-dynamic":
+                    details = int8_dynamic(source, destination, options)
+                elif options.mode == "int8-static":
+                    feeds, origin = calibration_feeds(tower, data, options.calib_samples)
+                    if origin == "synthetic":
+                        shout(
+                            f"the {name} tower is calibrated on SYNTHETIC random inputs ({sum(len(next(iter(f.values()))) for f in feeds)} samples): "
+                            "a fallback that can misplace the int8 ranges; pass "
+                            + ("--calib-images DIR" if tower.inputs[0].role == "image" else "--calib-text FILE")
+                            + " with real data"
+                        )
+                    calibration[name] = {"data": origin, "samples": sum(len(next(iter(f.values()))) for f in feeds), "method": options.calib_method}
+                    details = int8_static(source, destination, options, feeds)
+                else:
+                    details = int4(source, destination, options)
+            model = graph.load(destination)
+            recorded[name] = {
+                **parent.towers[name],
+                "quantization": details,
+                "op_counts": graph.op_counts(model),
+                "size": graph.weight_bytes(tmp, file),
+                "parent_size": graph.weight_bytes(parent_dir, file),
+            }
+            domains = graph.custom_domains(model)
+            recorded[name]["custom_domains"] = domains
+            recorded[name]["tensorrt_ready"], recorded[name]["tensorrt_issue"] = tensorrt_ready(model, domains)
+            del model
+        say("verifying against the fp32 parent")
+        verification = fidelity.check(
+            parent_dir,
+            {n: parent.towers[n]["file"] for n in towers},
+            tmp,
+            {n: parent.towers[n]["file"] for n in towers},
+            towers,
+            fidelity.Thresholds(min_cosine=options.min_cosine, min_agreement=options.min_agreement),
+            data=data,
+            threads=threads,
+        )
+        verification["reference"] = parent.name
+        meta = {**parent.meta, "precision": options.mode, "target": options.target}
+        meta["custom_domains"] = sorted({d for t in recorded.values() for d in t["custom_domains"]})
+        if calibration:
+            meta["calibration"] = calibration
+        return StageOutput(towers=recorded, meta=meta, verification=verification)
+
+    recorded_options = {**asdict(options), "output": options.name, "calibration_digest": _data_digest(options)}
+    return model_dir.produce(options.name, kind="onnx", stage="quantize", options=recorded_options, parent=parent, build=build, force=force)
+
+
+#: standard ONNX operators TensorRT's parser does not implement (integer matmuls, fused quantized ops)
+TENSORRT_UNSUPPORTED = ("MatMulInteger", "ConvInteger", "DynamicQuantizeLinear", "QLinearMatMul", "QLinearConv", "QLinearAdd")
+
+
+def tensorrt_ready(model: Any, domains: list[str]) -> tuple[bool, str | None]:
+    """Whether a strongly typed TensorRT build can take the graph as is: standard ops TensorRT implements,
+    INT8 only as symmetric Q/DQ (zero zero-points, no INT32 bias), and types that check."""
+    import onnx
+    from onnx import numpy_helper
+
+    if domains:
+        return False, f"ONNX Runtime-only operators ({', '.join(domains)})"
+    unsupported = sorted({n.op_type for n in model.graph.node if n.op_type in TENSORRT_UNSUPPORTED})
+    if unsupported:
+        return False, f"operators TensorRT does not implement ({', '.join(unsupported)})"
+    initializers = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2 and node.input[2] in initializers:
+            zero_point = initializers[node.input[2]]
+            if zero_point.data_type == onnx.TensorProto.INT32:
+                return False, f"INT32 dequantization ({node.name}: a quantized bias)"
+            if zero_point.data_type != onnx.TensorProto.INT8 or numpy_helper.to_array(zero_point).any():
+                return False, f"asymmetric or unsigned Q/DQ ({node.name})"
+    try:
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except Exception as exc:
+        return False, f"type check failed: {str(exc).splitlines()[0][:160]}"
+    return True, None
+
+
+@contextlib.contextmanager
+def _quiet(debug: bool):
+    if debug:
+        yield
+        return
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)

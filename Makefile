@@ -23,6 +23,8 @@ demo: install
 	$(BIN)/vlmopt demo-model $(DEMO)-src --size $(DEMO_SIZE)
 	$(BIN)/vlmopt export $(DEMO)-src -o $(DEMO)
 	$(BIN)/vlmopt convert $(DEMO)
+	$(BIN)/vlmopt optimize $(DEMO)
+	$(BIN)/vlmopt quantize $(DEMO) --mode int8-dynamic
 	$(BIN)/vlmopt bench $(DEMO) --batch 1,8
 	$(BIN)/vlmopt info $(DEMO)
 

@@ -136,7 +136,12 @@ def _quiet(debug: bool):
 
 
 def run(
-    model_dir: ModelDir, options: OptimizeOptions, force: bool = False, debug: bool = False, progress: Callable[[str], None] | None = None, threads: int | None = None
+    model_dir: ModelDir,
+    options: OptimizeOptions,
+    force: bool = False,
+    debug: bool = False,
+    progress: Callable[[str], None] | None = None,
+    threads: int | None = None,
 ) -> StageResult:
     """Fuse every tower of an fp32 ONNX artifact; verify each against its parent (max |diff| and cosine)."""
     options.validate()

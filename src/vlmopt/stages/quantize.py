@@ -130,9 +130,7 @@ def to_fp16(source: Path, destination: Path, options: QuantizeOptions) -> dict[s
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     keep = sorted(set(FP16_KEEP_FP32) | set(options.exclude_op_types))
-    model = convert_float_to_float16(
-        graph.load(source), keep_io_types=options.keep_io_types, op_block_list=keep, node_block_list=options.exclude_nodes or None
-    )
+    model = convert_float_to_float16(graph.load(source), keep_io_types=options.keep_io_types, op_block_list=keep, node_block_list=options.exclude_nodes or None)
     graph.save(model, destination)
     return {"kept_fp32_ops": keep, "kept_fp32_nodes": options.exclude_nodes}
 

@@ -1,5 +1,6 @@
 # A CI job in an ML repo: rebuild the deployment artifacts when the checkpoint changes and
-# fail the build when the export drifts from PyTorch or ONNX Runtime stops being faster.
+# fail the build when the export drifts from PyTorch, the int8 model drifts from fp32, or the
+# artifacts stop being faster.
 # Reruns are cheap: a stage whose inputs and options are unchanged is skipped.
 #   make -f examples/ci.mk MODEL=path/to/hf-checkpoint
 MODEL ?= build/demo-src
@@ -8,4 +9,5 @@ OUT ?= build/deploy
 deploy-artifacts:
 	vlmopt export $(MODEL) -o $(OUT)
 	vlmopt convert $(OUT) --atol 1e-4            # exit 1: export differs from PyTorch
-	vlmopt bench $(OUT) --batch 8 --min-speedup 1.0 --json > bench.json   # exit 1: slower than PyTorch
+	vlmopt quantize $(OUT) --mode int8-dynamic --min-cosine 0.99   # exit 1: int8 drifted from fp32
+	vlmopt bench $(OUT) onnx int8-dynamic --batch 8 --min-speedup 1.0 --json > bench.json   # exit 1: slower than PyTorch

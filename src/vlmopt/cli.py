@@ -558,7 +558,7 @@ def info(
     for artifact, status in entries:
         table.add_row(
             artifact.name,
-            artifact.kind,
+            artifact.kind + (f" {artifact.meta['precision']}" if artifact.meta.get("precision") else ""),
             artifact.stage,
             artifact.parent or artifact.meta.get("source", ""),
             ", ".join(artifact.towers) or artifact.meta.get("family", ""),
@@ -575,8 +575,11 @@ def _verified(artifact: Any) -> str:
     verification = artifact.verification
     if not verification:
         return ""
-    diffs = [r["max_abs_diff"] for t in verification.get("towers", {}).values() for r in t["outputs"].values()]
-    worst = f" (max |diff| {max(diffs):.1e})" if diffs else ""
+    outputs = [r for t in verification.get("towers", {}).values() for r in t["outputs"].values()]
+    if "min_cosine" in verification and outputs:
+        worst = f" (cosine min {min(r['cosine_min'] for r in outputs):.4f})"
+    else:
+        worst = f" (max |diff| {max(r['max_abs_diff'] for r in outputs):.1e})" if outputs else ""
     return ("passed" if verification.get("passed") else "FAILED") + worst
 
 

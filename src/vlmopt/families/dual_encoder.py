@@ -154,6 +154,8 @@ class SiglipFamily(DualEncoderFamily):
     summary = "SigLIP dual encoder: vision tower (attention-pool head) -> image_embeds, text tower -> text_embeds"
     text_attention_mask = False
     atol = 2e-4
+    #: ONNX Runtime's CLIP attention fusion fuses every SigLIP text layer; its BERT one none (tiny model, 2/2 vs 0/2)
+    text_optimizer_type = "clip"
 
     def model_class(self, config: Any) -> Any:
         from transformers import SiglipModel

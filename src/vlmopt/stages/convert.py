@@ -196,7 +196,7 @@ def run(model_dir: ModelDir, options: ConvertOptions, force: bool = False, debug
             }
         return StageOutput(
             towers=recorded,
-            meta={"family": family.name, "model_type": config.model_type, "opset": options.opset, "attn_implementation": "eager"},
+            meta={"family": family.name, "model_type": config.model_type, "opset": options.opset, "attn_implementation": "eager", "precision": "fp32"},
             verification={"reference": "pytorch", "passed": True, "towers": verification},
         )
 

@@ -122,17 +122,16 @@ def optimize_graph(model: Any, tower: Tower, model_type: str, attention: bool, d
 
 @contextlib.contextmanager
 def _quiet(debug: bool):
+    """The optimizer's modules log under their bare names (`fusion_skiplayernorm`, ...); silence all logging below errors."""
     if debug:
         yield
         return
-    logger = logging.getLogger("onnxruntime.transformers")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    logging.disable(logging.WARNING)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
-        logger.setLevel(level)
+        logging.disable(logging.NOTSET)
 
 
 def run(

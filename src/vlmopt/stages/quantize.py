@@ -415,17 +415,14 @@ def tensorrt_ready(model: Any, domains: list[str]) -> tuple[bool, str | None]:
 
 @contextlib.contextmanager
 def _quiet(debug: bool):
+    """ONNX Runtime's quantizers log progress and advice at INFO/WARNING on the root logger; keep that for --debug."""
     if debug:
         yield
         return
-    loggers = [logging.getLogger(), logging.getLogger("onnxruntime")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
+    logging.disable(logging.WARNING)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
+        logging.disable(logging.NOTSET)

@@ -144,8 +144,7 @@ def _image_processor(path: Path):
         return AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:
         raise VlmoptError(
-            f"--calib-images needs the model's image processor, and {path} has none that loads ({str(exc).splitlines()[0][:120]}); "
-            "re-export from a checkpoint that ships preprocessor_config.json"
+            f"--calib-images needs the model's image processor, and {path} has none that loads; re-export from a checkpoint that ships preprocessor_config.json"
         ) from exc
 
 
@@ -156,6 +155,5 @@ def _tokenizer(path: Path):
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:
         raise VlmoptError(
-            f"--calib-text needs the model's tokenizer, and {path} has none that loads ({str(exc).splitlines()[0][:120]}); "
-            "re-export from a checkpoint that ships its tokenizer files"
+            f"--calib-text needs the model's tokenizer, and {path} has none that loads; re-export from a checkpoint that ships its tokenizer files"
         ) from exc

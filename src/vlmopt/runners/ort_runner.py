@@ -27,10 +27,16 @@ class OrtRunner(Runner):
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise VlmoptError(f"cannot load ONNX file {path}: {first}") from exc
         super().__init__([i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
+        # graphs with fp16 inputs (`quantize --fp16-io`) take the same float32 feeds as every other artifact
+        self._casts = {i.name: np.float16 for i in self.session.get_inputs() if i.type == "tensor(float16)"}
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outputs = self.session.run(self.output_names, {name: feed[name] for name in self.input_names})
+        outputs = self.session.run(self.output_names, {name: self._cast(name, feed[name]) for name in self.input_names})
         return dict(zip(self.output_names, outputs, strict=True))
+
+    def _cast(self, name: str, value: np.ndarray) -> np.ndarray:
+        dtype = self._casts.get(name)
+        return value if dtype is None or value.dtype == dtype else value.astype(dtype)
 
     def close(self) -> None:
         self.session = None

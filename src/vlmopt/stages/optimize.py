@@ -114,10 +114,20 @@ def optimize_graph(model: Any, tower: Tower, model_type: str, attention: bool, d
             model, model_type=model_type, num_heads=tower.num_heads or 0, hidden_size=tower.hidden_size or 0, optimization_options=options, opt_level=0
         )
     result = optimized.model
+    _declare_domains(result)
     if mask is not None:
         _rename(result, {_MASK_ALIAS: mask, _INPUT_ALIAS: _MASK_ALIAS})
     counts = graph.op_counts(result)
     return result, {op: counts[op] for op in FUSED_OPS if counts.get(op)}
+
+
+def _declare_domains(model: Any) -> None:
+    """The optimizer adds com.microsoft operators without always importing their opset; checkers and quantizers need it."""
+    from onnx import helper
+
+    declared = {opset.domain for opset in model.opset_import}
+    for domain in sorted({node.domain for node in model.graph.node} - declared - {"ai.onnx"}):
+        model.opset_import.append(helper.make_opsetid(domain, 1))
 
 
 @contextlib.contextmanager

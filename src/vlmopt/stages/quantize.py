@@ -118,6 +118,11 @@ def check_parent(parent: Artifact, options: QuantizeOptions) -> None:
     precision = parent.meta.get("precision", "fp32")
     if precision != "fp32":
         raise VlmoptError(f"'{parent.name}' is already {precision}; quantize an fp32 artifact such as 'onnx' or 'onnx-opt'")
+    if options.mode == "fp16" and parent.meta.get("optimized"):
+        raise VlmoptError(
+            f"fp16 reads an unfused export: ONNX Runtime's fp16 converter leaves the fused SkipLayerNormalization of '{parent.name}' "
+            "with mixed fp16/fp32 inputs; use --from onnx (ONNX Runtime and TensorRT fuse the fp16 graph themselves)"
+        )
     if options.target == "tensorrt" and parent.meta.get("custom_domains"):
         raise VlmoptError(
             f"'{parent.name}' holds ONNX Runtime-only operators ({', '.join(parent.meta['custom_domains'])}) that TensorRT cannot parse; "
@@ -135,11 +140,45 @@ def to_fp16(source: Path, destination: Path, options: QuantizeOptions) -> dict[s
     return {"kept_fp32_ops": keep, "kept_fp32_nodes": options.exclude_nodes}
 
 
+def _unique_node_names(model: Any) -> None:
+    """The fp16 converter casts an initializer shared by two blocked nodes (fused graphs) twice, into one
+    tensor under one name: drop the exact repeats, then make any remaining names unique."""
+    nodes, seen_nodes = [], set()
+    for node in model.graph.node:
+        key = (node.op_type, node.domain, tuple(node.input), tuple(node.output))
+        if node.op_type == "Cast" and key in seen_nodes:
+            continue
+        seen_nodes.add(key)
+        nodes.append(node)
+    if len(nodes) != len(model.graph.node):
+        kept = [type(n)() for n in nodes]
+        for copy, node in zip(kept, nodes, strict=True):
+            copy.CopyFrom(node)
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+    names: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.name in names:
+            names[node.name] += 1
+            node.name = f"{node.name}_{names[node.name]}"
+        else:
+            names[node.name] = 0
+
+
+def _biased_attention(source: Path) -> list[str]:
+    """Fused Attention nodes with an attention bias (CLIP text's causal mask): ORT's QAttention drops that input."""
+    import onnx
+
+    model = onnx.load(str(source), load_external_data=False)
+    return [n.name for n in model.graph.node if n.op_type == "Attention" and len(n.input) > 5 and n.input[5]]
+
+
 def int8_dynamic(source: Path, destination: Path, options: QuantizeOptions) -> dict[str, Any]:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     op_types = _op_types(options, INT8_DYNAMIC_OPS)
+    kept = _biased_attention(source) if "Attention" in op_types else []
     with _prepared(source) as prepared:
         quantize_dynamic(
             prepared,
@@ -149,11 +188,11 @@ def int8_dynamic(source: Path, destination: Path, options: QuantizeOptions) -> d
             reduce_range=options.reduce_range,
             op_types_to_quantize=op_types,
             nodes_to_quantize=options.nodes or None,
-            nodes_to_exclude=options.exclude_nodes or None,
+            nodes_to_exclude=[*options.exclude_nodes, *kept] or None,
             use_external_data_format=_large(source),
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
-    return {"op_types": op_types, "weights": "int8", "activations": "uint8 (dynamic)"}
+    return {"op_types": op_types, "weights": "int8", "activations": "uint8 (dynamic)", "kept_fp32_attention_with_bias": kept}
 
 
 def int8_static(source: Path, destination: Path, options: QuantizeOptions, feeds: list[dict[str, np.ndarray]]) -> dict[str, Any]:
@@ -162,18 +201,24 @@ def int8_static(source: Path, destination: Path, options: QuantizeOptions, feeds
 
     tensorrt = options.target == "tensorrt"
     op_types = _op_types(options, INT8_TENSORRT_OPS if tensorrt else INT8_STATIC_CPU_OPS)
-    extra: dict[str, Any] = {"DefaultTensorType": onnx.TensorProto.FLOAT}
+    # Q/DQ on the inputs of the quantized ops only: their outputs stay float, so the embeddings are not
+    # rounded to 256 levels and ORT's CPU fusions cannot turn an asymmetric output DQ into a lossy chain.
+    extra: dict[str, Any] = {"DefaultTensorType": onnx.TensorProto.FLOAT, "OpTypesToExcludeOutputQuantization": op_types}
     if tensorrt:
         # TensorRT takes symmetric INT8 Q/DQ with zero zero-points and a float bias.
         extra.update(ActivationSymmetric=True, WeightSymmetric=True, QuantizeBias=False)
     if options.calib_method == "percentile":
         extra["CalibPercentile"] = options.percentile
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[options.calib_method]
-    with _prepared(source) as prepared:
+    with _prepared(source) as prepared, tempfile.TemporaryDirectory(prefix="vlmopt-calibration-") as scratch:
+        cache = None
+        if options.calib_method == "entropy":
+            cache = _entropy_ranges(prepared, op_types, feeds, Path(scratch), symmetric=tensorrt)
         quantize_static(
             prepared,
             destination,
             _FeedReader(feeds),
+            calibration_cache_path=cache,
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=op_types,
             per_channel=options.per_channel,
@@ -190,17 +235,46 @@ def int8_static(source: Path, destination: Path, options: QuantizeOptions, feeds
     return {"op_types": op_types, "format": "QDQ", "weights": "int8 symmetric", "activations": activations, "bias": "fp32" if tensorrt else "int32"}
 
 
+def _entropy_ranges(model: Path, op_types: list[str], feeds: list[dict[str, np.ndarray]], scratch: Path, symmetric: bool) -> Path:
+    """KL-divergence (entropy) ranges over a 2048-bin histogram, saved as a calibration cache for `quantize_static`.
+
+    `quantize_static` builds its entropy calibrator with 128 bins and 128 quantized bins, which leaves one
+    candidate threshold, the full range: exactly minmax. ONNX Runtime's own calibrator with TensorRT's
+    histogram size (2048 bins) gives real entropy thresholds.
+    """
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, save_tensors_data
+
+    calibrator = create_calibrator(
+        model,
+        op_types,
+        augmented_model_path=str(scratch / "augmented.onnx"),
+        calibrate_method=CalibrationMethod.Entropy,
+        use_external_data_format=_large(model),
+        extra_options={"num_bins": 2048, "num_quantized_bins": 128, "symmetric": symmetric},
+    )
+    calibrator.collect_data(_FeedReader(feeds))
+    ranges = calibrator.compute_data()
+    del calibrator
+    cache = scratch / "ranges.json"
+    save_tensors_data(ranges, cache)
+    return cache
+
+
 def int4(source: Path, destination: Path, options: QuantizeOptions) -> dict[str, Any]:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     op_types = tuple(_op_types(options, ("MatMul",)))
+    model = graph.load(source)
+    exclude = list(options.exclude_nodes)
+    if options.nodes:
+        # MatMulNBitsQuantizer adds `nodes_to_include` to the op types instead of restricting to them
+        exclude += [n.name for n in model.graph.node if n.op_type in op_types and n.name not in options.nodes]
     quantizer = MatMulNBitsQuantizer(
-        graph.load(source),
+        model,
         block_size=options.block_size,
         is_symmetric=True,
         accuracy_level=options.accuracy_level,
-        nodes_to_exclude=options.exclude_nodes or None,
-        nodes_to_include=options.nodes or None,
+        nodes_to_exclude=exclude or None,
         op_types_to_quantize=op_types,
     )
     quantizer.process()
@@ -209,8 +283,11 @@ def int4(source: Path, destination: Path, options: QuantizeOptions) -> dict[str,
 
 
 def _op_types(options: QuantizeOptions, defaults: tuple[str, ...]) -> list[str]:
-    chosen = options.op_types or list(defaults)
-    return [op for op in chosen if op not in options.exclude_op_types]
+    chosen = [op for op in options.op_types or list(defaults) if op not in options.exclude_op_types]
+    if not chosen:
+        # ONNX Runtime reads an empty list as "every op type"
+        raise VlmoptError(f"--exclude-op-types leaves nothing for {options.mode} to quantize (it quantizes {', '.join(options.op_types or defaults)})")
+    return chosen
 
 
 def _large(path: Path) -> bool:

@@ -15,15 +15,19 @@ tower at batch 8 with cosine >= 0.99, optimized fp32 >= 1.3x. A benchmark report
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from vlmopt.demo import build_demo_model
-from vlmopt.stages import bench, export, optimize, quantize
-from vlmopt.workspace import ModelDir
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from vlmopt.demo import build_demo_model  # noqa: E402
+from vlmopt.stages import bench, export, optimize, quantize  # noqa: E402
+from vlmopt.workspace import ModelDir  # noqa: E402
 
 INT8_TARGET, OPTIMIZED_TARGET, MIN_COSINE = 3.5, 1.3, 0.99
 #: (artifact name, options); int4 runs with a lower gate so its numbers are shown even where it misses 0.99

@@ -161,3 +161,12 @@ def test_optimize_writes_a_verified_artifact_for(family: str, converted: Callabl
     assert artifact["verification"]["passed"] is True
     assert sorted(artifact["towers"]) == sorted(TOWERS[family])
     assert sorted(p.name for p in (model_dir / "onnx-opt").glob("*.onnx")) == sorted(f"{t}.onnx" for t in TOWERS[family])
+
+
+@pytest.mark.parametrize(("family", "tower"), [("vit", "vision"), ("bert", "text"), ("siglip", "text")])
+def test_optimize_fuses_attention_in_every_layer_of(family: str, tower: str, converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]) -> None:
+    model_dir = copy_model_dir(converted(family))
+
+    recorded = vlmopt_json("optimize", model_dir)["artifact"]["towers"][tower]
+
+    assert recorded["fused"].get("Attention", 0) == recorded["attention_layers"] > 0

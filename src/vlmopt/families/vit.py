@@ -63,6 +63,7 @@ class VitFamily(Family):
                 wrap=wrap,
                 num_heads=config.num_attention_heads,
                 hidden_size=config.hidden_size,
-                optimizer_model_type="vit",
+                # pre-LayerNorm blocks like CLIP's: ORT's CLIP attention fusion fuses every layer (its "vit" type none)
+                optimizer_model_type="clip",
             )
         ]

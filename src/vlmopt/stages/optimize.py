@@ -87,6 +87,38 @@ def _shared_additive_mask(model: Any) -> str | None:
     return masks.pop() if len(masks) == 1 else None
 
 
+def _attention_branch_second(model: Any) -> int:
+    """Put the attention branch second in each residual Add (`residual + attention(x)`, CLIP's order).
+
+    ONNX Runtime's CLIP attention fusion finds the block from the SkipLayerNormalization's input 1;
+    ViT writes `attention(x) + residual`, so its blocks go unfused. Add is commutative: swapping its
+    operands changes no result. Returns how many were swapped."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+
+    def attention_output(name: str) -> bool:
+        # out_proj bias Add <- out_proj MatMul <- Reshape <- Transpose <- MatMul(probs, V)
+        add = producers.get(name)
+        if add is None or add.op_type != "Add":
+            return False
+        for operand in add.input:
+            path, node = [], producers.get(operand)
+            for op in ("MatMul", "Reshape", "Transpose", "MatMul"):
+                if node is None or node.op_type != op:
+                    break
+                path.append(node)
+                node = producers.get(node.input[0])
+            if len(path) == 4:
+                return True
+        return False
+
+    swapped = 0
+    for node in model.graph.node:
+        if node.op_type == "Add" and len(node.input) == 2 and attention_output(node.input[0]) and not attention_output(node.input[1]):
+            node.input[0], node.input[1] = node.input[1], node.input[0]
+            swapped += 1
+    return swapped
+
+
 def _rename(model: Any, renames: dict[str, str]) -> None:
     for node in model.graph.node:
         node.input[:] = [renames.get(name, name) for name in node.input]
@@ -104,6 +136,8 @@ def optimize_graph(model: Any, tower: Tower, model_type: str, attention: bool, d
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
+    if model_type in _ADDITIVE_MASK_BY_NAME and attention:
+        _attention_branch_second(model)
     mask = _shared_additive_mask(model) if model_type in _ADDITIVE_MASK_BY_NAME and attention else None
     if mask is not None:
         _rename(model, {_MASK_ALIAS: _INPUT_ALIAS, mask: _MASK_ALIAS})

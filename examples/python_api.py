@@ -3,8 +3,11 @@
 python examples/python_api.py build/example
 """
 
+import os
 import sys
 from pathlib import Path
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from vlmopt.demo import build_demo_model
 from vlmopt.stages import bench, convert, export, quantize

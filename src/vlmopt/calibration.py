@@ -140,20 +140,18 @@ def synthetic_batches(tower: Tower, samples: int, seed: int = 1000) -> list[dict
 def _image_processor(path: Path):
     from transformers import AutoImageProcessor
 
-    try:
-        return AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
-    except Exception as exc:
-        raise VlmoptError(
-            f"--calib-images needs the model's image processor, and {path} has none that loads; re-export from a checkpoint that ships preprocessor_config.json"
-        ) from exc
+    return _saved(AutoImageProcessor, path, "--calib-images", "image processor", "preprocessor_config.json")
 
 
 def _tokenizer(path: Path):
     from transformers import AutoTokenizer
 
+    return _saved(AutoTokenizer, path, "--calib-text", "tokenizer", "its tokenizer files")
+
+
+def _saved(auto_class, path: Path, option: str, what: str, files: str):
+    """A processor saved beside the weights (never fetched: `local_files_only`)."""
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        return auto_class.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:
-        raise VlmoptError(
-            f"--calib-text needs the model's tokenizer, and {path} has none that loads; re-export from a checkpoint that ships its tokenizer files"
-        ) from exc
+        raise VlmoptError(f"{option} needs the model's {what}, and {path} has none that loads; re-export from a checkpoint that ships {files}") from exc

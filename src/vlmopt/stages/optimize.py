@@ -7,9 +7,6 @@ result against the fp32 graph it came from on the same inputs.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +15,7 @@ from typing import Any
 from vlmopt import graph
 from vlmopt.errors import VlmoptError
 from vlmopt.families import Tower
+from vlmopt.quiet import quiet_onnxruntime_tools
 from vlmopt.stages import fidelity
 from vlmopt.workspace import Artifact, ModelDir, StageOutput, StageResult
 
@@ -143,7 +141,7 @@ def optimize_graph(model: Any, tower: Tower, model_type: str, attention: bool, d
         _rename(model, {_MASK_ALIAS: _INPUT_ALIAS, mask: _MASK_ALIAS})
     options = FusionOptions(model_type)
     options.enable_attention = attention
-    with _quiet(debug):
+    with quiet_onnxruntime_tools(debug):
         optimized = optimize_model(
             model, model_type=model_type, num_heads=tower.num_heads or 0, hidden_size=tower.hidden_size or 0, optimization_options=options, opt_level=0
         )
@@ -162,20 +160,6 @@ def _declare_domains(model: Any) -> None:
     declared = {opset.domain for opset in model.opset_import}
     for domain in sorted({node.domain for node in model.graph.node} - declared - {"ai.onnx"}):
         model.opset_import.append(helper.make_opsetid(domain, 1))
-
-
-@contextlib.contextmanager
-def _quiet(debug: bool):
-    """The optimizer's modules log under their bare names (`fusion_skiplayernorm`, ...); silence all logging below errors."""
-    if debug:
-        yield
-        return
-    logging.disable(logging.WARNING)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        logging.disable(logging.NOTSET)
 
 
 def run(

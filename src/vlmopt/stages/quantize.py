@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
-import logging
 import tempfile
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +22,7 @@ from vlmopt import graph
 from vlmopt.calibration import BATCH, CalibrationData, batches, check_fits, load_images, load_prompts, synthetic_batches
 from vlmopt.errors import VlmoptError
 from vlmopt.families import Tower
+from vlmopt.quiet import quiet_onnxruntime_tools
 from vlmopt.stages import fidelity
 from vlmopt.workspace import Artifact, ModelDir, StageOutput, StageResult
 
@@ -145,7 +143,7 @@ def _unique_node_names(model: Any) -> None:
     tensor under one name: drop the exact repeats, then make any remaining names unique."""
     nodes, seen_nodes = [], set()
     for node in model.graph.node:
-        key = (node.op_type, node.domain, tuple(node.input), tuple(node.output))
+        key = (node.op_type, node.domain, tuple(node.input), tuple(node.output), tuple(a.SerializeToString() for a in node.attribute))
         if node.op_type == "Cast" and key in seen_nodes:
             continue
         seen_nodes.add(key)
@@ -408,7 +406,7 @@ def run(
             file = parent.towers[name]["file"]
             source, destination = parent_dir / file, tmp / file
             say(f"{options.mode}: the {name} tower")
-            with _quiet(debug):
+            with quiet_onnxruntime_tools(debug):
                 if options.mode == "fp16":
                     details = to_fp16(source, destination, options)
                 elif options.mode == "int8-dynamic":
@@ -488,18 +486,3 @@ def tensorrt_ready(model: Any, domains: list[str]) -> tuple[bool, str | None]:
     except Exception as exc:
         return False, f"type check failed: {str(exc).splitlines()[0][:160]}"
     return True, None
-
-
-@contextlib.contextmanager
-def _quiet(debug: bool):
-    """ONNX Runtime's quantizers log progress and advice at INFO/WARNING on the root logger; keep that for --debug."""
-    if debug:
-        yield
-        return
-    logging.disable(logging.WARNING)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logging.disable(logging.NOTSET)

@@ -330,6 +330,88 @@ def quantize(
     _report_stage(result, model_dir, as_json)
 
 
+# -- prune ---------------------------------------------------------------------------------
+@app.command()
+@command
+def prune(
+    directory: DirArg,
+    mlp_ratio: Annotated[float, typer.Option(help="Fraction of MLP hidden neurons to remove in every block, in [0, 1).")] = 0.0,
+    head_ratio: Annotated[float, typer.Option(help="Fraction of attention heads to remove in every block (models whose config carries head_dim: ViT).")] = 0.0,
+    score: Annotated[str, typer.Option(help="Ranking: l1 or l2 weight magnitude, or activation (calibration data).")] = "l2",
+    sparsity: Annotated[float, typer.Option(help="Then zero this fraction of the remaining weights (magnitude).")] = 0.0,
+    pattern: Annotated[str, typer.Option(help="unstructured, or 2:4 (2 of every 4 input weights kept; TensorRT sparse kernels).")] = "unstructured",
+    scope: Annotated[str, typer.Option(help="--sparsity per layer, or global (one threshold over all layers).")] = "layer",
+    tower: Annotated[list[str] | None, typer.Option(help="Only these towers (repeatable).")] = None,
+    source: Annotated[str, typer.Option("--from", help="The Hugging Face artifact to prune.")] = "hf",
+    name: Annotated[str, typer.Option("--name", help="Name of the pruned artifact.")] = "hf-pruned",
+    calib_images: Annotated[Path | None, typer.Option(help="--score activation: a folder of jpg/png images.")] = None,
+    calib_text: Annotated[Path | None, typer.Option(help="--score activation: a text file, one prompt a line.")] = None,
+    calib_samples: Annotated[int, typer.Option(help="Most calibration samples per tower.")] = 32,
+    min_cosine: Annotated[float | None, typer.Option(help="Fail (exit 1, nothing written) below this cosine to the unpruned model.")] = None,
+    min_agreement: Annotated[float | None, typer.Option(help="Fail below this zero-shot top-1 agreement with the unpruned model.")] = None,
+    threads: Annotated[int | None, typer.Option(help="Threads (default: physical cores).")] = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Shrink the model: remove MLP neurons and attention heads (a smaller checkpoint that reloads with from_pretrained),
+    and/or zero weights by magnitude or in a 2:4 pattern. Without fine-tuning, pruning loses accuracy: the report says how much.
+
+    Example: vlmopt prune build/clip --mlp-ratio 0.3
+    """
+    from vlmopt.stages import prune as stage
+
+    options = stage.PruneOptions(
+        source=source,
+        output=name,
+        mlp_ratio=mlp_ratio,
+        head_ratio=head_ratio,
+        score=score,
+        sparsity=sparsity,
+        pattern=pattern,
+        scope=scope,
+        towers=list(tower) if tower else None,
+        calib_images=str(calib_images) if calib_images else None,
+        calib_text=str(calib_text) if calib_text else None,
+        calib_samples=calib_samples,
+        min_cosine=min_cosine,
+        min_agreement=min_agreement,
+    )
+    options.validate()
+    model_dir = _open_for_writing(directory)
+
+    def warn(message: str) -> None:
+        err.print(f"[bold yellow]warning:[/] {message}", soft_wrap=True)
+
+    with model_dir.lock(), _status("pruning", as_json) as status:
+        result = stage.run(model_dir, options, force=force, progress=status.update, warn=warn, threads=threads or _cores())
+    _report_stage(result, model_dir, as_json)
+    if not as_json:
+        _print_pruning(result.artifact)
+
+
+def _si(value: float) -> str:
+    for factor, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= factor:
+            return f"{value / factor:.2f} {unit}"
+    return f"{value:.0f}"
+
+
+def _print_pruning(artifact: Any) -> None:
+    table = Table(title="pruning (no fine-tuning: expect accuracy loss; fine-tune before deploying)", title_justify="left")
+    for column in ("tower", "MLP neurons", "heads", "parameters", "FLOPs / item", "sparsity"):
+        table.add_column(column, justify="left" if column == "tower" else "right")
+    for tower, r in artifact.towers.items():
+        mlp = f"{r['mlp']['before']} -> {r['mlp']['after']}" if "mlp" in r else ""
+        heads = f"{r['heads']['before']} -> {r['heads']['after']}" if "heads" in r else ""
+        params = f"{r['parameters_before']:,} -> {r['parameters_after']:,}"
+        flops = f"{_si(r['flops_before'])} -> {_si(r['flops_after'])} ({r['flops_after'] / r['flops_before']:.0%})"
+        sparse = r.get("sparsity")
+        sparsity = f"{sparse['pattern']} {sparse['achieved']:.1%}" if sparse else ""
+        table.add_row(tower, mlp, heads, params, flops, sparsity)
+    out.print(table)
+
+
 def _cores() -> int:
     from vlmopt.stages.bench import _physical_cores
 

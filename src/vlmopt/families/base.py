@@ -119,6 +119,21 @@ def _not_wrappable(model: Any) -> Any:
     raise TypeError("a tower read from the manifest has no PyTorch wrapper; get it from its family")
 
 
+@dataclass(frozen=True)
+class PruneLayout:
+    """Where a family's transformer blocks keep the Linears structured pruning shrinks, relative to each block.
+
+    `mlp` is (up, down): up's output rows and down's input columns are the MLP's hidden neurons.
+    `attention` is (q, k, v, o): q/k/v output rows and o's input columns, in head-sized groups.
+    `head_dim_in_config`: the modeling code reads `config.head_dim`, so fewer heads of the same size
+    still reload with `from_pretrained` (where it computes hidden_size / heads, removing heads cannot).
+    """
+
+    mlp: tuple[str, str]
+    attention: tuple[str, str, str, str] | None = None
+    head_dim_in_config: bool = False
+
+
 class Family:
     """Architecture knowledge for one model family. Subclasses fill in the declarations."""
 
@@ -134,8 +149,19 @@ class Family:
 
         return AutoModel
 
+    #: where structured pruning finds MLPs and attention heads (None: the family cannot be pruned)
+    prune_layout: PruneLayout | None = None
+
     def towers(self, config: Any, hf_dir: Path | None = None, monolith: bool = False) -> list[Tower]:
         raise NotImplementedError
+
+    def pruning(self, config: Any) -> PruneLayout | None:
+        """The layout structured pruning follows for this checkpoint, or None where it has none."""
+        return self.prune_layout
+
+    def tower_config(self, config: Any, tower: str) -> Any:
+        """The (sub-)config holding a tower's sizes: `intermediate_size`, `num_attention_heads`."""
+        return config
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from vlmopt.errors import VlmoptError
-from vlmopt.families.base import Family, TensorSpec, Tower, text_vocab
+from vlmopt.families.base import Family, PruneLayout, TensorSpec, Tower, text_vocab
 
 POOLING_MODES = ("mean", "cls", "max", "lasttoken")
 _POOLING_KEYS = (
@@ -89,6 +89,13 @@ class BertStyleFamily(Family):
     model_types = tuple(token_types)
     summary = "BERT-style text encoders (bert, roberta, xlm-roberta, distilbert, mpnet, electra): text tower -> sentence_embedding"
     atol = 2e-4
+    #: BERT's block layout (bert, roberta, xlm-roberta, electra); distilbert and mpnet name theirs differently
+    prune_layout = PruneLayout(
+        mlp=("intermediate.dense", "output.dense"), attention=("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense")
+    )
+
+    def pruning(self, config: Any) -> PruneLayout | None:
+        return self.prune_layout if config.model_type in ("bert", "roberta", "xlm-roberta", "electra") else None
 
     def towers(self, config: Any, hf_dir: Path | None = None, monolith: bool = False) -> list[Tower]:
         pooling, normalize, source = sentence_transformers_pooling(hf_dir)

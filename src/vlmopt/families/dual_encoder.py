@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmopt.families.base import Family, TensorSpec, Tower, image_input, text_vocab
+from vlmopt.families.base import Family, PruneLayout, TensorSpec, Tower, image_input, text_vocab
 
 
 class ImageEmbeddings(nn.Module):
@@ -70,8 +70,14 @@ class DualEncoderFamily(Family):
     vision_optimizer_type: str = "vit"
     text_optimizer_type: str = "bert"
 
+    # transformers 5 computes CLIP's and SigLIP's head size as hidden_size / heads: heads cannot be removed
+    prune_layout = PruneLayout(mlp=("mlp.fc1", "mlp.fc2"), attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"))
+
     def embedding_dims(self, config: Any) -> tuple[int, int]:
         raise NotImplementedError
+
+    def tower_config(self, config: Any, tower: str) -> Any:
+        return config.vision_config if tower == "vision" else config.text_config
 
     def _text_inputs(self, vocab_batch: str) -> tuple[TensorSpec, ...]:
         ids = TensorSpec("input_ids", (vocab_batch, "sequence"), "int64", "input_ids")

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmopt.families.base import Family, TensorSpec, Tower, image_input
+from vlmopt.families.base import Family, PruneLayout, TensorSpec, Tower, image_input
 
 
 class ClassificationLogits(nn.Module):
@@ -42,6 +42,9 @@ class VitFamily(Family):
     name = "vit"
     model_types = ("vit",)
     summary = "ViT: vision tower -> logits (image classification checkpoints) or image_embeds (feature extractors)"
+    prune_layout = PruneLayout(
+        mlp=("mlp.fc1", "mlp.fc2"), attention=("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj"), head_dim_in_config=True
+    )
 
     def model_class(self, config: Any) -> Any:
         from transformers import AutoModel, AutoModelForImageClassification

@@ -17,7 +17,7 @@ from vlmopt.calibration import CalibrationData, batches
 from vlmopt.errors import CheckFailed
 from vlmopt.families import Tower
 from vlmopt.inputs import make_inputs, verification_sizes
-from vlmopt.runners import OrtRunner
+from vlmopt.runners import OrtRunner, Runner
 from vlmopt.verify import agreement, compare_feeds, top1
 
 #: images and prompts of the synthetic zero-shot set
@@ -58,22 +58,29 @@ def check(
     data: CalibrationData | None = None,
     threads: int | None = None,
 ) -> dict[str, Any]:
-    """Compare every tower of the candidate with the parent's; raise `CheckFailed` below a threshold."""
+    """Compare every ONNX tower of the candidate with the parent's; raise `CheckFailed` below a threshold."""
+    references = {name: OrtRunner(parent_dir / parent_files[name], threads=threads) for name in towers}
+    candidates = {name: OrtRunner(candidate_dir / candidate_files[name], threads=threads) for name in towers}
+    try:
+        return check_runners(towers, references, candidates, thresholds, data)
+    finally:
+        for runner in [*references.values(), *candidates.values()]:
+            runner.close()
+
+
+def check_runners(
+    towers: dict[str, Tower], references: dict[str, Runner], candidates: dict[str, Runner], thresholds: Thresholds, data: CalibrationData | None = None
+) -> dict[str, Any]:
+    """Compare candidate runners with reference runners, tower by tower, on the same inputs (any backends)."""
     results: dict[str, Any] = {}
-    runners: dict[str, tuple[OrtRunner, OrtRunner]] = {}
     for name, tower in towers.items():
-        reference = OrtRunner(parent_dir / parent_files[name], threads=threads)
-        candidate = OrtRunner(candidate_dir / candidate_files[name], threads=threads)
-        runners[name] = (reference, candidate)
         feeds, origin = evaluation_feeds(tower, data)
-        outputs = compare_feeds(reference.run, candidate.run, feeds)
+        outputs = compare_feeds(references[name].run, candidates[name].run, feeds)
         for seen in outputs.values():
             seen.pop("feed")
         results[name] = {"outputs": outputs, "feeds": len(feeds), "data": origin}
+    runners = {name: (references[name], candidates[name]) for name in towers}
     zero_shot = _zero_shot(towers, runners, data)
-    for reference, candidate in runners.values():
-        reference.close()
-        candidate.close()
     verification = {"reference": None, **thresholds.describe(), "towers": results, "zero_shot": zero_shot, "passed": True}
     failures = _failures(verification, thresholds)
     if failures:
@@ -102,7 +109,7 @@ def _failures(verification: dict[str, Any], thresholds: Thresholds) -> list[str]
     return failures
 
 
-def _zero_shot(towers: dict[str, Tower], runners: dict[str, tuple[OrtRunner, OrtRunner]], data: CalibrationData | None) -> dict[str, Any] | None:
+def _zero_shot(towers: dict[str, Tower], runners: dict[str, tuple[Runner, Runner]], data: CalibrationData | None) -> dict[str, Any] | None:
     """Top-1 agreement between reference and candidate: images against prompts, both through each's own towers."""
     if "vision" in towers and "text" in towers:
         image_feed, image_origin = _zero_shot_feed(towers["vision"], data, ZERO_SHOT_IMAGES)

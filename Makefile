@@ -33,6 +33,7 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/prune.py
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks examples

@@ -108,7 +108,7 @@ def _version(value: bool) -> None:
 def main_callback(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
-    """Stages over a model directory: demo-model → export → convert → optimize / quantize → bench; `info` shows what is there."""
+    """Stages over a model directory: demo-model → export → (prune →) convert → optimize / quantize → bench; `info` shows what is there."""
 
 
 def _open_for_writing(path: Path):

@@ -196,7 +196,15 @@ def run(model_dir: ModelDir, options: ConvertOptions, force: bool = False, debug
             }
         return StageOutput(
             towers=recorded,
-            meta={"family": family.name, "model_type": config.model_type, "opset": options.opset, "attn_implementation": "eager", "precision": "fp32"},
+            meta={
+                "family": family.name,
+                "model_type": config.model_type,
+                "opset": options.opset,
+                "attn_implementation": "eager",
+                "precision": "fp32",
+                # a pruned checkpoint's sparsity travels with its exports (TensorRT can ask for sparse kernels)
+                **{key: parent.meta[key] for key in ("sparsity", "two_four_sparse") if key in parent.meta},
+            },
             verification={"reference": "pytorch", "passed": True, "towers": verification},
         )
 

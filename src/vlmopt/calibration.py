@@ -7,6 +7,7 @@ When no data is given the caller falls back to synthetic inputs and must say so 
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,21 @@ def check_fits(tower: Tower, feed: dict[str, np.ndarray], origin: str) -> None:
         if len(shape) != len(spec.shape) or any(shape[i] != d for i, d in fixed):
             expected = "x".join(str(d) if isinstance(d, int) else d for d in spec.shape)
             raise VlmoptError(f"{origin} gives {spec.name} of shape {'x'.join(map(str, shape))}; the {tower.name} tower takes {expected}")
+
+
+def data_digest(images: str | None, text: str | None) -> str | None:
+    """What the calibration files hold, recorded with a stage's options so changed images or prompts re-run it."""
+    paths: list[Path] = []
+    if images and Path(images).is_dir():
+        paths += sorted(p for p in Path(images).iterdir() if p.is_file())
+    if text and Path(text).is_file():
+        paths.append(Path(text))
+    if not paths:
+        return None
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def batches(feed: dict[str, np.ndarray], size: int = BATCH) -> list[dict[str, np.ndarray]]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from vlmopt.calibration import CalibrationData, batches, synthetic_batches
+from vlmopt.calibration import CalibrationData, batches, data_digest, synthetic_batches
 from vlmopt.errors import VlmoptError
 from vlmopt.families import Family, Tower, family_for
 from vlmopt.families.base import PruneLayout
@@ -312,7 +312,7 @@ def run(
     family = family_for(config)
     layout = _layout(family, config)
     towers = {t.name: t for t in family.towers(config, hf_dir)}
-    chosen = options.towers or list(towers)
+    chosen = list(dict.fromkeys(options.towers or towers))
     unknown = [t for t in chosen if t not in towers]
     if unknown:
         raise VlmoptError(f"no tower named {', '.join(unknown)} in this {family.name} model (towers: {', '.join(towers)})")
@@ -333,6 +333,14 @@ def run(
         tower_config = family.tower_config(config, name)
         if options.mlp_ratio and not any(b.mlp for b in blocks):
             raise VlmoptError(f"--mlp-ratio: the {name} tower has no MLP blocks to prune")
+        if options.mlp_ratio and _kept(tower_config.intermediate_size, options.mlp_ratio) < 1:
+            raise VlmoptError(
+                f"--mlp-ratio {options.mlp_ratio:g} would remove every MLP neuron of the {name} tower's layers ({tower_config.intermediate_size} each)"
+            )
+        if options.head_ratio and not any(b.attention for b in blocks):
+            raise VlmoptError(f"--head-ratio: the {name} tower has no attention blocks to prune")
+        if (options.sparsity or options.pattern == "2:4") and not blocks:
+            raise VlmoptError(f"--sparsity/--pattern: the {name} tower has no blocks with prunable Linears")
         if options.head_ratio:
             heads = tower_config.num_attention_heads
             if _kept(heads, options.head_ratio) < 1:
@@ -423,4 +431,5 @@ def run(
             meta["calibration"] = calibration
         return StageOutput(towers=recorded, meta=meta, verification=verification)
 
-    return model_dir.produce(options.output, kind="hf", stage="prune", options=asdict(options), parent=parent, build=build, force=force)
+    recorded_options = {**asdict(options), "towers": chosen, "calibration_digest": data_digest(options.calib_images, options.calib_text)}
+    return model_dir.produce(options.output, kind="hf", stage="prune", options=recorded_options, parent=parent, build=build, force=force)

@@ -9,7 +9,6 @@ variant against its fp32 parent before it is committed.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from vlmopt import graph
-from vlmopt.calibration import BATCH, CalibrationData, batches, check_fits, load_images, load_prompts, synthetic_batches
+from vlmopt.calibration import BATCH, CalibrationData, batches, check_fits, data_digest, load_images, load_prompts, synthetic_batches
 from vlmopt.errors import VlmoptError
 from vlmopt.families import Tower
 from vlmopt.quiet import quiet_onnxruntime_tools
@@ -361,21 +360,6 @@ def calibration_feeds(tower: Tower, data: CalibrationData, samples: int) -> tupl
     return synthetic_batches(tower, samples), "synthetic"
 
 
-def _data_digest(options: QuantizeOptions) -> str | None:
-    """What the calibration files hold, so changed images or prompts re-run the stage."""
-    paths: list[Path] = []
-    if options.calib_images and Path(options.calib_images).is_dir():
-        paths += sorted(p for p in Path(options.calib_images).iterdir() if p.is_file())
-    if options.calib_text and Path(options.calib_text).is_file():
-        paths.append(Path(options.calib_text))
-    if not paths:
-        return None
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
-
-
 # -- the stage -------------------------------------------------------------------------------
 def run(
     model_dir: ModelDir,
@@ -454,7 +438,7 @@ def run(
             meta["calibration"] = calibration
         return StageOutput(towers=recorded, meta=meta, verification=verification)
 
-    recorded_options = {**asdict(options), "output": options.name, "calibration_digest": _data_digest(options)}
+    recorded_options = {**asdict(options), "output": options.name, "calibration_digest": data_digest(options.calib_images, options.calib_text)}
     return model_dir.produce(options.name, kind="onnx", stage="quantize", options=recorded_options, parent=parent, build=build, force=force)
 
 

@@ -322,11 +322,8 @@ def quantize(
     options.validate()
     model_dir = _open_for_writing(directory)
 
-    def warn(message: str) -> None:
-        err.print(f"[bold yellow]warning:[/] {message}", soft_wrap=True)
-
     with model_dir.lock(), _status(f"quantizing ({mode})", as_json) as status:
-        result = stage.run(model_dir, options, force=force, debug=debug, progress=status.update, warn=warn, threads=threads or _cores())
+        result = stage.run(model_dir, options, force=force, debug=debug, progress=status.update, warn=_warn, threads=threads or _cores())
     _report_stage(result, model_dir, as_json)
 
 
@@ -380,11 +377,8 @@ def prune(
     options.validate()
     model_dir = _open_for_writing(directory)
 
-    def warn(message: str) -> None:
-        err.print(f"[bold yellow]warning:[/] {message}", soft_wrap=True)
-
     with model_dir.lock(), _status("pruning", as_json) as status:
-        result = stage.run(model_dir, options, force=force, progress=status.update, warn=warn, threads=threads or _cores())
+        result = stage.run(model_dir, options, force=force, progress=status.update, warn=_warn, threads=threads or _cores())
     _report_stage(result, model_dir, as_json)
     if not as_json:
         _print_pruning(result.artifact)
@@ -410,6 +404,11 @@ def _print_pruning(artifact: Any) -> None:
         sparsity = f"{sparse['pattern']} {sparse['achieved']:.1%}" if sparse else ""
         table.add_row(tower, mlp, heads, params, flops, sparsity)
     out.print(table)
+
+
+def _warn(message: str) -> None:
+    """What the user must not miss (synthetic calibration): a yellow line on stderr, also under --json."""
+    err.print(f"[bold yellow]warning:[/] {message}", soft_wrap=True)
 
 
 def _cores() -> int:

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from vlmopt import __version__
@@ -79,7 +80,7 @@ def command(func: Callable[..., Any]) -> Callable[..., Any]:
             if as_json:
                 _emit_json({"ok": False, "error": exc.message, "exit_code": exc.exit_code, **(exc.details if isinstance(exc, CheckFailed) else {})})
             label = "check failed" if isinstance(exc, CheckFailed) else "error"
-            err.print(f"[bold red]{label}:[/] {exc.message}", soft_wrap=True)
+            err.print(f"[bold red]{label}:[/] {escape(exc.message)}", soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("[bold red]interrupted[/]: nothing was committed")
@@ -90,7 +91,7 @@ def command(func: Callable[..., Any]) -> Callable[..., Any]:
             if debug:
                 raise
             message = (str(exc).strip().splitlines() or [""])[0][:300]
-            err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {message} (rerun with --debug for the traceback)", soft_wrap=True)
+            err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(message)} (rerun with --debug for the traceback)", soft_wrap=True)
             if as_json:
                 _emit_json({"ok": False, "error": f"{type(exc).__name__}: {message}", "exit_code": EXIT_INTERNAL})
             raise typer.Exit(EXIT_INTERNAL) from None
@@ -108,7 +109,7 @@ def _version(value: bool) -> None:
 def main_callback(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
-    """Stages over a model directory: demo-model → export → (prune →) convert → optimize / quantize → bench; `info` shows what is there."""
+    """Stages over a model directory: demo-model → export → (prune →) convert → optimize / quantize → build → bench; `info` shows what is there, `doctor` what this machine can do."""
 
 
 def _open_for_writing(path: Path):
@@ -408,7 +409,7 @@ def _print_pruning(artifact: Any) -> None:
 
 def _warn(message: str) -> None:
     """What the user must not miss (synthetic calibration): a yellow line on stderr, also under --json."""
-    err.print(f"[bold yellow]warning:[/] {message}", soft_wrap=True)
+    err.print(f"[bold yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
 
 def _cores() -> int:
@@ -516,6 +517,7 @@ def bench(
     threads: Annotated[int | None, typer.Option(help="Intra-op threads for every backend (default: physical cores).")] = None,
     min_speedup: Annotated[float | None, typer.Option(help="Exit 1 when any artifact is slower than this multiple of PyTorch.")] = None,
     torch_attention: Annotated[str, typer.Option(help="Attention of the PyTorch reference: sdpa (its fastest) or eager.")] = "sdpa",
+    device: Annotated[str, typer.Option(help="cpu, or cuda: PyTorch fp32/fp16 on the GPU, ONNX Runtime's CUDA provider, TensorRT engines.")] = "cpu",
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -539,6 +541,7 @@ def bench(
         threads=threads,
         min_speedup=min_speedup,
         attn_implementation=torch_attention,
+        device=device,
     )
     options.validate()
     model_dir = _open_for_writing(directory)
@@ -604,6 +607,92 @@ def _print_bench(report: dict[str, Any]) -> None:
     files = report.get("files")
     if files:
         out.print(f"reports: {', '.join(files)}")
+
+
+# -- build ---------------------------------------------------------------------------------
+@app.command()
+@command
+def build(
+    directory: DirArg,
+    source: Annotated[str, typer.Option("--from", help="The ONNX artifact to build: onnx (fp32), fp16 or int8-static-trt.")] = "onnx",
+    name: Annotated[str | None, typer.Option("--name", help="Name of the engine artifact (default: trt-<from>).")] = None,
+    opt_batch: Annotated[int, typer.Option(help="Batch size the engine is tuned for.")] = 8,
+    max_batch: Annotated[int, typer.Option(help="Largest batch the engine takes (the smallest is 1).")] = 32,
+    max_seq: Annotated[int | None, typer.Option(help="Longest text the engine takes (default: the model's maximum).")] = None,
+    shapes: Annotated[list[str] | None, typer.Option("--shapes", help="Override an input's profile: name:MIN,OPT,MAX, e.g. input_ids:1x77,8x77,32x77.")] = None,
+    workspace: Annotated[int, typer.Option(help="Builder workspace limit in MiB.")] = 4096,
+    optimization_level: Annotated[int, typer.Option(help="Builder optimization level 0..5 (higher: longer builds, faster engines).")] = 3,
+    timing_cache: Annotated[bool, typer.Option("--timing-cache/--no-timing-cache", help="Keep and reuse a timing cache in DIR/timing-caches/.")] = True,
+    hardware_compatibility: Annotated[str, typer.Option(help="none, ampere+ (runs on any GPU of compute capability >= 8.0) or same-cc.")] = "none",
+    version_compatible: Annotated[bool, typer.Option("--version-compatible", help="An engine later TensorRT releases of this major can load.")] = False,
+    sparse_weights: Annotated[str, typer.Option(help="auto (on for artifacts pruned to 2:4), on or off.")] = "auto",
+    min_cosine: Annotated[float, typer.Option(help="Fail (exit 1, nothing written) below this cosine to ONNX Runtime; 0 turns it off.")] = 0.99,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Build strongly typed TensorRT engines (10.x and 11.x) from an ONNX artifact that carries its precision; verify them against ONNX Runtime.
+
+    Needs TensorRT (pip install 'vlmopt[tensorrt]') and a CUDA GPU; without either it says which and exits 2.
+    Example: vlmopt build build/clip --from fp16
+    """
+    from vlmopt.stages import build as stage
+
+    options = stage.BuildOptions(
+        source=source,
+        output=name,
+        opt_batch=opt_batch,
+        max_batch=max_batch,
+        max_seq=max_seq,
+        shapes=list(shapes or []),
+        workspace_mb=workspace,
+        optimization_level=optimization_level,
+        timing_cache=timing_cache,
+        hardware_compatibility=hardware_compatibility,
+        version_compatible=version_compatible,
+        sparse_weights=sparse_weights,
+        min_cosine=min_cosine or None,
+    )
+    options.validate()
+    model_dir = _open_for_writing(directory)
+    with model_dir.lock(), _status("building TensorRT engines", as_json) as status:
+        result = stage.run(model_dir, options, force=force, progress=status.update)
+    _report_stage(result, model_dir, as_json)
+
+
+# -- doctor --------------------------------------------------------------------------------
+@app.command()
+@command
+def doctor(
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """What this machine can do: torch and CUDA, GPUs, ONNX Runtime providers, TensorRT, and which stages are usable.
+
+    Example: vlmopt doctor
+    """
+    from vlmopt.machine import probe, stages_usable
+
+    machine = probe()
+    stages = stages_usable(machine)
+    if as_json:
+        _emit_json({"ok": True, **machine.to_json(), "stages": stages})
+        return
+    table = Table(title="vlmopt doctor", title_justify="left")
+    table.add_column("component")
+    table.add_column("found")
+    gpu_text = "; ".join(f"{g.name} (compute capability {g.compute_capability[0]}.{g.compute_capability[1]}, {g.memory_gb} GB)" for g in machine.gpus)
+    table.add_row("torch", f"{machine.torch} (CUDA {machine.torch_cuda})" if machine.torch_cuda else f"{machine.torch} (CPU-only build)")
+    table.add_row("GPUs", gpu_text or "none visible to torch")
+    table.add_row("ONNX Runtime", f"{machine.onnxruntime}: {', '.join(machine.ort_providers)}")
+    table.add_row("TensorRT", machine.tensorrt or f"[yellow]{escape(machine.tensorrt_problem or '')}[/]")
+    out.print(table)
+    stage_table = Table(title="stages", title_justify="left")
+    for column in ("stage", "usable here", "needs"):
+        stage_table.add_column(column)
+    for row in stages:
+        stage_table.add_row(row["stage"], "[green]yes[/]" if row["usable"] == "yes" else "[red]no[/]", escape(row["needs"]))
+    out.print(stage_table)
 
 
 # -- info ----------------------------------------------------------------------------------

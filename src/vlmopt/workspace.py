@@ -31,7 +31,7 @@ LOCK_NAME = ".vlmopt.lock"
 SCHEMA_VERSION = 1
 _ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 #: folders of the model directory that are not artifacts
-RESERVED_NAMES = ("reports",)
+RESERVED_NAMES = ("reports", "timing-caches")
 _TMP_PREFIX = ".tmp-"
 _OLD_PREFIX = ".old-"
 

@@ -24,20 +24,30 @@ def set_threads(threads: int | None) -> None:
 class ArtifactRunners:
     """Towers and runners of one artifact; a Hugging Face artifact loads its model once for all towers."""
 
-    def __init__(self, model_dir: ModelDir, artifact: Artifact, threads: int | None = None, attn_implementation: str | None = None):
+    def __init__(
+        self,
+        model_dir: ModelDir,
+        artifact: Artifact,
+        threads: int | None = None,
+        attn_implementation: str | None = None,
+        device: str = "cpu",
+        torch_dtype: str = "float32",
+    ):
         self.model_dir = model_dir
         self.artifact = artifact
         self.threads = threads
         self.attn_implementation = attn_implementation
+        self.device = device
+        self.torch_dtype = torch_dtype
         self._model: Any = None
         self._family = None
         self._config = None
-        if artifact.kind not in ("hf", "onnx"):
+        if artifact.kind not in ("hf", "onnx", "tensorrt"):
             raise VlmoptError(f"artifact '{artifact.name}' is of kind '{artifact.kind}', which has no runner on this machine")
 
     @property
     def backend(self) -> str:
-        return "pytorch" if self.artifact.kind == "hf" else "onnxruntime"
+        return {"hf": "pytorch", "onnx": "onnxruntime", "tensorrt": "tensorrt"}[self.artifact.kind]
 
     def _hf(self) -> tuple[Any, Any]:
         if self._config is None:
@@ -49,7 +59,7 @@ class ArtifactRunners:
 
     def towers(self, include_monolith: bool = False) -> dict[str, Tower]:
         """The artifact's towers; a Hugging Face dual encoder also offers the one-graph `model` when asked."""
-        if self.artifact.kind == "onnx":
+        if self.artifact.kind in ("onnx", "tensorrt"):
             return {name: Tower.from_json(name, data) for name, data in self.artifact.towers.items()}
         config, family = self._hf()
         path = self.model_dir.artifact_path(self.artifact.name)
@@ -61,9 +71,16 @@ class ArtifactRunners:
     def runner(self, tower: Tower) -> Runner:
         input_names = [s.name for s in tower.inputs]
         output_names = [s.name for s in tower.outputs]
+        if self.artifact.kind == "tensorrt":
+            from vlmopt.runners.tensorrt_runner import TensorRTRunner
+
+            path = self.model_dir.artifact_path(self.artifact.name) / self.artifact.towers[tower.name]["file"]
+            rebuild = f"vlmopt build {self.model_dir.path} --from {self.artifact.parent} --name {self.artifact.name} --force"
+            return TensorRTRunner(path, self.artifact.towers[tower.name]["engine"], rebuild)
         if self.artifact.kind == "onnx":
             path = self.model_dir.artifact_path(self.artifact.name) / self.artifact.towers[tower.name]["file"]
-            runner: Runner = OrtRunner(path, threads=self.threads)
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device == "cuda" else None
+            runner: Runner = OrtRunner(path, threads=self.threads, providers=providers)
             if runner.input_names != input_names:
                 raise VlmoptError(
                     f"{path} takes inputs {runner.input_names}, but the manifest records {input_names}; re-run the stage that made it with --force"
@@ -78,7 +95,10 @@ class ArtifactRunners:
                 self.model_dir.artifact_path(self.artifact.name), config=config, family=family, attn_implementation=self.attn_implementation
             )
         full = {t.name: t for t in family.towers(config, self.model_dir.artifact_path(self.artifact.name), monolith=tower.name == "model")}
-        return TorchRunner(full[tower.name].wrap(self._model), input_names, output_names)
+        import torch
+
+        dtype = getattr(torch, self.torch_dtype)
+        return TorchRunner(full[tower.name].wrap(self._model), input_names, output_names, device=self.device, dtype=dtype)
 
     def size_bytes(self, tower: Tower, runner: Runner) -> int:
         if isinstance(runner, TorchRunner):

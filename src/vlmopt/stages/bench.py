@@ -28,6 +28,8 @@ from vlmopt.verify import compare
 from vlmopt.workspace import ModelDir
 
 REFERENCE = "hf"
+#: the PyTorch reference at half precision, measured too when benchmarking on a GPU
+FP16_REFERENCE = "hf-fp16"
 #: timed calls per contender in each round
 _BLOCK = 5
 
@@ -44,6 +46,7 @@ class BenchOptions:
     threads: int | None = None
     min_speedup: float | None = None
     attn_implementation: str = "sdpa"
+    device: str = "cpu"
 
     def validate(self) -> None:
         if not self.batches or any(b < 1 for b in self.batches):
@@ -58,6 +61,13 @@ class BenchOptions:
             raise VlmoptError(f"--threads must be at least 1, got {self.threads}")
         if self.attn_implementation not in ("eager", "sdpa"):
             raise VlmoptError(f"--torch-attention must be eager or sdpa, got {self.attn_implementation}")
+        if self.device not in ("cpu", "cuda"):
+            raise VlmoptError(f"--device must be cpu or cuda, got '{self.device}'")
+        if self.device == "cuda":
+            from vlmopt.machine import gpus
+
+            if not gpus():
+                raise VlmoptError("--device cuda needs a CUDA GPU, and torch sees none here; bench on --device cpu")
 
 
 class PeakRss:
@@ -180,7 +190,7 @@ def run(model_dir: ModelDir, options: BenchOptions, progress: Callable[[str, int
     """
     options.validate()
     all_artifacts = model_dir.load()
-    names = list(options.artifacts) or [n for n, a in all_artifacts.items() if a.kind in ("hf", "onnx")]
+    names = list(options.artifacts) or [n for n, a in all_artifacts.items() if a.kind in _default_kinds(options.device)]
     for name in names:
         model_dir.artifact(name)
     if REFERENCE in all_artifacts and REFERENCE not in names:
@@ -189,8 +199,22 @@ def run(model_dir: ModelDir, options: BenchOptions, progress: Callable[[str, int
         names.remove(REFERENCE)
         names.insert(0, REFERENCE)
     threads = options.threads or _physical_cores()
+    skipped: list[dict[str, Any]] = []
+    if options.device == "cuda":
+        names, not_here = _runnable_on_cuda(names, all_artifacts)
+        skipped += not_here
 
-    loaders = {name: ArtifactRunners(model_dir, all_artifacts[name], threads=threads, attn_implementation=options.attn_implementation) for name in names}
+    loaders = {
+        name: ArtifactRunners(model_dir, all_artifacts[name], threads=threads, attn_implementation=options.attn_implementation, device=options.device)
+        for name in names
+    }
+    if options.device == "cuda" and REFERENCE in names:
+        # PyTorch at half precision on the GPU: the eager baseline a GPU user would otherwise ship
+        loaders[FP16_REFERENCE] = ArtifactRunners(
+            model_dir, all_artifacts[REFERENCE], threads=threads, attn_implementation=options.attn_implementation, device="cuda", torch_dtype="float16"
+        )
+        names.insert(1, FP16_REFERENCE)
+        all_artifacts = {**all_artifacts, FP16_REFERENCE: all_artifacts[REFERENCE]}
     monolith = any("model" in all_artifacts[n].towers for n in names)
     tower_sets = {name: loader.towers(include_monolith=monolith) for name, loader in loaders.items()}
     measured = [n for n in names if all_artifacts[n].kind != "hf"] or names
@@ -204,7 +228,6 @@ def run(model_dir: ModelDir, options: BenchOptions, progress: Callable[[str, int
         tower_names = [t for t in tower_names if t in options.towers]
 
     rows: list[dict[str, Any]] = []
-    skipped: list[dict[str, Any]] = []
     say = progress or (lambda message, advance: None)
     for tower_name in tower_names:
         having = [n for n in names if tower_name in tower_sets[n]]
@@ -216,14 +239,15 @@ def run(model_dir: ModelDir, options: BenchOptions, progress: Callable[[str, int
                 skipped.append({"artifact": name, "tower": tower_name, "batch": batch, "reason": "static shapes differ from this measurement's"})
 
         # Load every contender first (memory: the rise while loading and first running each one) ...
-        runners, memory, sizes = {}, {}, {}
+        runners, memory, sizes, gpu_mb = {}, {}, {}, {}
         for name in [n for n in having if accepted[n]]:
             say(f"loading {name} · {tower_name}", 0)
-            with PeakRss() as rss:
+            with PeakRss() as rss, GpuMemory(options.device) as gpu_memory:
                 runners[name] = loaders[name].runner(tower_sets[name][tower_name])
                 for batch in accepted[name]:
                     runners[name].run(feeds[batch])
             memory[name] = round(rss.increase_mb, 1)
+            gpu_mb[name] = gpu_memory.increase_mb
             sizes[name] = round(loaders[name].size_bytes(tower_sets[name][tower_name], runners[name]) / 2**20, 2)
 
         # ... then time them against each other, interleaved, on the same inputs.
@@ -246,6 +270,7 @@ def run(model_dir: ModelDir, options: BenchOptions, progress: Callable[[str, int
                     "latency_ms": latency,
                     "throughput": _items(tower_sets[name][tower_name], feed) * 1000 / latency["mean"],
                     "peak_rss_mb": memory[name],
+                    "gpu_memory_mb": gpu_mb[name],
                     "size_mb": sizes[name],
                     "speedup": None,
                     "cosine_min": None,
@@ -272,12 +297,13 @@ def run(model_dir: ModelDir, options: BenchOptions, progress: Callable[[str, int
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpu": platform.processor() or platform.machine(), "logical_cores": os.cpu_count(), "threads": threads},
         "settings": {**asdict(options), "threads": threads},
+        "device": _device_name(options.device),
         "rows": rows,
         "skipped": skipped,
     }
     paths = write_report(model_dir, report)
     report["files"] = [str(p) for p in paths]
-    for name in names:
+    for name in [n for n in names if n != FP16_REFERENCE]:
         model_dir.update_artifact(name, benchmark={"report": paths[0].name, "rows": [r for r in rows if r["artifact"] == name]})
 
     if options.min_speedup is not None:
@@ -290,6 +316,54 @@ def run(model_dir: ModelDir, options: BenchOptions, progress: Callable[[str, int
                 details={"report": report},
             )
     return report
+
+
+def _default_kinds(device: str) -> tuple[str, ...]:
+    """What `bench DIR` runs by default: on a GPU the TensorRT engines too."""
+    return ("hf", "onnx", "tensorrt") if device == "cuda" else ("hf", "onnx")
+
+
+def _runnable_on_cuda(names: list[str], artifacts: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+    """ONNX artifacts run on the GPU only through ONNX Runtime's CUDA provider; without it they are skipped, said why."""
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        return names, []
+    keep = [n for n in names if artifacts[n].kind != "onnx"]
+    reason = "ONNX Runtime's CUDA provider is not installed (pip install onnxruntime-gpu)"
+    return keep, [{"artifact": n, "tower": "*", "batch": "*", "reason": reason} for n in names if n not in keep]
+
+
+class GpuMemory:
+    """Device memory taken while an artifact loads and first runs (free memory before minus after; all allocators)."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.increase_mb: float | None = None
+
+    def __enter__(self) -> GpuMemory:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            self._free = torch.cuda.mem_get_info()[0]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            self.increase_mb = round((self._free - torch.cuda.mem_get_info()[0]) / 2**20, 1)
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        from vlmopt.machine import gpus
+
+        found = gpus()
+        return found[0].name if found else "cuda"
+    return platform.processor() or platform.machine()
 
 
 def _physical_cores() -> int:

@@ -7,6 +7,7 @@ the stage with `CheckFailed`, which `ModelDir.produce` turns into "nothing commi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,18 +70,29 @@ def check(
 
 
 def check_runners(
-    towers: dict[str, Tower], references: dict[str, Runner], candidates: dict[str, Runner], thresholds: Thresholds, data: CalibrationData | None = None
+    towers: dict[str, Tower],
+    references: dict[str, Runner],
+    candidates: dict[str, Runner],
+    thresholds: Thresholds,
+    data: CalibrationData | None = None,
+    admits: dict[str, Callable[[dict[str, np.ndarray]], bool]] | None = None,
 ) -> dict[str, Any]:
-    """Compare candidate runners with reference runners, tower by tower, on the same inputs (any backends)."""
+    """Compare candidate runners with reference runners, tower by tower, on the same inputs (any backends).
+
+    `admits` (per tower) drops feeds a candidate cannot take, such as shapes outside a TensorRT engine's profile."""
     results: dict[str, Any] = {}
     for name, tower in towers.items():
         feeds, origin = evaluation_feeds(tower, data)
+        if admits and name in admits:
+            feeds = [feed for feed in feeds if admits[name](feed)]
+            if not feeds:
+                raise CheckFailed(f"{name} tower: none of the verification inputs fits the engine's shape profile; widen --max-batch/--max-seq")
         outputs = compare_feeds(references[name].run, candidates[name].run, feeds)
         for seen in outputs.values():
             seen.pop("feed")
         results[name] = {"outputs": outputs, "feeds": len(feeds), "data": origin}
     runners = {name: (references[name], candidates[name]) for name in towers}
-    zero_shot = _zero_shot(towers, runners, data)
+    zero_shot = _zero_shot(towers, runners, data, admits)
     verification = {"reference": None, **thresholds.describe(), "towers": results, "zero_shot": zero_shot, "passed": True}
     failures = _failures(verification, thresholds)
     if failures:
@@ -109,11 +121,15 @@ def _failures(verification: dict[str, Any], thresholds: Thresholds) -> list[str]
     return failures
 
 
-def _zero_shot(towers: dict[str, Tower], runners: dict[str, tuple[Runner, Runner]], data: CalibrationData | None) -> dict[str, Any] | None:
+def _zero_shot(
+    towers: dict[str, Tower], runners: dict[str, tuple[Runner, Runner]], data: CalibrationData | None, admits: dict[str, Callable[..., bool]] | None = None
+) -> dict[str, Any] | None:
     """Top-1 agreement between reference and candidate: images against prompts, both through each's own towers."""
     if "vision" in towers and "text" in towers:
         image_feed, image_origin = _zero_shot_feed(towers["vision"], data, ZERO_SHOT_IMAGES)
         text_feed, text_origin = _zero_shot_feed(towers["text"], data, ZERO_SHOT_PROMPTS)
+        if admits and not (admits.get("vision", bool)(image_feed) and admits.get("text", bool)(text_feed)):
+            return None
         picks = []
         for side in (0, 1):
             images = _single_output(runners["vision"][side].run(image_feed))

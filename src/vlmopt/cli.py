@@ -518,6 +518,7 @@ def bench(
     min_speedup: Annotated[float | None, typer.Option(help="Exit 1 when any artifact is slower than this multiple of PyTorch.")] = None,
     torch_attention: Annotated[str, typer.Option(help="Attention of the PyTorch reference: sdpa (its fastest) or eager.")] = "sdpa",
     device: Annotated[str, typer.Option(help="cpu, or cuda: PyTorch fp32/fp16 on the GPU, ONNX Runtime's CUDA provider, TensorRT engines.")] = "cpu",
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="Replay TensorRT engines from captured CUDA graphs (--device cuda).")] = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -542,6 +543,7 @@ def bench(
         min_speedup=min_speedup,
         attn_implementation=torch_attention,
         device=device,
+        cuda_graphs=cuda_graphs,
     )
     options.validate()
     model_dir = _open_for_writing(directory)
@@ -578,7 +580,24 @@ def _print_bench(report: dict[str, Any]) -> None:
     settings = report["settings"]
     measure = f"{settings['duration']:g} s" if settings["duration"] else f"{settings['iterations']} iterations"
     table = Table(title=f"vlmopt bench · {report['machine']['threads']} threads · warm-up {settings['warmup']} · {measure}", title_justify="left")
-    columns = ("artifact", "backend", "tower", "batch", "seq", "mean ms", "p50", "p90", "p99", "items/s", "Δ RSS MB", "size MB", "speed-up", "cosine min")
+    gpu = any(r.get("gpu_memory_mb") is not None for r in report["rows"])
+    columns = (
+        "artifact",
+        "backend",
+        "tower",
+        "batch",
+        "seq",
+        "mean ms",
+        "p50",
+        "p90",
+        "p99",
+        "items/s",
+        "Δ RSS MB",
+        *(("GPU MB",) if gpu else ()),
+        "size MB",
+        "speed-up",
+        "cosine min",
+    )
     for column in columns:
         table.add_column(column, justify="left" if column in ("artifact", "backend", "tower") else "right")
     for r in report["rows"]:
@@ -597,6 +616,7 @@ def _print_bench(report: dict[str, Any]) -> None:
             f"{lat['p99']:.2f}",
             f"{r['throughput']:.1f}",
             f"{r['peak_rss_mb']:.0f}",
+            *((f"{r['gpu_memory_mb']:.0f}" if r.get("gpu_memory_mb") is not None else "",) if gpu else ()),
             f"{r['size_mb']:.1f}",
             f"[{style}]{speedup:.2f}x[/]" if speedup is not None else "",
             f"{r['cosine_min']:.6f}" if r["cosine_min"] is not None else "",

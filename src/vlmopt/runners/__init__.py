@@ -32,6 +32,7 @@ class ArtifactRunners:
         attn_implementation: str | None = None,
         device: str = "cpu",
         torch_dtype: str = "float32",
+        cuda_graphs: bool = False,
     ):
         self.model_dir = model_dir
         self.artifact = artifact
@@ -39,6 +40,7 @@ class ArtifactRunners:
         self.attn_implementation = attn_implementation
         self.device = device
         self.torch_dtype = torch_dtype
+        self.cuda_graphs = cuda_graphs
         self._model: Any = None
         self._family = None
         self._config = None
@@ -76,7 +78,7 @@ class ArtifactRunners:
 
             path = self.model_dir.artifact_path(self.artifact.name) / self.artifact.towers[tower.name]["file"]
             rebuild = f"vlmopt build {self.model_dir.path} --from {self.artifact.parent} --name {self.artifact.name} --force"
-            return TensorRTRunner(path, self.artifact.towers[tower.name]["engine"], rebuild)
+            return TensorRTRunner(path, self.artifact.towers[tower.name]["engine"], rebuild, cuda_graph=self.cuda_graphs)
         if self.artifact.kind == "onnx":
             path = self.model_dir.artifact_path(self.artifact.name) / self.artifact.towers[tower.name]["file"]
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device == "cuda" else None

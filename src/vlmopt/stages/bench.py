@@ -47,6 +47,7 @@ class BenchOptions:
     min_speedup: float | None = None
     attn_implementation: str = "sdpa"
     device: str = "cpu"
+    cuda_graphs: bool = False
 
     def validate(self) -> None:
         if not self.batches or any(b < 1 for b in self.batches):
@@ -63,6 +64,8 @@ class BenchOptions:
             raise VlmoptError(f"--torch-attention must be eager or sdpa, got {self.attn_implementation}")
         if self.device not in ("cpu", "cuda"):
             raise VlmoptError(f"--device must be cpu or cuda, got '{self.device}'")
+        if self.cuda_graphs and self.device != "cuda":
+            raise VlmoptError("--cuda-graphs replays TensorRT engines on a GPU; add --device cuda")
         if self.device == "cuda":
             from vlmopt.machine import gpus
 
@@ -205,7 +208,14 @@ def run(model_dir: ModelDir, options: BenchOptions, progress: Callable[[str, int
         skipped += not_here
 
     loaders = {
-        name: ArtifactRunners(model_dir, all_artifacts[name], threads=threads, attn_implementation=options.attn_implementation, device=options.device)
+        name: ArtifactRunners(
+            model_dir,
+            all_artifacts[name],
+            threads=threads,
+            attn_implementation=options.attn_implementation,
+            device=options.device,
+            cuda_graphs=options.cuda_graphs,
+        )
         for name in names
     }
     if options.device == "cuda" and REFERENCE in names:
@@ -373,13 +383,17 @@ def _physical_cores() -> int:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    header = "| artifact | backend | tower | batch | seq | mean ms | p50 ms | p90 ms | p99 ms | items/s | Δ peak RSS MB | size MB | speed-up | cosine min |"
+    gpu = any(r.get("gpu_memory_mb") is not None for r in rows)
+    header = "| artifact | backend | tower | batch | seq | mean ms | p50 ms | p90 ms | p99 ms | items/s | Δ peak RSS MB |"
+    header += " GPU MB |" if gpu else ""
+    header += " size MB | speed-up | cosine min |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
         lat = r["latency_ms"]
+        gpu_cell = f" {_fmt(r.get('gpu_memory_mb'), '{:.0f}')} |" if gpu else ""
         lines.append(
             f"| {r['artifact']} | {r['backend']} | {r['tower']} | {r['batch']} | {r['sequence'] or ''} | {lat['mean']:.2f} | {lat['p50']:.2f} | "
-            f"{lat['p90']:.2f} | {lat['p99']:.2f} | {r['throughput']:.1f} | {r['peak_rss_mb']:.0f} | {r['size_mb']:.1f} | "
+            f"{lat['p90']:.2f} | {lat['p99']:.2f} | {r['throughput']:.1f} | {r['peak_rss_mb']:.0f} |{gpu_cell} {r['size_mb']:.1f} | "
             f"{_fmt(r['speedup'], '{:.2f}x')} | {_fmt(r['cosine_min'], '{:.6f}')} |"
         )
     return "\n".join(lines) + "\n"

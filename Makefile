@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 DEMO ?= build/demo
 DEMO_SIZE ?= base
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench bench-gpu lint clean
 
 install: $(BIN)/vlmopt
 
@@ -34,6 +34,9 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/prune.py
+
+bench-gpu: install
+	$(BIN)/python benchmarks/gpu.py
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks examples

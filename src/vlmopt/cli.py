@@ -653,7 +653,7 @@ def build(
 ) -> None:
     """Build strongly typed TensorRT engines (10.x and 11.x) from an ONNX artifact that carries its precision; verify them against ONNX Runtime.
 
-    Needs TensorRT (pip install 'vlmopt[tensorrt]') and a CUDA GPU; without either it says which and exits 2.
+    Needs TensorRT (pip install 'vlmopt\\[tensorrt]') and a CUDA GPU; without either it says which and exits 2.
     Example: vlmopt build build/clip --from fp16
     """
     from vlmopt.stages import build as stage

@@ -85,9 +85,10 @@ def probe() -> Machine:
 def require_tensorrt_gpu(purpose: str = "vlmopt build") -> tuple[str, Gpu]:
     """TensorRT's version and the GPU to build for or run on; one clear line naming what is missing otherwise."""
     version, problem = tensorrt_status()
-    if version is None:
-        raise VlmoptError(f"{purpose} needs TensorRT and a CUDA GPU: {problem}")
     found = gpus()
+    if version is None:
+        also = "" if found else "; and torch sees no CUDA GPU"
+        raise VlmoptError(f"{purpose} needs TensorRT and a CUDA GPU: {problem}{also}")
     if not found:
         import torch
 

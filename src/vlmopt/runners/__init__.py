@@ -77,7 +77,10 @@ class ArtifactRunners:
             from vlmopt.runners.tensorrt_runner import TensorRTRunner
 
             path = self.model_dir.artifact_path(self.artifact.name) / self.artifact.towers[tower.name]["file"]
-            rebuild = f"vlmopt build {self.model_dir.path} --from {self.artifact.parent} --name {self.artifact.name} --force"
+            from vlmopt.stages.build import BuildOptions, rebuild_command
+
+            known = {k: v for k, v in self.artifact.options.items() if k in BuildOptions.__dataclass_fields__}
+            rebuild = rebuild_command(self.model_dir, BuildOptions(**known))
             return TensorRTRunner(path, self.artifact.towers[tower.name]["engine"], rebuild, cuda_graph=self.cuda_graphs)
         if self.artifact.kind == "onnx":
             path = self.model_dir.artifact_path(self.artifact.name) / self.artifact.towers[tower.name]["file"]

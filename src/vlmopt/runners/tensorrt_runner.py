@@ -22,12 +22,12 @@ class TensorRTRunner(Runner):
     backend = "tensorrt"
 
     def __init__(self, path: Path, meta: dict[str, Any], rebuild: str, cuda_graph: bool = False):
-        import tensorrt as trt
-        import torch
-
         from vlmopt.machine import require_tensorrt_gpu
 
         version, gpu = require_tensorrt_gpu("running a TensorRT engine")
+        import tensorrt as trt
+        import torch
+
         check_engine_compatible(meta, version, gpu.name, gpu.compute_capability, rebuild)
         self._torch = torch
         self._logger = trt.Logger(trt.Logger.ERROR)

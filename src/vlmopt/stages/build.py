@@ -98,14 +98,36 @@ def parse_error_message(tower: str, errors: list[tuple[str, str, str]]) -> str:
     if not errors:
         return f"TensorRT could not parse the {tower} tower (no error reported)"
     description, node, op = errors[0]
+    description = (description or "").strip().splitlines()[0][:200] if (description or "").strip() else "no description"
     hint = next((h for key, h in _HINTS if key.lower() in description.lower() or key == op), None)
     more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
     where = f" at node '{node}' ({op})" if node or op else ""
-    return f"TensorRT cannot parse the {tower} tower{where}: {description.strip().splitlines()[0][:200]}{more}" + (f"; hint: {hint}" if hint else "")
+    return f"TensorRT cannot parse the {tower} tower{where}: {description}{more}" + (f"; hint: {hint}" if hint else "")
 
 
 def rebuild_command(model_dir: ModelDir, options: BuildOptions) -> str:
-    return f"vlmopt build {model_dir.path} --from {options.source} --name {options.name} --force"
+    """The command that rebuilds this engine with the same options, ready to paste."""
+    import shlex
+
+    defaults = BuildOptions()
+    flags = {
+        "--opt-batch": options.opt_batch,
+        "--max-batch": options.max_batch,
+        "--max-seq": options.max_seq,
+        "--workspace": options.workspace_mb,
+        "--optimization-level": options.optimization_level,
+        "--hardware-compatibility": options.hardware_compatibility,
+        "--sparse-weights": options.sparse_weights,
+    }
+    default_values = [defaults.opt_batch, defaults.max_batch, defaults.max_seq, defaults.workspace_mb, defaults.optimization_level, "none", "auto"]
+    parts = ["vlmopt", "build", str(model_dir.path), "--from", options.source, "--name", options.name]
+    for (flag, value), default in zip(flags.items(), default_values, strict=True):
+        if value != default:
+            parts += [flag, str(value)]
+    parts += [arg for shape in options.shapes for arg in ("--shapes", shape)]
+    if options.version_compatible:
+        parts.append("--version-compatible")
+    return shlex.join([*parts, "--force"])
 
 
 def _build_engine(
@@ -164,8 +186,6 @@ def run(model_dir: ModelDir, options: BuildOptions, force: bool = False, progres
     options.validate()
     parent = model_dir.artifact(options.source)
     check_parent(parent)
-    version, gpu = require_tensorrt_gpu()
-    check_tensorrt_version(version)
     towers = {name: Tower.from_json(name, data) for name, data in parent.towers.items()}
     overrides = options.overrides()
     profiles = {}
@@ -175,6 +195,8 @@ def run(model_dir: ModelDir, options: BuildOptions, force: bool = False, progres
     unused = set(overrides) - {n for p in profiles.values() for n in p}
     if unused:
         raise VlmoptError(f"--shapes names {', '.join(sorted(unused))}, which no tower of '{parent.name}' takes")
+    version, gpu = require_tensorrt_gpu()
+    check_tensorrt_version(version)
     sparse = sparse_requested(options.sparse_weights, parent)
     cc = gpu.compute_capability
     cache_path = model_dir.path / TIMING_CACHES / f"tensorrt-{version}-sm{cc[0]}{cc[1]}.cache" if options.timing_cache else None

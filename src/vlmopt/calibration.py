@@ -17,6 +17,7 @@ import numpy as np
 from vlmopt.errors import VlmoptError
 from vlmopt.families import Tower
 from vlmopt.inputs import make_inputs
+from vlmopt.workspace import ModelDir
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 #: decompression-bomb guard: Pillow's own default limit (a 9459 x 9459 image)
@@ -138,6 +139,48 @@ def data_digest(images: str | None, text: str | None) -> str | None:
     for path in paths:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
+
+
+def load_calibration(model_dir: ModelDir, towers: dict[str, Tower], images: str | None, text: str | None, samples: int) -> CalibrationData:
+    """The user's images and prompts (at most `samples` of each), checked against the towers that will take them."""
+    data = CalibrationData()
+    if not images and not text:
+        return data
+    hf_dir = _processor_dir(model_dir)
+    image_towers = [t for t in towers.values() if [s.role for s in t.inputs] == ["image"]]
+    text_towers = [t for t in towers.values() if t.vocab is not None and "image" not in {s.role for s in t.inputs}]
+    if images:
+        if not image_towers:
+            raise VlmoptError("--calib-images was given, but this model has no image tower")
+        data.pixel_values, data.image_files = load_images(Path(images), hf_dir, samples)
+        for tower in image_towers:
+            check_fits(tower, {tower.inputs[0].name: data.pixel_values}, f"the image processor in {hf_dir}")
+    if text:
+        if not text_towers:
+            raise VlmoptError("--calib-text was given, but this model has no text tower")
+        tower = text_towers[0]
+        data.text, data.prompts = load_prompts(Path(text), hf_dir, tower, samples)
+        check_fits(tower, data.text, f"the tokenizer in {hf_dir}")
+    return data
+
+
+def _processor_dir(model_dir: ModelDir) -> Path:
+    hf = next((a for a in model_dir.load().values() if a.kind == "hf"), None)
+    if hf is None:
+        raise VlmoptError(f"calibration data needs the model's processor, and {model_dir.path} has no Hugging Face artifact")
+    return model_dir.artifact_path(hf.name)
+
+
+def calibration_feeds(tower: Tower, data: CalibrationData, samples: int) -> tuple[list[dict[str, np.ndarray]], str]:
+    """Batches of the user's samples for `tower` ("real"), or of random ones ("synthetic") when it has none."""
+    real = data.for_tower(tower)
+    if real is not None:
+        return batches(real, BATCH), "real"
+    return synthetic_batches(tower, samples), "synthetic"
+
+
+def sample_count(feeds: list[dict[str, np.ndarray]]) -> int:
+    return sum(len(next(iter(feed.values()))) for feed in feeds)
 
 
 def batches(feed: dict[str, np.ndarray], size: int = BATCH) -> list[dict[str, np.ndarray]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from vlmopt.errors import VlmoptError
@@ -75,15 +76,13 @@ class ArtifactRunners:
         output_names = [s.name for s in tower.outputs]
         if self.artifact.kind == "tensorrt":
             from vlmopt.runners.tensorrt_runner import TensorRTRunner
-
-            path = self.model_dir.artifact_path(self.artifact.name) / self.artifact.towers[tower.name]["file"]
             from vlmopt.stages.build import BuildOptions, rebuild_command
 
             known = {k: v for k, v in self.artifact.options.items() if k in BuildOptions.__dataclass_fields__}
             rebuild = rebuild_command(self.model_dir, BuildOptions(**known))
-            return TensorRTRunner(path, self.artifact.towers[tower.name]["engine"], rebuild, cuda_graph=self.cuda_graphs)
+            return TensorRTRunner(self._file(tower), self.artifact.towers[tower.name]["engine"], rebuild, cuda_graph=self.cuda_graphs)
         if self.artifact.kind == "onnx":
-            path = self.model_dir.artifact_path(self.artifact.name) / self.artifact.towers[tower.name]["file"]
+            path = self._file(tower)
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device == "cuda" else None
             runner: Runner = OrtRunner(path, threads=self.threads, providers=providers)
             if runner.input_names != input_names:
@@ -104,6 +103,9 @@ class ArtifactRunners:
 
         dtype = getattr(torch, self.torch_dtype)
         return TorchRunner(full[tower.name].wrap(self._model), input_names, output_names, device=self.device, dtype=dtype)
+
+    def _file(self, tower: Tower) -> Path:
+        return self.model_dir.artifact_path(self.artifact.name) / self.artifact.towers[tower.name]["file"]
 
     def size_bytes(self, tower: Tower, runner: Runner) -> int:
         if isinstance(runner, TorchRunner):

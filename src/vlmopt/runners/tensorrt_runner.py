@@ -70,7 +70,7 @@ class TensorRTRunner(Runner):
                 if not self.context.execute_async_v3(self._stream.cuda_stream):
                     raise VlmoptError("TensorRT execution failed")
             self._stream.synchronize()
-            return {n: t.float().cpu().numpy() for n, t in outputs.items()}
+            return _to_host(outputs)
         key = tuple((n, feed[n].shape) for n in self.input_names)
         if key not in self._graphs:
             inputs, outputs = self._buffers(feed)
@@ -86,9 +86,14 @@ class TensorRTRunner(Runner):
             inputs[name].copy_(torch.from_numpy(np.ascontiguousarray(feed[name])).to(dtype=self._dtypes[name]))
         graph.replay()
         torch.cuda.synchronize()
-        return {n: t.float().cpu().numpy() for n, t in outputs.items()}
+        return _to_host(outputs)
 
     def close(self) -> None:
         self._graphs.clear()
         self.context = None
         self.engine = None
+
+
+def _to_host(outputs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Device outputs as float32 numpy arrays (the copy also waits for the GPU)."""
+    return {name: tensor.float().cpu().numpy() for name, tensor in outputs.items()}

@@ -19,7 +19,7 @@ class TorchRunner(Runner):
         super().__init__(input_names, output_names)
         self.device = device
         self.dtype = dtype or torch.float32
-        self.module = module.eval().to(device=device, dtype=self.dtype) if (device != "cpu" or dtype is not None) else module.eval()
+        self.module = module.eval().to(device=device, dtype=self.dtype)
 
     def _tensor(self, value: np.ndarray):
         import torch

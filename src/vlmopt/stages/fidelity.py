@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from vlmopt.calibration import CalibrationData, batches
+from vlmopt.calibration import CalibrationData, batches, sample_count
 from vlmopt.errors import CheckFailed
 from vlmopt.families import Tower
 from vlmopt.inputs import make_inputs, verification_sizes
@@ -83,8 +83,8 @@ def check_runners(
     results: dict[str, Any] = {}
     for name, tower in towers.items():
         feeds, origin = evaluation_feeds(tower, data)
-        if admits and name in admits:
-            feeds = [feed for feed in feeds if admits[name](feed)]
+        if admits:
+            feeds = [feed for feed in feeds if _fits(admits, name, feed)]
             if not feeds:
                 raise CheckFailed(f"{name} tower: none of the verification inputs fits the engine's shape profile; widen --max-batch/--max-seq")
         outputs = compare_feeds(references[name].run, candidates[name].run, feeds)
@@ -128,22 +128,33 @@ def _zero_shot(
     if "vision" in towers and "text" in towers:
         image_feed, image_origin = _zero_shot_feed(towers["vision"], data, ZERO_SHOT_IMAGES)
         text_feed, text_origin = _zero_shot_feed(towers["text"], data, ZERO_SHOT_PROMPTS)
-        if admits and not (admits.get("vision", bool)(image_feed) and admits.get("text", bool)(text_feed)):
+        if not (_fits(admits, "vision", image_feed) and _fits(admits, "text", text_feed)):
             return None
         picks = []
         for side in (0, 1):
             images = _single_output(runners["vision"][side].run(image_feed))
             texts = _single_output(runners["text"][side].run(text_feed))
             picks.append(top1(images, texts))
-        images_n, prompts_n = len(next(iter(image_feed.values()))), len(next(iter(text_feed.values())))
-        return {"agreement": agreement(*picks), "images": images_n, "prompts": prompts_n, "data": f"images: {image_origin}, prompts: {text_origin}"}
+        return {
+            "agreement": agreement(*picks),
+            "images": sample_count([image_feed]),
+            "prompts": sample_count([text_feed]),
+            "data": f"images: {image_origin}, prompts: {text_origin}",
+        }
     if "model" in towers and any(spec.name == "logits_per_image" for spec in towers["model"].outputs):
         tower = towers["model"]
         max_seq = tower.vocab.max_length if tower.vocab else 1
         feed = make_inputs(tower, {"image_batch": ZERO_SHOT_IMAGES, "text_batch": ZERO_SHOT_PROMPTS, "sequence": min(16, max_seq)}, seed=7)
+        if not _fits(admits, "model", feed):
+            return None
         picks = [np.argmax(runners["model"][side].run(feed)["logits_per_image"], axis=1) for side in (0, 1)]
         return {"agreement": agreement(*picks), "images": ZERO_SHOT_IMAGES, "prompts": ZERO_SHOT_PROMPTS, "data": "synthetic"}
     return None
+
+
+def _fits(admits: dict[str, Callable[..., bool]] | None, tower: str, feed: dict[str, np.ndarray]) -> bool:
+    """Whether the candidate takes `feed` (always, unless an `admits` check for the tower says otherwise)."""
+    return admits is None or tower not in admits or admits[tower](feed)
 
 
 def _zero_shot_feed(tower: Tower, data: CalibrationData | None, count: int) -> tuple[dict[str, np.ndarray], str]:

@@ -158,8 +158,9 @@ def _declare_domains(model: Any) -> None:
     from onnx import helper
 
     declared = {opset.domain for opset in model.opset_import}
-    for domain in sorted({node.domain for node in model.graph.node} - declared - {"ai.onnx"}):
-        model.opset_import.append(helper.make_opsetid(domain, 1))
+    for domain in graph.custom_domains(model):
+        if domain not in declared:
+            model.opset_import.append(helper.make_opsetid(domain, 1))
 
 
 def run(
@@ -196,6 +197,7 @@ def run(
                 "attention_layers": layers,
                 "size": graph.weight_bytes(tmp, file),
                 "parent_size": graph.weight_bytes(parent_dir, file),
+                "custom_domains": graph.custom_domains(optimized),
             }
         say("verifying against the unfused graphs")
         verification = fidelity.check(
@@ -210,14 +212,8 @@ def run(
         verification["reference"] = parent.name
         return StageOutput(
             towers=recorded,
-            meta={**parent.meta, "precision": "fp32", "optimized": True, "custom_domains": sorted({d for t in recorded for d in _domains(tmp, recorded[t])})},
+            meta={**parent.meta, "precision": "fp32", "optimized": True, "custom_domains": sorted({d for t in recorded.values() for d in t["custom_domains"]})},
             verification=verification,
         )
 
     return model_dir.produce(options.output, kind="onnx", stage="optimize", options=asdict(options), parent=parent, build=build, force=force)
-
-
-def _domains(folder: Path, tower: dict[str, Any]) -> list[str]:
-    import onnx
-
-    return graph.custom_domains(onnx.load(str(folder / tower["file"]), load_external_data=False))

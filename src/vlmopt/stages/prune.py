@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from vlmopt.calibration import CalibrationData, batches, data_digest, synthetic_batches
+from vlmopt.calibration import calibration_feeds, data_digest, load_calibration, sample_count
 from vlmopt.errors import VlmoptError
 from vlmopt.families import Family, Tower, family_for
 from vlmopt.families.base import PruneLayout
@@ -326,10 +326,11 @@ def run(
     if threads:
         torch.set_num_threads(threads)
 
-    # Bad settings are refused before any work: a tower with no MLPs, a ratio that empties a layer.
-    probe = load_model(hf_dir, config=load_config(hf_dir), family=family, attn_implementation="eager")
+    # Bad settings are refused before any work: a tower with no MLPs, a ratio that empties a layer. The
+    # unpruned model loaded for that (its own config object: the pruned model's gets patched) is the reference.
+    reference = load_model(hf_dir, config=load_config(hf_dir), family=family, attn_implementation="eager")
     for name in chosen:
-        blocks = find_blocks(towers[name].wrap(probe), layout)
+        blocks = find_blocks(towers[name].wrap(reference), layout)
         tower_config = family.tower_config(config, name)
         if options.mlp_ratio and not any(b.mlp for b in blocks):
             raise VlmoptError(f"--mlp-ratio: the {name} tower has no MLP blocks to prune")
@@ -345,23 +346,12 @@ def run(
             heads = tower_config.num_attention_heads
             if _kept(heads, options.head_ratio) < 1:
                 raise VlmoptError(f"--head-ratio {options.head_ratio:g} would remove every head of the {name} tower's layers ({heads} heads each)")
-    del probe
 
-    data = CalibrationData()
-    if options.score == "activation":
-        from vlmopt.stages.quantize import QuantizeOptions, load_calibration
-
-        data = load_calibration(
-            model_dir,
-            {n: towers[n] for n in chosen},
-            QuantizeOptions(mode="int8-static", calib_images=options.calib_images, calib_text=options.calib_text, calib_samples=options.calib_samples),
-        )
+    data = load_calibration(model_dir, {n: towers[n] for n in chosen}, options.calib_images, options.calib_text, options.calib_samples)
 
     def build(tmp: Path) -> StageOutput:
         say("loading the model")
-        # separate config objects: the pruned model's is patched, the reference's must not be
         model = load_model(hf_dir, config=load_config(hf_dir), family=family, attn_implementation="eager")
-        reference = load_model(hf_dir, config=load_config(hf_dir), family=family, attn_implementation="eager")
         recorded: dict[str, dict[str, Any]] = {}
         calibration: dict[str, dict[str, Any]] = {}
         for name in chosen:
@@ -373,11 +363,10 @@ def run(
             entry: dict[str, Any] = {"parameters_before": params_before, "flops_before": flops_before}
             activations: dict[int, Any] = {}
             if options.score == "activation" and (options.mlp_ratio or options.head_ratio):
-                real = data.for_tower(tower)
-                feeds = batches(real) if real is not None else synthetic_batches(tower, options.calib_samples)
-                count = sum(len(next(iter(f.values()))) for f in feeds)
-                calibration[name] = {"data": "real" if real is not None else "synthetic", "samples": count, "method": "activation"}
-                if real is None:
+                feeds, origin = calibration_feeds(tower, data, options.calib_samples)
+                count = sample_count(feeds)
+                calibration[name] = {"data": origin, "samples": count, "method": "activation"}
+                if origin == "synthetic":
                     shout(
                         f"the {name} tower's activation scores come from SYNTHETIC random inputs: a fallback; pass real data with --calib-images/--calib-text"
                     )

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from vlmopt import graph
-from vlmopt.calibration import BATCH, CalibrationData, batches, check_fits, data_digest, load_images, load_prompts, synthetic_batches
+from vlmopt.calibration import CalibrationData, calibration_feeds, data_digest, load_calibration, sample_count
 from vlmopt.errors import VlmoptError
 from vlmopt.families import Tower
 from vlmopt.quiet import quiet_onnxruntime_tools
@@ -323,43 +323,6 @@ class _FeedReader:
         return len(self._feeds)
 
 
-# -- calibration data ------------------------------------------------------------------------
-def load_calibration(model_dir: ModelDir, towers: dict[str, Tower], options: QuantizeOptions) -> CalibrationData:
-    """The user's images and prompts, checked against the towers that will take them."""
-    data = CalibrationData()
-    hf_dir = _processor_dir(model_dir)
-    image_towers = [t for t in towers.values() if [s.role for s in t.inputs] == ["image"]]
-    text_towers = [t for t in towers.values() if t.vocab is not None and "image" not in {s.role for s in t.inputs}]
-    if options.calib_images:
-        if not image_towers:
-            raise VlmoptError("--calib-images was given, but this model has no image tower")
-        data.pixel_values, data.image_files = load_images(Path(options.calib_images), hf_dir, options.calib_samples)
-        for tower in image_towers:
-            check_fits(tower, {tower.inputs[0].name: data.pixel_values}, f"the image processor in {hf_dir}")
-    if options.calib_text:
-        if not text_towers:
-            raise VlmoptError("--calib-text was given, but this model has no text tower")
-        tower = text_towers[0]
-        data.text, data.prompts = load_prompts(Path(options.calib_text), hf_dir, tower, options.calib_samples)
-        check_fits(tower, data.text, f"the tokenizer in {hf_dir}")
-    return data
-
-
-def _processor_dir(model_dir: ModelDir) -> Path:
-    artifacts = model_dir.load()
-    hf = next((a for a in artifacts.values() if a.kind == "hf"), None)
-    if hf is None:
-        raise VlmoptError(f"calibration data needs the model's processor, and {model_dir.path} has no Hugging Face artifact")
-    return model_dir.artifact_path(hf.name)
-
-
-def calibration_feeds(tower: Tower, data: CalibrationData, samples: int) -> tuple[list[dict[str, np.ndarray]], str]:
-    real = data.for_tower(tower)
-    if real is not None:
-        return batches(real, BATCH), "real"
-    return synthetic_batches(tower, samples), "synthetic"
-
-
 # -- the stage -------------------------------------------------------------------------------
 def run(
     model_dir: ModelDir,
@@ -381,7 +344,11 @@ def run(
     towers = {name: Tower.from_json(name, data) for name, data in parent.towers.items()}
     say = progress or (lambda message: None)
     shout = warn or (lambda message: None)
-    data = load_calibration(model_dir, towers, options) if options.mode == "int8-static" else CalibrationData()
+    data = (
+        load_calibration(model_dir, towers, options.calib_images, options.calib_text, options.calib_samples)
+        if options.mode == "int8-static"
+        else CalibrationData()
+    )
 
     def build(tmp: Path) -> StageOutput:
         recorded: dict[str, dict[str, Any]] = {}
@@ -397,14 +364,15 @@ def run(
                     details = int8_dynamic(source, destination, options)
                 elif options.mode == "int8-static":
                     feeds, origin = calibration_feeds(tower, data, options.calib_samples)
+                    samples = sample_count(feeds)
                     if origin == "synthetic":
                         shout(
-                            f"the {name} tower is calibrated on SYNTHETIC random inputs ({sum(len(next(iter(f.values()))) for f in feeds)} samples): "
+                            f"the {name} tower is calibrated on SYNTHETIC random inputs ({samples} samples): "
                             "a fallback that can misplace the int8 ranges; pass "
                             + ("--calib-images DIR" if tower.inputs[0].role == "image" else "--calib-text FILE")
                             + " with real data"
                         )
-                    calibration[name] = {"data": origin, "samples": sum(len(next(iter(f.values()))) for f in feeds), "method": options.calib_method}
+                    calibration[name] = {"data": origin, "samples": samples, "method": options.calib_method}
                     details = int8_static(source, destination, options, feeds)
                 else:
                     details = int4(source, destination, options)

@@ -27,19 +27,18 @@ def save(model: Any, path: Path) -> None:
     """Save `model`, with its weights in `<name>.data` when they are too large for one protobuf."""
     import onnx
 
-    large = model.ByteSize() > EXTERNAL_DATA_BYTES if _byte_size_known(model) else True
-    if large:
+    if _byte_size(model) > EXTERNAL_DATA_BYTES:
         onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data")
     else:
         onnx.save(model, str(path))
 
 
-def _byte_size_known(model: Any) -> bool:
+def _byte_size(model: Any) -> float:
+    """The serialized size, computed once; infinite where protobuf refuses to size a message beyond 2 GB."""
     try:
-        model.ByteSize()
-        return True
-    except Exception:  # protobuf refuses to size messages beyond 2 GB
-        return False
+        return model.ByteSize()
+    except Exception:
+        return float("inf")
 
 
 def op_counts(model: Any) -> dict[str, int]:

@@ -17,11 +17,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import vlmopt  # noqa: E402
 from vlmopt.demo import build_demo_model  # noqa: E402
 from vlmopt.errors import VlmoptError  # noqa: E402
 from vlmopt.machine import require_tensorrt_gpu  # noqa: E402
-from vlmopt.stages import bench, build, convert, export, quantize  # noqa: E402
-from vlmopt.workspace import ModelDir  # noqa: E402
+from vlmopt.stages.bench import markdown_table  # noqa: E402
 
 ENGINES = (("onnx", "trt-onnx"), ("fp16", "trt-fp16"), ("int8-static-trt", "trt-int8"))
 
@@ -43,21 +43,20 @@ def main() -> int:
     source = workdir / "clip-base-src"
     if not (source / "config.json").exists():
         build_demo_model(source, "clip", "base")
-    model_dir = ModelDir.create(workdir / "clip-base")
-    with model_dir.lock():
-        export.run(model_dir, export.ExportOptions(str(source)))
-        convert.run(model_dir, convert.ConvertOptions())
-        quantize.run(model_dir, quantize.QuantizeOptions(mode="fp16"))
-        quantize.run(model_dir, quantize.QuantizeOptions(mode="int8-static", target="tensorrt"))
-        batches = [int(b) for b in args.batch.split(",")]
-        for source_name, engine_name in ENGINES:
-            started = time.perf_counter()
-            artifact = build.run(model_dir, build.BuildOptions(source=source_name, output=engine_name, opt_batch=8, max_batch=max(batches))).artifact
-            cosines = {t: round(min(o["cosine_min"] for o in r["outputs"].values()), 5) for t, r in artifact.verification["towers"].items()}
-            print(f"build {engine_name}: {time.perf_counter() - started:.1f} s; cosine vs ONNX Runtime {cosines}")
-        options = bench.BenchOptions(artifacts=["hf", *(e for _, e in ENGINES)], batches=batches, iterations=args.iterations, warmup=10, device="cuda")
-        report = bench.run(model_dir, options)
-    print("\n" + bench.markdown_table(report["rows"]))
+    model_dir = workdir / "clip-base"
+    vlmopt.export(source, model_dir)
+    vlmopt.convert(model_dir)
+    vlmopt.quantize(model_dir, mode="fp16")
+    vlmopt.quantize(model_dir, mode="int8-static", target="tensorrt")
+    batches = [int(b) for b in args.batch.split(",")]
+    for source_name, engine_name in ENGINES:
+        started = time.perf_counter()
+        artifact = vlmopt.build(model_dir, source=source_name, name=engine_name, opt_batch=8, max_batch=max(batches)).artifact
+        cosines = {t: round(min(o.cosine_min for c in checks for o in c.outputs.values()), 5) for t, checks in artifact.verification.towers.items()}
+        print(f"build {engine_name}: {time.perf_counter() - started:.1f} s; cosine vs ONNX Runtime {cosines}")
+    artifacts = ["hf", *(e for _, e in ENGINES)]
+    report = vlmopt.bench(model_dir, artifacts=artifacts, batch=batches, iterations=args.iterations, warmup=10, device="cuda", force=True).report
+    print("\n" + markdown_table(report["rows"]))
     print("speed-ups are against PyTorch fp32 eager on the same GPU, same run, same inputs; hf-fp16 is PyTorch at half precision")
     return 0
 

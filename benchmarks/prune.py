@@ -20,50 +20,46 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import vlmopt  # noqa: E402
 from vlmopt.demo import build_demo_model  # noqa: E402
-from vlmopt.stages import bench, convert, export, prune, quantize  # noqa: E402
-from vlmopt.workspace import ModelDir  # noqa: E402
+from vlmopt.stages.bench import markdown_table  # noqa: E402
 
 TARGET = 1.3
 
 
-def prepared(workdir: Path, family: str) -> ModelDir:
+def prepared(workdir: Path, family: str) -> Path:
     source = workdir / f"{family}-base-src"
     if not (source / "config.json").exists():
         print(f"building base {family} (random weights) in {source}")
         build_demo_model(source, family, "base")
-    model_dir = ModelDir.create(workdir / f"{family}-base")
-    with model_dir.lock():
-        export.run(model_dir, export.ExportOptions(str(source)))
-        convert.run(model_dir, convert.ConvertOptions())
+    model_dir = workdir / f"{family}-base"
+    vlmopt.export(source, model_dir)
+    vlmopt.convert(model_dir)
     return model_dir
 
 
-def pruned(model_dir: ModelDir, options: prune.PruneOptions, int8: bool) -> list[str]:
-    threads = bench._physical_cores()
-    with model_dir.lock():
-        started = time.perf_counter()
-        artifact = prune.run(model_dir, options, threads=threads).artifact
-        for tower, r in artifact.towers.items():
-            cosine = min(o["cosine_min"] for o in artifact.verification["towers"][tower]["outputs"].values())
-            print(
-                f"prune {model_dir.path.name} {tower}: MLP {r.get('mlp')}, heads {r.get('heads')}, parameters {r['parameters_before']:,} -> "
-                f"{r['parameters_after']:,}, FLOPs/item {r['flops_before'] / 1e9:.2f} G -> {r['flops_after'] / 1e9:.2f} G, "
-                f"cosine min vs unpruned {cosine:.4f} ({time.perf_counter() - started:.1f} s)"
-            )
-        convert.run(model_dir, convert.ConvertOptions(source="hf-pruned", output="onnx-pruned"))
-        names = ["onnx", "onnx-pruned"]
-        if int8:
-            quantize.run(model_dir, quantize.QuantizeOptions(mode="int8-dynamic"), threads=threads)
-            quantize.run(model_dir, quantize.QuantizeOptions(mode="int8-dynamic", source="onnx-pruned", output="int8-pruned"), threads=threads)
-            names += ["int8-dynamic", "int8-pruned"]
+def pruned(model_dir: Path, options: dict, int8: bool) -> list[str]:
+    started = time.perf_counter()
+    artifact = vlmopt.prune(model_dir, **options).artifact
+    for tower, r in artifact.record["towers"].items():
+        cosine = min(o.cosine_min for c in artifact.verification.towers[tower] for o in c.outputs.values())
+        print(
+            f"prune {model_dir.name} {tower}: MLP {r.get('mlp')}, heads {r.get('heads')}, parameters {r['parameters_before']:,} -> "
+            f"{r['parameters_after']:,}, FLOPs/item {r['flops_before'] / 1e9:.2f} G -> {r['flops_after'] / 1e9:.2f} G, "
+            f"cosine min vs unpruned {cosine:.4f} ({time.perf_counter() - started:.1f} s)"
+        )
+    vlmopt.convert(model_dir, source="hf-pruned", name="onnx-pruned")
+    names = ["onnx", "onnx-pruned"]
+    if int8:
+        vlmopt.quantize(model_dir, mode="int8-dynamic")
+        vlmopt.quantize(model_dir, mode="int8-dynamic", source="onnx-pruned", name="int8-pruned")
+        names += ["int8-dynamic", "int8-pruned"]
     return names
 
 
-def report(model_dir: ModelDir, names: list[str], iterations: int) -> None:
-    with model_dir.lock():
-        result = bench.run(model_dir, bench.BenchOptions(artifacts=names, towers=["vision"], batches=[1, 8], iterations=iterations, warmup=3))
-    print("\n" + bench.markdown_table(result["rows"]))
+def report(model_dir: Path, names: list[str], iterations: int) -> None:
+    result = vlmopt.bench(model_dir, artifacts=names, tower=["vision"], batch=[1, 8], iterations=iterations, warmup=3, force=True).report
+    print("\n" + markdown_table(result["rows"]))
     rows = {(r["artifact"], r["batch"]): r for r in result["rows"]}
     for pruned_name, dense in (("onnx-pruned", "onnx"), ("int8-pruned", "int8-dynamic")):
         for batch in (1, 8):
@@ -71,7 +67,7 @@ def report(model_dir: ModelDir, names: list[str], iterations: int) -> None:
                 ratio = rows[(dense, batch)]["latency_ms"]["mean"] / rows[(pruned_name, batch)]["latency_ms"]["mean"]
                 verdict = "met" if ratio >= TARGET or dense != "onnx" else "MISSED"
                 target = f"; target >= {TARGET}x: {verdict}" if dense == "onnx" else ""
-                print(f"{model_dir.path.name} vision batch {batch}: {pruned_name} is {ratio:.2f}x {dense}{target}")
+                print(f"{model_dir.name} vision batch {batch}: {pruned_name} is {ratio:.2f}x {dense}{target}")
 
 
 def main() -> int:
@@ -82,9 +78,9 @@ def main() -> int:
     workdir = Path(args.workdir)
 
     clip = prepared(workdir, "clip")
-    report(clip, pruned(clip, prune.PruneOptions(mlp_ratio=0.3, towers=["vision"]), int8=True), args.iterations)
+    report(clip, pruned(clip, {"mlp_ratio": 0.3, "tower": ["vision"]}, int8=True), args.iterations)
     vit = prepared(workdir, "vit")
-    report(vit, pruned(vit, prune.PruneOptions(mlp_ratio=0.3, head_ratio=0.25), int8=False), args.iterations)
+    report(vit, pruned(vit, {"mlp_ratio": 0.3, "head_ratio": 0.25}, int8=False), args.iterations)
     return 0
 
 

@@ -25,19 +25,19 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import vlmopt  # noqa: E402
 from vlmopt.demo import build_demo_model  # noqa: E402
-from vlmopt.stages import bench, export, optimize, quantize  # noqa: E402
-from vlmopt.workspace import ModelDir  # noqa: E402
+from vlmopt.stages.bench import REFERENCE, markdown_table  # noqa: E402
 
 INT8_TARGET, OPTIMIZED_TARGET, MIN_COSINE = 3.5, 1.3, 0.99
-#: (artifact name, options); int4 runs with a lower gate so its numbers are shown even where it misses 0.99
+#: (artifact name, quantize options); int4 runs with a lower gate so its numbers are shown even where it misses 0.99
 VARIANTS = [
-    ("int8-dynamic", quantize.QuantizeOptions(mode="int8-dynamic")),
-    ("int8-dynamic-conv", quantize.QuantizeOptions(mode="int8-dynamic", op_types=["MatMul", "Conv"], output="int8-dynamic-conv")),
-    ("int8-static", quantize.QuantizeOptions(mode="int8-static")),
-    ("int8-static-trt", quantize.QuantizeOptions(mode="int8-static", target="tensorrt")),
-    ("int4", quantize.QuantizeOptions(mode="int4", min_cosine=0.9)),
-    ("fp16", quantize.QuantizeOptions(mode="fp16")),
+    ("int8-dynamic", {"mode": "int8-dynamic"}),
+    ("int8-dynamic-conv", {"mode": "int8-dynamic", "op_types": ["MatMul", "Conv"], "name": "int8-dynamic-conv"}),
+    ("int8-static", {"mode": "int8-static"}),
+    ("int8-static-trt", {"mode": "int8-static", "target": "tensorrt"}),
+    ("int4", {"mode": "int4", "min_cosine": 0.9}),
+    ("fp16", {"mode": "fp16"}),
 ]
 
 
@@ -53,19 +53,19 @@ def convert_cost(model_dir: Path) -> tuple[float, float]:
     return seconds, peak_kb / 1024
 
 
-def make_variants(model_dir: ModelDir) -> None:
-    with model_dir.lock():
+def make_variants(model_dir: Path) -> None:
+    started = time.perf_counter()
+    optimized = vlmopt.optimize(model_dir).artifact
+    fused = {t: f"attention {r['fused'].get('Attention', 0)}/{r['attention_layers']}" for t, r in optimized.record["towers"].items()}
+    print(f"optimize: {time.perf_counter() - started:.1f} s; fused {fused}")
+    for name, options in VARIANTS:
         started = time.perf_counter()
-        optimized = optimize.run(model_dir, optimize.OptimizeOptions(), threads=bench._physical_cores()).artifact
-        fused = {t: f"attention {r['fused'].get('Attention', 0)}/{r['attention_layers']}" for t, r in optimized.towers.items()}
-        print(f"optimize: {time.perf_counter() - started:.1f} s; fused {fused}")
-        for name, options in VARIANTS:
-            started = time.perf_counter()
-            artifact = quantize.run(model_dir, options, threads=bench._physical_cores()).artifact
-            cosines = {t: round(min(o["cosine_min"] for o in r["outputs"].values()), 6) for t, r in artifact.verification["towers"].items()}
-            sizes = {t: f"{r['parent_size'] / 2**20:.0f} -> {r['size'] / 2**20:.0f} MB" for t, r in artifact.towers.items()}
-            agreement = (artifact.verification.get("zero_shot") or {}).get("agreement")
-            print(f"quantize {name}: {time.perf_counter() - started:.1f} s; cosine min vs fp32 {cosines}; zero-shot agreement {agreement}; {sizes}")
+        artifact = vlmopt.quantize(model_dir, **options).artifact
+        cosines = {t: round(min(o.cosine_min for c in checks for o in c.outputs.values()), 6) for t, checks in artifact.verification.towers.items()}
+        sizes = {t: f"{artifact.record['towers'][t]['parent_size'] / 2**20:.0f} -> {r.size / 2**20:.0f} MB" for t, r in artifact.towers.items()}
+        zero_shot = artifact.verification.metric("zero-shot top-1 agreement")
+        agreement = zero_shot.value if zero_shot else None
+        print(f"quantize {name}: {time.perf_counter() - started:.1f} s; cosine min vs fp32 {cosines}; zero-shot agreement {agreement}; {sizes}")
 
 
 def main() -> int:
@@ -79,11 +79,10 @@ def main() -> int:
     if not (source / "config.json").exists():
         print(f"building base CLIP (ViT-B/32 architecture, random weights) in {source}")
         build_demo_model(source, "clip", "base")
-    model_dir = ModelDir.create(workdir / "clip-base")
-    with model_dir.lock():
-        export.run(model_dir, export.ExportOptions(str(source)))
+    model_dir = workdir / "clip-base"
+    vlmopt.export(source, model_dir)
 
-    seconds, peak_mb = convert_cost(model_dir.path)
+    seconds, peak_mb = convert_cost(model_dir)
     print(f"\nconvert (both towers, verification included): {seconds:.1f} s wall, {peak_mb:.0f} MB peak RSS")
     print(
         "  anchor, same machine and model (2026-11-21): `optimum-cli export onnx --task zero-shot-image-classification`"
@@ -91,11 +90,9 @@ def main() -> int:
     )
     make_variants(model_dir)
 
-    options = bench.BenchOptions(batches=[1, 8], iterations=args.iterations, warmup=3)
-    with model_dir.lock():
-        report = bench.run(model_dir, options)
-    print("\n" + bench.markdown_table(report["rows"]))
-    print(f"threads: {report['machine']['threads']}; reports: {model_dir.path / 'reports'}")
+    report = vlmopt.bench(model_dir, batch=[1, 8], iterations=args.iterations, warmup=3, force=True).report
+    print("\n" + markdown_table(report["rows"]))
+    print(f"threads: {report['machine']['threads']}; reports: {model_dir / 'reports'}")
     print("PyTorch eager = the `hf` rows (SDPA attention, torch's fastest eager path); speed-ups are against it, same run, same inputs.")
     summarize(report["rows"])
     return 0
@@ -106,7 +103,7 @@ def summarize(rows: list[dict]) -> None:
         return next((r for r in rows if r["artifact"] == artifact and r["tower"] == tower and r["batch"] == batch), None)
 
     print("\nratios to PyTorch eager:")
-    for artifact in dict.fromkeys(r["artifact"] for r in rows if r["artifact"] != bench.REFERENCE):
+    for artifact in dict.fromkeys(r["artifact"] for r in rows if r["artifact"] != REFERENCE):
         cells = []
         for tower in ("vision", "text"):
             for batch in (1, 8):

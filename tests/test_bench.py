@@ -132,7 +132,7 @@ def test_bench_reports_a_static_artifact_as_not_measured_at_other_shapes(static_
     report = vlmopt_json("bench", model_dir, "--batch", "2", "--tower", "text", *QUICK)
 
     assert [r["artifact"] for r in report["rows"]] == ["hf"]
-    assert report["skipped"] == [{"artifact": "onnx", "tower": "text", "batch": 2, "reason": "static shapes differ from this measurement's"}]
+    assert report["not_measured"] == [{"artifact": "onnx", "tower": "text", "batch": 2, "reason": "static shapes differ from this measurement's"}]
 
 
 def test_bench_runs_a_static_artifact_only_at_its_fixed_batch(benched_static: dict[str, Any]) -> None:

@@ -122,7 +122,7 @@ def test_build_from_an_artifact_that_does_not_exist_is_refused(clip_dir: Path) -
 @pytest.mark.parametrize(
     ("flags", "fragment"),
     [
-        (("--optimization-level", "9"), "--optimization-level must be 0..5, got 9"),
+        (("--optimization-level", "9"), "--optimization-level must be in [0, 5], got 9"),
         (("--shapes", "bad"), "--shapes takes name:MIN,OPT,MAX"),
         (("--shapes", "input_ids:8x32,1x32,32x32"), "min <= opt <= max"),
         (("--workspace", "0"), "--workspace"),
@@ -171,7 +171,7 @@ def test_bench_on_cuda_without_a_gpu_is_refused(clip_dir: Path) -> None:
 
 
 def test_bench_on_an_unknown_device_is_refused(clip_dir: Path) -> None:
-    _refused(clip_dir, "bench", "--device", "tpu", fragments=("--device must be cpu or cuda, got 'tpu'",))
+    _refused(clip_dir, "bench", "--device", "tpu", fragments=("--device must be one of cpu, cuda, got 'tpu'",))
 
 
 @pytest.fixture

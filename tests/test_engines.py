@@ -23,7 +23,8 @@ from vlmopt.engines import (
 from vlmopt.errors import VlmoptError
 from vlmopt.families import Tower
 from vlmopt.machine import INSTALL_TENSORRT, Gpu, Machine, stages_usable
-from vlmopt.stages.build import BuildOptions, check_parent, parse_error_message, rebuild_command, sparse_requested
+from vlmopt.stages.build import STAGE as BUILD
+from vlmopt.stages.build import BuildOptions, parse_error_message, sparse_requested
 from vlmopt.workspace import Artifact, ModelDir
 
 
@@ -358,15 +359,15 @@ def test_default_build_options_are_valid() -> None:
 @pytest.mark.parametrize(
     ("options", "fragment"),
     [
-        ({"optimization_level": 6}, "--optimization-level must be 0..5, got 6"),
-        ({"optimization_level": -1}, "--optimization-level must be 0..5, got -1"),
-        ({"workspace_mb": 0}, "--workspace must be at least 1 MiB, got 0"),
+        ({"optimization_level": 6}, "--optimization-level must be in [0, 5], got 6"),
+        ({"optimization_level": -1}, "--optimization-level must be in [0, 5], got -1"),
+        ({"workspace": 0}, "--workspace must be at least 1, got 0"),
         ({"hardware_compatibility": "turing"}, "--hardware-compatibility must be one of none, ampere+, same-cc, got 'turing'"),
-        ({"sparse_weights": "maybe"}, "--sparse-weights must be auto, on or off, got 'maybe'"),
+        ({"sparse_weights": "maybe"}, "--sparse-weights must be one of auto, on, off, got 'maybe'"),
         ({"min_cosine": 2.0}, "--min-cosine must be in [0, 1], got 2.0"),
         ({"min_cosine": -0.5}, "--min-cosine must be in [0, 1], got -0.5"),
         ({"opt_batch": 64, "max_batch": 32}, "--opt-batch (64) must be at least 1 and at most --max-batch (32)"),
-        ({"opt_batch": 0}, "--opt-batch (0)"),
+        ({"opt_batch": 0}, "--opt-batch must be at least 1, got 0"),
         ({"max_seq": 0}, "--max-seq must be at least 1, got 0"),
         ({"shapes": ["bad"]}, "--shapes takes name:MIN,OPT,MAX"),
         ({"shapes": ["input_ids:1x77,8x77,32x77", "attention_mask:8x77,1x77,32x77"]}, "--shapes attention_mask:8x77,1x77,32x77"),
@@ -404,7 +405,7 @@ def test_min_cosine_none_turns_the_check_off_and_is_valid() -> None:
 
 @pytest.mark.parametrize(("source", "output", "name"), [("onnx", None, "trt-onnx"), ("fp16", None, "trt-fp16"), ("fp16", "engines", "engines")])
 def test_the_engine_artifact_is_named_trt_source_unless_named(source: str, output: str | None, name: str) -> None:
-    assert BuildOptions(source=source, output=output).name == name
+    assert BuildOptions(source=source, name=output).artifact == name
 
 
 def test_build_options_overrides_are_the_parsed_shapes_by_input_name() -> None:
@@ -415,7 +416,7 @@ def test_build_options_overrides_are_the_parsed_shapes_by_input_name() -> None:
 
 
 def test_the_rebuild_command_names_the_directory_source_and_name_with_force(tmp_path: Path) -> None:
-    command = rebuild_command(ModelDir(tmp_path / "clip"), BuildOptions(source="fp16"))
+    command = BUILD.command_line(tmp_path / "clip", BuildOptions(source="fp16"))
 
     assert command == f"vlmopt build {tmp_path / 'clip'} --from fp16 --name trt-fp16 --force"
 
@@ -441,17 +442,17 @@ def _artifact(model_dir: ModelDir, name: str) -> Artifact:
 
 @pytest.mark.parametrize("name", ["onnx", "fp16", "int8-static-trt", "onnx-24"])
 def test_build_accepts_plain_fp16_tensorrt_int8_and_sparse_onnx_artifacts(name: str, clip_variants: ModelDir) -> None:
-    check_parent(_artifact(clip_variants, name))
+    BUILD.check_parent(_artifact(clip_variants, name), BuildOptions())
 
 
 def test_build_refuses_a_hugging_face_artifact(clip_variants: ModelDir) -> None:
-    with pytest.raises(VlmoptError, match="build reads an ONNX artifact; 'hf' is of kind 'hf'"):
-        check_parent(_artifact(clip_variants, "hf"))
+    with pytest.raises(VlmoptError, match="build reads an ONNX artifact; 'hf' is a Hugging Face artifact"):
+        BUILD.check_parent(_artifact(clip_variants, "hf"), BuildOptions())
 
 
 def test_build_refuses_an_artifact_with_onnx_runtime_only_operators(clip_variants: ModelDir) -> None:
     with pytest.raises(VlmoptError) as raised:
-        check_parent(_artifact(clip_variants, "onnx-opt"))
+        BUILD.check_parent(_artifact(clip_variants, "onnx-opt"), BuildOptions())
 
     message = raised.value.message
     assert "'onnx-opt' holds ONNX Runtime-only operators (com.microsoft)" in message
@@ -460,20 +461,20 @@ def test_build_refuses_an_artifact_with_onnx_runtime_only_operators(clip_variant
 
 def test_build_refuses_a_cpu_int8_artifact_with_its_recorded_issue(clip_variants: ModelDir) -> None:
     parent = _artifact(clip_variants, "int8-static")
-    tower, record = next(iter(parent.towers.items()))
-    assert record["tensorrt_ready"] is False
+    tower, issue = next(iter(parent.traits.tensorrt_issues.items()))
+    assert issue is not None
 
     with pytest.raises(VlmoptError) as raised:
-        check_parent(parent)
+        BUILD.check_parent(parent, BuildOptions())
 
     message = raised.value.message
-    assert f"'int8-static' is not a graph TensorRT builds ({tower}: {record['tensorrt_issue']})" in message
+    assert f"'int8-static' is not a graph TensorRT builds ({tower}: {issue})" in message
     assert "--target tensorrt" in message
 
 
 def test_sparse_weights_auto_is_on_for_an_artifact_pruned_to_2_4(clip_variants: ModelDir) -> None:
     parent = _artifact(clip_variants, "onnx-24")
-    assert parent.meta.get("two_four_sparse") is True
+    assert parent.traits.two_four_sparse is True
 
     assert sparse_requested("auto", parent) is True
 

@@ -19,7 +19,7 @@ def test_export_writes_safetensors_config_and_tokenizer_into_hf(exported: Callab
 
 
 def test_export_manifest_has_the_schema_version(exported: Callable[[str], Path]) -> None:
-    assert manifest(exported("clip"))["schema_version"] == 1
+    assert manifest(exported("clip"))["schema_version"] == 2
 
 
 def test_export_manifest_records_the_hash_and_size_of_every_file(exported: Callable[[str], Path]) -> None:

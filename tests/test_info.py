@@ -48,7 +48,7 @@ def test_info_verify_reports_a_same_size_content_change_as_modified(converted: C
 def test_info_reports_an_artifact_whose_parent_was_re_exported_as_stale(reexported_clip: Path) -> None:
     statuses = _statuses(reexported_clip)
 
-    assert statuses == {"hf": "ok", "onnx": "stale (parent changed)"}
+    assert statuses == {"hf": "ok", "onnx": "stale: its parent 'hf' changed"}
 
 
 def test_info_prints_a_table_of_the_artifacts(converted: Callable[[str], Path]) -> None:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from vlmopt.errors import CheckFailed
 from vlmopt.families import TensorSpec, TextVocab, Tower
 from vlmopt.inputs import make_inputs
-from vlmopt.stages.convert import verify_tower
-from vlmopt.verify import compare
+from vlmopt.records import Verification
+from vlmopt.runners import Runner
+from vlmopt.verification import Gates, compare, verify_runners
+from vlmopt.verification.check import shape_sets
 from vlmopt.workspace import content_digest, file_records
 
 CLIP_LIKE = TextVocab(vocab_size=1024, max_length=32, bos_token_id=1022, eos_token_id=1023, pad_token_id=1023)
@@ -100,7 +104,7 @@ def test_dummy_inputs_are_the_same_for_the_same_seed() -> None:
     assert all(np.array_equal(first[k], second[k]) for k in first)
 
 
-# -- verify_tower -------------------------------------------------------------------------------
+# -- verification ---------------------------------------------------------------------------------
 def _embedding_tower() -> Tower:
     """A tower whose outputs the tests' reference/candidate functions compute directly."""
     return Tower(
@@ -111,9 +115,32 @@ def _embedding_tower() -> Tower:
     )
 
 
-def test_verification_records_the_worst_cosine_over_all_shapes() -> None:
-    tower = _embedding_tower()
+class _FunctionRunner(Runner):
+    """Our runner interface over a plain function (the verification service runs any backend)."""
 
+    backend = "function"
+
+    def __init__(self, function: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]):
+        super().__init__(["pixel_values"], ["image_embeds"])
+        self.function = function
+
+    def run_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.function(feed)
+
+
+def _verify(reference: Callable[..., dict[str, np.ndarray]], candidate: Callable[..., dict[str, np.ndarray]], gates: Gates) -> Verification:
+    tower = _embedding_tower()
+    return verify_runners(
+        {"vision": tower},
+        lambda t: _FunctionRunner(reference),
+        lambda t: _FunctionRunner(candidate),
+        gates,
+        "reference",
+        sets=lambda t: shape_sets(t, [{"batch": 1}, {"batch": 2}]),
+    )
+
+
+def test_verification_records_the_worst_cosine_over_all_shapes() -> None:
     def reference(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"image_embeds": np.tile([0.1, 0.0], (len(feed["pixel_values"]), 1))}
 
@@ -122,24 +149,26 @@ def test_verification_records_the_worst_cosine_over_all_shapes() -> None:
         row = [1.1, 0.0] if len(feed["pixel_values"]) == 1 else [0.0, 0.1]
         return {"image_embeds": np.tile(row, (len(feed["pixel_values"]), 1))}
 
-    result = verify_tower(reference, candidate, tower, [{"batch": 1}, {"batch": 2}], atol=10.0)
+    result = _verify(reference, candidate, Gates(atol=10.0))
 
-    assert result["outputs"]["image_embeds"]["max_abs_diff"] == pytest.approx(1.0)
-    assert result["outputs"]["image_embeds"]["cosine_min"] == pytest.approx(0.0)
+    (check,) = result.towers["vision"]
+    assert check.outputs["image_embeds"].max_abs_diff == pytest.approx(1.0)
+    assert check.outputs["image_embeds"].worst_at == {"batch": 1}
+    assert check.outputs["image_embeds"].cosine_min == pytest.approx(0.0)
 
 
 def test_verification_fails_when_any_output_exceeds_atol() -> None:
-    tower = _embedding_tower()
-
     def reference(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"image_embeds": np.zeros((len(feed["pixel_values"]), 2), dtype=np.float32)}
 
     def candidate(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"image_embeds": np.full((len(feed["pixel_values"]), 2), 1e-3, dtype=np.float32)}
 
-    result = verify_tower(reference, candidate, tower, [{"batch": 1}, {"batch": 2}], atol=1e-4)
+    with pytest.raises(CheckFailed) as raised:
+        _verify(reference, candidate, Gates(atol=1e-4))
 
-    assert result["passed"] is False
+    assert raised.value.details["verification"]["passed"] is False
+    assert "differs from the reference by 0.001 (> --atol 0.0001)" in raised.value.message
 
 
 # -- content digests ----------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def optimized_clip(tmp_path_factory: pytest.TempPathFactory, converted: Callable
 @pytest.mark.parametrize("tower", ["vision", "text"])
 def test_optimize_fuses_attention_in_every_layer_of_both_clip_towers(tower: str, optimized_clip: tuple[Path, dict[str, Any]]) -> None:
     model_dir, artifact = optimized_clip
-    recorded = artifact["towers"][tower]
+    recorded = artifact["record"]["towers"][tower]
 
     assert recorded["attention_layers"] == 2  # the tiny demo CLIP has two layers per tower
     assert recorded["fused"]["Attention"] == recorded["attention_layers"]
@@ -53,7 +53,7 @@ def test_optimize_fuses_attention_in_every_layer_of_both_clip_towers(tower: str,
 def test_attention_layers_counts_the_softmax_of_every_block_of_the_unfused_export(tower: str, optimized_clip: tuple[Path, dict[str, Any]]) -> None:
     model_dir, artifact = optimized_clip
 
-    assert artifact["towers"][tower]["attention_layers"] == _ops(model_dir / "onnx" / f"{tower}.onnx", "Softmax")
+    assert artifact["record"]["towers"][tower]["attention_layers"] == _ops(model_dir / "onnx" / f"{tower}.onnx", "Softmax")
 
 
 def test_optimized_graphs_keep_no_unfused_softmax(optimized_clip: tuple[Path, dict[str, Any]]) -> None:
@@ -70,10 +70,10 @@ def test_optimized_clip_records_passed_verification_against_the_unfused_graph(op
     assert verification["passed"] is True
     assert verification["reference"] == "onnx"
     assert sorted(verification["towers"]) == ["text", "vision"]
-    for tower in verification["towers"].values():
-        for output in tower["outputs"].values():
-            assert output["cosine_min"] >= verification["min_cosine"], output
-            assert output["max_abs_diff"] <= verification["atol"], output
+    for checks in verification["towers"].values():
+        for output in (o for check in checks for o in check["outputs"].values()):
+            assert output["cosine_min"] >= verification["gates"]["min_cosine"], output
+            assert output["max_abs_diff"] <= verification["gates"]["atol"], output
 
 
 def test_optimized_artifact_records_its_parent_and_that_it_is_optimized_fp32(optimized_clip: tuple[Path, dict[str, Any]]) -> None:
@@ -81,14 +81,14 @@ def test_optimized_artifact_records_its_parent_and_that_it_is_optimized_fp32(opt
 
     assert artifact["parent"] == "onnx"
     assert artifact["parent_digest"] == manifest(model_dir)["artifacts"]["onnx"]["digest"]
-    assert artifact["meta"]["optimized"] is True
-    assert artifact["meta"]["precision"] == "fp32"
+    assert artifact["traits"]["fused"] is True
+    assert artifact["traits"]["precision"] == "fp32"
 
 
 def test_optimized_artifact_records_that_it_holds_onnxruntime_only_operators(optimized_clip: tuple[Path, dict[str, Any]]) -> None:
     _, artifact = optimized_clip
 
-    assert artifact["meta"]["custom_domains"] == ["com.microsoft"]
+    assert artifact["traits"]["ort_only_ops"] == ["com.microsoft"]
 
 
 def test_optimized_graphs_keep_the_exports_input_and_output_names(optimized_clip: tuple[Path, dict[str, Any]]) -> None:
@@ -146,7 +146,7 @@ def test_optimize_without_attention_fuses_no_attention_and_still_verifies(conver
     artifact = vlmopt_json("optimize", model_dir, "--no-attention", "--name", "onnx-noattn")["artifact"]
 
     assert artifact["verification"]["passed"] is True
-    for tower, recorded in artifact["towers"].items():
+    for tower, recorded in artifact["record"]["towers"].items():
         assert "Attention" not in recorded["fused"], tower
         assert _ops(model_dir / "onnx-noattn" / f"{tower}.onnx", "Softmax") == recorded["attention_layers"], tower
 
@@ -167,6 +167,6 @@ def test_optimize_writes_a_verified_artifact_for(family: str, converted: Callabl
 def test_optimize_fuses_attention_in_every_layer_of(family: str, tower: str, converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]) -> None:
     model_dir = copy_model_dir(converted(family))
 
-    recorded = vlmopt_json("optimize", model_dir)["artifact"]["towers"][tower]
+    recorded = vlmopt_json("optimize", model_dir)["artifact"]["record"]["towers"][tower]
 
     assert recorded["fused"].get("Attention", 0) == recorded["attention_layers"] > 0

@@ -173,7 +173,7 @@ def test_mlp_pruning_alone_keeps_every_head(family: str, structured: Callable[[s
 
     sub_configs = [config["vision_config"], config["text_config"]] if len(TOWERS[family]) == 2 else [config]
     assert [c["num_attention_heads"] for c in sub_configs] == [HEADS] * len(sub_configs)
-    assert all("heads" not in recorded for recorded in artifact["towers"].values())
+    assert all("heads" not in recorded for recorded in artifact["record"]["towers"].values())
 
 
 @pytest.mark.parametrize("family", PRUNED_FAMILIES)
@@ -194,9 +194,9 @@ def test_structured_pruning_shrinks_only_the_pruned_linears_and_leaves_every_oth
 def test_manifest_records_mlp_neurons_and_heads_before_and_after_for_every_tower(family: str, structured: Callable[[str], tuple[Path, dict[str, Any]]]) -> None:
     model_dir, artifact = structured(family)
 
-    assert manifest(model_dir)["artifacts"]["hf-pruned"]["towers"] == artifact["towers"]
-    assert sorted(artifact["towers"]) == sorted(TOWERS[family])
-    for recorded in artifact["towers"].values():
+    assert manifest(model_dir)["artifacts"]["hf-pruned"]["record"] == artifact["record"]
+    assert sorted(artifact["record"]["towers"]) == sorted(TOWERS[family])
+    for recorded in artifact["record"]["towers"].values():
         assert recorded["mlp"] == {"before": MLP, "after": MLP_KEPT}
         if family == "vit":
             assert recorded["heads"] == {"before": HEADS, "after": HEADS_KEPT, "head_dim": HEAD_DIM}
@@ -207,7 +207,7 @@ def test_reported_parameter_drop_equals_the_weights_removed_from_the_checkpoint(
     model_dir, artifact = structured(family)
     original, pruned = _weights(model_dir, "hf"), _weights(model_dir, "hf-pruned")
 
-    for tower, recorded in artifact["towers"].items():
+    for tower, recorded in artifact["record"]["towers"].items():
         removed = sum(original[k].size - pruned[k].size for k in _tower_keys(original, family, tower))
         assert removed > 0, tower
         assert recorded["parameters_before"] - recorded["parameters_after"] == removed, tower
@@ -217,7 +217,7 @@ def test_reported_parameter_drop_equals_the_weights_removed_from_the_checkpoint(
 def test_reported_flops_per_item_fall(family: str, structured: Callable[[str], tuple[Path, dict[str, Any]]]) -> None:
     _, artifact = structured(family)
 
-    for tower, recorded in artifact["towers"].items():
+    for tower, recorded in artifact["record"]["towers"].items():
         assert 0 < recorded["flops_after"] < recorded["flops_before"], tower
 
 
@@ -231,18 +231,18 @@ def test_pruned_model_is_checked_against_the_unpruned_one_with_a_cosine_per_towe
     assert verification["passed"] is True
     assert verification["reference"] == "hf"
     assert sorted(verification["towers"]) == sorted(TOWERS[family])
-    for tower, checked in verification["towers"].items():
-        for output in checked["outputs"].values():
+    for tower, checks in verification["towers"].items():
+        for output in (o for check in checks for o in check["outputs"].values()):
             assert 0 < output["cosine_min"] <= output["cosine_mean"] <= 1 + 1e-9, tower
             assert output["cosine_mean"] < 1 - 1e-6, f"{tower}: pruning changed nothing"
 
 
 @pytest.mark.parametrize("family", ["clip", "siglip"])
 def test_pruned_dual_encoder_records_zero_shot_agreement_with_the_unpruned_one(family: str, structured: Callable[[str], tuple[Path, dict[str, Any]]]) -> None:
-    zero_shot = structured(family)[1]["verification"]["zero_shot"]
+    (zero_shot,) = structured(family)[1]["verification"]["metrics"]
 
-    assert 0 <= zero_shot["agreement"] <= 1
-    assert zero_shot["images"] > 1 and zero_shot["prompts"] > 1
+    assert 0 <= zero_shot["value"] <= 1
+    assert zero_shot["detail"]["images"] > 1 and zero_shot["detail"]["prompts"] > 1
 
 
 def test_pruned_artifact_is_a_hugging_face_artifact_made_from_hf_and_not_fine_tuned(structured: Callable[[str], tuple[Path, dict[str, Any]]]) -> None:
@@ -250,8 +250,8 @@ def test_pruned_artifact_is_a_hugging_face_artifact_made_from_hf_and_not_fine_tu
 
     assert (artifact["kind"], artifact["stage"], artifact["parent"]) == ("hf", "prune", "hf")
     assert artifact["parent_digest"] == manifest(model_dir)["artifacts"]["hf"]["digest"]
-    assert artifact["meta"]["fine_tuned"] is False
-    assert artifact["meta"]["pruned_towers"] == ["vision", "text"]
+    assert artifact["record"]["fine_tuned"] is False
+    assert artifact["record"]["pruned_towers"] == ["vision", "text"]
 
 
 def test_pruned_artifact_keeps_the_tokenizer_and_processor_of_its_parent(structured: Callable[[str], tuple[Path, dict[str, Any]]]) -> None:
@@ -262,7 +262,7 @@ def test_pruned_artifact_keeps_the_tokenizer_and_processor_of_its_parent(structu
 
 
 def test_magnitude_pruning_records_no_calibration(structured: Callable[[str], tuple[Path, dict[str, Any]]]) -> None:
-    assert "calibration" not in structured("clip")[1]["meta"]
+    assert "calibration" not in structured("clip")[1]["record"]
 
 
 def test_rerun_with_the_same_options_is_skipped_and_changes_nothing(structured: Callable[[str], tuple[Path, dict[str, Any]]]) -> None:
@@ -336,7 +336,7 @@ def test_l1_l2_and_activation_scores_keep_different_neurons(scored: tuple[Path, 
 
 
 def test_activation_score_with_images_and_prompts_records_real_calibration_for_both_towers(scored: tuple[Path, dict[str, Result]]) -> None:
-    calibration = json.loads(scored[1]["hf-activation"].stdout)["artifact"]["meta"]["calibration"]
+    calibration = json.loads(scored[1]["hf-activation"].stdout)["artifact"]["record"]["calibration"]
 
     assert calibration == {
         "vision": {"data": "real", "samples": 4, "method": "activation"},
@@ -364,7 +364,7 @@ def test_activation_score_without_data_warns_in_capitals_that_it_used_synthetic_
 
 
 def test_activation_score_without_data_records_synthetic_calibration(synthetic_scored: Result) -> None:
-    calibration = json.loads(synthetic_scored.stdout)["artifact"]["meta"]["calibration"]
+    calibration = json.loads(synthetic_scored.stdout)["artifact"]["record"]["calibration"]
 
     assert calibration["vision"]["data"] == "synthetic"
     assert calibration["vision"]["samples"] > 0
@@ -380,7 +380,7 @@ def test_rerun_after_the_calibration_prompts_changed_is_redone(tmp_path: Path, e
     report = vlmopt_json("prune", model_dir, *flags)
 
     assert report["skipped"] is False
-    assert report["artifact"]["meta"]["calibration"]["text"]["samples"] == 3
+    assert report["artifact"]["record"]["calibration"]["text"]["samples"] == 3
 
 
 # -- towers ---------------------------------------------------------------------------------------
@@ -408,8 +408,8 @@ def test_tower_vision_prunes_only_the_vision_tower_of_clip(vision_only: tuple[Pa
 def test_tower_vision_reports_and_checks_only_the_vision_tower(vision_only: tuple[Path, Result]) -> None:
     artifact = manifest(vision_only[0])["artifacts"]["hf-pruned"]
 
-    assert list(artifact["towers"]) == ["vision"]
-    assert artifact["meta"]["pruned_towers"] == ["vision"]
+    assert list(artifact["record"]["towers"]) == ["vision"]
+    assert artifact["record"]["pruned_towers"] == ["vision"]
     assert list(artifact["verification"]["towers"]) == ["vision"]
 
 
@@ -426,7 +426,7 @@ def test_naming_a_tower_twice_prunes_it_once(exported: Callable[[str], Path], co
     artifact = vlmopt_json("prune", model_dir, "--mlp-ratio", MLP_RATIO, "--tower", "vision", "--tower", "vision")["artifact"]
 
     assert _config(model_dir, "hf-pruned")["vision_config"]["intermediate_size"] == MLP_KEPT
-    assert artifact["towers"]["vision"]["mlp"] == {"before": MLP, "after": MLP_KEPT}
+    assert artifact["record"]["towers"]["vision"]["mlp"] == {"before": MLP, "after": MLP_KEPT}
 
 
 # -- the pruned checkpoint outside vlmopt ---------------------------------------------------------
@@ -528,7 +528,7 @@ def test_onnx_of_the_pruned_checkpoint_quantizes_to_int8_dynamic(pipeline: tuple
     model_dir, _ = pipeline
     artifact = manifest(model_dir)["artifacts"]["int8-pruned"]
 
-    assert (artifact["parent"], artifact["meta"]["precision"]) == ("onnx-pruned", "int8-dynamic")
+    assert (artifact["parent"], artifact["traits"]["precision"]) == ("onnx-pruned", "int8-dynamic")
     assert artifact["verification"]["passed"] is True
     for tower in TOWERS["clip"]:
         assert any(n.op_type == "MatMulInteger" for n in onnx.load(model_dir / "int8-pruned" / f"{tower}.onnx").graph.node), tower
@@ -599,9 +599,9 @@ def test_two_four_keeps_the_two_largest_weights_of_each_group_unchanged(sparse: 
 
 def test_two_four_is_recorded_in_the_manifest(sparse: tuple[Path, dict[str, dict[str, Any]]]) -> None:
     model_dir, artifacts = sparse
-    meta = manifest(model_dir)["artifacts"]["hf-2-4"]["meta"]
+    meta = manifest(model_dir)["artifacts"]["hf-2-4"]["traits"]
 
-    assert meta == artifacts["hf-2-4"]["meta"]
+    assert meta == artifacts["hf-2-4"]["traits"]
     assert meta["two_four_sparse"] is True
     for tower in TOWERS["clip"]:
         assert meta["sparsity"][tower]["pattern"] == "2:4"
@@ -673,7 +673,7 @@ def test_global_sparsity_uses_one_magnitude_threshold_over_the_tower(tower: str,
 @pytest.mark.parametrize(("name", "scope"), [("hf-sparse-layer", "layer"), ("hf-sparse-global", "global")])
 def test_unstructured_sparsity_is_recorded_with_its_target_and_what_it_achieved(name: str, scope: str, sparse: tuple[Path, dict[str, dict[str, Any]]]) -> None:
     model_dir, artifacts = sparse
-    meta = artifacts[name]["meta"]
+    meta = artifacts[name]["traits"]
 
     assert meta["two_four_sparse"] is False
     for tower in TOWERS["clip"]:
@@ -682,7 +682,7 @@ def test_unstructured_sparsity_is_recorded_with_its_target_and_what_it_achieved(
         measured = sum(int((w == 0).sum()) for w in linears.values()) / sum(w.size for w in linears.values())
         assert (recorded["pattern"], recorded["scope"], recorded["target"], recorded["layers"]) == ("unstructured", scope, 0.4, 12)
         assert recorded["achieved"] == pytest.approx(measured)
-        assert artifacts[name]["towers"][tower]["sparsity"] == recorded
+        assert artifacts[name]["record"]["towers"][tower]["sparsity"] == recorded
 
 
 # -- the accuracy gate ----------------------------------------------------------------------------
@@ -716,6 +716,6 @@ def test_min_cosine_that_is_met_is_recorded_and_the_artifact_written(exported: C
 
     artifact = vlmopt_json("prune", model_dir, "--mlp-ratio", MLP_RATIO, "--min-cosine", 0.5)["artifact"]
 
-    assert artifact["verification"]["min_cosine"] == 0.5
+    assert artifact["verification"]["gates"]["min_cosine"] == 0.5
     assert artifact["verification"]["passed"] is True
     assert (model_dir / "hf-pruned" / "model.safetensors").is_file()

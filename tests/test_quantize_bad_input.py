@@ -234,12 +234,13 @@ def test_calibration_images_for_a_model_exported_without_an_image_processor_are_
     [
         (("--model-type", "gpt9"), "--model-type"),
         (("--atol", "0"), "--atol"),
-        (("--min-cosine", "0"), "--min-cosine"),
+        (("--min-cosine", "-0.5"), "--min-cosine"),
         (("--min-cosine", "1.5"), "--min-cosine"),
+        (("--min-cosine", "nan"), "--min-cosine"),
         (("--from", "hf"), "vlmopt convert"),
         (("--name", "hf"), "vlmopt export"),
     ],
-    ids=["unknown-model-type", "atol-0", "min-cosine-0", "min-cosine-1.5", "from-hf", "over-hf"],
+    ids=["unknown-model-type", "atol-0", "min-cosine-negative", "min-cosine-1.5", "min-cosine-nan", "from-hf", "over-hf"],
 )
 def test_optimize_with_an_invalid_flag_value_is_refused(flags: tuple[str, ...], fragment: str, clip_dir: Path) -> None:
     _refused(clip_dir, "optimize", *flags, fragments=(fragment,))

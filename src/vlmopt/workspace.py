@@ -21,14 +21,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from vlmopt.errors import VlmoptError
+from vlmopt.records import TowerRecord, Traits, Verification
 from vlmopt.versions import tool_versions
 
 MANIFEST_NAME = "vlmopt.json"
 LOCK_NAME = ".vlmopt.lock"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 #: folders of the model directory that are not artifacts
 RESERVED_NAMES = ("reports", "timing-caches")
@@ -45,7 +46,11 @@ class FileRecord:
 
 @dataclass
 class Artifact:
-    """One entry of the manifest: a folder of the model directory and how it came to be."""
+    """One entry of the manifest: a folder of the model directory and how it came to be.
+
+    `options` and `environment` (the versions of the tools its stage depends on) together with the
+    parent's digest are what made it: when any of them changes, the artifact is stale. `traits` say
+    what its content is, `towers` its graphs, `record` what its stage did (read by nobody else)."""
 
     name: str
     kind: str
@@ -55,24 +60,39 @@ class Artifact:
     parent_digest: str | None
     digest: str
     files: list[FileRecord]
-    towers: dict[str, dict[str, Any]] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)
+    towers: dict[str, TowerRecord] = field(default_factory=dict)
+    traits: Traits = field(default_factory=Traits)
+    record: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, str] = field(default_factory=dict)
     tools: dict[str, str] = field(default_factory=dict)
     created: str = ""
-    verification: dict[str, Any] | None = None
+    verification: Verification | None = None
     benchmark: dict[str, Any] | None = None
 
     @property
     def size(self) -> int:
         return sum(f.size for f in self.files)
 
+    def tower_files(self, tower: str) -> list[FileRecord]:
+        """The files of one tower: its graph and any external data beside it."""
+        stem = self.towers[tower].file or ""
+        return [f for f in self.files if f.path == stem or f.path.startswith(stem + ".")]
+
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["files"] = [dataclasses.asdict(f) for f in self.files]
+        data["towers"] = {name: record.to_json() for name, record in self.towers.items()}
+        data["traits"] = self.traits.to_json()
+        data["verification"] = self.verification.to_json() if self.verification else None
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Artifact:
         data = dict(data)
         data["files"] = [FileRecord(**f) for f in data.get("files", [])]
+        data["towers"] = {name: TowerRecord.from_json(name, t) for name, t in (data.get("towers") or {}).items()}
+        data["traits"] = Traits.from_json(data.get("traits") or {})
+        data["verification"] = Verification.from_json(data["verification"]) if data.get("verification") else None
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -81,18 +101,22 @@ class Artifact:
 class StageOutput:
     """What a stage's build function reports about the folder it wrote."""
 
-    towers: dict[str, dict[str, Any]] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)
-    verification: dict[str, Any] | None = None
+    towers: dict[str, TowerRecord] = field(default_factory=dict)
+    traits: Traits = field(default_factory=Traits)
+    record: dict[str, Any] = field(default_factory=dict)
+    verification: Verification | None = None
 
 
-@dataclass
-class StageResult:
+class Produced(NamedTuple):
+    """What `ModelDir.produce` did: the artifact, and whether it was already up to date."""
+
     artifact: Artifact
     skipped: bool
 
-    def to_json(self) -> dict[str, Any]:
-        return {"artifact": self.artifact.to_json(), "skipped": self.skipped}
+
+def environment_changes(recorded: dict[str, str], current: dict[str, str]) -> list[str]:
+    """'onnxruntime 1.30.0 (now 1.31.1)' for each tool whose recorded version differs from the current one."""
+    return [f"{tool} {recorded.get(tool)} (now {current[tool]})" for tool in sorted(current) if recorded.get(tool) != current[tool]]
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -172,7 +196,10 @@ class ModelDir:
             raise VlmoptError(f"manifest {self.manifest_path} cannot be read ({exc}); restore it or start a new model directory") from exc
         version = data.get("schema_version") if isinstance(data, dict) else None
         if version != SCHEMA_VERSION:
-            raise VlmoptError(f"manifest {self.manifest_path} has schema version {version!r}; this vlmopt reads version {SCHEMA_VERSION}")
+            raise VlmoptError(
+                f"manifest {self.manifest_path} has schema version {version!r}; this vlmopt reads version {SCHEMA_VERSION}: "
+                f"re-create the model directory with `vlmopt export SOURCE -o {self.path}` in a new folder"
+            )
         try:
             return {name: Artifact.from_json(entry) for name, entry in data["artifacts"].items()}
         except (KeyError, TypeError) as exc:
@@ -267,18 +294,31 @@ class ModelDir:
                         entry.unlink()
 
     # -- producing artifacts -------------------------------------------------------------
-    def up_to_date(self, name: str, stage: str, options: dict[str, Any], parent: Artifact | None) -> Artifact | None:
-        """The recorded artifact if it was made by this stage, options and parent, with its files intact."""
+    def staleness(self, name: str, stage: str, options: dict[str, Any], parent: Artifact | None, environment: dict[str, str] | None = None) -> str | None:
+        """Why artifact `name` must be (re)made by `stage` with these options, parent and tool versions; None when it is up to date."""
         existing = self.load().get(name)
-        if existing is None or existing.stage != stage:
-            return None
+        if existing is None:
+            return "not made yet"
+        if existing.stage != stage:
+            return f"made by `vlmopt {existing.stage}`"
         if existing.options != _normalized(options):
-            return None
+            changed = sorted(k for k in set(existing.options) | set(_normalized(options)) if existing.options.get(k) != _normalized(options).get(k))
+            return f"options changed ({', '.join(changed)})"
         if existing.parent_digest != (parent.digest if parent else None):
+            return f"parent '{parent.name if parent else existing.parent}' changed"
+        changed_tools = environment_changes(existing.environment, environment or {})
+        if changed_tools:
+            return "made with " + ", ".join(changed_tools)
+        problems = self.check_files(existing)
+        if problems:
+            return "files changed: " + "; ".join(problems)
+        return None
+
+    def up_to_date(self, name: str, stage: str, options: dict[str, Any], parent: Artifact | None, environment: dict[str, str] | None = None) -> Artifact | None:
+        """The recorded artifact if it was made by this stage, options, parent and tool versions, with its files intact."""
+        if self.staleness(name, stage, options, parent, environment) is not None:
             return None
-        if self.check_files(existing):
-            return None
-        return existing
+        return self.load()[name]
 
     def check_artifact_name(self, name: str, stage: str) -> None:
         """Refuse names that are not plain folder names, are reserved, or belong to another stage's artifact."""
@@ -300,7 +340,8 @@ class ModelDir:
         parent: Artifact | None,
         build: Callable[[Path], StageOutput],
         force: bool = False,
-    ) -> StageResult:
+        environment: dict[str, str] | None = None,
+    ) -> Produced:
         """Make artifact `name` with `build(tmp_folder)`, atomically; skip when already up to date.
 
         `build` writes the artifact's files into the folder it is given and raises on failure
@@ -309,9 +350,9 @@ class ModelDir:
         """
         self.check_artifact_name(name, stage)
         if not force:
-            existing = self.up_to_date(name, stage, options, parent)
+            existing = self.up_to_date(name, stage, options, parent, environment)
             if existing is not None:
-                return StageResult(existing, skipped=True)
+                return Produced(existing, skipped=True)
 
         tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{name}-", dir=self.path))
         try:
@@ -327,7 +368,9 @@ class ModelDir:
                 digest=content_digest(files),
                 files=files,
                 towers=output.towers,
-                meta=output.meta,
+                traits=output.traits,
+                record=output.record,
+                environment=dict(environment or {}),
                 tools=tool_versions(),
                 created=_now(),
                 verification=output.verification,
@@ -336,7 +379,7 @@ class ModelDir:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-        return StageResult(artifact, skipped=False)
+        return Produced(artifact, skipped=False)
 
     def _commit(self, tmp: Path, artifact: Artifact) -> None:
         artifacts = self.load()

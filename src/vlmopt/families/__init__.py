@@ -1,28 +1,37 @@
-"""Architecture knowledge, one declarative class per family. Stages look families up here."""
+"""Architecture knowledge, one declarative class per family. Stages look families up here.
+
+The family classes import torch (their tower wrappers are `nn.Module`s), so they are loaded on first
+use: the vocabulary (`Tower`, `TensorSpec`, ...) stays importable without torch.
+"""
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 from vlmopt.errors import VlmoptError
 from vlmopt.families.base import Family, TensorSpec, TextVocab, Tower
-from vlmopt.families.bert import BertStyleFamily
-from vlmopt.families.dual_encoder import ClipFamily, SiglipFamily
-from vlmopt.families.vit import VitFamily
 
-FAMILIES: tuple[Family, ...] = (ClipFamily(), SiglipFamily(), VitFamily(), BertStyleFamily())
+__all__ = ["Family", "TensorSpec", "TextVocab", "Tower", "all_families", "family_for", "supported_model_types"]
 
-__all__ = ["FAMILIES", "Family", "TensorSpec", "TextVocab", "Tower", "family_for", "supported_model_types"]
+
+@cache
+def all_families() -> tuple[Family, ...]:
+    from vlmopt.families.bert import BertStyleFamily
+    from vlmopt.families.dual_encoder import ClipFamily, SiglipFamily
+    from vlmopt.families.vit import VitFamily
+
+    return (ClipFamily(), SiglipFamily(), VitFamily(), BertStyleFamily())
 
 
 def supported_model_types() -> list[str]:
-    return [t for family in FAMILIES for t in family.model_types]
+    return [t for family in all_families() for t in family.model_types]
 
 
 def family_for(config: Any) -> Family:
     """The family that knows `config.model_type`; an unsupported type raises with the supported list."""
     model_type = getattr(config, "model_type", None)
-    for family in FAMILIES:
+    for family in all_families():
         if model_type in family.model_types:
             return family
     raise VlmoptError(f"unsupported architecture '{model_type}'; vlmopt supports: {', '.join(supported_model_types())}")

@@ -1,7 +1,8 @@
-"""Backends behind one interface, and `ArtifactRunners`: the runners of any artifact in a model directory."""
+"""Backends behind one interface, and `ArtifactRunners`: the runners of any artifact, committed or being made."""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +11,11 @@ from vlmopt.families import Tower, family_for
 from vlmopt.runners.base import Runner
 from vlmopt.runners.ort_runner import OrtRunner
 from vlmopt.runners.torch_runner import TorchRunner
-from vlmopt.workspace import Artifact, ModelDir
 
-__all__ = ["ArtifactRunners", "OrtRunner", "Runner", "TorchRunner", "set_threads"]
+__all__ = ["BACKENDS", "ArtifactRunners", "OrtRunner", "Runner", "TorchRunner", "set_threads"]
+
+#: the backend that runs each artifact kind
+BACKENDS = {"hf": "pytorch", "onnx": "onnxruntime", "tensorrt": "tensorrt"}
 
 
 def set_threads(threads: int | None) -> None:
@@ -23,64 +26,71 @@ def set_threads(threads: int | None) -> None:
 
 
 class ArtifactRunners:
-    """Towers and runners of one artifact; a Hugging Face artifact loads its model once for all towers."""
+    """Towers and runners of one artifact in `folder`; a Hugging Face artifact loads its model once for all towers
+    (or uses `model`, already loaded). A context manager: leaving it releases the model."""
 
     def __init__(
         self,
-        model_dir: ModelDir,
-        artifact: Artifact,
+        folder: Path,
+        artifact: Any,
         threads: int | None = None,
         attn_implementation: str | None = None,
         device: str = "cpu",
         torch_dtype: str = "float32",
         cuda_graphs: bool = False,
+        model: Any = None,
     ):
-        self.model_dir = model_dir
+        self.folder = Path(folder)
         self.artifact = artifact
         self.threads = threads
         self.attn_implementation = attn_implementation
         self.device = device
         self.torch_dtype = torch_dtype
         self.cuda_graphs = cuda_graphs
-        self._model: Any = None
+        self._model: Any = model
         self._family = None
         self._config = None
-        if artifact.kind not in ("hf", "onnx", "tensorrt"):
+        if artifact.kind not in BACKENDS:
             raise VlmoptError(f"artifact '{artifact.name}' is of kind '{artifact.kind}', which has no runner on this machine")
+
+    def __enter__(self) -> ArtifactRunners:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def backend(self) -> str:
-        return {"hf": "pytorch", "onnx": "onnxruntime", "tensorrt": "tensorrt"}[self.artifact.kind]
+        return BACKENDS[self.artifact.kind]
 
     def _hf(self) -> tuple[Any, Any]:
         if self._config is None:
             from vlmopt.hf import load_config
 
-            self._config = load_config(self.model_dir.artifact_path(self.artifact.name))
+            self._config = load_config(self.folder)
             self._family = family_for(self._config)
         return self._config, self._family
 
     def towers(self, include_monolith: bool = False) -> dict[str, Tower]:
         """The artifact's towers; a Hugging Face dual encoder also offers the one-graph `model` when asked."""
-        if self.artifact.kind in ("onnx", "tensorrt"):
-            return {name: Tower.from_json(name, data) for name, data in self.artifact.towers.items()}
+        if self.artifact.kind != "hf":
+            return {name: record.tower for name, record in self.artifact.towers.items()}
         config, family = self._hf()
-        path = self.model_dir.artifact_path(self.artifact.name)
-        towers = family.towers(config, path, monolith=False)
+        towers = family.towers(config, self.folder, monolith=False)
         if include_monolith and family.supports_monolith:
-            towers += family.towers(config, path, monolith=True)
+            towers += family.towers(config, self.folder, monolith=True)
         return {t.name: t for t in towers}
 
     def runner(self, tower: Tower) -> Runner:
+        """A runner of `tower` (the caller closes it, best with `with`)."""
         input_names = [s.name for s in tower.inputs]
         output_names = [s.name for s in tower.outputs]
         if self.artifact.kind == "tensorrt":
             from vlmopt.runners.tensorrt_runner import TensorRTRunner
-            from vlmopt.stages.build import BuildOptions, rebuild_command
 
-            known = {k: v for k, v in self.artifact.options.items() if k in BuildOptions.__dataclass_fields__}
-            rebuild = rebuild_command(self.model_dir, BuildOptions(**known))
-            return TensorRTRunner(self._file(tower), self.artifact.towers[tower.name]["engine"], rebuild, cuda_graph=self.cuda_graphs)
+            record = self.artifact.towers[tower.name]
+            remake = shlex.join(["vlmopt", "build", str(self.folder.parent), *record.engine.get("remake_args", []), "--force"])
+            return TensorRTRunner(self._file(tower), record.engine, remake, cuda_graph=self.cuda_graphs)
         if self.artifact.kind == "onnx":
             path = self._file(tower)
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device == "cuda" else None
@@ -95,23 +105,20 @@ class ArtifactRunners:
         if self._model is None:
             from vlmopt.hf import load_model
 
-            self._model = load_model(
-                self.model_dir.artifact_path(self.artifact.name), config=config, family=family, attn_implementation=self.attn_implementation
-            )
-        full = {t.name: t for t in family.towers(config, self.model_dir.artifact_path(self.artifact.name), monolith=tower.name == "model")}
+            self._model = load_model(self.folder, config=config, family=family, attn_implementation=self.attn_implementation)
+        full = {t.name: t for t in family.towers(config, self.folder, monolith=tower.name == "model")}
         import torch
 
         dtype = getattr(torch, self.torch_dtype)
         return TorchRunner(full[tower.name].wrap(self._model), input_names, output_names, device=self.device, dtype=dtype)
 
     def _file(self, tower: Tower) -> Path:
-        return self.model_dir.artifact_path(self.artifact.name) / self.artifact.towers[tower.name]["file"]
+        return self.folder / (self.artifact.towers[tower.name].file or "")
 
     def size_bytes(self, tower: Tower, runner: Runner) -> int:
         if isinstance(runner, TorchRunner):
             return runner.parameter_bytes()
-        stem = self.artifact.towers[tower.name]["file"]
-        return sum(f.size for f in self.artifact.files if f.path == stem or f.path.startswith(stem + "."))
+        return sum(f.size for f in self.artifact.tower_files(tower.name))
 
     def close(self) -> None:
         self._model = None

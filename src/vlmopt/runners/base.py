@@ -1,10 +1,16 @@
-"""The one interface every backend implements: load an artifact's tower, run a feed of named arrays."""
+"""The one interface every backend implements: load an artifact's tower, run a feed of named arrays.
+
+As in Polygraphy's runners, the public `run` checks the feed against the runner's own input names and
+the backends implement only `run_impl`; runners are context managers that release what they hold.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
 import numpy as np
+
+from vlmopt.errors import VlmoptError
 
 
 class Runner(ABC):
@@ -16,8 +22,23 @@ class Runner(ABC):
         self.input_names = input_names
         self.output_names = output_names
 
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The outputs for `feed`, which must hold exactly the runner's inputs."""
+        if set(feed) != set(self.input_names):
+            missing = [n for n in self.input_names if n not in feed]
+            extra = sorted(set(feed) - set(self.input_names))
+            what = "; ".join(p for p in (f"missing {', '.join(missing)}" if missing else "", f"unknown {', '.join(extra)}" if extra else "") if p)
+            raise VlmoptError(f"the {self.backend} runner takes inputs {', '.join(self.input_names)}; the feed has {what}")
+        return self.run_impl(feed)
+
     @abstractmethod
-    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    def run_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the runner holds (sessions, device memory)."""
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

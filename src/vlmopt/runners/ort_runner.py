@@ -30,7 +30,7 @@ class OrtRunner(Runner):
         # graphs with fp16 inputs (`quantize --fp16-io`) take the same float32 feeds as every other artifact
         self._casts = {i.name: np.float16 for i in self.session.get_inputs() if i.type == "tensor(float16)"}
 
-    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self.session.run(self.output_names, {name: self._cast(name, feed[name]) for name in self.input_names})
         return dict(zip(self.output_names, outputs, strict=True))
 

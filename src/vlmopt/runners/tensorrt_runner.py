@@ -62,7 +62,7 @@ class TensorRTRunner(Runner):
             outputs[name] = tensor
         return inputs, outputs
 
-    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
         if not self._cuda_graph:
             inputs, outputs = self._buffers(feed)

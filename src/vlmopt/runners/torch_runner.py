@@ -29,7 +29,7 @@ class TorchRunner(Runner):
             tensor = tensor.to(self.dtype)
         return tensor.to(self.device)
 
-    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
         with torch.inference_mode():

@@ -6,6 +6,7 @@ fidelity are ratios taken on this machine, now, not against remembered numbers.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -13,18 +14,22 @@ import platform
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vlmopt import options as opts
 from vlmopt.errors import CheckFailed, VlmoptError
 from vlmopt.families import Tower
 from vlmopt.inputs import make_inputs
+from vlmopt.options import StageOptions, option
 from vlmopt.runners import ArtifactRunners
-from vlmopt.verify import compare
+from vlmopt.stage import RunContext, Stage, StageResult
+from vlmopt.verification.compare import compare
+from vlmopt.versions import package_version
 from vlmopt.workspace import ModelDir
 
 REFERENCE = "hf"
@@ -35,42 +40,26 @@ _BLOCK = 5
 
 
 @dataclass
-class BenchOptions:
-    artifacts: list[str] = field(default_factory=list)
-    batches: list[int] = field(default_factory=lambda: [1, 8])
-    seq_len: int | None = None
-    towers: list[str] = field(default_factory=list)
-    warmup: int = 3
-    iterations: int = 20
-    duration: float | None = None
-    threads: int | None = None
-    min_speedup: float | None = None
-    attn_implementation: str = "sdpa"
-    device: str = "cpu"
-    cuda_graphs: bool = False
+class BenchOptions(StageOptions):
+    artifacts: list[str] = option(
+        [], "Artifacts to run (default: every runnable one); the PyTorch reference `hf` is always included.", argument=True, metavar="ARTIFACT"
+    )
+    batch: list[int] = option([1, 8], "Comma-separated batch sizes.", minimum=1, metavar="N,N,...")
+    seq_len: int | None = option(None, "Text sequence length (default: the tower's usual length, e.g. 77 for CLIP).", minimum=1)
+    tower: list[str] = option([], "Only these towers (repeatable): vision, text, model.")
+    warmup: int = option(3, "Untimed runs before measuring.", minimum=0)
+    iterations: int = option(20, "Timed runs per measurement.", minimum=1)
+    duration: float | None = option(None, "Seconds per measurement instead of a fixed --iterations.", minimum=0.0, maximum=3600.0, exclusive=("min",))
+    min_speedup: float | None = option(None, "Exit 1 when any artifact is slower than this multiple of PyTorch.", minimum=0.0, exclusive=("min",))
+    torch_attention: str = option("sdpa", "Attention of the PyTorch reference: sdpa (its fastest) or eager.", choices=("sdpa", "eager"))
+    device: str = option("cpu", "cpu, or cuda: PyTorch fp32/fp16 on the GPU, ONNX Runtime's CUDA provider, TensorRT engines.", choices=("cpu", "cuda"))
+    cuda_graphs: bool = option(False, "Replay TensorRT engines from captured CUDA graphs (--device cuda).")
 
-    def validate(self) -> None:
-        if not self.batches or any(b < 1 for b in self.batches):
-            raise VlmoptError(f"--batch takes positive batch sizes, got {self.batches}")
-        if self.seq_len is not None and self.seq_len < 1:
-            raise VlmoptError(f"--seq-len must be at least 1, got {self.seq_len}")
-        if self.warmup < 0 or self.iterations < 1:
-            raise VlmoptError("--warmup must be >= 0 and --iterations >= 1")
-        if self.duration is not None and self.duration <= 0:
-            raise VlmoptError(f"--duration must be positive, got {self.duration}")
-        if self.threads is not None and self.threads < 1:
-            raise VlmoptError(f"--threads must be at least 1, got {self.threads}")
-        if self.attn_implementation not in ("eager", "sdpa"):
-            raise VlmoptError(f"--torch-attention must be eager or sdpa, got {self.attn_implementation}")
-        if self.device not in ("cpu", "cuda"):
-            raise VlmoptError(f"--device must be cpu or cuda, got '{self.device}'")
+    def check(self) -> None:
+        if not self.batch:
+            raise VlmoptError("--batch takes positive batch sizes like 1,8,32")
         if self.cuda_graphs and self.device != "cuda":
             raise VlmoptError("--cuda-graphs replays TensorRT engines on a GPU; add --device cuda")
-        if self.device == "cuda":
-            from vlmopt.machine import gpus
-
-            if not gpus():
-                raise VlmoptError("--device cuda needs a CUDA GPU, and torch sees none here; bench on --device cpu")
 
 
 class PeakRss:
@@ -107,6 +96,7 @@ class PeakRss:
 
 
 def _stats(times: list[float]) -> dict[str, Any]:
+    """Latency statistics in ms, with the samples themselves (`vlmopt compare` judges regressions against their spread)."""
     ms = np.asarray(times)
     return {
         "mean": float(ms.mean()),
@@ -115,6 +105,7 @@ def _stats(times: list[float]) -> dict[str, Any]:
         "p99": float(np.percentile(ms, 99)),
         "min": float(ms.min()),
         "iterations": len(times),
+        "samples": [round(float(t), 4) for t in ms],
     }
 
 
@@ -180,152 +171,10 @@ def _accepts(tower: Tower, feed: dict[str, np.ndarray]) -> bool:
 def _feeds(tower: Tower, options: BenchOptions) -> dict[int, dict[str, np.ndarray]]:
     """One feed per batch size, shared by every artifact so all run (and are compared on) the same inputs."""
     feeds: dict[int, dict[str, np.ndarray]] = {}
-    for batch in options.batches:
+    for batch in options.batch:
         feed = make_inputs(tower, _sizes(tower, batch, options.seq_len), seed=batch)
         feeds.setdefault(_items(tower, feed), feed)
     return feeds
-
-
-def run(model_dir: ModelDir, options: BenchOptions, progress: Callable[[str, int], None] | None = None) -> dict[str, Any]:
-    """Benchmark the artifacts; write `reports/bench-<time>.{json,md}`; record results in the manifest.
-
-    Raises `CheckFailed` after writing the report when an artifact is slower than `min_speedup`.
-    """
-    options.validate()
-    all_artifacts = model_dir.load()
-    names = list(options.artifacts) or [n for n, a in all_artifacts.items() if a.kind in _default_kinds(options.device)]
-    for name in names:
-        model_dir.artifact(name)
-    if REFERENCE in all_artifacts and REFERENCE not in names:
-        names.insert(0, REFERENCE)
-    if REFERENCE in names:
-        names.remove(REFERENCE)
-        names.insert(0, REFERENCE)
-    threads = options.threads or _physical_cores()
-    skipped: list[dict[str, Any]] = []
-    if options.device == "cuda":
-        names, not_here = _runnable_on_cuda(names, all_artifacts)
-        skipped += not_here
-
-    loaders = {
-        name: ArtifactRunners(
-            model_dir,
-            all_artifacts[name],
-            threads=threads,
-            attn_implementation=options.attn_implementation,
-            device=options.device,
-            cuda_graphs=options.cuda_graphs,
-        )
-        for name in names
-    }
-    if options.device == "cuda" and REFERENCE in names:
-        # PyTorch at half precision on the GPU: the eager baseline a GPU user would otherwise ship
-        loaders[FP16_REFERENCE] = ArtifactRunners(
-            model_dir, all_artifacts[REFERENCE], threads=threads, attn_implementation=options.attn_implementation, device="cuda", torch_dtype="float16"
-        )
-        names.insert(1, FP16_REFERENCE)
-        all_artifacts = {**all_artifacts, FP16_REFERENCE: all_artifacts[REFERENCE]}
-    monolith = any("model" in all_artifacts[n].towers for n in names)
-    tower_sets = {name: loader.towers(include_monolith=monolith) for name, loader in loaders.items()}
-    measured = [n for n in names if all_artifacts[n].kind != "hf"] or names
-    tower_names: list[str] = []
-    for name in measured:
-        tower_names += [t for t in tower_sets[name] if t not in tower_names]
-    if options.towers:
-        unknown = [t for t in options.towers if t not in tower_names]
-        if unknown:
-            raise VlmoptError(f"no tower named {', '.join(unknown)} in {', '.join(measured)} (towers: {', '.join(tower_names)})")
-        tower_names = [t for t in tower_names if t in options.towers]
-
-    rows: list[dict[str, Any]] = []
-    say = progress or (lambda message, advance: None)
-    for tower_name in tower_names:
-        having = [n for n in names if tower_name in tower_sets[n]]
-        dynamic = [n for n in having if all(isinstance(a, str) for a in tower_sets[n][tower_name].inputs[0].shape[:1])]
-        feeds = _feeds(tower_sets[(dynamic or having)[0]][tower_name], options)
-        accepted = {n: [b for b, f in feeds.items() if _accepts(tower_sets[n][tower_name], f)] for n in having}
-        for name in having:
-            for batch in sorted(set(feeds) - set(accepted[name])):
-                skipped.append({"artifact": name, "tower": tower_name, "batch": batch, "reason": "static shapes differ from this measurement's"})
-
-        # Load every contender first (memory: the rise while loading and first running each one) ...
-        runners, memory, sizes, gpu_mb = {}, {}, {}, {}
-        for name in [n for n in having if accepted[n]]:
-            say(f"loading {name} · {tower_name}", 0)
-            with PeakRss() as rss, GpuMemory(options.device) as gpu_memory:
-                runners[name] = loaders[name].runner(tower_sets[name][tower_name])
-                for batch in accepted[name]:
-                    runners[name].run(feeds[batch])
-            memory[name] = round(rss.increase_mb, 1)
-            gpu_mb[name] = gpu_memory.increase_mb
-            sizes[name] = round(loaders[name].size_bytes(tower_sets[name][tower_name], runners[name]) / 2**20, 2)
-
-        # ... then time them against each other, interleaved, on the same inputs.
-        for batch, feed in feeds.items():
-            contenders = {n: runners[n] for n in runners if batch in accepted[n]}
-            say(f"{tower_name} · batch {batch} · {', '.join(contenders)}", 0)
-            latencies = measure_interleaved(
-                {n: (lambda r=r, f=feed: r.run(f)) for n, r in contenders.items()}, options.warmup, options.iterations, options.duration
-            )
-            outputs = {n: r.run(feed) for n, r in contenders.items()}
-            reference = REFERENCE if REFERENCE in contenders else None
-            for name in contenders:
-                latency = latencies[name]
-                row = {
-                    "artifact": name,
-                    "backend": loaders[name].backend,
-                    "tower": tower_name,
-                    "batch": batch,
-                    "sequence": _sequence(feed),
-                    "latency_ms": latency,
-                    "throughput": _items(tower_sets[name][tower_name], feed) * 1000 / latency["mean"],
-                    "peak_rss_mb": memory[name],
-                    "gpu_memory_mb": gpu_mb[name],
-                    "size_mb": sizes[name],
-                    "speedup": None,
-                    "cosine_min": None,
-                    "max_abs_diff": None,
-                }
-                if reference is not None:
-                    row["speedup"] = latencies[reference]["mean"] / latency["mean"]
-                    if name != reference:
-                        expected = outputs[reference]
-                        fidelity = [compare(k, expected[k], outputs[name][k]) for k in outputs[name] if k in expected]
-                        row["cosine_min"] = min(c.cosine_min for c in fidelity)
-                        row["max_abs_diff"] = max(c.max_abs_diff for c in fidelity)
-                rows.append(row)
-            say(f"{tower_name} · batch {batch}", 1)
-        for runner in runners.values():
-            runner.close()
-        del runners
-        gc.collect()
-    for loader in loaders.values():
-        loader.close()
-
-    report = {
-        "model_dir": str(model_dir.path),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "logical_cores": os.cpu_count(), "threads": threads},
-        "settings": {**asdict(options), "threads": threads},
-        "device": _device_name(options.device),
-        "rows": rows,
-        "skipped": skipped,
-    }
-    paths = write_report(model_dir, report)
-    report["files"] = [str(p) for p in paths]
-    for name in [n for n in names if n != FP16_REFERENCE]:
-        model_dir.update_artifact(name, benchmark={"report": paths[0].name, "rows": [r for r in rows if r["artifact"] == name]})
-
-    if options.min_speedup is not None:
-        slow = [r for r in rows if r["artifact"] != REFERENCE and r["speedup"] is not None and r["speedup"] < options.min_speedup]
-        if slow:
-            worst = min(slow, key=lambda r: r["speedup"])
-            raise CheckFailed(
-                f"{len(slow)} measurement(s) below --min-speedup {options.min_speedup:g}: slowest is {worst['artifact']} "
-                f"{worst['tower']} at batch {worst['batch']}, {worst['speedup']:.2f}x PyTorch",
-                details={"report": report},
-            )
-    return report
 
 
 def _default_kinds(device: str) -> tuple[str, ...]:
@@ -376,12 +225,6 @@ def _device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
-def _physical_cores() -> int:
-    import psutil
-
-    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-
-
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     gpu = any(r.get("gpu_memory_mb") is not None for r in rows)
     header = "| artifact | backend | tower | batch | seq | mean ms | p50 ms | p90 ms | p99 ms | items/s | Δ peak RSS MB |"
@@ -403,12 +246,47 @@ def _fmt(value: float | None, pattern: str) -> str:
     return "" if value is None else pattern.format(value)
 
 
+REPORTS = "reports"
+#: version of the bench report's layout; `vlmopt compare` and `report` refuse others
+REPORT_SCHEMA = 2
+
+
+def writable_reports(model_dir: ModelDir) -> Path:
+    """The reports folder, checked writable before any measuring (a benchmark that cannot save its report is wasted);
+    created only when a report is written."""
+    folder = model_dir.path / REPORTS
+    target = folder if folder.exists() else model_dir.path
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise VlmoptError(f"cannot write bench reports into {folder}: {target} is not writable; make it writable or bench a copy of the model directory")
+    return folder
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
 def write_report(model_dir: ModelDir, report: dict[str, Any]) -> list[Path]:
-    folder = model_dir.path / "reports"
+    """`reports/bench-<time>.json` and `.md`, each written whole or not at all."""
+    folder = writable_reports(model_dir)
     folder.mkdir(exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    json_path, md_path = folder / f"bench-{stamp}.json", folder / f"bench-{stamp}.md"
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    suffix, n = "", 1
+    while (folder / f"bench-{stamp}{suffix}.json").exists():
+        n += 1
+        suffix = f"-{n}"
+    json_path, md_path = folder / f"bench-{stamp}{suffix}.json", folder / f"bench-{stamp}{suffix}.md"
+    report["schema_version"] = REPORT_SCHEMA
+    report["files"] = [str(json_path), str(md_path)]
     settings = report["settings"]
     amount = f"{settings['duration']:g}s per measurement" if settings["duration"] else f"{settings['iterations']} iterations"
     md = (
@@ -417,5 +295,243 @@ def write_report(model_dir: ModelDir, report: dict[str, Any]) -> list[Path]:
         f"{amount}\n\n" + markdown_table(report["rows"]) + "\nSpeed-up and cosine are against the PyTorch reference (`hf`) measured in the same run; "
         "Δ peak RSS is the resident-memory rise while loading and running the artifact.\n"
     )
-    md_path.write_text(md)
+    _atomic_write(md_path, md)
+    _atomic_write(json_path, json.dumps(report, indent=2) + "\n")
     return [json_path, md_path]
+
+
+def latest_report(model_dir: ModelDir) -> dict[str, Any] | None:
+    """The newest bench report of this layout in the model directory, or None."""
+    folder = model_dir.path / REPORTS
+    for path in sorted(folder.glob("bench-*.json"), key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []:
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(report, dict) and report.get("schema_version") == REPORT_SCHEMA:
+            return report
+    return None
+
+
+class Bench(Stage):
+    name = "bench"
+    Options = BenchOptions
+    tools = ("torch", "transformers", "onnxruntime")
+    summary = "Measure latency (mean/p50/p90/p99), throughput, memory and speed-up against PyTorch."
+    details = (
+        "Writes DIR/reports/bench-<time>.json and .md and records the results in the manifest; a rerun with the same "
+        "artifacts, options, threads and tool versions is up to date (--force measures again).\n"
+        "Example: vlmopt bench build/clip --batch 1,8"
+    )
+
+    def environment(self, options: BenchOptions) -> dict[str, str]:
+        environment = super().environment(options)
+        if options.device == "cuda":
+            environment["tensorrt"] = package_version("tensorrt") or "not installed"
+        return {**environment, "cpu": platform.processor() or platform.machine(), "device": _device_name(options.device)}
+
+    def describe_report(self, report: dict[str, Any]) -> list[Any]:
+        from rich.table import Table
+
+        settings = report["settings"]
+        amount = f"{settings['duration']:g} s" if settings["duration"] else f"{settings['iterations']} iterations"
+        table = Table(title=f"vlmopt bench · {report['machine']['threads']} threads · warm-up {settings['warmup']} · {amount}", title_justify="left")
+        gpu = any(r.get("gpu_memory_mb") is not None for r in report["rows"])
+        columns = (
+            "artifact",
+            "backend",
+            "tower",
+            "batch",
+            "seq",
+            "mean ms",
+            "p50",
+            "p90",
+            "p99",
+            "items/s",
+            "Δ RSS MB",
+            *(("GPU MB",) if gpu else ()),
+            "size MB",
+        )
+        for column in (*columns, "speed-up", "cosine min"):
+            table.add_column(column, justify="left" if column in ("artifact", "backend", "tower") else "right")
+        for r in report["rows"]:
+            lat, speedup = r["latency_ms"], r["speedup"]
+            style = "" if speedup is None else ("green" if speedup >= 1 else "red")
+            table.add_row(
+                r["artifact"],
+                r["backend"],
+                r["tower"],
+                str(r["batch"]),
+                str(r["sequence"] or ""),
+                *(f"{lat[k]:.2f}" for k in ("mean", "p50", "p90", "p99")),
+                f"{r['throughput']:.1f}",
+                f"{r['peak_rss_mb']:.0f}",
+                *((_fmt(r.get("gpu_memory_mb"), "{:.0f}"),) if gpu else ()),
+                f"{r['size_mb']:.1f}",
+                f"[{style}]{speedup:.2f}x[/]" if speedup is not None else "",
+                _fmt(r["cosine_min"], "{:.6f}"),
+            )
+        lines: list[Any] = [table]
+        for skip in report.get("not_measured", []):
+            lines.append(f"[yellow]not measured:[/] {skip['artifact']} {skip['tower']} at batch {skip['batch']}: {skip['reason']}")
+        if report.get("files"):
+            lines.append(f"reports: {', '.join(report['files'])}")
+        return lines
+
+    def _run_locked(self, model_dir: ModelDir, options: BenchOptions, context: RunContext) -> StageResult:
+        if options.device == "cuda":
+            from vlmopt.machine import gpus
+
+            if not gpus():
+                raise VlmoptError("--device cuda needs a CUDA GPU, and torch sees none here; bench on --device cpu")
+        all_artifacts = model_dir.load()
+        names = list(options.artifacts) or [n for n, a in all_artifacts.items() if a.kind in _default_kinds(options.device)]
+        for name in names:
+            model_dir.artifact(name)
+        if REFERENCE in all_artifacts and REFERENCE not in names:
+            names.insert(0, REFERENCE)
+        if REFERENCE in names:
+            names.remove(REFERENCE)
+            names.insert(0, REFERENCE)
+        threads = context.thread_count
+        key = {
+            "options": opts.recorded(options),
+            "artifacts": {n: all_artifacts[n].digest for n in names},
+            "environment": self.environment(options),
+            "threads": threads,
+        }
+        latest = latest_report(model_dir)
+        if not context.force and latest is not None and latest.get("key") == json.loads(json.dumps(key)):
+            return StageResult(
+                self.name, "bench", True, report=latest, reason=f"up to date: {latest['files'][0]} measured the same artifacts, options and tools"
+            )
+        writable_reports(model_dir)
+        report = measure(model_dir, options, names, all_artifacts, threads, context)
+        report["key"] = key
+        paths = write_report(model_dir, report)
+        for name in [n for n in names if n != FP16_REFERENCE]:
+            model_dir.update_artifact(name, benchmark={"report": paths[0].name, "rows": [r for r in report["rows"] if r["artifact"] == name]})
+        if options.min_speedup is not None:
+            slow = [r for r in report["rows"] if r["artifact"] != REFERENCE and r["speedup"] is not None and r["speedup"] < options.min_speedup]
+            if slow:
+                worst = min(slow, key=lambda r: r["speedup"])
+                raise CheckFailed(
+                    f"{len(slow)} measurement(s) below --min-speedup {options.min_speedup:g}: slowest is {worst['artifact']} "
+                    f"{worst['tower']} at batch {worst['batch']}, {worst['speedup']:.2f}x PyTorch",
+                    details={"report": report},
+                )
+        return StageResult(self.name, "bench", False, report=report, files=report["files"])
+
+
+def measure(model_dir: ModelDir, options: BenchOptions, names: list[str], all_artifacts: dict[str, Any], threads: int, context: RunContext) -> dict[str, Any]:
+    """Load every contender of each tower, then time them interleaved on the same inputs; the report (not yet written)."""
+    not_measured: list[dict[str, Any]] = []
+    if options.device == "cuda":
+        names, not_here = _runnable_on_cuda(names, all_artifacts)
+        not_measured += not_here
+
+    def loader(name: str, artifact: Any, **kwargs: Any) -> ArtifactRunners:
+        return ArtifactRunners(model_dir.artifact_path(artifact.name), artifact, threads=threads, attn_implementation=options.torch_attention, **kwargs)
+
+    with contextlib.ExitStack() as stack:
+        loaders = {name: stack.enter_context(loader(name, all_artifacts[name], device=options.device, cuda_graphs=options.cuda_graphs)) for name in names}
+        if options.device == "cuda" and REFERENCE in names:
+            # PyTorch at half precision on the GPU: the eager baseline a GPU user would otherwise ship
+            loaders[FP16_REFERENCE] = stack.enter_context(loader(FP16_REFERENCE, all_artifacts[REFERENCE], device="cuda", torch_dtype="float16"))
+            names.insert(1, FP16_REFERENCE)
+        monolith = any("model" in all_artifacts[n].towers for n in names if n in all_artifacts)
+        tower_sets = {name: runners.towers(include_monolith=monolith) for name, runners in loaders.items()}
+        kinds = {name: runners.artifact.kind for name, runners in loaders.items()}
+        measured = [n for n in names if kinds[n] != "hf"] or names
+        tower_names: list[str] = []
+        for name in measured:
+            tower_names += [t for t in tower_sets[name] if t not in tower_names]
+        if options.tower:
+            unknown = [t for t in options.tower if t not in tower_names]
+            if unknown:
+                raise VlmoptError(f"no tower named {', '.join(unknown)} in {', '.join(measured)} (towers: {', '.join(tower_names)})")
+            tower_names = [t for t in tower_names if t in options.tower]
+        rows: list[dict[str, Any]] = []
+        for tower_name in tower_names:
+            rows += _measure_tower(tower_name, names, loaders, tower_sets, options, not_measured, context)
+    return {
+        "model_dir": str(model_dir.path),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpu": platform.processor() or platform.machine(), "logical_cores": os.cpu_count(), "threads": threads},
+        "settings": {**opts.recorded(options), "threads": threads},
+        "device": _device_name(options.device),
+        "rows": rows,
+        "not_measured": not_measured,
+    }
+
+
+def _measure_tower(
+    tower_name: str,
+    names: list[str],
+    loaders: dict[str, ArtifactRunners],
+    tower_sets: dict[str, dict[str, Tower]],
+    options: BenchOptions,
+    not_measured: list[dict[str, Any]],
+    context: RunContext,
+) -> list[dict[str, Any]]:
+    having = [n for n in names if tower_name in tower_sets[n]]
+    dynamic = [n for n in having if all(isinstance(a, str) for a in tower_sets[n][tower_name].inputs[0].shape[:1])]
+    feeds = _feeds(tower_sets[(dynamic or having)[0]][tower_name], options)
+    accepted = {n: [b for b, f in feeds.items() if _accepts(tower_sets[n][tower_name], f)] for n in having}
+    for name in having:
+        for batch in sorted(set(feeds) - set(accepted[name])):
+            not_measured.append({"artifact": name, "tower": tower_name, "batch": batch, "reason": "static shapes differ from this measurement's"})
+
+    rows: list[dict[str, Any]] = []
+    with contextlib.ExitStack() as stack:
+        # Load every contender first (memory: the rise while loading and first running each one) ...
+        runners, memory, sizes, gpu_mb = {}, {}, {}, {}
+        for name in [n for n in having if accepted[n]]:
+            context.progress(f"loading {name} · {tower_name}")
+            with PeakRss() as rss, GpuMemory(options.device) as gpu_memory:
+                runners[name] = stack.enter_context(loaders[name].runner(tower_sets[name][tower_name]))
+                for batch in accepted[name]:
+                    runners[name].run(feeds[batch])
+            memory[name] = round(rss.increase_mb, 1)
+            gpu_mb[name] = gpu_memory.increase_mb
+            sizes[name] = round(loaders[name].size_bytes(tower_sets[name][tower_name], runners[name]) / 2**20, 2)
+
+        # ... then time them against each other, interleaved, on the same inputs.
+        for batch, feed in feeds.items():
+            contenders = {n: runners[n] for n in runners if batch in accepted[n]}
+            context.progress(f"{tower_name} · batch {batch} · {', '.join(contenders)}")
+            latencies = measure_interleaved(
+                {n: (lambda r=r, f=feed: r.run(f)) for n, r in contenders.items()}, options.warmup, options.iterations, options.duration
+            )
+            outputs = {n: r.run(feed) for n, r in contenders.items()}
+            reference = REFERENCE if REFERENCE in contenders else None
+            for name in contenders:
+                latency = latencies[name]
+                row = {
+                    "artifact": name,
+                    "backend": loaders[name].backend,
+                    "tower": tower_name,
+                    "batch": batch,
+                    "sequence": _sequence(feed),
+                    "latency_ms": latency,
+                    "throughput": _items(tower_sets[name][tower_name], feed) * 1000 / latency["mean"],
+                    "peak_rss_mb": memory[name],
+                    "gpu_memory_mb": gpu_mb[name],
+                    "size_mb": sizes[name],
+                    "speedup": None,
+                    "cosine_min": None,
+                    "max_abs_diff": None,
+                }
+                if reference is not None:
+                    row["speedup"] = latencies[reference]["mean"] / latency["mean"]
+                    if name != reference:
+                        expected = outputs[reference]
+                        fidelity = [compare(k, expected[k], outputs[name][k]) for k in outputs[name] if k in expected]
+                        row["cosine_min"] = min(c.cosine_min for c in fidelity)
+                        row["max_abs_diff"] = max(c.max_abs_diff for c in fidelity)
+                rows.append(row)
+    gc.collect()
+    return rows
+
+
+STAGE = Bench()

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vlmopt.engines import HARDWARE_COMPATIBILITY, Profile, check_tensorrt_version, derive_profiles, engine_metadata, parse_shape_override
 from vlmopt.errors import VlmoptError
 from vlmopt.families import Tower
-from vlmopt.stages import fidelity
-from vlmopt.workspace import Artifact, ModelDir, StageOutput, StageResult
+from vlmopt.options import StageOptions, min_cosine_option, name_option, option, source_option
+from vlmopt.records import TowerRecord, Verification
+from vlmopt.stage import Accepts, Job, Made, Stage, provisional
+from vlmopt.workspace import Artifact, StageOutput
 
 TIMING_CACHES = "timing-caches"
 SPARSE = ("auto", "on", "off")
@@ -33,64 +35,39 @@ _HINTS = (
 
 
 @dataclass
-class BuildOptions:
-    source: str = "onnx"
-    output: str | None = None
-    opt_batch: int = 8
-    max_batch: int = 32
-    max_seq: int | None = None
-    shapes: list[str] = field(default_factory=list)
-    workspace_mb: int = 4096
-    optimization_level: int = 3
-    timing_cache: bool = True
-    hardware_compatibility: str = "none"
-    version_compatible: bool = False
-    sparse_weights: str = "auto"
-    min_cosine: float | None = 0.99
+class BuildOptions(StageOptions):
+    source: str = source_option("onnx", "the ONNX artifact to build: onnx (fp32), fp16 or int8-static-trt")
+    name: str | None = name_option(None, "trt-<from>")
+    opt_batch: int = option(8, "Batch size the engine is tuned for.", minimum=1)
+    max_batch: int = option(32, "Largest batch the engine takes (the smallest is 1).", minimum=1)
+    max_seq: int | None = option(None, "Longest text the engine takes (default: the model's maximum).", minimum=1)
+    shapes: list[str] = option([], "Override an input's profile: name:MIN,OPT,MAX, e.g. input_ids:1x77,8x77,32x77 (repeatable).", separator=None)
+    workspace: int = option(4096, "Builder workspace limit in MiB.", minimum=1)
+    optimization_level: int = option(3, "Builder optimization level 0..5 (higher: longer builds, faster engines).", minimum=0, maximum=5)
+    timing_cache: bool = option(True, "Keep and reuse a timing cache in DIR/timing-caches/.", flag="--timing-cache/--no-timing-cache")
+    hardware_compatibility: str = option(
+        "none", "none, ampere+ (runs on any GPU of compute capability >= 8.0) or same-cc.", choices=tuple(HARDWARE_COMPATIBILITY)
+    )
+    version_compatible: bool = option(False, "An engine later TensorRT releases of this major can load.")
+    sparse_weights: str = option("auto", "auto (on for artifacts pruned to 2:4), on or off.", choices=SPARSE)
+    min_cosine: float | None = min_cosine_option(0.99)
 
     @property
-    def name(self) -> str:
-        return self.output or f"trt-{self.source}"
+    def artifact(self) -> str:
+        return self.name or f"trt-{self.source}"
 
     def overrides(self) -> dict[str, Profile]:
         return dict(parse_shape_override(text) for text in self.shapes)
 
-    def validate(self) -> None:
-        if self.opt_batch < 1 or self.max_batch < self.opt_batch:
+    def check(self) -> None:
+        if self.max_batch < self.opt_batch:
             raise VlmoptError(f"--opt-batch ({self.opt_batch}) must be at least 1 and at most --max-batch ({self.max_batch})")
-        if self.max_seq is not None and self.max_seq < 1:
-            raise VlmoptError(f"--max-seq must be at least 1, got {self.max_seq}")
-        if self.workspace_mb < 1:
-            raise VlmoptError(f"--workspace must be at least 1 MiB, got {self.workspace_mb}")
-        if not 0 <= self.optimization_level <= 5:
-            raise VlmoptError(f"--optimization-level must be 0..5, got {self.optimization_level}")
-        if self.hardware_compatibility not in HARDWARE_COMPATIBILITY:
-            raise VlmoptError(f"--hardware-compatibility must be one of {', '.join(HARDWARE_COMPATIBILITY)}, got '{self.hardware_compatibility}'")
-        if self.sparse_weights not in SPARSE:
-            raise VlmoptError(f"--sparse-weights must be auto, on or off, got '{self.sparse_weights}'")
-        if self.min_cosine is not None and not 0 <= self.min_cosine <= 1:
-            raise VlmoptError(f"--min-cosine must be in [0, 1], got {self.min_cosine}")
         self.overrides()
-
-
-def check_parent(parent: Artifact) -> None:
-    """TensorRT parses standard ONNX: not Hugging Face folders, not ONNX Runtime-fused or -quantized graphs."""
-    if parent.kind != "onnx":
-        raise VlmoptError(f"build reads an ONNX artifact; '{parent.name}' is of kind '{parent.kind}'")
-    if parent.meta.get("custom_domains"):
-        raise VlmoptError(
-            f"'{parent.name}' holds ONNX Runtime-only operators ({', '.join(parent.meta['custom_domains'])}) that TensorRT cannot parse; "
-            "build from onnx, fp16 or int8-static-trt"
-        )
-    not_ready = {t: r.get("tensorrt_issue") for t, r in parent.towers.items() if r.get("tensorrt_ready") is False}
-    if not_ready:
-        tower, issue = next(iter(not_ready.items()))
-        raise VlmoptError(f"'{parent.name}' is not a graph TensorRT builds ({tower}: {issue}); quantize with --target tensorrt")
 
 
 def sparse_requested(option: str, parent: Artifact) -> bool:
     """On for artifacts `vlmopt prune` recorded as 2:4 sparse, unless the user says otherwise."""
-    return option == "on" or (option == "auto" and bool(parent.meta.get("two_four_sparse")))
+    return option == "on" or (option == "auto" and parent.traits.two_four_sparse)
 
 
 def parse_error_message(tower: str, errors: list[tuple[str, str, str]]) -> str:
@@ -103,31 +80,6 @@ def parse_error_message(tower: str, errors: list[tuple[str, str, str]]) -> str:
     more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
     where = f" at node '{node}' ({op})" if node or op else ""
     return f"TensorRT cannot parse the {tower} tower{where}: {description}{more}" + (f"; hint: {hint}" if hint else "")
-
-
-def rebuild_command(model_dir: ModelDir, options: BuildOptions) -> str:
-    """The command that rebuilds this engine with the same options, ready to paste."""
-    import shlex
-
-    defaults = BuildOptions()
-    flags = {
-        "--opt-batch": options.opt_batch,
-        "--max-batch": options.max_batch,
-        "--max-seq": options.max_seq,
-        "--workspace": options.workspace_mb,
-        "--optimization-level": options.optimization_level,
-        "--hardware-compatibility": options.hardware_compatibility,
-        "--sparse-weights": options.sparse_weights,
-    }
-    default_values = [defaults.opt_batch, defaults.max_batch, defaults.max_seq, defaults.workspace_mb, defaults.optimization_level, "none", "auto"]
-    parts = ["vlmopt", "build", str(model_dir.path), "--from", options.source, "--name", options.name]
-    for (flag, value), default in zip(flags.items(), default_values, strict=True):
-        if value != default:
-            parts += [flag, str(value)]
-    parts += [arg for shape in options.shapes for arg in ("--shapes", shape)]
-    if options.version_compatible:
-        parts.append("--version-compatible")
-    return shlex.join([*parts, "--force"])
 
 
 def _build_engine(
@@ -150,7 +102,7 @@ def _build_engine(
             errors.append((error.desc(), error.node_name(), error.node_operator()))
         raise VlmoptError(parse_error_message(tower.name, errors))
     config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mb * 2**20)
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace * 2**20)
     config.builder_optimization_level = options.optimization_level
     profile = builder.create_optimization_profile()
     for name, shapes in profiles.items():
@@ -179,68 +131,121 @@ def _build_engine(
     return bytes(serialized), {"build_seconds": round(time.perf_counter() - started, 1)}
 
 
-def run(model_dir: ModelDir, options: BuildOptions, force: bool = False, progress: Callable[[str], None] | None = None) -> StageResult:
-    """Build one engine per tower of an ONNX artifact; verify each against ONNX Runtime; commit only if all pass."""
-    from vlmopt.machine import require_tensorrt_gpu
-
-    options.validate()
-    parent = model_dir.artifact(options.source)
-    check_parent(parent)
-    towers = {name: Tower.from_json(name, data) for name, data in parent.towers.items()}
-    overrides = options.overrides()
-    profiles = {}
-    for name, tower in towers.items():
-        mine = {k: v for k, v in overrides.items() if k in {s.name for s in tower.inputs}}
-        profiles[name] = derive_profiles(tower, options.opt_batch, options.max_batch, options.max_seq, mine)
-    unused = set(overrides) - {n for p in profiles.values() for n in p}
-    if unused:
-        raise VlmoptError(f"--shapes names {', '.join(sorted(unused))}, which no tower of '{parent.name}' takes")
-    version, gpu = require_tensorrt_gpu()
-    check_tensorrt_version(version)
-    sparse = sparse_requested(options.sparse_weights, parent)
-    cc = gpu.compute_capability
-    cache_path = model_dir.path / TIMING_CACHES / f"tensorrt-{version}-sm{cc[0]}{cc[1]}.cache" if options.timing_cache else None
-    say = progress or (lambda message: None)
-    parent_dir = model_dir.artifact_path(parent.name)
-
-    def build(tmp: Path) -> StageOutput:
-        from vlmopt.runners import OrtRunner
-        from vlmopt.runners.tensorrt_runner import TensorRTRunner
-
-        recorded: dict[str, dict[str, Any]] = {}
-        for name, tower in towers.items():
-            say(f"building the {name} tower's engine (TensorRT {version}, {gpu.name})")
-            engine, timings = _build_engine(parent_dir / parent.towers[name]["file"], tower, profiles[name], options, sparse, cache_path)
-            file = f"{name}.engine"
-            (tmp / file).write_bytes(engine)
-            meta = engine_metadata(
-                version,
-                gpu.name,
-                cc,
-                profiles[name],
-                source=parent.name,
-                hardware_compatibility=options.hardware_compatibility,
-                version_compatible=options.version_compatible,
-                sparse_weights=sparse,
-                precision=parent.meta.get("precision", "fp32"),
-                **timings,
-            )
-            recorded[name] = {**tower.to_json(), "file": file, "engine": meta}
-        say("verifying the engines against ONNX Runtime")
-        rebuild = rebuild_command(model_dir, options)
-        references = {n: OrtRunner(parent_dir / parent.towers[n]["file"]) for n in towers}
-        candidates = {n: TensorRTRunner(tmp / recorded[n]["file"], recorded[n]["engine"], rebuild) for n in towers}
-        admits = {n: _admits(profiles[n]) for n in towers}
-        verification = fidelity.check_runners(towers, references, candidates, fidelity.Thresholds(min_cosine=options.min_cosine), admits=admits)
-        verification["reference"] = f"{parent.name} (onnxruntime)"
-        for runner in [*references.values(), *candidates.values()]:
-            runner.close()
-        meta = {**parent.meta, "tensorrt_version": version, "gpu": gpu.name, "compute_capability": f"{cc[0]}.{cc[1]}", "sparse_weights": sparse}
-        return StageOutput(towers=recorded, meta=meta, verification=verification)
-
-    return model_dir.produce(options.name, kind="tensorrt", stage="build", options=asdict(options), parent=parent, build=build, force=force)
-
-
 def _admits(profiles: dict[str, Profile]) -> Callable[[dict[str, Any]], bool]:
     """Whether a feed's shapes lie inside the engine's profiles (verification skips those that do not)."""
     return lambda feed: all(profile.admits(tuple(feed[name].shape)) for name, profile in profiles.items())
+
+
+class Build(Stage):
+    name = "build"
+    Options = BuildOptions
+    produces = "tensorrt"
+    accepts = Accepts(kinds=("onnx",), ort_only_ops=False, hint="build from onnx, fp16 or int8-static-trt", ort_only_ops_refusal="TensorRT cannot parse")
+    tools = ("tensorrt",)
+    summary = "Build strongly typed TensorRT engines (10.x and 11.x) from an ONNX artifact that carries its precision; verify them against ONNX Runtime."
+    details = (
+        "Needs TensorRT (pip install 'vlmopt\\[tensorrt]') and a CUDA GPU; without either it says which and exits 2.\n"
+        "Example: vlmopt build build/clip --from fp16"
+    )
+
+    def artifact_name(self, options: BuildOptions) -> str:
+        return options.artifact
+
+    def requires(self, options: BuildOptions) -> str | None:
+        from vlmopt.machine import require_tensorrt_gpu
+
+        try:
+            version, _ = require_tensorrt_gpu()
+            check_tensorrt_version(version)
+        except VlmoptError as exc:
+            return exc.message
+        return None
+
+    def environment(self, options: BuildOptions) -> dict[str, str]:
+        """Engines are tied to the exact TensorRT version and GPU they were built with."""
+        from vlmopt.machine import gpus, tensorrt_status
+
+        found = gpus()
+        gpu = f"{found[0].name} (compute capability {found[0].compute_capability[0]}.{found[0].compute_capability[1]})" if found else "none"
+        return {"tensorrt": tensorrt_status()[0] or "not installed", "gpu": gpu}
+
+    def check_parent(self, parent: Artifact, options: BuildOptions) -> None:
+        super().check_parent(parent, options)
+        not_ready = {t: issue for t, issue in parent.traits.tensorrt_issues.items() if issue is not None}
+        if not_ready:
+            tower, issue = next(iter(not_ready.items()))
+            raise VlmoptError(f"'{parent.name}' is not a graph TensorRT builds ({tower}: {issue}); quantize with --target tensorrt")
+
+    def prepare(self, job: Job) -> None:
+        options: BuildOptions = job.options
+        overrides = options.overrides()
+        profiles = {}
+        for name, tower in job.towers.items():
+            mine = {k: v for k, v in overrides.items() if k in {s.name for s in tower.inputs}}
+            profiles[name] = derive_profiles(tower, options.opt_batch, options.max_batch, options.max_seq, mine)
+        unused = set(overrides) - {n for p in profiles.values() for n in p}
+        if unused:
+            raise VlmoptError(f"--shapes names {', '.join(sorted(unused))}, which no tower of '{job.parent.name}' takes")
+        job.state["profiles"] = profiles
+
+    def build(self, job: Job, tmp: Path) -> StageOutput:
+        from vlmopt.machine import require_tensorrt_gpu
+
+        options: BuildOptions = job.options
+        version, gpu = require_tensorrt_gpu()
+        cc = gpu.compute_capability
+        job.state.update(
+            version=version,
+            gpu=gpu,
+            sparse=sparse_requested(options.sparse_weights, job.parent),
+            cache=job.model_dir.path / TIMING_CACHES / f"tensorrt-{version}-sm{cc[0]}{cc[1]}.cache" if options.timing_cache else None,
+        )
+        output = super().build(job, tmp)
+        output.traits = job.parent.traits.derive(target="tensorrt", sparsity=job.parent.traits.sparsity)
+        output.record["tensorrt_version"] = version
+        output.record["gpu"] = gpu.name
+        output.record["compute_capability"] = f"{cc[0]}.{cc[1]}"
+        output.record["sparse_weights"] = job.state["sparse"]
+        return output
+
+    def make_tower(self, job: Job, tower: str, tmp: Path) -> Made:
+        options: BuildOptions = job.options
+        version, gpu, profiles = job.state["version"], job.state["gpu"], job.state["profiles"][tower]
+        spec = job.towers[tower]
+        job.say(f"building the {tower} tower's engine (TensorRT {version}, {gpu.name})")
+        engine, timings = _build_engine(job.parent_file(tower), spec, profiles, options, job.state["sparse"], job.state["cache"])
+        file = f"{tower}.engine"
+        (tmp / file).write_bytes(engine)
+        meta = engine_metadata(
+            version,
+            gpu.name,
+            gpu.compute_capability,
+            profiles,
+            source=job.parent.name,
+            hardware_compatibility=options.hardware_compatibility,
+            version_compatible=options.version_compatible,
+            sparse_weights=job.state["sparse"],
+            precision=job.parent.traits.precision,
+            remake_args=self.remake_args(options),
+            **timings,
+        )
+        return Made(TowerRecord(spec, file, len(engine), engine=meta), timings)
+
+    def verify(self, job: Job, tmp: Path, towers: dict[str, TowerRecord]) -> Verification | None:
+        from vlmopt.verification import Gates, verify_artifacts
+
+        job.say("verifying the engines against ONNX Runtime")
+        profiles = job.state["profiles"]
+        verification = verify_artifacts(
+            job.parent_dir,
+            job.parent,
+            tmp,
+            provisional(self, job, tmp, towers),
+            Gates.of(job.options),
+            admits={n: _admits(profiles[n]) for n in towers},
+        )
+        verification.reference = f"{job.parent.name} (onnxruntime)"
+        return verification
+
+
+STAGE = Build()

@@ -8,20 +8,19 @@ import io
 import logging
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from vlmopt.errors import CheckFailed, VlmoptError
-from vlmopt.families import Tower, family_for
-from vlmopt.hf import load_config, load_model
+from vlmopt import graph
+from vlmopt.errors import VlmoptError
+from vlmopt.families import Tower
 from vlmopt.inputs import export_sizes, make_inputs, verification_sizes
-from vlmopt.runners import OrtRunner, TorchRunner
-from vlmopt.verify import compare_feeds
-from vlmopt.workspace import ModelDir, StageOutput, StageResult
+from vlmopt.options import StageOptions, name_option, option, source_option
+from vlmopt.records import TowerRecord
+from vlmopt.stage import Accepts, Job, Stage, provisional
+from vlmopt.workspace import StageOutput
 
 MIN_OPSET, MAX_OPSET = 17, 23
 EXPORTERS = ("auto", "dynamo", "torchscript")
@@ -30,28 +29,20 @@ _SINGLE_FILE_LIMIT = 2**31 - 2**26
 
 
 @dataclass
-class ConvertOptions:
-    source: str = "hf"
-    output: str = "onnx"
-    monolith: bool = False
-    static: bool = False
-    batch_size: int = 1
-    seq_len: int | None = None
-    opset: int = 18
-    atol: float | None = None
-    exporter: str = "auto"
+class ConvertOptions(StageOptions):
+    source: str = source_option("hf", "the Hugging Face artifact to convert")
+    name: str = name_option("onnx", "onnx")
+    monolith: bool = option(False, "One graph with both towers and the zero-shot logits.")
+    static: bool = option(False, "Fixed shapes instead of dynamic batch/sequence axes.")
+    batch_size: int = option(1, "Batch size of a --static export.", minimum=1)
+    seq_len: int | None = option(None, "Sequence length of a --static export (default: the model's maximum).", minimum=1)
+    opset: int = option(18, f"ONNX opset ({MIN_OPSET}..{MAX_OPSET}).", minimum=MIN_OPSET, maximum=MAX_OPSET)
+    atol: float | None = option(
+        None, "Fail (exit 1, nothing written) when an output differs from PyTorch by more than this (default: the family's).", minimum=0.0, exclusive=("min",)
+    )
+    exporter: str = option("auto", "auto (TorchScript below 2 GB of weights, dynamo above), dynamo or torchscript.", choices=EXPORTERS)
 
-    def validate(self) -> None:
-        if self.exporter not in EXPORTERS:
-            raise VlmoptError(f"--exporter must be one of {', '.join(EXPORTERS)}, got '{self.exporter}'")
-        if not MIN_OPSET <= self.opset <= MAX_OPSET:
-            raise VlmoptError(f"--opset {self.opset} is outside the supported range {MIN_OPSET}..{MAX_OPSET}")
-        if self.batch_size < 1:
-            raise VlmoptError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.seq_len is not None and self.seq_len < 1:
-            raise VlmoptError(f"--seq-len must be at least 1, got {self.seq_len}")
-        if self.atol is not None and not self.atol > 0:
-            raise VlmoptError(f"--atol must be positive, got {self.atol}")
+    def check(self) -> None:
         if not self.static and (self.batch_size != 1 or self.seq_len is not None):
             raise VlmoptError("--batch-size and --seq-len fix the shapes of a --static export; add --static or drop them")
 
@@ -121,94 +112,68 @@ def export_tower(module: Any, tower: Tower, path: Path, opset: int, dynamic: boo
     gc.collect()
 
 
-def verify_tower(
-    reference: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
-    candidate: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
-    tower: Tower,
-    shapes: list[dict[str, int]],
-    atol: float,
-) -> dict[str, Any]:
-    """Run both on the same inputs at every shape; per output the largest max-abs-diff (and the shape
-    where it occurred), the smallest cosine and the mean cosine over all shapes."""
-    worst = compare_feeds(reference, candidate, [make_inputs(tower, sizes, seed=seed) for seed, sizes in enumerate(shapes)])
-    axes = [{k: v for k, v in s.items() if k in tower.axes} for s in shapes]
-    for seen in worst.values():
-        seen["shape"] = axes[seen.pop("feed")]
-    passed = all(r["max_abs_diff"] <= atol for r in worst.values())
-    return {"atol": atol, "shapes": axes, "outputs": worst, "passed": passed}
+class Convert(Stage):
+    name = "convert"
+    Options = ConvertOptions
+    produces = "onnx"
+    accepts = Accepts(kinds=("hf",), hint="convert a checkpoint such as 'hf' (made by `vlmopt export`)")
+    tools = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime")
+    summary = "Export each tower to ONNX (dynamic batch/sequence axes) and verify it against PyTorch."
+    details = "Fails with exit 1, writing nothing, when an output differs by more than --atol.\nExample: vlmopt convert build/clip"
 
+    def prepare(self, job: Job) -> None:
+        from vlmopt.families import family_for
+        from vlmopt.hf import load_config
 
-def run(model_dir: ModelDir, options: ConvertOptions, force: bool = False, debug: bool = False, progress: Callable[[str], None] | None = None) -> StageResult:
-    """Export every tower of the source artifact's family to ONNX and verify each against PyTorch.
+        options: ConvertOptions = job.options
+        config = load_config(job.parent_dir)
+        family = family_for(config)
+        if options.monolith and not family.supports_monolith:
+            raise VlmoptError(f"--monolith needs a model with both towers; {family.name} has one")
+        towers = family.towers(config, job.parent_dir, monolith=options.monolith)
+        if options.static:
+            towers = [t.with_static_axes(_static_sizes(t, options)) for t in towers]
+        job.state.update(config=config, family=family, wrappable={t.name: t for t in towers})
 
-    Raises `CheckFailed` (nothing committed) when an output differs by more than the tolerance.
-    """
-    options.validate()
-    parent = model_dir.artifact(options.source)
-    if parent.kind != "hf":
-        raise VlmoptError(f"convert reads a Hugging Face artifact; '{options.source}' is of kind '{parent.kind}'")
-    hf_dir = model_dir.artifact_path(parent.name)
-    config = load_config(hf_dir)
-    family = family_for(config)
-    if options.monolith and not family.supports_monolith:
-        raise VlmoptError(f"--monolith needs a model with both towers; {family.name} has one")
-    towers = family.towers(config, hf_dir, monolith=options.monolith)
-    if options.static:
-        towers = [t.with_static_axes(_static_sizes(t, options)) for t in towers]
-    atol = options.atol if options.atol is not None else family.atol
-    say = progress or (lambda message: None)
+    def build(self, job: Job, tmp: Path) -> StageOutput:
+        from vlmopt.hf import load_model
+        from vlmopt.verification import Gates, verify_artifacts
+        from vlmopt.verification.check import shape_sets
 
-    def build(tmp: Path) -> StageOutput:
-        import torch
-
-        say("loading the PyTorch model (eager attention)")
-        model = load_model(hf_dir, config=config, family=family, attn_implementation="eager")
-        recorded: dict[str, dict[str, Any]] = {}
-        verification: dict[str, Any] = {}
-        for tower in towers:
+        options: ConvertOptions = job.options
+        config, family, towers = job.state["config"], job.state["family"], job.state["wrappable"]
+        job.say("loading the PyTorch model (eager attention)")
+        model = load_model(job.parent_dir, config=config, family=family, attn_implementation="eager")
+        records: dict[str, TowerRecord] = {}
+        work: dict[str, dict[str, Any]] = {}
+        for tower in towers.values():
             module = tower.wrap(model).eval()
             path = tmp / f"{tower.name}.onnx"
             exporter = choose_exporter(options.exporter, module)
-            say(f"exporting the {tower.name} tower ({exporter} exporter)")
+            job.say(f"exporting the {tower.name} tower ({exporter} exporter)")
             started = time.perf_counter()
-            export_tower(module, tower, path, options.opset, dynamic=not options.static, exporter=exporter, debug=debug)
-            seconds = time.perf_counter() - started
-            say(f"verifying the {tower.name} tower against PyTorch")
-            reference = TorchRunner(module, [s.name for s in tower.inputs], [s.name for s in tower.outputs])
-            candidate = OrtRunner(path, threads=torch.get_num_threads())
-            shapes = _shapes(tower, options)
-            result = verify_tower(reference.run, candidate.run, tower, shapes, atol)
-            candidate.close()
-            verification[tower.name] = result
-            if not result["passed"]:
-                worst = max(result["outputs"].values(), key=lambda r: r["max_abs_diff"])
-                raise CheckFailed(
-                    f"{tower.name} tower: output '{worst['output']}' differs from PyTorch by {worst['max_abs_diff']:.3g} "
-                    f"(> --atol {atol:g}) at {worst['shape']}; nothing was written",
-                    details={"verification": verification},
-                )
-            recorded[tower.name] = {
-                "file": path.name,
-                "exporter": exporter,
-                "export_seconds": round(seconds, 2),
-                "dynamic": not options.static,
-                **tower.to_json(),
-            }
-        return StageOutput(
-            towers=recorded,
-            meta={
-                "family": family.name,
-                "model_type": config.model_type,
-                "opset": options.opset,
-                "attn_implementation": "eager",
-                "precision": "fp32",
-                # a pruned checkpoint's sparsity travels with its exports (TensorRT can ask for sparse kernels)
-                **{key: parent.meta[key] for key in ("sparsity", "two_four_sparse") if key in parent.meta},
-            },
-            verification={"reference": "pytorch", "passed": True, "towers": verification},
+            export_tower(module, tower, path, options.opset, dynamic=not options.static, exporter=exporter, debug=job.context.debug)
+            work[tower.name] = {"exporter": exporter, "export_seconds": round(time.perf_counter() - started, 2), "dynamic": not options.static}
+            records[tower.name] = TowerRecord(_unwrapped(tower), path.name, graph.weight_bytes(tmp, path.name))
+        job.say("verifying every tower against PyTorch")
+        atol = options.atol if options.atol is not None else family.atol
+        verification = verify_artifacts(
+            job.parent_dir,
+            job.parent,
+            tmp,
+            provisional(self, job, tmp, records),
+            Gates(atol=atol),
+            threads=job.context.thread_count,
+            sets=lambda tower: shape_sets(tower, _shapes(tower, options)),
+            reference_model=model,
         )
+        traits = job.parent.traits.derive(family=family.name, model_type=config.model_type, precision="fp32", attn_implementation="eager")
+        return StageOutput(towers=records, traits=traits, record={"opset": options.opset, "towers": work}, verification=verification)
 
-    return model_dir.produce(options.output, kind="onnx", stage="convert", options=asdict(options), parent=parent, build=build, force=force)
+
+def _unwrapped(tower: Tower) -> Tower:
+    """The tower as the manifest keeps it: its interface, without the PyTorch wrapper."""
+    return Tower.from_json(tower.name, tower.to_json())
 
 
 def _shapes(tower: Tower, options: ConvertOptions) -> list[dict[str, int]]:
@@ -216,3 +181,6 @@ def _shapes(tower: Tower, options: ConvertOptions) -> list[dict[str, int]]:
         fixed = _static_sizes(tower, options)
         return [fixed, fixed]
     return verification_sizes(tower)
+
+
+STAGE = Convert()

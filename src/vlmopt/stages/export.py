@@ -2,26 +2,34 @@
 
 from __future__ import annotations
 
+import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from vlmopt.families import family_for
-from vlmopt.families.bert import SENTENCE_TRANSFORMERS_FILES
-from vlmopt.hf import check_source, load_config, load_model, save_processors
-from vlmopt.workspace import ModelDir, StageOutput, StageResult, content_digest, file_records
+from vlmopt.options import StageOptions, option
+from vlmopt.records import Traits
+from vlmopt.stage import Job, Stage
+from vlmopt.workspace import StageOutput, content_digest, file_records
 
 ARTIFACT = "hf"
 
 
 @dataclass
-class ExportOptions:
-    source: str
-    revision: str | None = None
-    trust_remote_code: bool = False
+class ExportOptions(StageOptions):
+    source: str = option(None, "A hub id (org/name) or a local Hugging Face model folder.", argument=True, metavar="SOURCE")
+    revision: str | None = option(None, "Hub revision (branch, tag or commit).")
+    trust_remote_code: bool = option(False, "Allow the checkpoint's own Python code to run (off by default).")
+
+    def check(self) -> None:
+        from vlmopt.errors import VlmoptError
+
+        if not self.source:
+            raise VlmoptError("export needs a SOURCE: a hub id (org/name) or a local Hugging Face model folder")
 
 
-def _source_fingerprint(options: ExportOptions, local: Path | None, config) -> str:
+def _source_fingerprint(options: ExportOptions, local: Path | None, config: Any) -> str:
     """What identifies the source's content: file hashes for a folder, the resolved commit for the hub."""
     if local is not None:
         return content_digest(file_records(local))
@@ -30,7 +38,7 @@ def _source_fingerprint(options: ExportOptions, local: Path | None, config) -> s
 
 def _copy_sentence_transformers_files(local: Path, dest: Path) -> list[str]:
     """Sentence-transformers checkpoints keep their pooling beside the model; keep it with it."""
-    import json
+    from vlmopt.families.bert import SENTENCE_TRANSFORMERS_FILES
 
     copied = []
     for name in SENTENCE_TRANSFORMERS_FILES:
@@ -48,15 +56,35 @@ def _copy_sentence_transformers_files(local: Path, dest: Path) -> list[str]:
     return copied
 
 
-def run(model_dir: ModelDir, options: ExportOptions, force: bool = False) -> StageResult:
-    """Load the checkpoint (safetensors only), check it against its config, and save it to `hf/`."""
-    local = check_source(options.source)
-    source = str(local.resolve()) if local is not None else options.source
-    config = load_config(source, options.revision, options.trust_remote_code)
-    family = family_for(config)
-    recorded = {**asdict(options), "source": source, "source_fingerprint": _source_fingerprint(options, local, config)}
+class Export(Stage):
+    name = "export"
+    Options = ExportOptions
+    produces = "hf"
+    creates_directory = True
+    tools = ("transformers", "safetensors")
+    summary = "Save a checkpoint (safetensors weights, config, processor) into DIR/hf/."
+    details = "Example: vlmopt export build/clip-src -o build/clip"
 
-    def build(tmp: Path) -> StageOutput:
+    def artifact_name(self, options: ExportOptions) -> str:
+        return ARTIFACT
+
+    def prepare(self, job: Job) -> None:
+        from vlmopt.families import family_for
+        from vlmopt.hf import check_source, load_config
+
+        options: ExportOptions = job.options
+        local = check_source(options.source)
+        source = str(local.resolve()) if local is not None else options.source
+        config = load_config(source, options.revision, options.trust_remote_code)
+        job.state.update(local=local, source=source, config=config, family=family_for(config))
+        job.recorded.update(source=source, source_fingerprint=_source_fingerprint(options, local, config))
+
+    def build(self, job: Job, tmp: Path) -> StageOutput:
+        from vlmopt.hf import load_model, save_processors
+
+        options: ExportOptions = job.options
+        source, config, family, local = job.state["source"], job.state["config"], job.state["family"], job.state["local"]
+        job.say(f"exporting {options.source}")
         model = load_model(
             source, config=config, family=family, revision=options.revision, trust_remote_code=options.trust_remote_code, attn_implementation=None
         )
@@ -64,16 +92,14 @@ def run(model_dir: ModelDir, options: ExportOptions, force: bool = False) -> Sta
         del model
         processors = save_processors(source, tmp, options.revision, options.trust_remote_code)
         extras = _copy_sentence_transformers_files(local, tmp) if local is not None else []
-        return StageOutput(
-            meta={
-                "family": family.name,
-                "model_type": config.model_type,
-                "architectures": list(config.architectures or []),
-                "source": source,
-                "revision": options.revision,
-                "processors": processors,
-                "extra_files": extras,
-            }
-        )
+        record = {
+            "source": source,
+            "revision": options.revision,
+            "architectures": list(config.architectures or []),
+            "processors": processors,
+            "extra_files": extras,
+        }
+        return StageOutput(traits=Traits(family=family.name, model_type=config.model_type), record=record)
 
-    return model_dir.produce(ARTIFACT, kind="hf", stage="export", options=recorded, parent=None, build=build, force=force)
+
+STAGE = Export()

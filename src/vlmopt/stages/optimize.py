@@ -7,17 +7,17 @@ result against the fp32 graph it came from on the same inputs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vlmopt import graph
 from vlmopt.errors import VlmoptError
 from vlmopt.families import Tower
+from vlmopt.options import StageOptions, atol_option, min_cosine_option, name_option, option, source_option
 from vlmopt.quiet import quiet_onnxruntime_tools
-from vlmopt.stages import fidelity
-from vlmopt.workspace import Artifact, ModelDir, StageOutput, StageResult
+from vlmopt.records import TowerRecord, Traits
+from vlmopt.stage import Accepts, Job, Made, Stage
 
 #: fused operators worth reporting (ONNX Runtime's names)
 FUSED_OPS = (
@@ -39,32 +39,19 @@ _INPUT_ALIAS = "attention_mask__vlmopt_input"
 
 
 @dataclass
-class OptimizeOptions:
-    source: str = "onnx"
-    output: str = "onnx-opt"
-    attention: bool = True
-    model_type: str | None = None
-    atol: float = 1e-3
-    min_cosine: float = 0.9999
+class OptimizeOptions(StageOptions):
+    source: str = source_option("onnx", "the fp32 ONNX artifact to optimize")
+    name: str = name_option("onnx-opt", "onnx-opt")
+    attention: bool = option(True, "Fuse attention blocks into ONNX Runtime's Attention op.", flag="--attention/--no-attention")
+    model_type: str | None = option(None, "ONNX Runtime optimizer model type (default: the family's per tower).")
+    atol: float | None = atol_option(1e-3)
+    min_cosine: float | None = min_cosine_option(0.9999)
 
-    def validate(self) -> None:
+    def check(self) -> None:
         from onnxruntime.transformers.optimizer import MODEL_TYPES
 
         if self.model_type is not None and self.model_type not in MODEL_TYPES:
             raise VlmoptError(f"--model-type must be one of ONNX Runtime's optimizer types ({', '.join(sorted(MODEL_TYPES))}), got '{self.model_type}'")
-        if not self.atol > 0:
-            raise VlmoptError(f"--atol must be positive, got {self.atol}")
-        if not 0 < self.min_cosine <= 1:
-            raise VlmoptError(f"--min-cosine must be in (0, 1], got {self.min_cosine}")
-
-
-def check_parent(parent: Artifact) -> None:
-    if parent.kind != "onnx":
-        raise VlmoptError(f"'{parent.name}' is a {parent.kind} artifact; optimize reads ONNX (run `vlmopt convert` first)")
-    precision = parent.meta.get("precision", "fp32")
-    if precision != "fp32" or parent.meta.get("optimized"):
-        what = "already optimized" if parent.meta.get("optimized") else f"{precision}"
-        raise VlmoptError(f"'{parent.name}' is {what}; optimize reads an fp32 export such as 'onnx'")
 
 
 def attention_layers(model: Any) -> int:
@@ -163,57 +150,44 @@ def _declare_domains(model: Any) -> None:
             model.opset_import.append(helper.make_opsetid(domain, 1))
 
 
-def run(
-    model_dir: ModelDir,
-    options: OptimizeOptions,
-    force: bool = False,
-    debug: bool = False,
-    progress: Callable[[str], None] | None = None,
-    threads: int | None = None,
-) -> StageResult:
-    """Fuse every tower of an fp32 ONNX artifact; verify each against its parent (max |diff| and cosine)."""
-    options.validate()
-    parent = model_dir.artifact(options.source)
-    check_parent(parent)
-    parent_dir = model_dir.artifact_path(parent.name)
-    towers = {name: Tower.from_json(name, data) for name, data in parent.towers.items()}
-    say = progress or (lambda message: None)
+class Optimize(Stage):
+    name = "optimize"
+    Options = OptimizeOptions
+    produces = "onnx"
+    accepts = Accepts(kinds=("onnx",), precisions=("fp32",), fused=False, hint="optimize reads an fp32 export such as 'onnx' (made by `vlmopt convert`)")
+    tools = ("onnxruntime", "onnx")
+    summary = "Fuse Attention, SkipLayerNormalization and Gelu with ONNX Runtime's transformer optimizer; verify against the unfused graph."
+    details = "Example: vlmopt optimize build/clip"
 
-    def build(tmp: Path) -> StageOutput:
-        recorded: dict[str, dict[str, Any]] = {}
-        for name, tower in towers.items():
-            model_type = options.model_type or tower.optimizer_model_type or "bert"
-            say(f"fusing the {name} tower ({model_type} optimizer)")
-            source = graph.load(parent_dir / parent.towers[name]["file"])
-            layers = attention_layers(source)
-            optimized, fused = optimize_graph(source, tower, model_type, options.attention, debug)
-            file = parent.towers[name]["file"]
-            graph.save(optimized, tmp / file)
-            recorded[name] = {
-                **parent.towers[name],
-                "file": file,
-                "optimizer_model_type": model_type,
-                "fused": fused,
-                "attention_layers": layers,
-                "size": graph.weight_bytes(tmp, file),
-                "parent_size": graph.weight_bytes(parent_dir, file),
-                "custom_domains": graph.custom_domains(optimized),
-            }
-        say("verifying against the unfused graphs")
-        verification = fidelity.check(
-            parent_dir,
-            {n: parent.towers[n]["file"] for n in towers},
-            tmp,
-            {n: recorded[n]["file"] for n in towers},
-            towers,
-            fidelity.Thresholds(min_cosine=options.min_cosine, atol=options.atol),
-            threads=threads,
-        )
-        verification["reference"] = parent.name
-        return StageOutput(
-            towers=recorded,
-            meta={**parent.meta, "precision": "fp32", "optimized": True, "custom_domains": sorted({d for t in recorded.values() for d in t["custom_domains"]})},
-            verification=verification,
-        )
+    def make_tower(self, job: Job, tower: str, tmp: Path) -> Made:
+        options: OptimizeOptions = job.options
+        spec = job.towers[tower]
+        model_type = options.model_type or spec.optimizer_model_type or "bert"
+        job.say(f"fusing the {tower} tower ({model_type} optimizer)")
+        file = job.parent.towers[tower].file
+        source = graph.load(job.parent_file(tower))
+        layers = attention_layers(source)
+        optimized, fused = optimize_graph(source, spec, model_type, options.attention, job.context.debug)
+        graph.save(optimized, tmp / file)
+        work = {
+            "optimizer_model_type": model_type,
+            "fused": fused,
+            "attention_layers": layers,
+            "parent_size": graph.weight_bytes(job.parent_dir, file),
+            "ort_only_ops": graph.custom_domains(optimized),
+        }
+        return Made(TowerRecord(spec, file, graph.weight_bytes(tmp, file)), work)
 
-    return model_dir.produce(options.output, kind="onnx", stage="optimize", options=asdict(options), parent=parent, build=build, force=force)
+    def describe(self, artifact: Any) -> list[Any]:
+        lines = []
+        for tower, work in artifact.record.get("towers", {}).items():
+            counts = work["fused"]
+            attention = counts.get("Attention", 0) + counts.get("MultiHeadAttention", 0)
+            lines.append(f"fused in {tower}: attention {attention}/{work['attention_layers']} layers; " + ", ".join(f"{op} {n}" for op, n in counts.items()))
+        return lines
+
+    def traits(self, job: Job, made: dict[str, Made]) -> Traits:
+        return job.parent.traits.derive(fused=True, ort_only_ops=sorted({d for m in made.values() for d in m.work["ort_only_ops"]}))
+
+
+STAGE = Optimize()

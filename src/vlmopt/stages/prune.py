@@ -11,21 +11,21 @@ Pruning without fine-tuning loses accuracy: the check reports it and gates only 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from vlmopt.calibration import calibration_feeds, data_digest, load_calibration, sample_count
+from vlmopt.calibration import calibration_feeds, load_calibration, sample_count
 from vlmopt.errors import VlmoptError
-from vlmopt.families import Family, Tower, family_for
+from vlmopt.families import Family, Tower
 from vlmopt.families.base import PruneLayout
-from vlmopt.hf import load_config, load_model
+from vlmopt.options import StageOptions, min_agreement_option, min_cosine_option, name_option, option, source_option
+from vlmopt.records import Sparsity
 from vlmopt.runners import TorchRunner
-from vlmopt.stages import fidelity
-from vlmopt.workspace import Artifact, ModelDir, StageOutput, StageResult
+from vlmopt.stage import Accepts, Job, Stage
+from vlmopt.workspace import StageOutput
 
 SCORES = ("l1", "l2", "activation")
 SCOPES = ("layer", "global")
@@ -35,32 +35,25 @@ _WEIGHT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.js
 
 
 @dataclass
-class PruneOptions:
-    source: str = "hf"
-    output: str = "hf-pruned"
-    mlp_ratio: float = 0.0
-    head_ratio: float = 0.0
-    score: str = "l2"
-    sparsity: float = 0.0
-    pattern: str = "unstructured"
-    scope: str = "layer"
-    towers: list[str] | None = None
-    calib_images: str | None = None
-    calib_text: str | None = None
-    calib_samples: int = 32
-    min_cosine: float | None = None
-    min_agreement: float | None = None
+class PruneOptions(StageOptions):
+    source: str = source_option("hf", "the Hugging Face artifact to prune")
+    name: str = name_option("hf-pruned", "hf-pruned")
+    mlp_ratio: float = option(0.0, "Fraction of MLP hidden neurons to remove in every block, in [0, 1).", minimum=0.0, maximum=1.0, exclusive=("max",))
+    head_ratio: float = option(
+        0.0, "Fraction of attention heads to remove in every block (models whose config carries head_dim: ViT).", minimum=0.0, maximum=1.0, exclusive=("max",)
+    )
+    score: str = option("l2", "Ranking: l1 or l2 weight magnitude, or activation (calibration data).", choices=SCORES)
+    sparsity: float = option(0.0, "Then zero this fraction of the remaining weights (magnitude).", minimum=0.0, maximum=1.0, exclusive=("max",))
+    pattern: str = option("unstructured", "unstructured, or 2:4 (2 of every 4 input weights kept; TensorRT sparse kernels).", choices=PATTERNS)
+    scope: str = option("layer", "--sparsity per layer, or global (one threshold over all layers).", choices=SCOPES)
+    tower: list[str] = option([], "Only these towers (repeatable).")
+    calib_images: str | None = option(None, "--score activation: a folder of jpg/png images.", path=True, metavar="DIR")
+    calib_text: str | None = option(None, "--score activation: a text file, one prompt a line.", path=True, metavar="FILE")
+    calib_samples: int = option(32, "Most calibration samples per tower.", minimum=1)
+    min_cosine: float | None = min_cosine_option(None)
+    min_agreement: float | None = min_agreement_option(None)
 
-    def validate(self) -> None:
-        for name, value in (("--mlp-ratio", self.mlp_ratio), ("--head-ratio", self.head_ratio), ("--sparsity", self.sparsity)):
-            if not 0 <= value < 1:
-                raise VlmoptError(f"{name} must be in [0, 1), got {value}")
-        if self.score not in SCORES:
-            raise VlmoptError(f"--score must be one of {', '.join(SCORES)}, got '{self.score}'")
-        if self.pattern not in PATTERNS:
-            raise VlmoptError(f"--pattern must be unstructured or 2:4, got '{self.pattern}'")
-        if self.scope not in SCOPES:
-            raise VlmoptError(f"--scope must be layer or global, got '{self.scope}'")
+    def check(self) -> None:
         if self.pattern == "2:4" and self.sparsity not in (0.0, 0.5):
             raise VlmoptError(f"--pattern 2:4 is 50% sparse by definition; drop --sparsity {self.sparsity}")
         if self.scope == "global" and (self.mlp_ratio or self.head_ratio):
@@ -72,11 +65,6 @@ class PruneOptions:
             raise VlmoptError("nothing to prune: give --mlp-ratio, --head-ratio, --sparsity or --pattern 2:4")
         if self.score != "activation" and (self.calib_images or self.calib_text):
             raise VlmoptError("--calib-images/--calib-text feed --score activation; add it or drop them")
-        if self.calib_samples < 1:
-            raise VlmoptError(f"--calib-samples must be at least 1, got {self.calib_samples}")
-        for name, value in (("--min-cosine", self.min_cosine), ("--min-agreement", self.min_agreement)):
-            if value is not None and not 0 <= value <= 1:
-                raise VlmoptError(f"{name} must be in [0, 1], got {value}")
 
 
 # -- finding the prunable parts ---------------------------------------------------------------
@@ -279,11 +267,6 @@ def tower_cost(wrapper: Any, tower: Tower) -> tuple[int, int]:
 
 
 # -- the stage --------------------------------------------------------------------------------
-def check_parent(parent: Artifact) -> None:
-    if parent.kind != "hf":
-        raise VlmoptError(f"prune reads a Hugging Face artifact; '{parent.name}' is of kind '{parent.kind}'")
-
-
 def _layout(family: Family, config: Any) -> PruneLayout:
     layout = family.pruning(config)
     if layout is None:
@@ -293,104 +276,63 @@ def _layout(family: Family, config: Any) -> PruneLayout:
     return layout
 
 
-def run(
-    model_dir: ModelDir,
-    options: PruneOptions,
-    force: bool = False,
-    progress: Callable[[str], None] | None = None,
-    warn: Callable[[str], None] | None = None,
-    threads: int | None = None,
-) -> StageResult:
-    """Prune the Hugging Face artifact; save it so it reloads with `from_pretrained`; check the reload against the original."""
-    import torch
+class Prune(Stage):
+    name = "prune"
+    Options = PruneOptions
+    produces = "hf"
+    accepts = Accepts(kinds=("hf",), hint="prune a checkpoint such as 'hf' (made by `vlmopt export`)")
+    tools = ("torch", "transformers")
+    summary = (
+        "Shrink the model: remove MLP neurons and attention heads (a smaller checkpoint that reloads with from_pretrained), "
+        "and/or zero weights by magnitude or in a 2:4 pattern. Without fine-tuning, pruning loses accuracy: the report says how much."
+    )
+    details = "Example: vlmopt prune build/clip --mlp-ratio 0.3"
 
-    options.validate()
-    parent = model_dir.artifact(options.source)
-    check_parent(parent)
-    hf_dir = model_dir.artifact_path(parent.name)
-    config = load_config(hf_dir)
-    family = family_for(config)
-    layout = _layout(family, config)
-    towers = {t.name: t for t in family.towers(config, hf_dir)}
-    chosen = list(dict.fromkeys(options.towers or towers))
-    unknown = [t for t in chosen if t not in towers]
-    if unknown:
-        raise VlmoptError(f"no tower named {', '.join(unknown)} in this {family.name} model (towers: {', '.join(towers)})")
-    if options.head_ratio and not layout.head_dim_in_config:
-        raise VlmoptError(
-            f"--head-ratio cannot be applied to {family.name}: transformers computes its head size as hidden_size / num_attention_heads, "
-            "so a checkpoint with fewer heads would not reload with from_pretrained (ViT reads head_dim from its config); use --mlp-ratio"
-        )
-    say = progress or (lambda message: None)
-    shout = warn or (lambda message: None)
-    if threads:
-        torch.set_num_threads(threads)
+    def prepare(self, job: Job) -> None:
+        """Bad settings are refused before any work: a tower with no MLPs, a ratio that empties a layer. The unpruned
+        model loaded for that (its own config object: the pruned model's gets patched) is the reference."""
+        from vlmopt.families import family_for
+        from vlmopt.hf import load_config, load_model
 
-    # Bad settings are refused before any work: a tower with no MLPs, a ratio that empties a layer. The
-    # unpruned model loaded for that (its own config object: the pruned model's gets patched) is the reference.
-    reference = load_model(hf_dir, config=load_config(hf_dir), family=family, attn_implementation="eager")
-    for name in chosen:
-        blocks = find_blocks(towers[name].wrap(reference), layout)
-        tower_config = family.tower_config(config, name)
-        if options.mlp_ratio and not any(b.mlp for b in blocks):
-            raise VlmoptError(f"--mlp-ratio: the {name} tower has no MLP blocks to prune")
-        if options.mlp_ratio and _kept(tower_config.intermediate_size, options.mlp_ratio) < 1:
+        options: PruneOptions = job.options
+        hf_dir = job.parent_dir
+        config = load_config(hf_dir)
+        family = family_for(config)
+        layout = _layout(family, config)
+        towers = {t.name: t for t in family.towers(config, hf_dir)}
+        chosen = list(dict.fromkeys(options.tower or towers))
+        unknown = [t for t in chosen if t not in towers]
+        if unknown:
+            raise VlmoptError(f"no tower named {', '.join(unknown)} in this {family.name} model (towers: {', '.join(towers)})")
+        if options.head_ratio and not layout.head_dim_in_config:
             raise VlmoptError(
-                f"--mlp-ratio {options.mlp_ratio:g} would remove every MLP neuron of the {name} tower's layers ({tower_config.intermediate_size} each)"
+                f"--head-ratio cannot be applied to {family.name}: transformers computes its head size as hidden_size / num_attention_heads, "
+                "so a checkpoint with fewer heads would not reload with from_pretrained (ViT reads head_dim from its config); use --mlp-ratio"
             )
-        if options.head_ratio and not any(b.attention for b in blocks):
-            raise VlmoptError(f"--head-ratio: the {name} tower has no attention blocks to prune")
-        if (options.sparsity or options.pattern == "2:4") and not blocks:
-            raise VlmoptError(f"--sparsity/--pattern: the {name} tower has no blocks with prunable Linears")
-        if options.head_ratio:
-            heads = tower_config.num_attention_heads
-            if _kept(heads, options.head_ratio) < 1:
-                raise VlmoptError(f"--head-ratio {options.head_ratio:g} would remove every head of the {name} tower's layers ({heads} heads each)")
+        import torch
 
-    data = load_calibration(model_dir, {n: towers[n] for n in chosen}, options.calib_images, options.calib_text, options.calib_samples)
+        torch.set_num_threads(job.context.thread_count)
+        reference = load_model(hf_dir, config=load_config(hf_dir), family=family, attn_implementation="eager")
+        for name in chosen:
+            _check_tower(name, find_blocks(towers[name].wrap(reference), layout), family.tower_config(config, name), options)
+        data = load_calibration(job.model_dir, {n: towers[n] for n in chosen}, options.calib_images, options.calib_text, options.calib_samples)
+        job.state.update(config=config, family=family, layout=layout, towers=towers, chosen=chosen, reference=reference, data=data)
+        job.recorded["tower"] = chosen
 
-    def build(tmp: Path) -> StageOutput:
-        say("loading the model")
+    def build(self, job: Job, tmp: Path) -> StageOutput:
+        from vlmopt.hf import load_config, load_model
+        from vlmopt.verification import Gates, verify_runners
+
+        options: PruneOptions = job.options
+        hf_dir, family, layout, towers, chosen = job.parent_dir, job.state["family"], job.state["layout"], job.state["towers"], job.state["chosen"]
+        job.say("loading the model")
         model = load_model(hf_dir, config=load_config(hf_dir), family=family, attn_implementation="eager")
-        recorded: dict[str, dict[str, Any]] = {}
+        work: dict[str, dict[str, Any]] = {}
         calibration: dict[str, dict[str, Any]] = {}
         for name in chosen:
-            tower = towers[name]
-            wrapper = tower.wrap(model).eval()
-            params_before, flops_before = tower_cost(wrapper, tower)
-            blocks = find_blocks(wrapper, layout)
-            tower_config = family.tower_config(model.config, name)
-            entry: dict[str, Any] = {"parameters_before": params_before, "flops_before": flops_before}
-            activations: dict[int, Any] = {}
-            if options.score == "activation" and (options.mlp_ratio or options.head_ratio):
-                feeds, origin = calibration_feeds(tower, data, options.calib_samples)
-                count = sample_count(feeds)
-                calibration[name] = {"data": origin, "samples": count, "method": "activation"}
-                if origin == "synthetic":
-                    shout(
-                        f"the {name} tower's activation scores come from SYNTHETIC random inputs: a fallback; pass real data with --calib-images/--calib-text"
-                    )
-                say(f"scoring the {name} tower on {count} samples")
-                activations = collect_activations(wrapper, blocks, feeds, [s.name for s in tower.inputs])
-            if options.mlp_ratio:
-                say(f"removing {options.mlp_ratio:.0%} of the {name} tower's MLP neurons")
-                before, after = prune_mlps(blocks, layout, options.mlp_ratio, options.score, activations)
-                tower_config.intermediate_size = after
-                entry["mlp"] = {"before": before, "after": after}
-            if options.head_ratio:
-                say(f"removing {options.head_ratio:.0%} of the {name} tower's heads")
-                before, after, head_dim = prune_heads(blocks, layout, tower_config.num_attention_heads, options.head_ratio, options.score, activations)
-                tower_config.num_attention_heads = after
-                tower_config.head_dim = head_dim
-                entry["heads"] = {"before": before, "after": after, "head_dim": head_dim}
-            if options.sparsity or options.pattern == "2:4":
-                blocks = find_blocks(wrapper, layout)
-                linears = [m for b in blocks for m in (*(b.mlp or ()), *(b.attention or ()))]
-                entry["sparsity"] = sparsify(linears, options.sparsity, options.pattern, options.scope)
-            entry["parameters_after"], entry["flops_after"] = tower_cost(wrapper, tower)
-            recorded[name] = entry
+            work[name] = self._prune_tower(job, model, towers[name], layout, calibration)
 
-        say("saving and reloading with from_pretrained")
+        job.say("saving and reloading with from_pretrained")
         model.save_pretrained(tmp)
         for item in hf_dir.iterdir():
             if item.name in _WEIGHT_FILES or (tmp / item.name).exists():
@@ -402,23 +344,94 @@ def run(
         del model
         reloaded = load_model(tmp, config=load_config(tmp), family=family, attn_implementation="eager")
 
-        say("checking the pruned model against the original")
-        check_towers = {n: towers[n] for n in chosen}
-        names = {n: ([s.name for s in t.inputs], [s.name for s in t.outputs]) for n, t in check_towers.items()}
-        references = {n: TorchRunner(t.wrap(reference), *names[n]) for n, t in check_towers.items()}
-        candidates = {n: TorchRunner(t.wrap(reloaded), *names[n]) for n, t in check_towers.items()}
-        verification = fidelity.check_runners(
-            check_towers, references, candidates, fidelity.Thresholds(min_cosine=options.min_cosine, min_agreement=options.min_agreement), data
-        )
-        verification["reference"] = parent.name
-        meta = {"family": family.name, "model_type": config.model_type, "pruned_towers": chosen, "fine_tuned": False}
-        sparse = {n: e["sparsity"]["pattern"] for n, e in recorded.items() if "sparsity" in e}
-        if sparse:
-            meta["sparsity"] = {n: recorded[n]["sparsity"] for n in sparse}
-            meta["two_four_sparse"] = all(p == "2:4" for p in sparse.values())
-        if calibration:
-            meta["calibration"] = calibration
-        return StageOutput(towers=recorded, meta=meta, verification=verification)
+        job.say("checking the pruned model against the original")
+        checked = {n: towers[n] for n in chosen}
+        reference = job.state["reference"]
 
-    recorded_options = {**asdict(options), "towers": chosen, "calibration_digest": data_digest(options.calib_images, options.calib_text)}
-    return model_dir.produce(options.output, kind="hf", stage="prune", options=recorded_options, parent=parent, build=build, force=force)
+        def runner(model: Any) -> Any:
+            return lambda tower: TorchRunner(checked[tower.name].wrap(model), [s.name for s in tower.inputs], [s.name for s in tower.outputs])
+
+        verification = verify_runners(checked, runner(reference), runner(reloaded), Gates.of(options), job.parent.name, data=job.state["data"])
+        sparsity = {n: Sparsity(**w["sparsity"]) for n, w in work.items() if "sparsity" in w}
+        traits = job.parent.traits.derive(sparsity=sparsity, two_four_sparse=bool(sparsity) and all(s.pattern == "2:4" for s in sparsity.values()))
+        record: dict[str, Any] = {"towers": work, "pruned_towers": chosen, "fine_tuned": False}
+        if calibration:
+            record["calibration"] = calibration
+        return StageOutput(traits=traits, record=record, verification=verification)
+
+    def describe(self, artifact: Any) -> list[Any]:
+        from rich.table import Table
+
+        table = Table(title="pruning (no fine-tuning: expect accuracy loss; fine-tune before deploying)", title_justify="left")
+        for column in ("tower", "MLP neurons", "heads", "parameters", "FLOPs / item", "sparsity"):
+            table.add_column(column, justify="left" if column == "tower" else "right")
+        for tower, r in artifact.record.get("towers", {}).items():
+            mlp = f"{r['mlp']['before']} -> {r['mlp']['after']}" if "mlp" in r else ""
+            heads = f"{r['heads']['before']} -> {r['heads']['after']}" if "heads" in r else ""
+            params = f"{r['parameters_before']:,} -> {r['parameters_after']:,}"
+            flops = f"{_si(r['flops_before'])} -> {_si(r['flops_after'])} ({r['flops_after'] / r['flops_before']:.0%})"
+            sparse = r.get("sparsity")
+            table.add_row(tower, mlp, heads, params, flops, f"{sparse['pattern']} {sparse['achieved']:.1%}" if sparse else "")
+        return [table]
+
+    def _prune_tower(self, job: Job, model: Any, tower: Tower, layout: PruneLayout, calibration: dict[str, Any]) -> dict[str, Any]:
+        options: PruneOptions = job.options
+        name = tower.name
+        wrapper = tower.wrap(model).eval()
+        params_before, flops_before = tower_cost(wrapper, tower)
+        blocks = find_blocks(wrapper, layout)
+        tower_config = job.state["family"].tower_config(model.config, name)
+        entry: dict[str, Any] = {"parameters_before": params_before, "flops_before": flops_before}
+        activations: dict[int, Any] = {}
+        if options.score == "activation" and (options.mlp_ratio or options.head_ratio):
+            feeds, origin = calibration_feeds(tower, job.state["data"], options.calib_samples)
+            count = sample_count(feeds)
+            calibration[name] = {"data": origin, "samples": count, "method": "activation"}
+            if origin == "synthetic":
+                job.warn(f"the {name} tower's activation scores come from SYNTHETIC random inputs: a fallback; pass real data with --calib-images/--calib-text")
+            job.say(f"scoring the {name} tower on {count} samples")
+            activations = collect_activations(wrapper, blocks, feeds, [s.name for s in tower.inputs])
+        if options.mlp_ratio:
+            job.say(f"removing {options.mlp_ratio:.0%} of the {name} tower's MLP neurons")
+            before, after = prune_mlps(blocks, layout, options.mlp_ratio, options.score, activations)
+            tower_config.intermediate_size = after
+            entry["mlp"] = {"before": before, "after": after}
+        if options.head_ratio:
+            job.say(f"removing {options.head_ratio:.0%} of the {name} tower's heads")
+            before, after, head_dim = prune_heads(blocks, layout, tower_config.num_attention_heads, options.head_ratio, options.score, activations)
+            tower_config.num_attention_heads = after
+            tower_config.head_dim = head_dim
+            entry["heads"] = {"before": before, "after": after, "head_dim": head_dim}
+        if options.sparsity or options.pattern == "2:4":
+            blocks = find_blocks(wrapper, layout)
+            linears = [m for b in blocks for m in (*(b.mlp or ()), *(b.attention or ()))]
+            entry["sparsity"] = sparsify(linears, options.sparsity, options.pattern, options.scope)
+        entry["parameters_after"], entry["flops_after"] = tower_cost(wrapper, tower)
+        return entry
+
+
+def _si(value: float) -> str:
+    for factor, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= factor:
+            return f"{value / factor:.2f} {unit}"
+    return f"{value:.0f}"
+
+
+def _check_tower(name: str, blocks: list[Block], tower_config: Any, options: PruneOptions) -> None:
+    if options.mlp_ratio and not any(b.mlp for b in blocks):
+        raise VlmoptError(f"--mlp-ratio: the {name} tower has no MLP blocks to prune")
+    if options.mlp_ratio and _kept(tower_config.intermediate_size, options.mlp_ratio) < 1:
+        raise VlmoptError(
+            f"--mlp-ratio {options.mlp_ratio:g} would remove every MLP neuron of the {name} tower's layers ({tower_config.intermediate_size} each)"
+        )
+    if options.head_ratio and not any(b.attention for b in blocks):
+        raise VlmoptError(f"--head-ratio: the {name} tower has no attention blocks to prune")
+    if (options.sparsity or options.pattern == "2:4") and not blocks:
+        raise VlmoptError(f"--sparsity/--pattern: the {name} tower has no blocks with prunable Linears")
+    if options.head_ratio and _kept(tower_config.num_attention_heads, options.head_ratio) < 1:
+        raise VlmoptError(
+            f"--head-ratio {options.head_ratio:g} would remove every head of the {name} tower's layers ({tower_config.num_attention_heads} heads each)"
+        )
+
+
+STAGE = Prune()

@@ -10,20 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.markup import escape
 
 from vlmopt import graph
-from vlmopt.calibration import CalibrationData, calibration_feeds, data_digest, load_calibration, sample_count
+from vlmopt.calibration import calibration_feeds, load_calibration, sample_count
 from vlmopt.errors import VlmoptError
-from vlmopt.families import Tower
+from vlmopt.options import StageOptions, min_agreement_option, min_cosine_option, name_option, option, source_option
 from vlmopt.quiet import quiet_onnxruntime_tools
-from vlmopt.stages import fidelity
-from vlmopt.workspace import Artifact, ModelDir, StageOutput, StageResult
+from vlmopt.records import TowerRecord, Traits
+from vlmopt.stage import Accepts, Job, Made, Stage
+from vlmopt.workspace import Artifact
 
 MODES = ("fp16", "bf16", "int8-dynamic", "int8-static", "int4")
 TARGETS = ("cpu", "tensorrt")
@@ -41,58 +42,46 @@ DEFAULT_NAMES = {"fp16": "fp16", "bf16": "bf16", "int8-dynamic": "int8-dynamic",
 
 
 @dataclass
-class QuantizeOptions:
-    mode: str = "int8-dynamic"
-    source: str = "onnx"
-    output: str | None = None
-    target: str = "cpu"
-    per_channel: bool = False
-    reduce_range: bool = False
-    calib_images: str | None = None
-    calib_text: str | None = None
-    calib_samples: int = 64
-    calib_method: str = "minmax"
-    percentile: float = 99.999
-    block_size: int = 32
-    accuracy_level: int = 4
-    op_types: list[str] = field(default_factory=list)
-    exclude_op_types: list[str] = field(default_factory=list)
-    nodes: list[str] = field(default_factory=list)
-    exclude_nodes: list[str] = field(default_factory=list)
-    keep_io_types: bool = True
-    min_cosine: float | None = 0.99
-    min_agreement: float | None = None
+class QuantizeOptions(StageOptions):
+    mode: str = option("int8-dynamic", "fp16, int8-dynamic, int8-static or int4 (bf16 is refused: no ONNX Runtime CPU kernels).", choices=MODES)
+    source: str = source_option("onnx", "the fp32 ONNX artifact to quantize (onnx, onnx-opt, ...)")
+    name: str | None = name_option(None, "the mode, int8-static-trt for TensorRT")
+    target: str = option("cpu", "cpu, or tensorrt: symmetric INT8 Q/DQ on MatMul/Gemm only, float bias.", choices=TARGETS)
+    per_channel: bool = option(False, "INT8 weights with one scale per output channel.")
+    reduce_range: bool = option(False, "7-bit INT8 weights (for CPUs without VNNI).")
+    calib_images: str | None = option(None, "int8-static: a folder of jpg/png images for calibration.", path=True, metavar="DIR")
+    calib_text: str | None = option(None, "int8-static: a text file, one prompt a line, for calibration.", path=True, metavar="FILE")
+    calib_samples: int = option(64, "Most calibration samples per tower (synthetic ones too).", minimum=1)
+    calib_method: str = option("minmax", "int8-static range estimation: minmax, entropy or percentile.", choices=CALIBRATION_METHODS)
+    percentile: float = option(99.999, "Percentile for --calib-method percentile.", minimum=90.0, maximum=100.0, exclusive=("max",))
+    block_size: int = option(32, "int4: weights per quantization block (power of two, >= 16).", minimum=16)
+    accuracy_level: int = option(4, "int4: MatMulNBits compute (0 fp32 ... 4 int8).", minimum=0, maximum=4)
+    op_types: list[str] = option([], "Only quantize these op types (repeatable or comma-separated).")
+    exclude_op_types: list[str] = option([], "Never quantize these op types (fp16: keep them in fp32).")
+    nodes: list[str] = option([], "Only quantize these nodes (by name).")
+    exclude_nodes: list[str] = option([], "Never quantize these nodes (by name).")
+    keep_io_types: bool = option(True, "fp16: keep graph inputs and outputs fp32.", flag="--keep-io-types/--fp16-io")
+    min_cosine: float | None = min_cosine_option(0.99)
+    min_agreement: float | None = min_agreement_option(None)
 
     @property
-    def name(self) -> str:
-        if self.output:
-            return self.output
+    def artifact(self) -> str:
+        if self.name:
+            return self.name
         return "int8-static-trt" if self.mode == "int8-static" and self.target == "tensorrt" else DEFAULT_NAMES.get(self.mode, self.mode)
 
-    def validate(self) -> None:
-        if self.mode not in MODES:
-            raise VlmoptError(f"--mode must be one of {', '.join(MODES)}, got '{self.mode}'")
+    def check(self) -> None:
         if self.mode == "bf16":
             raise VlmoptError(
                 "--mode bf16 is not available: ONNX Runtime's CPU provider has no bf16 MatMul/Add kernels, so a bf16 graph "
                 "cannot be verified here, and ONNX Runtime ships no bf16 converter; use --mode fp16"
             )
-        if self.target not in TARGETS:
-            raise VlmoptError(f"--target must be cpu or tensorrt, got '{self.target}'")
         if self.target == "tensorrt" and self.mode not in ("int8-static", "fp16"):
             raise VlmoptError(f"--target tensorrt applies to int8-static and fp16; {self.mode} makes ONNX Runtime-only operators")
-        if self.calib_method not in CALIBRATION_METHODS:
-            raise VlmoptError(f"--calib-method must be one of {', '.join(CALIBRATION_METHODS)}, got '{self.calib_method}'")
         if self.mode != "int8-static" and (self.calib_images or self.calib_text or self.calib_method != "minmax"):
             raise VlmoptError("--calib-images, --calib-text and --calib-method calibrate int8-static; drop them for " + self.mode)
-        if self.calib_samples < 1:
-            raise VlmoptError(f"--calib-samples must be at least 1, got {self.calib_samples}")
-        if not 90 <= self.percentile < 100:
-            raise VlmoptError(f"--percentile must be in [90, 100), got {self.percentile}")
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+        if self.block_size & (self.block_size - 1):
             raise VlmoptError(f"--block-size must be a power of two of at least 16, got {self.block_size}")
-        if self.accuracy_level not in (0, 1, 2, 3, 4):
-            raise VlmoptError(f"--accuracy-level must be 0..4 (4: int8 compute), got {self.accuracy_level}")
         if (self.per_channel or self.reduce_range) and self.mode not in ("int8-dynamic", "int8-static"):
             raise VlmoptError(f"--per-channel and --reduce-range apply to int8 modes, not {self.mode}")
         if self.mode == "fp16" and self.op_types:
@@ -103,28 +92,6 @@ class QuantizeOptions:
         overlap = set(self.op_types) & set(self.exclude_op_types) or set(self.nodes) & set(self.exclude_nodes)
         if overlap:
             raise VlmoptError(f"{', '.join(sorted(overlap))} is both included and excluded")
-        for name, value in (("--min-cosine", self.min_cosine), ("--min-agreement", self.min_agreement)):
-            if value is not None and not 0 <= value <= 1:
-                raise VlmoptError(f"{name} must be in [0, 1], got {value}")
-
-
-def check_parent(parent: Artifact, options: QuantizeOptions) -> None:
-    """Refuse modes the artifact cannot take: only fp32 ONNX is quantized, and TensorRT needs standard ONNX ops."""
-    if parent.kind != "onnx":
-        raise VlmoptError(f"'{parent.name}' is a {parent.kind} artifact; quantize reads ONNX (run `vlmopt convert` first)")
-    precision = parent.meta.get("precision", "fp32")
-    if precision != "fp32":
-        raise VlmoptError(f"'{parent.name}' is already {precision}; quantize an fp32 artifact such as 'onnx' or 'onnx-opt'")
-    if options.mode == "fp16" and parent.meta.get("optimized"):
-        raise VlmoptError(
-            f"fp16 reads an unfused export: ONNX Runtime's fp16 converter leaves the fused SkipLayerNormalization of '{parent.name}' "
-            "with mixed fp16/fp32 inputs; use --from onnx (ONNX Runtime and TensorRT fuse the fp16 graph themselves)"
-        )
-    if options.target == "tensorrt" and parent.meta.get("custom_domains"):
-        raise VlmoptError(
-            f"'{parent.name}' holds ONNX Runtime-only operators ({', '.join(parent.meta['custom_domains'])}) that TensorRT cannot parse; "
-            "quantize the plain export ('onnx') for --target tensorrt"
-        )
 
 
 # -- the modes -------------------------------------------------------------------------------
@@ -324,90 +291,105 @@ class _FeedReader:
 
 
 # -- the stage -------------------------------------------------------------------------------
-def run(
-    model_dir: ModelDir,
-    options: QuantizeOptions,
-    force: bool = False,
-    debug: bool = False,
-    progress: Callable[[str], None] | None = None,
-    warn: Callable[[str], None] | None = None,
-    threads: int | None = None,
-) -> StageResult:
-    """Write a quantized variant of an fp32 ONNX artifact; verify it against that artifact; commit only if it passes.
-
-    Raises `VlmoptError` for what the artifact or the data cannot take, `CheckFailed` below the thresholds.
-    """
-    options.validate()
-    parent = model_dir.artifact(options.source)
-    check_parent(parent, options)
-    parent_dir = model_dir.artifact_path(parent.name)
-    towers = {name: Tower.from_json(name, data) for name, data in parent.towers.items()}
-    say = progress or (lambda message: None)
-    shout = warn or (lambda message: None)
-    data = (
-        load_calibration(model_dir, towers, options.calib_images, options.calib_text, options.calib_samples)
-        if options.mode == "int8-static"
-        else CalibrationData()
+class Quantize(Stage):
+    name = "quantize"
+    Options = QuantizeOptions
+    produces = "onnx"
+    accepts = Accepts(kinds=("onnx",), precisions=("fp32",), hint="quantize an fp32 artifact such as 'onnx' or 'onnx-opt' (run `vlmopt convert` first)")
+    tools = ("onnxruntime", "onnx")
+    summary = "Make an fp16, INT8 or INT4 variant of an fp32 ONNX artifact and verify it against that artifact."
+    details = (
+        "Fails with exit 1, writing nothing, when the cosine or zero-shot agreement falls below the thresholds.\n"
+        "Example: vlmopt quantize build/clip --mode int8-static --calib-images photos/ --calib-text prompts.txt"
     )
 
-    def build(tmp: Path) -> StageOutput:
-        recorded: dict[str, dict[str, Any]] = {}
-        calibration: dict[str, Any] = {}
-        for name, tower in towers.items():
-            file = parent.towers[name]["file"]
-            source, destination = parent_dir / file, tmp / file
-            say(f"{options.mode}: the {name} tower")
-            with quiet_onnxruntime_tools(debug):
-                if options.mode == "fp16":
-                    details = to_fp16(source, destination, options)
-                elif options.mode == "int8-dynamic":
-                    details = int8_dynamic(source, destination, options)
-                elif options.mode == "int8-static":
-                    feeds, origin = calibration_feeds(tower, data, options.calib_samples)
-                    samples = sample_count(feeds)
-                    if origin == "synthetic":
-                        shout(
-                            f"the {name} tower is calibrated on SYNTHETIC random inputs ({samples} samples): "
-                            "a fallback that can misplace the int8 ranges; pass "
-                            + ("--calib-images DIR" if tower.inputs[0].role == "image" else "--calib-text FILE")
-                            + " with real data"
-                        )
-                    calibration[name] = {"data": origin, "samples": samples, "method": options.calib_method}
-                    details = int8_static(source, destination, options, feeds)
-                else:
-                    details = int4(source, destination, options)
-            model = graph.load(destination)
-            recorded[name] = {
-                **parent.towers[name],
-                "quantization": details,
-                "op_counts": graph.op_counts(model),
-                "size": graph.weight_bytes(tmp, file),
-                "parent_size": graph.weight_bytes(parent_dir, file),
-            }
-            domains = graph.custom_domains(model)
-            recorded[name]["custom_domains"] = domains
-            recorded[name]["tensorrt_ready"], recorded[name]["tensorrt_issue"] = tensorrt_ready(model, domains)
-            del model
-        say("verifying against the fp32 parent")
-        verification = fidelity.check(
-            parent_dir,
-            {n: parent.towers[n]["file"] for n in towers},
-            tmp,
-            {n: parent.towers[n]["file"] for n in towers},
-            towers,
-            fidelity.Thresholds(min_cosine=options.min_cosine, min_agreement=options.min_agreement),
-            data=data,
-            threads=threads,
-        )
-        verification["reference"] = parent.name
-        meta = {**parent.meta, "precision": options.mode, "target": options.target}
-        meta["custom_domains"] = sorted({d for t in recorded.values() for d in t["custom_domains"]})
-        if calibration:
-            meta["calibration"] = calibration
-        return StageOutput(towers=recorded, meta=meta, verification=verification)
+    def artifact_name(self, options: QuantizeOptions) -> str:
+        return options.artifact
 
-    recorded_options = {**asdict(options), "output": options.name, "calibration_digest": data_digest(options.calib_images, options.calib_text)}
-    return model_dir.produce(options.name, kind="onnx", stage="quantize", options=recorded_options, parent=parent, build=build, force=force)
+    def check_parent(self, parent: Artifact, options: QuantizeOptions) -> None:
+        super().check_parent(parent, options)
+        if options.mode == "fp16" and parent.traits.fused:
+            raise VlmoptError(
+                f"fp16 reads an unfused export: ONNX Runtime's fp16 converter leaves the fused SkipLayerNormalization of '{parent.name}' "
+                "with mixed fp16/fp32 inputs; use --from onnx (ONNX Runtime and TensorRT fuse the fp16 graph themselves)"
+            )
+        if options.target == "tensorrt" and parent.traits.ort_only_ops:
+            raise VlmoptError(
+                f"'{parent.name}' holds ONNX Runtime-only operators ({', '.join(parent.traits.ort_only_ops)}) that TensorRT cannot parse; "
+                "quantize the plain export ('onnx') for --target tensorrt"
+            )
+
+    def prepare(self, job: Job) -> None:
+        options: QuantizeOptions = job.options
+        if options.mode == "int8-static":
+            job.state["data"] = load_calibration(job.model_dir, job.towers, options.calib_images, options.calib_text, options.calib_samples)
+        job.state["calibration"] = {}
+
+    def make_tower(self, job: Job, tower: str, tmp: Path) -> Made:
+        options: QuantizeOptions = job.options
+        file = job.parent.towers[tower].file
+        source, destination = job.parent_file(tower), tmp / file
+        job.say(f"{options.mode}: the {tower} tower")
+        with quiet_onnxruntime_tools(job.context.debug):
+            if options.mode == "fp16":
+                details = to_fp16(source, destination, options)
+            elif options.mode == "int8-dynamic":
+                details = int8_dynamic(source, destination, options)
+            elif options.mode == "int8-static":
+                details = int8_static(source, destination, options, self._calibration(job, tower))
+            else:
+                details = int4(source, destination, options)
+        model = graph.load(destination)
+        domains = graph.custom_domains(model)
+        work = {
+            "quantization": details,
+            "op_counts": graph.op_counts(model),
+            "parent_size": graph.weight_bytes(job.parent_dir, file),
+            "ort_only_ops": domains,
+            "tensorrt_issue": tensorrt_ready(model, domains)[1],
+        }
+        del model
+        return Made(TowerRecord(job.towers[tower], file, graph.weight_bytes(tmp, file)), work)
+
+    def _calibration(self, job: Job, tower: str) -> list[dict[str, np.ndarray]]:
+        options: QuantizeOptions = job.options
+        spec = job.towers[tower]
+        feeds, origin = calibration_feeds(spec, job.state["data"], options.calib_samples)
+        samples = sample_count(feeds)
+        if origin == "synthetic":
+            job.warn(
+                f"the {tower} tower is calibrated on SYNTHETIC random inputs ({samples} samples): "
+                "a fallback that can misplace the int8 ranges; pass "
+                + ("--calib-images DIR" if spec.inputs[0].role == "image" else "--calib-text FILE")
+                + " with real data"
+            )
+        job.state["calibration"][tower] = {"data": origin, "samples": samples, "method": options.calib_method}
+        return feeds
+
+    def traits(self, job: Job, made: dict[str, Made]) -> Traits:
+        options: QuantizeOptions = job.options
+        return job.parent.traits.derive(
+            precision=options.mode,
+            target=options.target,
+            ort_only_ops=sorted({d for m in made.values() for d in m.work["ort_only_ops"]}),
+            tensorrt_issues={name: m.work["tensorrt_issue"] for name, m in made.items()},
+        )
+
+    def describe(self, artifact: Any) -> list[Any]:
+        lines = []
+        if artifact.traits.target == "tensorrt":
+            for tower, issue in artifact.traits.tensorrt_issues.items():
+                lines.append(f"TensorRT (strongly typed): {tower} " + ("[green]ready[/]" if issue is None else f"[red]not ready[/]: {escape(issue)}"))
+        for tower, info in (artifact.record.get("calibration") or {}).items():
+            label = "[bold yellow]SYNTHETIC[/]" if info["data"] == "synthetic" else "real"
+            lines.append(f"calibration of {tower}: {info['samples']} {label} samples, {info['method']}")
+        return lines
+
+    def record(self, job: Job, made: dict[str, Made]) -> dict[str, Any]:
+        record = super().record(job, made)
+        if job.state["calibration"]:
+            record["calibration"] = job.state["calibration"]
+        return record
 
 
 #: standard ONNX operators TensorRT's parser does not implement (integer matmuls, fused quantized ops)
@@ -438,3 +420,6 @@ def tensorrt_ready(model: Any, domains: list[str]) -> tuple[bool, str | None]:
     except Exception as exc:
         return False, f"type check failed: {str(exc).splitlines()[0][:160]}"
     return True, None
+
+
+STAGE = Quantize()

@@ -51,6 +51,8 @@ def compare_feeds(
     for index, feed in enumerate(feeds):
         expected, actual = reference(feed), candidate(feed)
         for name in expected:
+            if name not in actual:
+                raise ValueError(f"the candidate has no output '{name}' (it has {', '.join(actual)})")
             result = compare(name, expected[name], actual[name])
             seen = worst.setdefault(name, {"output": name, "max_abs_diff": -1.0, "cosine_min": 1.0, "feed": 0})
             if result.max_abs_diff > seen["max_abs_diff"]:

@@ -1,0 +1,91 @@
+"""The Python API: the same stages, option names and results as the CLI.
+
+    import vlmopt
+    vlmopt.export("build/clip-src", "build/clip")
+    vlmopt.convert("build/clip")
+    result = vlmopt.quantize("build/clip", mode="int8-static", calib_images="photos/", min_cosine=0.995)
+    result.artifact.verification.worst_cosine()
+
+Each stage function takes the model directory, then the stage's options by name (recipe keys such as
+`from` work too, as `**{"from": "onnx-opt"}`; the Python field is `source`), then the run settings
+`force`, `threads`, `progress` and `warn`. It returns a `StageResult`, raises `VlmoptError` for bad
+input and `CheckFailed` when verification fails, exactly as the CLI exits 2 and 1.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from vlmopt.stage import RunContext, Stage, StageResult
+from vlmopt.stages import STAGES
+from vlmopt.workspace import Artifact, ModelDir, environment_changes
+
+__all__ = ["ArtifactStatus", "StageResult", "info", *(stage.name.replace("-", "_") for stage in STAGES)]
+
+
+def _stage_function(stage: Stage) -> Callable[..., StageResult]:
+    def run(
+        directory: str | os.PathLike[str],
+        *arguments: Any,
+        force: bool = False,
+        threads: int | None = None,
+        progress: Callable[[str], None] | None = None,
+        warn: Callable[[str], None] | None = None,
+        **options: Any,
+    ) -> StageResult:
+        if stage.creates_directory and arguments:
+            # export(SOURCE, DIR): the same order as `vlmopt export SOURCE -o DIR`
+            directory, options["source"] = arguments[0], directory
+        elif arguments:
+            raise TypeError(f"{stage.name}() takes the model directory and options by name")
+        context = RunContext(force=force, threads=threads, progress=progress or (lambda m: None), warn=warn or (lambda m: None))
+        return stage.run(directory, stage.options(options), context)
+
+    run.__name__ = stage.name.replace("-", "_")
+    run.__doc__ = f"{stage.summary}\n\nOptions: " + ", ".join(f.name for f in stage.Options.__dataclass_fields__.values())
+    return run
+
+
+for _stage in STAGES:
+    globals()[_stage.name.replace("-", "_")] = _stage_function(_stage)
+
+
+@dataclass
+class ArtifactStatus:
+    """An artifact and its state: `ok`, `modified: ...` (files changed or missing) or `stale: ...` (why it would be re-made)."""
+
+    artifact: Artifact
+    status: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def status(model_dir: ModelDir, artifact: Artifact, artifacts: dict[str, Artifact], hashes: bool = False) -> str:
+    """`ok`, `modified: ...` or `stale: ...`: the one rule `info`, recipes and reports share."""
+    problems = model_dir.check_files(artifact, hashes=hashes)
+    if problems:
+        return "modified: " + "; ".join(problems)
+    if artifact.parent is not None:
+        parent = artifacts.get(artifact.parent)
+        if parent is None:
+            return f"stale: its parent '{artifact.parent}' is gone"
+        if parent.digest != artifact.parent_digest:
+            return f"stale: its parent '{artifact.parent}' changed"
+    stage = next((s for s in STAGES if s.name == artifact.stage), None)
+    if stage is not None and artifact.environment:
+        changed = environment_changes(artifact.environment, {k: v for k, v in stage.environment(None).items() if k in artifact.environment})
+        if changed:
+            return "stale: made with " + ", ".join(changed)
+    return "ok"
+
+
+def info(directory: str | os.PathLike[str], verify: bool = False) -> tuple[ModelDir, list[ArtifactStatus]]:
+    """The model directory and each artifact with its status; `verify` re-hashes every file."""
+    model_dir = ModelDir.open(directory)
+    artifacts = model_dir.load()
+    return model_dir, [ArtifactStatus(a, status(model_dir, a, artifacts, hashes=verify)) for a in artifacts.values()]

@@ -1,0 +1,222 @@
+"""Checking an artifact against its reference (PyTorch, or its fp32 parent) on the same inputs, before it is committed.
+
+Per tower and per kind of data (real samples, synthetic random inputs): cosine (mean and min over rows)
+and max |diff| of every output; for dual encoders also the zero-shot top-1 agreement of the two (a batch
+of images against a set of prompts, each side through its own towers). Gates (`Gates`) fail the stage
+with `CheckFailed`, which `ModelDir.produce` turns into "nothing committed". Any backend: the runners
+come from `vlmopt.runners.ArtifactRunners`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlmopt.calibration import CalibrationData, batches, sample_count
+from vlmopt.errors import CheckFailed
+from vlmopt.families import Tower
+from vlmopt.inputs import make_inputs, verification_sizes
+from vlmopt.records import DataCheck, MetricCheck, OutputCheck, Verification
+from vlmopt.runners.base import Runner
+from vlmopt.verification.compare import agreement, compare_feeds, top1
+
+#: images and prompts of the synthetic zero-shot set
+ZERO_SHOT_IMAGES, ZERO_SHOT_PROMPTS = 16, 16
+#: most real samples used for evaluation
+EVAL_SAMPLES = 32
+ZERO_SHOT = "zero-shot top-1 agreement"
+
+Admits = Callable[[dict[str, np.ndarray]], bool]
+
+
+@dataclass
+class Gates:
+    """The thresholds a verification is held to; None: not applied."""
+
+    min_cosine: float | None = None
+    atol: float | None = None
+    min_agreement: float | None = None
+
+    @classmethod
+    def of(cls, options: Any) -> Gates:
+        """The gates a stage's options declare (`--min-cosine`, `--atol`, `--min-agreement`), those it lacks off."""
+        return cls(**{f.name: getattr(options, f.name, None) for f in dataclasses.fields(cls)})
+
+    def to_json(self) -> dict[str, float | None]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class FeedSet:
+    """Inputs of one kind for one tower: `real` samples or `synthetic` random ones; `where` labels each feed's shape."""
+
+    data: str
+    source: str
+    feeds: list[dict[str, np.ndarray]]
+    where: list[dict[str, int]] = field(default_factory=list)
+    gated: bool = True
+
+
+def evaluation_sets(tower: Tower, data: CalibrationData | None = None) -> list[FeedSet]:
+    """Synthetic feeds at two shapes and at batch 8, plus the user's real samples when there are any."""
+    max_seq = tower.vocab.max_length if tower.vocab else 1
+    shapes = [*verification_sizes(tower), {"batch": 8, "image_batch": 4, "text_batch": 8, "sequence": max_seq}]
+    sets = [FeedSet("synthetic", "random inputs", [make_inputs(tower, sizes, seed=100 + i) for i, sizes in enumerate(shapes)], _axes(tower, shapes))]
+    real = data.for_tower(tower) if data else None
+    if real is not None:
+        sets.append(FeedSet("real", data.sources.get(tower.name, "your samples") if data else "", batches({k: v[:EVAL_SAMPLES] for k, v in real.items()})))
+    return sets
+
+
+def shape_sets(tower: Tower, shapes: list[dict[str, int]]) -> list[FeedSet]:
+    """Synthetic feeds at exactly these shapes (convert's check at two shapes that differ in every axis)."""
+    return [FeedSet("synthetic", "random inputs", [make_inputs(tower, sizes, seed=seed) for seed, sizes in enumerate(shapes)], _axes(tower, shapes))]
+
+
+def _axes(tower: Tower, shapes: list[dict[str, int]]) -> list[dict[str, int]]:
+    return [{k: v for k, v in s.items() if k in tower.axes} for s in shapes]
+
+
+def verify_runners(
+    towers: dict[str, Tower],
+    reference: Callable[[Tower], Runner],
+    candidate: Callable[[Tower], Runner],
+    gates: Gates,
+    reference_name: str,
+    sets: Callable[[Tower], list[FeedSet]] | None = None,
+    data: CalibrationData | None = None,
+    admits: dict[str, Admits] | None = None,
+) -> Verification:
+    """Compare candidate runners with reference runners tower by tower (any backends), on the same inputs.
+
+    `reference(tower)`/`candidate(tower)` open a runner (closed here when the tower is done). `admits`
+    (per tower) drops feeds a candidate cannot take, such as shapes outside a TensorRT engine's profile.
+    Raises `CheckFailed`, the verification in its details, when a gate fails."""
+    sets = sets or (lambda tower: evaluation_sets(tower, data))
+    checks: dict[str, list[DataCheck]] = {}
+    picks: dict[str, tuple[Any, Any, str]] = {}
+    for name, tower in towers.items():
+        feed_sets = sets(tower)
+        if admits and name in admits:
+            feed_sets = [dataclasses.replace(s, feeds=[f for f in s.feeds if admits[name](f)], where=[]) for s in feed_sets]
+            feed_sets = [s for s in feed_sets if s.feeds]
+            if not feed_sets:
+                raise CheckFailed(f"{name} tower: none of the verification inputs fits the engine's shape profile; widen --max-batch/--max-seq")
+        with reference(tower) as ref, candidate(tower) as cand:
+            checks[name] = [_data_check(s, compare_feeds(ref.run, cand.run, s.feeds)) for s in feed_sets]
+            probe = _zero_shot_probe(tower, data)
+            if probe is not None and (not admits or name not in admits or admits[name](probe[0])):
+                picks[name] = (_first(ref.run(probe[0])), _first(cand.run(probe[0])), probe[1])
+    metrics = _zero_shot(towers, picks, gates)
+    verification = Verification(reference_name, gates.to_json(), checks, metrics)
+    verification.failures = _failures(verification, gates)
+    verification.passed = not verification.failures
+    if verification.failures:
+        raise CheckFailed("; ".join(verification.failures) + "; nothing was written", details={"verification": verification.to_json()})
+    return verification
+
+
+def verify_artifacts(
+    reference_dir: Path,
+    reference: Any,
+    candidate_dir: Path,
+    candidate: Any,
+    gates: Gates,
+    data: CalibrationData | None = None,
+    threads: int | None = None,
+    sets: Callable[[Tower], list[FeedSet]] | None = None,
+    admits: dict[str, Admits] | None = None,
+    reference_model: Any = None,
+) -> Verification:
+    """Compare every tower of `candidate` (an artifact in `candidate_dir`) with `reference`'s, through their runners."""
+    from vlmopt.runners import ArtifactRunners
+
+    with (
+        ArtifactRunners(reference_dir, reference, threads=threads, model=reference_model) as references,
+        ArtifactRunners(candidate_dir, candidate, threads=threads) as candidates,
+    ):
+        towers = {name: record.tower for name, record in candidate.towers.items()}
+        return verify_runners(towers, references.runner, candidates.runner, gates, reference.name, sets=sets, data=data, admits=admits)
+
+
+def _data_check(feed_set: FeedSet, outputs: dict[str, dict[str, Any]]) -> DataCheck:
+    checked = {}
+    for name, seen in outputs.items():
+        index = seen.pop("feed")
+        where = feed_set.where[index] if index < len(feed_set.where) else None
+        checked[name] = OutputCheck(name, seen["max_abs_diff"], seen["cosine_min"], seen["cosine_mean"], where)
+    return DataCheck(feed_set.data, feed_set.source, len(feed_set.feeds), sample_count(feed_set.feeds), checked, feed_set.gated)
+
+
+def _failures(verification: Verification, gates: Gates) -> list[str]:
+    failures = []
+    for tower, output in verification.gated_outputs():
+        output.passed = (gates.min_cosine is None or output.cosine_min >= gates.min_cosine) and (gates.atol is None or output.max_abs_diff <= gates.atol)
+        if gates.min_cosine is not None and output.cosine_min < gates.min_cosine:
+            failures.append(
+                f"{tower} tower: cosine min of {output.output} is {output.cosine_min:.6f}, "
+                f"below --min-cosine {gates.min_cosine:g} by {gates.min_cosine - output.cosine_min:.2g}"
+            )
+        if gates.atol is not None and output.max_abs_diff > gates.atol:
+            where = f" at {output.worst_at}" if output.worst_at else ""
+            failures.append(f"{tower} tower: output '{output.output}' differs from the reference by {output.max_abs_diff:.3g} (> --atol {gates.atol:g}){where}")
+    for metric in verification.metrics:
+        if not metric.passed and metric.threshold is not None:
+            failures.append(
+                f"{metric.name} is {metric.value:.3f} ({metric.data}), below --min-agreement {metric.threshold:g} by {metric.threshold - metric.value:.3g}"
+            )
+    return failures
+
+
+# -- zero-shot agreement (dual encoders) ------------------------------------------------------------
+def _zero_shot_probe(tower: Tower, data: CalibrationData | None) -> tuple[dict[str, np.ndarray], str] | None:
+    """The feed a tower contributes to the zero-shot check: images or prompts (real when given), or the monolith's pairs."""
+    roles = [spec.role for spec in tower.inputs]
+    max_seq = tower.vocab.max_length if tower.vocab else 1
+    if tower.name == "model":
+        if not any(spec.name == "logits_per_image" for spec in tower.outputs):
+            return None
+        feed = make_inputs(tower, {"image_batch": ZERO_SHOT_IMAGES, "text_batch": ZERO_SHOT_PROMPTS, "sequence": min(16, max_seq)}, seed=7)
+        return feed, "synthetic"
+    if tower.name not in ("vision", "text"):
+        return None
+    real = data.for_tower(tower) if data else None
+    if real is not None and len(next(iter(real.values()))) >= 2:
+        return {k: v[:EVAL_SAMPLES] for k, v in real.items()}, "real"
+    count = ZERO_SHOT_IMAGES if roles == ["image"] else ZERO_SHOT_PROMPTS
+    return make_inputs(tower, {"batch": count, "sequence": min(16, max_seq)}, seed=7), "synthetic"
+
+
+def _zero_shot(towers: dict[str, Tower], picks: dict[str, tuple[Any, Any, str]], gates: Gates) -> list[MetricCheck]:
+    if "vision" in picks and "text" in picks:
+        (ref_images, cand_images, image_origin), (ref_texts, cand_texts, text_origin) = picks["vision"], picks["text"]
+        value = agreement(top1(ref_images, ref_texts), top1(cand_images, cand_texts))
+        detail = {"images": len(ref_images), "prompts": len(ref_texts)}
+        data = f"{len(ref_images)} images ({image_origin}) x {len(ref_texts)} prompts ({text_origin})"
+        return [MetricCheck(ZERO_SHOT, value, data, gates.min_agreement, detail=detail)]
+    if "model" in picks:
+        ref_logits, cand_logits, origin = picks["model"]
+        value = agreement(np.argmax(ref_logits, axis=1), np.argmax(cand_logits, axis=1))
+        data = f"{ZERO_SHOT_IMAGES} images x {ZERO_SHOT_PROMPTS} prompts ({origin})"
+        return [MetricCheck(ZERO_SHOT, value, data, gates.min_agreement, detail={"images": ZERO_SHOT_IMAGES, "prompts": ZERO_SHOT_PROMPTS})]
+    return []
+
+
+def _first(outputs: dict[str, np.ndarray]) -> np.ndarray:
+    """The tower's embedding: its `logits_per_image` for a monolith, else its only output."""
+    return outputs.get("logits_per_image", next(iter(outputs.values())))
+
+
+@contextlib.contextmanager
+def opened(runner: Runner) -> Iterator[Runner]:
+    """A runner made elsewhere (a PyTorch module already loaded) used as a context manager that closes it."""
+    try:
+        yield runner
+    finally:
+        runner.close()

@@ -10,12 +10,13 @@ DEMO_SIZE ?= base
 
 install: $(BIN)/vlmopt
 
-# torch first, pinned: an unpinned torch pulls gigabytes of CUDA wheels.
+# torch first, pinned: an unpinned torch pulls gigabytes of CUDA wheels. The openvino extra is installed
+# too, so the tests of `vlmopt openvino` run here and in CI (they fail, not skip, when CI lacks it).
 $(BIN)/vlmopt: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,openvino]"
 	@touch $@
 
 demo: install

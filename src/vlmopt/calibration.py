@@ -179,6 +179,15 @@ def calibration_feeds(tower: Tower, data: CalibrationData, samples: int) -> tupl
     return synthetic_batches(tower, samples), "synthetic"
 
 
+def synthetic_warning(tower: Tower, samples: int) -> str:
+    """What every stage that calibrates says when a tower falls back to random inputs (the user must not miss it)."""
+    flag = "--calib-images DIR" if tower.inputs[0].role == "image" else "--calib-text FILE"
+    return (
+        f"the {tower.name} tower is calibrated on SYNTHETIC random inputs ({samples} samples): "
+        f"a fallback that can misplace the int8 ranges; pass {flag} with real data"
+    )
+
+
 def sample_count(feeds: list[dict[str, np.ndarray]]) -> int:
     return sum(len(next(iter(feed.values()))) for feed in feeds)
 

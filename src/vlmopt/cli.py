@@ -294,7 +294,7 @@ def doctor(
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """What this machine can do: torch and CUDA, GPUs, ONNX Runtime providers, TensorRT, and which stages are usable.
+    """What this machine can do: torch and CUDA, GPUs, ONNX Runtime providers, TensorRT, OpenVINO, and which stages are usable.
 
     Example: vlmopt doctor
     """
@@ -313,6 +313,7 @@ def doctor(
     table.add_row("GPUs", gpu_text or "none visible to torch")
     table.add_row("ONNX Runtime", f"{machine.onnxruntime}: {', '.join(machine.ort_providers)}")
     table.add_row("TensorRT", machine.tensorrt or f"[yellow]{escape(machine.tensorrt_problem or '')}[/]")
+    table.add_row("OpenVINO", _openvino_text(machine.openvino))
     out.print(table)
     stage_table = Table(title="stages", title_justify="left")
     for column in ("stage", "usable here", "needs"):
@@ -320,6 +321,17 @@ def doctor(
     for row in stages:
         stage_table.add_row(row["stage"], "[green]yes[/]" if row["usable"] == "yes" else "[red]no[/]", escape(row["needs"]))
     out.print(stage_table)
+
+
+def _openvino_text(openvino: Any) -> str:
+    if openvino is None or openvino.version is None or openvino.problem:
+        return f"[yellow]{escape(openvino.problem if openvino else 'not probed')}[/]"
+    text = f"{openvino.version} (NNCF {openvino.nncf or 'not installed'}): devices {', '.join(openvino.devices) or 'none'}"
+    if openvino.cpu:
+        text += f"; CPU {escape(openvino.cpu)}: {', '.join(openvino.cpu_capabilities)}; runs float models in {openvino.cpu_default_precision} by default"
+    if openvino.cpu_isa:
+        text += f"; ISA {', '.join(openvino.cpu_isa)}"
+    return text
 
 
 # -- info ----------------------------------------------------------------------------------

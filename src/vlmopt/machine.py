@@ -9,6 +9,7 @@ from vlmopt.errors import VlmoptError
 from vlmopt.versions import package_version
 
 INSTALL_TENSORRT = "pip install 'vlmopt[tensorrt]'"
+INSTALL_OPENVINO = "pip install 'vlmopt[openvino]'"
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Machine:
     ort_providers: list[str] = field(default_factory=list)
     tensorrt: str | None = None
     tensorrt_problem: str | None = None
+    openvino: OpenVINOInfo | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -38,7 +40,27 @@ class Machine:
             "onnxruntime_providers": self.ort_providers,
             "tensorrt": self.tensorrt,
             "tensorrt_problem": self.tensorrt_problem,
+            "openvino": self.openvino.to_json() if self.openvino else None,
         }
+
+
+@dataclass
+class OpenVINOInfo:
+    """OpenVINO as `doctor` reports it: version and devices, or why it is unusable; the CPU's optimization capabilities (BF16, INT8 ...)."""
+
+    version: str | None
+    devices: list[str] = field(default_factory=list)
+    cpu: str | None = None
+    cpu_capabilities: list[str] = field(default_factory=list)
+    #: the CPU's int8/bf16 instruction sets (from /proc/cpuinfo), what decides OpenVINO's kernels
+    cpu_isa: list[str] = field(default_factory=list)
+    #: the precision the CPU plugin runs float models in by default (bf16 on CPUs with AVX512_BF16 or AMX)
+    cpu_default_precision: str | None = None
+    nncf: str | None = None
+    problem: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
 
 
 def tensorrt_status() -> tuple[str | None, str | None]:
@@ -50,6 +72,67 @@ def tensorrt_status() -> tuple[str | None, str | None]:
     except OSError as exc:  # the wheel is there but its CUDA libraries are not
         return None, f"TensorRT is installed but cannot load its libraries: {str(exc).splitlines()[0][:160]}"
     return tensorrt.__version__, None
+
+
+def require_openvino(purpose: str = "vlmopt openvino") -> Any:
+    """The `openvino` module, or one line naming the extra that installs it."""
+    try:
+        import openvino
+    except ImportError:
+        raise VlmoptError(f"{purpose} needs OpenVINO, which is not installed: {INSTALL_OPENVINO}") from None
+    return openvino
+
+
+def require_nncf(purpose: str) -> Any:
+    try:
+        import nncf
+    except ImportError:
+        raise VlmoptError(f"{purpose} needs NNCF, which is not installed: {INSTALL_OPENVINO}") from None
+    return nncf
+
+
+def check_openvino_device(core: Any, device: str) -> None:
+    """Refuse a device name OpenVINO does not know on this machine, listing those it does."""
+    devices = list(core.available_devices)
+    if device not in devices:
+        raise VlmoptError(
+            f"OpenVINO has no device '{device}' on this machine (it has {', '.join(devices) or 'none'}); use --device {devices[0] if devices else 'CPU'}"
+        )
+
+
+#: the instruction sets that decide int8 and bf16 speed on x86 CPUs
+_ISA = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16", "amx_fp16")
+
+
+def cpu_isa() -> list[str]:
+    """The int8/bf16-relevant instruction sets this CPU has (Linux: /proc/cpuinfo; elsewhere none)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [isa for isa in _ISA if isa in flags]
+
+
+def openvino_info() -> OpenVINOInfo:
+    """OpenVINO's version, devices and CPU capabilities, without failing when it is missing or broken."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return OpenVINOInfo(None, problem=f"OpenVINO is not installed ({INSTALL_OPENVINO})")
+    from vlmopt.runners.openvino_runner import type_name
+
+    info = OpenVINOInfo(ov.get_version().split("-")[0], nncf=package_version("nncf"), cpu_isa=cpu_isa())
+    try:
+        core = ov.Core()
+        info.devices = list(core.available_devices)
+        if "CPU" in info.devices:
+            info.cpu = str(core.get_property("CPU", "FULL_DEVICE_NAME"))
+            info.cpu_capabilities = [str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+            info.cpu_default_precision = type_name(core.get_property("CPU", "INFERENCE_PRECISION_HINT"))
+    except RuntimeError as exc:
+        info.problem = f"OpenVINO {info.version} cannot list its devices: {str(exc).strip().splitlines()[-1][:160]}"
+    return info
 
 
 def gpus() -> list[Gpu]:
@@ -79,6 +162,7 @@ def probe() -> Machine:
         ort_providers=list(onnxruntime.get_available_providers()),
         tensorrt=version,
         tensorrt_problem=problem,
+        openvino=openvino_info(),
     )
 
 
@@ -110,6 +194,10 @@ def stages_usable(machine: Machine) -> list[dict[str, str]]:
     rows.append(
         {"stage": "bench (CUDA, ONNX Runtime)", "usable": "yes" if gpu and ort_cuda else "no", "needs": "pip install onnxruntime-gpu (instead of onnxruntime)"}
     )
+    openvino = machine.openvino
+    ov_ok = openvino is not None and openvino.version is not None and not openvino.problem
+    for stage in ("openvino", "bench (OpenVINO)"):
+        rows.append({"stage": stage, "usable": "yes" if ov_ok else "no", "needs": "OpenVINO and NNCF (installed)" if ov_ok else INSTALL_OPENVINO})
     for stage in ("build", "bench (TensorRT)"):
         missing = [] if trt else [INSTALL_TENSORRT]
         if not gpu:

@@ -74,9 +74,10 @@ class Artifact:
         return sum(f.size for f in self.files)
 
     def tower_files(self, tower: str) -> list[FileRecord]:
-        """The files of one tower: its graph and any external data beside it."""
+        """The files of one tower: its graph and any external data beside it (an OpenVINO IR's `.bin` beside its `.xml`)."""
         stem = self.towers[tower].file or ""
-        return [f for f in self.files if f.path == stem or f.path.startswith(stem + ".")]
+        weights = stem[: -len(".xml")] + ".bin" if stem.endswith(".xml") else None
+        return [f for f in self.files if f.path in (stem, weights) or f.path.startswith(stem + ".")]
 
     def to_json(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

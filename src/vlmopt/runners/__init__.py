@@ -15,7 +15,7 @@ from vlmopt.runners.torch_runner import TorchRunner
 __all__ = ["BACKENDS", "ArtifactRunners", "OrtRunner", "Runner", "TorchRunner", "set_threads"]
 
 #: the backend that runs each artifact kind
-BACKENDS = {"hf": "pytorch", "onnx": "onnxruntime", "tensorrt": "tensorrt"}
+BACKENDS = {"hf": "pytorch", "onnx": "onnxruntime", "tensorrt": "tensorrt", "openvino": "openvino"}
 
 
 def set_threads(threads: int | None) -> None:
@@ -91,6 +91,18 @@ class ArtifactRunners:
             record = self.artifact.towers[tower.name]
             remake = shlex.join(["vlmopt", "build", str(self.folder.parent), *record.engine.get("remake_args", []), "--force"])
             return TensorRTRunner(self._file(tower), record.engine, remake, cuda_graph=self.cuda_graphs)
+        if self.artifact.kind == "openvino":
+            from vlmopt.runners.openvino_runner import OpenVINORunner
+
+            path = self._file(tower)
+            record = self.artifact.towers[tower.name]
+            runner = OpenVINORunner(path, record.engine or {}, threads=self.threads, names=(input_names, output_names))
+            if sorted(runner.input_names) != sorted(input_names):
+                runner.close()
+                raise VlmoptError(
+                    f"{path} takes inputs {runner.input_names}, but the manifest records {input_names}; re-run the stage that made it with --force"
+                )
+            return runner
         if self.artifact.kind == "onnx":
             path = self._file(tower)
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device == "cuda" else None

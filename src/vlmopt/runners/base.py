@@ -34,6 +34,10 @@ class Runner(ABC):
     @abstractmethod
     def run_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
+    def details(self) -> dict | None:
+        """What this runner actually runs beyond the artifact's file (OpenVINO: the precisions it executes), or None."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the runner holds (sessions, device memory)."""
 

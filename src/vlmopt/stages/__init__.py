@@ -6,8 +6,9 @@ from vlmopt.stages.bench import STAGE as BENCH
 from vlmopt.stages.build import STAGE as BUILD
 from vlmopt.stages.convert import STAGE as CONVERT
 from vlmopt.stages.export import STAGE as EXPORT
+from vlmopt.stages.openvino import STAGE as OPENVINO
 from vlmopt.stages.optimize import STAGE as OPTIMIZE
 from vlmopt.stages.prune import STAGE as PRUNE
 from vlmopt.stages.quantize import STAGE as QUANTIZE
 
-STAGES = (EXPORT, PRUNE, CONVERT, OPTIMIZE, QUANTIZE, BUILD, BENCH)
+STAGES = (EXPORT, PRUNE, CONVERT, OPTIMIZE, QUANTIZE, OPENVINO, BUILD, BENCH)

@@ -18,7 +18,7 @@ import numpy as np
 from rich.markup import escape
 
 from vlmopt import graph
-from vlmopt.calibration import calibration_feeds, load_calibration, sample_count
+from vlmopt.calibration import calibration_feeds, load_calibration, sample_count, synthetic_warning
 from vlmopt.errors import VlmoptError
 from vlmopt.options import StageOptions, min_agreement_option, min_cosine_option, name_option, option, source_option
 from vlmopt.quiet import quiet_onnxruntime_tools
@@ -357,12 +357,7 @@ class Quantize(Stage):
         feeds, origin = calibration_feeds(spec, job.state["data"], options.calib_samples)
         samples = sample_count(feeds)
         if origin == "synthetic":
-            job.warn(
-                f"the {tower} tower is calibrated on SYNTHETIC random inputs ({samples} samples): "
-                "a fallback that can misplace the int8 ranges; pass "
-                + ("--calib-images DIR" if spec.inputs[0].role == "image" else "--calib-text FILE")
-                + " with real data"
-            )
+            job.warn(synthetic_warning(spec, samples))
         job.state["calibration"][tower] = {"data": origin, "samples": samples, "method": options.calib_method}
         return feeds
 

@@ -1,0 +1,423 @@
+"""`vlmopt openvino`: OpenVINO IR (`.xml` + `.bin` per tower) from an ONNX artifact, as is or compressed by NNCF.
+
+Modes, each a thin layer over OpenVINO's and NNCF's own calls:
+- `fp32`: `Core.read_model` of the ONNX graph, saved as IR (`save_model(..., compress_to_fp16=False)`);
+- `int8`: NNCF post-training quantization (`nncf.quantize`, model type transformer by default), calibrated
+  on the same `--calib-images`/`--calib-text` as `quantize` (random inputs otherwise, said loudly);
+- `int8-weights`/`int4-weights`: NNCF weight compression (`nncf.compress_weights`), data-free, the form
+  generative decoders are deployed in.
+
+The IR is made from the ONNX artifact rather than from PyTorch (`ov.convert_model` on the module): both
+run at the same speed here within noise, the ONNX route converts in a fraction of the time, and it keeps
+the tower interface the manifest records (input/output names, dynamic axes) and a parent to verify
+against. How OpenVINO computes the float parts (`--inference-precision`: f32, bf16, or OpenVINO's own
+default, bf16 on CPUs with AVX512_BF16 or AMX) and the performance hint are recorded with each tower; the
+runner compiles with them, and verification records the precisions the compiled model actually ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.markup import escape
+
+from vlmopt import graph
+from vlmopt.calibration import calibration_feeds, load_calibration, sample_count, synthetic_warning
+from vlmopt.errors import VlmoptError
+from vlmopt.families import Tower
+from vlmopt.inputs import make_inputs
+from vlmopt.machine import check_openvino_device, require_nncf, require_openvino
+from vlmopt.options import StageOptions, min_agreement_option, min_cosine_option, name_option, option, source_option
+from vlmopt.records import TowerRecord, Traits, Verification
+from vlmopt.stage import Accepts, Job, Made, Stage, provisional
+from vlmopt.versions import package_version
+from vlmopt.workspace import Artifact
+
+MODES = ("fp32", "int8", "int8-weights", "int4-weights")
+INFERENCE_PRECISIONS = ("f32", "bf16", "auto")
+PERFORMANCE_HINTS = ("latency", "throughput")
+BIAS_CORRECTION = ("fast", "full", "off")
+#: NNCF's own SmoothQuant alpha for MatMuls of transformer models (AdvancedSmoothQuantParameters.matmul)
+NNCF_SMOOTH_QUANT_ALPHA = 0.95
+_NO_RULE = re.compile(r"No conversion rule found for operations:\s*(.+)")
+
+
+@dataclass
+class OpenVINOOptions(StageOptions):
+    source: str = source_option("onnx", "an ONNX artifact (onnx, onnx-opt, a pruned export, ...); its tower interface is kept")
+    name: str | None = name_option(None, "openvino, openvino-<mode>, with -<from> when not from onnx")
+    mode: str = option(
+        "fp32", "fp32 (the graph as is), int8 (NNCF post-training quantization), int8-weights or int4-weights (NNCF weight compression).", choices=MODES
+    )
+    inference_precision: str = option(
+        "f32",
+        "How OpenVINO computes the float parts: f32, bf16 (CPUs with AVX512_BF16 or AMX), or auto (OpenVINO's default: bf16 on such CPUs). "
+        "Recorded; verification and bench run with it.",
+        choices=INFERENCE_PRECISIONS,
+    )
+    performance_hint: str = option(
+        "latency", "latency (one stream, all threads on each request) or throughput (a batch split over OpenVINO's streams).", choices=PERFORMANCE_HINTS
+    )
+    static_batch: int | None = option(None, "Reshape the IR to this fixed batch (the served batch); other batches are then refused.", minimum=1)
+    device: str = option("CPU", "OpenVINO device that verifies and runs the artifact (see `vlmopt doctor`).")
+    model_type: str = option(
+        "transformer", "int8: NNCF's model type: transformer (its attention/normalization rules, SmoothQuant) or none.", choices=("transformer", "none")
+    )
+    preset: str = option("mixed", "int8: NNCF preset: mixed (asymmetric activations) or performance (symmetric).", choices=("mixed", "performance"))
+    bias_correction: str = option("fast", "int8: NNCF bias correction: fast, full (slower, per layer) or off.", choices=BIAS_CORRECTION)
+    smooth_quant: float | None = option(
+        NNCF_SMOOTH_QUANT_ALPHA, "int8: SmoothQuant alpha for MatMuls (NNCF's default for transformers); off disables it.", minimum=0.0, maximum=1.0, off=True
+    )
+    ignored_names: list[str] = option([], "int8/weights: keep these nodes in float (exact names).", separator=None)
+    ignored_patterns: list[str] = option([], "int8/weights: keep nodes whose names match these regular expressions in float.", separator=None)
+    ignored_types: list[str] = option([], "int8/weights: keep these OpenVINO operation types in float (e.g. Convolution for the patch embedding).")
+    calib_images: str | None = option(None, "int8: a folder of jpg/png images for calibration.", path=True, metavar="DIR")
+    calib_text: str | None = option(None, "int8: a text file, one prompt a line, for calibration.", path=True, metavar="FILE")
+    calib_samples: int = option(64, "int8: calibration samples per tower (NNCF's subset size; synthetic ones too).", minimum=1)
+    group_size: int = option(128, "int4-weights: weights per quantization group; -1 for one scale per output channel.", minimum=-1)
+    ratio: float = option(1.0, "int4-weights: share of the weights in int4, the rest int8.", minimum=0.0, maximum=1.0, exclusive=("min",))
+    symmetric: bool = option(False, "Weight compression: symmetric (no zero point) instead of asymmetric.", flag="--symmetric/--asymmetric")
+    min_cosine: float | None = min_cosine_option(0.99)
+    min_agreement: float | None = min_agreement_option(None)
+
+    @property
+    def artifact(self) -> str:
+        if self.name:
+            return self.name
+        parts = ["openvino"] + ([] if self.source == "onnx" else [self.source]) + ([] if self.mode == "fp32" else [self.mode])
+        return "-".join(parts)
+
+    def check(self) -> None:
+        int8 = self.mode == "int8"
+        weights = self.mode in ("int8-weights", "int4-weights")
+        if not int8 and (self.calib_images or self.calib_text):
+            raise VlmoptError(f"--calib-images and --calib-text calibrate --mode int8; {self.mode} needs no data")
+        nncf_int8 = {
+            "--model-type": self.model_type != "transformer",
+            "--preset": self.preset != "mixed",
+            "--bias-correction": self.bias_correction != "fast",
+            "--smooth-quant": self.smooth_quant != NNCF_SMOOTH_QUANT_ALPHA,
+        }
+        if not int8 and any(nncf_int8.values()):
+            raise VlmoptError(f"{', '.join(k for k, v in nncf_int8.items() if v)} apply to --mode int8, not {self.mode}")
+        if not (int8 or weights) and (self.ignored_names or self.ignored_patterns or self.ignored_types):
+            raise VlmoptError("--ignored-names/--ignored-patterns/--ignored-types choose what NNCF leaves in float; --mode fp32 compresses nothing")
+        if self.mode != "int4-weights" and (self.group_size != 128 or self.ratio != 1.0):
+            raise VlmoptError(f"--group-size and --ratio apply to --mode int4-weights, not {self.mode}")
+        if not weights and self.symmetric:
+            raise VlmoptError(f"--symmetric applies to weight compression (int8-weights, int4-weights), not {self.mode}")
+        if self.group_size == 0:
+            raise VlmoptError("--group-size must be a positive number of weights, or -1 for one scale per output channel")
+        if self.smooth_quant is not None and self.model_type != "transformer" and self.smooth_quant != NNCF_SMOOTH_QUANT_ALPHA:
+            raise VlmoptError("--smooth-quant is applied by NNCF's transformer model type; add --model-type transformer or drop it")
+        for pattern in self.ignored_patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise VlmoptError(f"--ignored-patterns '{pattern}' is not a regular expression: {exc}") from None
+
+
+# -- OpenVINO and NNCF calls -------------------------------------------------------------------
+@contextlib.contextmanager
+def quiet_nncf(debug: bool) -> Iterator[None]:
+    """NNCF logs at INFO and draws progress bars on stdout; neither is vlmopt's output (stdout carries --json)."""
+    if debug:
+        yield
+        return
+    import nncf
+
+    nncf.set_log_level(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def read_onnx(core: Any, path: Path, tower: str, parent: str) -> Any:
+    """The ONNX graph as an OpenVINO model; what OpenVINO cannot read is named (operators first)."""
+    from vlmopt.runners.openvino_runner import first_line
+
+    try:
+        return core.read_model(str(path))
+    except RuntimeError as exc:
+        unsupported = _NO_RULE.search(str(exc))
+        if unsupported:
+            ops = unsupported.group(1).strip()
+            raise VlmoptError(
+                f"OpenVINO cannot read the {tower} tower of '{parent}': it has no conversion rule for operator(s) {ops}; "
+                "convert an artifact without them (for example --from onnx)"
+            ) from None
+        raise VlmoptError(f"OpenVINO cannot read the {tower} tower of '{parent}': {first_line(exc)}") from None
+
+
+def ignored_scope(options: OpenVINOOptions) -> Any:
+    import nncf
+
+    if not (options.ignored_names or options.ignored_patterns or options.ignored_types):
+        return None
+    return nncf.IgnoredScope(names=list(options.ignored_names), patterns=list(options.ignored_patterns), types=list(options.ignored_types))
+
+
+def nncf_failure(exc: Exception, tower: str, what: str) -> VlmoptError:
+    """NNCF's validation errors (ignored scopes that match nothing, group sizes that do not divide) and data
+    the model cannot take, as one line."""
+    from vlmopt.runners.openvino_runner import first_line
+
+    text = str(exc)
+    if "incompatible" in text or "Can't set the input tensor" in text:
+        return VlmoptError(f"the calibration data does not fit the {tower} tower: {first_line(exc)}")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return VlmoptError(f"NNCF {what} of the {tower} tower failed: {' '.join(lines[:2])[:300] or type(exc).__name__}")
+
+
+def quantize_int8(model: Any, samples: list[dict[str, np.ndarray]], options: OpenVINOOptions, tower: str) -> tuple[Any, dict[str, Any]]:
+    """`nncf.quantize` with the options' preset, model type, bias correction, SmoothQuant alpha and ignored scope."""
+    import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+
+    alpha = -1.0 if options.smooth_quant is None else options.smooth_quant
+    advanced = AdvancedQuantizationParameters(
+        smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=alpha),
+        disable_bias_correction=options.bias_correction == "off",
+    )
+    try:
+        quantized = nncf.quantize(
+            model,
+            nncf.Dataset(samples),
+            preset=nncf.QuantizationPreset.PERFORMANCE if options.preset == "performance" else nncf.QuantizationPreset.MIXED,
+            model_type=nncf.ModelType.TRANSFORMER if options.model_type == "transformer" else None,
+            subset_size=len(samples),
+            fast_bias_correction=options.bias_correction != "full",
+            ignored_scope=ignored_scope(options),
+            advanced_parameters=advanced,
+        )
+    except (nncf.errors.ValidationError, nncf.InternalError, RuntimeError, ValueError) as exc:
+        raise nncf_failure(exc, tower, "quantization") from None
+    details = {
+        "preset": options.preset,
+        "model_type": options.model_type,
+        "bias_correction": options.bias_correction,
+        "smooth_quant_alpha": options.smooth_quant,
+        "samples": len(samples),
+    }
+    return quantized, details
+
+
+def compress_weights(model: Any, options: OpenVINOOptions, tower: str) -> tuple[Any, dict[str, Any]]:
+    """`nncf.compress_weights`: int8 per output channel, or int4 in groups with the rest (1 - ratio) in int8."""
+    import nncf
+
+    if options.mode == "int8-weights":
+        mode = nncf.CompressWeightsMode.INT8_SYM if options.symmetric else nncf.CompressWeightsMode.INT8_ASYM
+        kwargs: dict[str, Any] = {}
+    else:
+        mode = nncf.CompressWeightsMode.INT4_SYM if options.symmetric else nncf.CompressWeightsMode.INT4_ASYM
+        kwargs = {"group_size": options.group_size, "ratio": options.ratio}
+    try:
+        compressed = nncf.compress_weights(model, mode=mode, ignored_scope=ignored_scope(options), **kwargs)
+    except (nncf.errors.ValidationError, nncf.InternalError, RuntimeError, ValueError) as exc:
+        raise nncf_failure(exc, tower, "weight compression") from None
+    return compressed, {"mode": str(mode.value), **kwargs}
+
+
+def single_samples(feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Calibration batches as one-sample items, so NNCF's subset size counts samples, not batches."""
+    return [{name: value[i : i + 1] for name, value in feed.items()} for feed in feeds for i in range(len(next(iter(feed.values()))))]
+
+
+def static_tower(spec: Tower, batch: int) -> Tower:
+    """The tower's interface with every batch axis fixed."""
+    return spec.with_static_axes({axis: batch for axis in spec.axes if axis.endswith("batch")})
+
+
+def reshape_to(model: Any, spec: Tower) -> None:
+    """Fix the IR's batch axes as `spec` has them (the other dynamic axes stay dynamic)."""
+    import openvino as ov
+
+    shapes = {}
+    for tensor in spec.inputs:
+        shapes[tensor.name] = ov.PartialShape([d if isinstance(d, int) else -1 for d in tensor.shape])
+    try:
+        model.reshape(shapes)
+    except RuntimeError as exc:
+        from vlmopt.runners.openvino_runner import first_line
+
+        raise VlmoptError(f"OpenVINO cannot fix the {spec.name} tower's batch to {spec.inputs[0].shape[0]}: {first_line(exc)}") from None
+
+
+def name_ports(model: Any, spec: Tower) -> None:
+    """Give each input and output exactly the tower's name for it: OpenVINO keeps every name a folded tensor had
+    (`pixel_values` and a Cast's output), and a reader of the IR should not have to guess."""
+    for ports, tensors in ((model.inputs, spec.inputs), (model.outputs, spec.outputs)):
+        for port in ports:
+            wanted = next((t.name for t in tensors if t.name in port.get_names()), None)
+            if wanted is not None:
+                port.get_tensor().set_names({wanted})
+
+
+def op_counts(model: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for op in model.get_ordered_ops():
+        kind = op.get_type_name()
+        if kind not in ("Constant", "Parameter", "Result"):
+            counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+# -- the stage -------------------------------------------------------------------------------
+class OpenVINO(Stage):
+    name = "openvino"
+    Options = OpenVINOOptions
+    produces = "openvino"
+    accepts = Accepts(kinds=("onnx",), hint="convert an ONNX artifact such as 'onnx' (run `vlmopt convert` first)")
+    tools = ("openvino", "nncf", "onnx")
+    summary = "Make OpenVINO IR from an ONNX artifact, as is (fp32) or compressed by NNCF (int8, int8/int4 weights); verify it against that artifact."
+    details = (
+        "Needs OpenVINO and NNCF (pip install 'vlmopt\\[openvino]'); without them it says so and exits 2.\n"
+        "Fails with exit 1, writing nothing, when the cosine or zero-shot agreement falls below the thresholds.\n"
+        "Example: vlmopt openvino build/clip --mode int8 --inference-precision bf16 --calib-images photos/"
+    )
+
+    def artifact_name(self, options: OpenVINOOptions) -> str:
+        return options.artifact
+
+    def check_parent(self, parent: Artifact, options: OpenVINOOptions) -> None:
+        super().check_parent(parent, options)
+        if options.mode != "fp32" and parent.traits.precision != "fp32":
+            raise VlmoptError(f"'{parent.name}' is already {parent.traits.precision}; NNCF compresses fp32 artifacts: use --from onnx")
+
+    def prepare(self, job: Job) -> None:
+        options: OpenVINOOptions = job.options
+        ov = require_openvino()
+        if options.mode != "fp32":
+            require_nncf(f"--mode {options.mode}")
+        core = ov.Core()
+        check_openvino_device(core, options.device)
+        job.state.update(core=core, version=ov.get_version().split("-")[0], calibration={}, executed={})
+        if options.static_batch is not None:
+            fixed = {name: tower.inputs[0].shape[0] for name, tower in job.towers.items() if isinstance(tower.inputs[0].shape[0], int)}
+            clash = {name: batch for name, batch in fixed.items() if batch != options.static_batch}
+            if clash:
+                tower, batch = next(iter(clash.items()))
+                raise VlmoptError(f"'{job.parent.name}' has a fixed batch of {batch} ({tower} tower); --static-batch {options.static_batch} cannot change it")
+        if options.mode == "int8":
+            job.state["data"] = load_calibration(job.model_dir, job.towers, options.calib_images, options.calib_text, options.calib_samples)
+
+    def environment(self, options: OpenVINOOptions) -> dict[str, str]:
+        return {tool: package_version(tool) or "not installed" for tool in self.tools}
+
+    def make_tower(self, job: Job, tower: str, tmp: Path) -> Made:
+        import openvino as ov
+
+        options: OpenVINOOptions = job.options
+        spec = job.towers[tower]
+        job.say(f"{options.mode}: the {tower} tower")
+        model = read_onnx(job.state["core"], job.parent_file(tower), tower, job.parent.name)
+        details: dict[str, Any] = {}
+        samples = self._calibration(job, spec) if options.mode == "int8" else []
+        with quiet_nncf(job.context.debug):
+            if options.mode == "int8":
+                model, details = quantize_int8(model, samples, options, tower)
+            elif options.mode != "fp32":
+                model, details = compress_weights(model, options, tower)
+        if options.static_batch is not None:
+            spec = static_tower(spec, options.static_batch)
+            reshape_to(model, spec)
+        name_ports(model, spec)
+        file = f"{tower}.xml"
+        ov.save_model(model, str(tmp / file), compress_to_fp16=False)
+        meta = {
+            "openvino": job.state["version"],
+            "device": options.device,
+            "inference_precision": options.inference_precision,
+            "performance_hint": options.performance_hint,
+            "static_batch": options.static_batch,
+        }
+        size = sum(p.stat().st_size for p in (tmp / file, tmp / f"{tower}.bin") if p.exists())
+        work = {"op_counts": op_counts(model), "parent_size": graph.weight_bytes(job.parent_dir, job.parent.towers[tower].file or "")}
+        if details:
+            work["compression"] = details
+        return Made(TowerRecord(spec, file, size, engine=meta), work)
+
+    def _calibration(self, job: Job, spec: Tower) -> list[dict[str, np.ndarray]]:
+        options: OpenVINOOptions = job.options
+        feeds, origin = calibration_feeds(spec, job.state["data"], options.calib_samples)
+        samples = single_samples(feeds)[: options.calib_samples]
+        if origin == "synthetic":
+            job.warn(synthetic_warning(spec, len(samples)))
+        job.state["calibration"][spec.name] = {"data": origin, "samples": sample_count(samples)}
+        return samples
+
+    def verify(self, job: Job, tmp: Path, towers: dict[str, TowerRecord]) -> Verification | None:
+        """Against the parent through ONNX Runtime, recording what the compiled OpenVINO model actually ran."""
+        from vlmopt.runners import ArtifactRunners
+        from vlmopt.verification import Gates, verify_runners
+        from vlmopt.verification.check import FeedSet, evaluation_sets
+
+        options: OpenVINOOptions = job.options
+        candidate = provisional(self, job, tmp, towers)
+        executed = job.state["executed"]
+
+        def sets(tower: Tower) -> list[FeedSet]:
+            if options.static_batch is None:
+                return evaluation_sets(tower, job.state.get("data"))
+            sequence = min(16, tower.vocab.max_length) if tower.vocab else 1
+            sizes = {"batch": options.static_batch, "image_batch": options.static_batch, "text_batch": options.static_batch, "sequence": sequence}
+            feeds = [make_inputs(tower, sizes, seed=100 + i) for i in range(2)]
+            return [FeedSet("synthetic", "random inputs", feeds)]
+
+        job.say(f"verifying against '{job.parent.name}'")
+        with (
+            ArtifactRunners(job.parent_dir, job.parent, threads=job.context.thread_count) as references,
+            ArtifactRunners(tmp, candidate, threads=job.context.thread_count) as candidates,
+        ):
+
+            def opened(tower: Tower) -> Any:
+                runner = candidates.runner(tower)
+                executed[tower.name] = runner.details()
+                return runner
+
+            specs = {name: record.tower for name, record in towers.items()}
+            return verify_runners(specs, references.runner, opened, Gates.of(options), job.parent.name, sets=sets, data=job.state.get("data"))
+
+    def traits(self, job: Job, made: dict[str, Made]) -> Traits:
+        options: OpenVINOOptions = job.options
+        precision = job.parent.traits.precision if options.mode == "fp32" else options.mode
+        return job.parent.traits.derive(precision=precision, target="cpu", fused=False, ort_only_ops=[])
+
+    def record(self, job: Job, made: dict[str, Made]) -> dict[str, Any]:
+        record = super().record(job, made)
+        record["openvino_version"] = job.state["version"]
+        #: what the compiled model ran while it was verified: OpenVINO's precision hint as read back, layer precisions
+        record["executed"] = job.state["executed"]
+        if job.state["calibration"]:
+            record["calibration"] = job.state["calibration"]
+        return record
+
+    def describe(self, artifact: Artifact) -> list[Any]:
+        lines = []
+        for tower, executed in (artifact.record.get("executed") or {}).items():
+            if not executed:
+                continue
+            compute = ", ".join(f"{kind} {'/'.join(f'{p}×{n}' for p, n in counts.items())}" for kind, counts in executed["layers"].items() if kind in _SHOWN)
+            requested = artifact.towers[tower].engine.get("inference_precision") if artifact.towers[tower].engine else None
+            lines.append(f"ran ({tower}): inference precision {executed['inference_precision']} (asked: {requested}); {escape(compute)}")
+        for tower, info in (artifact.record.get("calibration") or {}).items():
+            label = "[bold yellow]SYNTHETIC[/]" if info["data"] == "synthetic" else "real"
+            lines.append(f"calibration of {tower}: {info['samples']} {label} samples")
+        return lines
+
+
+#: the compute layers `describe` lists with the precisions they ran in
+_SHOWN = ("FullyConnected", "MatMul", "Convolution", "Subgraph", "ScaledDotProductAttention", "MVN", "Softmax")
+
+
+STAGE = OpenVINO()

@@ -350,10 +350,20 @@ def info(
     from vlmopt.api import info as artifact_statuses
 
     model_dir, entries = artifact_statuses(directory, verify=verify)
+    recommendation = model_dir.recommendation()
+    current = {e.artifact.name: e.artifact.digest for e in entries}
     if as_json:
-        _emit_json(
-            {"ok": True, "path": str(model_dir.path), "artifacts": [{**e.artifact.to_json(), "size": e.artifact.size, "status": e.status} for e in entries]}
-        )
+        payload: dict[str, Any] = {
+            "ok": True,
+            "path": str(model_dir.path),
+            "artifacts": [{**e.artifact.to_json(), "size": e.artifact.size, "status": e.status} for e in entries],
+        }
+        if recommendation is not None:
+            payload["recommendation"] = {
+                **recommendation.to_json(),
+                "stale": [c.artifact for c in recommendation.choices if c.artifact and current.get(c.artifact) != c.digest],
+            }
+        _emit_json(payload)
         return
     table = Table(title=f"{model_dir.path}", title_justify="left")
     for column in ("artifact", "kind", "stage", "from", "towers", "size MB", "verified", "best speed-up", "created", "status"):
@@ -373,6 +383,14 @@ def info(
             escape(entry.status) if entry.status == "ok" else f"[red]{escape(entry.status)}[/]",
         )
     out.print(table)
+    if recommendation is not None:
+        out.print(f"recommended by bench ({recommendation.report}), the fastest artifact that passed its fidelity gate:")
+        for c in recommendation.choices:
+            if c.artifact is None:
+                out.print(f"  {c.tower} batch {c.batch}: [red]none passed[/]")
+                continue
+            stale = "" if current.get(c.artifact) == c.digest else " [red](re-made since: bench again)[/]"
+            out.print(f"  {c.tower} batch {c.batch}: [bold]{c.artifact}[/] ({c.backend}, {c.latency_ms:.2f} ms, {c.speedup:.2f}x PyTorch, cosine {c.cosine_min:.6f}){stale}")
 
 
 def _verified(artifact: Any) -> str:

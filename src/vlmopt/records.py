@@ -186,3 +186,53 @@ class Verification:
         metrics = [MetricCheck(**{k: v for k, v in m.items() if k != "passed"}) for m in data.get("metrics", [])]
         towers = {t: [DataCheck.from_json(c) for c in checks] for t, checks in data["towers"].items()}
         return cls(data["reference"], data.get("gates", {}), towers, metrics, data.get("passed", True), data.get("failures", []))
+
+
+# -- the recommendation ---------------------------------------------------------------------------
+@dataclass
+class Choice:
+    """For one tower and batch size: the fastest artifact that passed its fidelity gate in a bench run, or None.
+
+    `gate` says what it was held to (`cosine >= 0.99 (its quantize gate)`); `digest` is the artifact's content
+    when it was measured, so a reader can tell a re-made artifact from the one measured; `rejected` says, for
+    each faster artifact that was passed over, why."""
+
+    tower: str
+    batch: int
+    artifact: str | None
+    backend: str | None = None
+    digest: str | None = None
+    latency_ms: float | None = None
+    throughput: float | None = None
+    speedup: float | None = None
+    cosine_min: float | None = None
+    gate: str | None = None
+    rejected: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Recommendation:
+    """What `bench` chose for each tower and batch size: the artifact `package` and `serve` are to deploy by default.
+
+    Kept in the manifest (`vlmopt.json`, key `recommendation`) and in the bench report that made it."""
+
+    report: str
+    created: str
+    #: the cosine-against-PyTorch every artifact was held to (`--select-min-cosine`); None: each its own recorded gate
+    select_min_cosine: float | None
+    choices: list[Choice] = field(default_factory=list)
+
+    def unmet(self) -> list[Choice]:
+        """Towers and batches for which no artifact passed its gate."""
+        return [c for c in self.choices if c.artifact is None]
+
+    def choice(self, tower: str, batch: int) -> Choice | None:
+        return next((c for c in self.choices if c.tower == tower and c.batch == batch), None)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Recommendation:
+        choices = [Choice(**c) for c in data.get("choices", [])]
+        return cls(data["report"], data["created"], data.get("select_min_cosine"), choices)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from vlmopt.errors import VlmoptError
-from vlmopt.records import TowerRecord, Traits, Verification
+from vlmopt.records import Recommendation, TowerRecord, Traits, Verification
 from vlmopt.versions import tool_versions
 
 MANIFEST_NAME = "vlmopt.json"
@@ -206,7 +206,24 @@ class ModelDir:
         except (KeyError, TypeError) as exc:
             raise VlmoptError(f"manifest {self.manifest_path} is malformed ({exc}); restore it or start a new model directory") from exc
 
-    def _write_manifest(self, artifacts: dict[str, Artifact]) -> None:
+    def recommendation(self) -> Recommendation | None:
+        """What the last `bench` chose per tower and batch (the fastest artifact that passed its gate); None before any.
+
+        `package` and `serve` deploy this choice by default."""
+        data = self._manifest_data().get("recommendation")
+        return Recommendation.from_json(data) if data else None
+
+    def record_recommendation(self, recommendation: Recommendation) -> None:
+        self._write_manifest(self.load(), recommendation=recommendation.to_json())
+
+    def _manifest_data(self) -> dict[str, Any]:
+        if not self.manifest_path.exists():
+            return {}
+        self.load()  # the checks on schema and form
+        return json.loads(self.manifest_path.read_text())
+
+    def _write_manifest(self, artifacts: dict[str, Artifact], recommendation: dict[str, Any] | None = None) -> None:
+        """Write the manifest; the recorded recommendation is kept unless a new one is given."""
         from vlmopt import __version__
 
         data = {
@@ -214,6 +231,9 @@ class ModelDir:
             "vlmopt_version": __version__,
             "artifacts": {name: artifacts[name].to_json() for name in sorted(artifacts)},
         }
+        kept = recommendation if recommendation is not None else self._manifest_data().get("recommendation")
+        if kept is not None:
+            data["recommendation"] = kept
         fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".json", dir=self.path)
         try:
             with os.fdopen(fd, "w") as fh:

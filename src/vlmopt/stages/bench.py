@@ -26,6 +26,7 @@ from vlmopt.errors import CheckFailed, VlmoptError
 from vlmopt.families import Tower
 from vlmopt.inputs import make_inputs
 from vlmopt.options import StageOptions, option
+from vlmopt.records import Choice, Recommendation
 from vlmopt.runners import ArtifactRunners
 from vlmopt.stage import RunContext, Stage, StageResult
 from vlmopt.verification.compare import compare
@@ -54,6 +55,16 @@ class BenchOptions(StageOptions):
     torch_attention: str = option("sdpa", "Attention of the PyTorch reference: sdpa (its fastest) or eager.", choices=("sdpa", "eager"))
     device: str = option("cpu", "cpu, or cuda: PyTorch fp32/fp16 on the GPU, ONNX Runtime's CUDA provider, TensorRT engines.", choices=("cpu", "cuda"))
     cuda_graphs: bool = option(False, "Replay TensorRT engines from captured CUDA graphs (--device cuda).")
+    select: bool = option(
+        False, "Exit 1 when, for some tower and batch, no artifact passed its fidelity gate (the recommendation is recorded either way).", recorded=False
+    )
+    select_min_cosine: float | None = option(
+        None,
+        "Hold every artifact to this cosine against PyTorch when choosing the fastest (default: each artifact's own recorded --min-cosine).",
+        minimum=0.0,
+        maximum=1.0,
+        recorded=False,
+    )
 
     def check(self) -> None:
         if not self.batch:
@@ -178,8 +189,25 @@ def _feeds(tower: Tower, options: BenchOptions) -> dict[int, dict[str, np.ndarra
 
 
 def _default_kinds(device: str) -> tuple[str, ...]:
-    """What `bench DIR` runs by default: on a GPU the TensorRT engines too."""
-    return ("hf", "onnx", "tensorrt") if device == "cuda" else ("hf", "onnx")
+    """What `bench DIR` runs by default: on a GPU the TensorRT engines too, on a CPU the OpenVINO artifacts."""
+    return ("hf", "onnx", "tensorrt") if device == "cuda" else ("hf", "onnx", "openvino")
+
+
+def _runnable_openvino(names: list[str], artifacts: dict[str, Any], named: bool) -> tuple[list[str], list[dict[str, Any]]]:
+    """OpenVINO artifacts need the openvino extra: named ones are refused without it (one line, exit 2); those
+    chosen by default are skipped, said why."""
+    from vlmopt.machine import require_openvino
+
+    wanted = [n for n in names if artifacts[n].kind == "openvino"]
+    if not wanted:
+        return names, []
+    try:
+        require_openvino(f"benchmarking '{wanted[0]}'")
+    except VlmoptError as exc:
+        if named:
+            raise
+        return [n for n in names if n not in wanted], [{"artifact": n, "tower": "*", "batch": "*", "reason": exc.message} for n in wanted]
+    return names, []
 
 
 def _runnable_on_cuda(names: list[str], artifacts: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
@@ -235,11 +263,17 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         lat = r["latency_ms"]
         gpu_cell = f" {_fmt(r.get('gpu_memory_mb'), '{:.0f}')} |" if gpu else ""
         lines.append(
-            f"| {r['artifact']} | {r['backend']} | {r['tower']} | {r['batch']} | {r['sequence'] or ''} | {lat['mean']:.2f} | {lat['p50']:.2f} | "
+            f"| {r['artifact']} | {_backend(r)} | {r['tower']} | {r['batch']} | {r['sequence'] or ''} | {lat['mean']:.2f} | {lat['p50']:.2f} | "
             f"{lat['p90']:.2f} | {lat['p99']:.2f} | {r['throughput']:.1f} | {r['peak_rss_mb']:.0f} |{gpu_cell} {r['size_mb']:.1f} | "
             f"{_fmt(r['speedup'], '{:.2f}x')} | {_fmt(r['cosine_min'], '{:.6f}')} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _backend(row: dict[str, Any]) -> str:
+    """The backend, with the precision it ran in where the runner reports one (OpenVINO: f32 or bf16)."""
+    ran = (row.get("runtime") or {}).get("inference_precision")
+    return f"{row['backend']} ({ran})" if ran else row["backend"]
 
 
 def _fmt(value: float | None, pattern: str) -> str:
@@ -275,8 +309,9 @@ def _atomic_write(path: Path, text: str) -> None:
         raise
 
 
-def write_report(model_dir: ModelDir, report: dict[str, Any]) -> list[Path]:
-    """`reports/bench-<time>.json` and `.md`, each written whole or not at all."""
+def write_report(model_dir: ModelDir, report: dict[str, Any], annotate: Callable[[dict[str, Any], str], None] | None = None) -> list[Path]:
+    """`reports/bench-<time>.json` and `.md`, each written whole or not at all; `annotate(report, json_name)` adds
+    to the report what needs its name (the recommendation) before it is written."""
     folder = writable_reports(model_dir)
     folder.mkdir(exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -287,6 +322,8 @@ def write_report(model_dir: ModelDir, report: dict[str, Any]) -> list[Path]:
     json_path, md_path = folder / f"bench-{stamp}{suffix}.json", folder / f"bench-{stamp}{suffix}.md"
     report["schema_version"] = REPORT_SCHEMA
     report["files"] = [str(json_path), str(md_path)]
+    if annotate is not None:
+        annotate(report, json_path.name)
     settings = report["settings"]
     amount = f"{settings['duration']:g}s per measurement" if settings["duration"] else f"{settings['iterations']} iterations"
     md = (
@@ -295,9 +332,79 @@ def write_report(model_dir: ModelDir, report: dict[str, Any]) -> list[Path]:
         f"{amount}\n\n" + markdown_table(report["rows"]) + "\nSpeed-up and cosine are against the PyTorch reference (`hf`) measured in the same run; "
         "Δ peak RSS is the resident-memory rise while loading and running the artifact.\n"
     )
+    if report.get("recommendation"):
+        md += "\n" + recommendation_markdown(Recommendation.from_json(report["recommendation"]))
     _atomic_write(md_path, md)
     _atomic_write(json_path, json.dumps(report, indent=2) + "\n")
     return [json_path, md_path]
+
+
+def recommendation_markdown(recommendation: Recommendation) -> str:
+    lines = [
+        "## Recommended: the fastest artifact that passed its fidelity gate",
+        "",
+        "| tower | batch | artifact | backend | mean ms | speed-up | cosine min | gate |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in recommendation.choices:
+        if c.artifact is None:
+            lines.append(f"| {c.tower} | {c.batch} | none passed | | | | | {'; '.join(f'{a}: {why}' for a, why in c.rejected.items())} |")
+        else:
+            lines.append(
+                f"| {c.tower} | {c.batch} | {c.artifact} | {c.backend} | {_fmt(c.latency_ms, '{:.2f}')} | {_fmt(c.speedup, '{:.2f}x')} | "
+                f"{_fmt(c.cosine_min, '{:.6f}')} | {c.gate} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+#: the cosine against PyTorch an artifact is held to when it recorded no gate of its own (quantize's default)
+DEFAULT_SELECT_MIN_COSINE = 0.99
+
+
+def _gate(artifact: Any, select_min_cosine: float | None) -> tuple[str, Callable[[dict[str, Any]], bool]]:
+    """What an artifact's bench row must show to be chosen: the --select-min-cosine, else its own recorded
+    cosine gate, else its own atol gate, else the default cosine."""
+    if select_min_cosine is not None:
+        return f"cosine >= {select_min_cosine:g} (--select-min-cosine)", lambda r: r["cosine_min"] >= select_min_cosine
+    gates = artifact.verification.gates if artifact.verification else {}
+    if gates.get("min_cosine") is not None:
+        limit = gates["min_cosine"]
+        return f"cosine >= {limit:g} (its {artifact.stage} gate)", lambda r: r["cosine_min"] >= limit
+    if gates.get("atol") is not None:
+        atol = gates["atol"]
+        return f"max |diff| <= {atol:g} (its {artifact.stage} gate)", lambda r: r["max_abs_diff"] <= atol
+    return f"cosine >= {DEFAULT_SELECT_MIN_COSINE:g} (no gate recorded)", lambda r: r["cosine_min"] >= DEFAULT_SELECT_MIN_COSINE
+
+
+def recommend(report: dict[str, Any], artifacts: dict[str, Any], select_min_cosine: float | None, report_name: str) -> Recommendation:
+    """Per tower and batch of a bench report, the fastest artifact whose outputs, compared with PyTorch's in that
+    run, pass its fidelity gate, and whose own verification passed. The PyTorch reference is not a candidate."""
+    choices = []
+    keys = list(dict.fromkeys((r["tower"], r["batch"]) for r in report["rows"]))
+    for tower, batch in keys:
+        rows = [r for r in report["rows"] if (r["tower"], r["batch"]) == (tower, batch) and r["artifact"] not in (REFERENCE, FP16_REFERENCE)]
+        rows = sorted((r for r in rows if r["artifact"] in artifacts), key=lambda r: r["latency_ms"]["mean"])
+        choice = Choice(tower, batch, None)
+        for row in rows:
+            artifact = artifacts[row["artifact"]]
+            gate, passes = _gate(artifact, select_min_cosine)
+            if row["cosine_min"] is None:
+                choice.rejected[row["artifact"]] = "not compared with PyTorch (no hf artifact measured)"
+            elif artifact.verification is not None and not artifact.verification.passed:
+                choice.rejected[row["artifact"]] = "its own verification failed"
+            elif not passes(row):
+                choice.rejected[row["artifact"]] = f"cosine {row['cosine_min']:.6f}, max |diff| {row['max_abs_diff']:.2g}; needs {gate}"
+            else:
+                choice.artifact, choice.backend, choice.digest, choice.gate = row["artifact"], row["backend"], artifact.digest, gate
+                choice.latency_ms, choice.throughput, choice.speedup, choice.cosine_min = (
+                    row["latency_ms"]["mean"],
+                    row["throughput"],
+                    row["speedup"],
+                    row["cosine_min"],
+                )
+                break
+        choices.append(choice)
+    return Recommendation(report_name, report["created"], select_min_cosine, choices)
 
 
 def latest_report(model_dir: ModelDir) -> dict[str, Any] | None:
@@ -311,6 +418,30 @@ def latest_report(model_dir: ModelDir) -> dict[str, Any] | None:
         if isinstance(report, dict) and report.get("schema_version") == REPORT_SCHEMA:
             return report
     return None
+
+
+def recommendation_table(recommendation: Recommendation) -> Any:
+    from rich.table import Table
+
+    title = "recommended: the fastest artifact that passed its fidelity gate (vs PyTorch, this run)"
+    table = Table(title=title, title_justify="left")
+    for column in ("tower", "batch", "artifact", "backend", "mean ms", "speed-up", "cosine min", "gate"):
+        table.add_column(column, justify="right" if column in ("batch", "mean ms", "speed-up", "cosine min") else "left")
+    for c in recommendation.choices:
+        if c.artifact is None:
+            table.add_row(c.tower, str(c.batch), "[red]none passed[/]", "", "", "", "", "; ".join(f"{a}: {why}" for a, why in c.rejected.items()))
+        else:
+            table.add_row(
+                c.tower,
+                str(c.batch),
+                f"[green]{c.artifact}[/]",
+                c.backend or "",
+                _fmt(c.latency_ms, "{:.2f}"),
+                _fmt(c.speedup, "{:.2f}x"),
+                _fmt(c.cosine_min, "{:.6f}"),
+                c.gate or "",
+            )
+    return table
 
 
 class Bench(Stage):
@@ -359,7 +490,7 @@ class Bench(Stage):
             style = "" if speedup is None else ("green" if speedup >= 1 else "red")
             table.add_row(
                 r["artifact"],
-                r["backend"],
+                _backend(r),
                 r["tower"],
                 str(r["batch"]),
                 str(r["sequence"] or ""),
@@ -372,6 +503,8 @@ class Bench(Stage):
                 _fmt(r["cosine_min"], "{:.6f}"),
             )
         lines: list[Any] = [table]
+        if report.get("recommendation"):
+            lines.append(recommendation_table(Recommendation.from_json(report["recommendation"])))
         for skip in report.get("not_measured", []):
             lines.append(f"[yellow]not measured:[/] {skip['artifact']} {skip['tower']} at batch {skip['batch']}: {skip['reason']}")
         if report.get("files"):
@@ -379,6 +512,36 @@ class Bench(Stage):
         return lines
 
     def _run_locked(self, model_dir: ModelDir, options: BenchOptions, context: RunContext) -> StageResult:
+        result = self._measure_or_reuse(model_dir, options, context)
+        report = result.report
+        assert report is not None
+        if result.skipped or "recommendation" not in report:
+            # an earlier report: choose again under this run's --select-min-cosine (artifacts unchanged, by its key)
+            report["recommendation"] = recommend(report, model_dir.load(), options.select_min_cosine, Path(report["files"][0]).name).to_json()
+        recommendation = Recommendation.from_json(report["recommendation"])
+        current = model_dir.recommendation()
+        if current is None or current.to_json() != recommendation.to_json():
+            model_dir.record_recommendation(recommendation)
+        if options.min_speedup is not None and not result.skipped:
+            slow = [r for r in report["rows"] if r["artifact"] != REFERENCE and r["speedup"] is not None and r["speedup"] < options.min_speedup]
+            if slow:
+                worst = min(slow, key=lambda r: r["speedup"])
+                raise CheckFailed(
+                    f"{len(slow)} measurement(s) below --min-speedup {options.min_speedup:g}: slowest is {worst['artifact']} "
+                    f"{worst['tower']} at batch {worst['batch']}, {worst['speedup']:.2f}x PyTorch",
+                    details={"report": report},
+                )
+        if options.select and recommendation.unmet():
+            unmet = recommendation.unmet()
+            first = unmet[0]
+            why = "; ".join(f"{a}: {reason}" for a, reason in first.rejected.items()) or "no artifact other than PyTorch was measured"
+            raise CheckFailed(
+                f"--select: no artifact passed its fidelity gate for {', '.join(f'{c.tower} at batch {c.batch}' for c in unmet)} ({first.tower} batch {first.batch}: {why})",
+                details={"report": report},
+            )
+        return result
+
+    def _measure_or_reuse(self, model_dir: ModelDir, options: BenchOptions, context: RunContext) -> StageResult:
         if options.device == "cuda":
             from vlmopt.machine import gpus
 
@@ -388,6 +551,7 @@ class Bench(Stage):
         names = list(options.artifacts) or [n for n, a in all_artifacts.items() if a.kind in _default_kinds(options.device)]
         for name in names:
             model_dir.artifact(name)
+        names, not_here = _runnable_openvino(names, all_artifacts, named=bool(options.artifacts))
         if REFERENCE in all_artifacts and REFERENCE not in names:
             names.insert(0, REFERENCE)
         if REFERENCE in names:
@@ -407,19 +571,15 @@ class Bench(Stage):
             )
         writable_reports(model_dir)
         report = measure(model_dir, options, names, all_artifacts, threads, context)
+        report["not_measured"] = not_here + report["not_measured"]
         report["key"] = key
-        paths = write_report(model_dir, report)
+
+        def choose(report: dict[str, Any], name: str) -> None:
+            report["recommendation"] = recommend(report, all_artifacts, options.select_min_cosine, name).to_json()
+
+        paths = write_report(model_dir, report, annotate=choose)
         for name in [n for n in names if n != FP16_REFERENCE]:
             model_dir.update_artifact(name, benchmark={"report": paths[0].name, "rows": [r for r in report["rows"] if r["artifact"] == name]})
-        if options.min_speedup is not None:
-            slow = [r for r in report["rows"] if r["artifact"] != REFERENCE and r["speedup"] is not None and r["speedup"] < options.min_speedup]
-            if slow:
-                worst = min(slow, key=lambda r: r["speedup"])
-                raise CheckFailed(
-                    f"{len(slow)} measurement(s) below --min-speedup {options.min_speedup:g}: slowest is {worst['artifact']} "
-                    f"{worst['tower']} at batch {worst['batch']}, {worst['speedup']:.2f}x PyTorch",
-                    details={"report": report},
-                )
         return StageResult(self.name, "bench", False, report=report, files=report["files"])
 
 
@@ -522,6 +682,9 @@ def _measure_tower(
                     "cosine_min": None,
                     "max_abs_diff": None,
                 }
+                ran = contenders[name].details()
+                if ran is not None:
+                    row["runtime"] = ran
                 if reference is not None:
                     row["speedup"] = latencies[reference]["mean"] / latency["mean"]
                     if name != reference:

@@ -390,7 +390,9 @@ def info(
                 out.print(f"  {c.tower} batch {c.batch}: [red]none passed[/]")
                 continue
             stale = "" if current.get(c.artifact) == c.digest else " [red](re-made since: bench again)[/]"
-            out.print(f"  {c.tower} batch {c.batch}: [bold]{c.artifact}[/] ({c.backend}, {c.latency_ms:.2f} ms, {c.speedup:.2f}x PyTorch, cosine {c.cosine_min:.6f}){stale}")
+            out.print(
+                f"  {c.tower} batch {c.batch}: [bold]{c.artifact}[/] ({c.backend}, {c.latency_ms:.2f} ms, {c.speedup:.2f}x PyTorch, cosine {c.cosine_min:.6f}){stale}"
+            )
 
 
 def _verified(artifact: Any) -> str:

@@ -18,6 +18,7 @@ runner compiles with them, and verification records the precisions the compiled 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import re
@@ -158,15 +159,64 @@ def read_onnx(core: Any, path: Path, tower: str, parent: str) -> Any:
         raise VlmoptError(f"OpenVINO cannot read the {tower} tower of '{parent}': {first_line(exc)}") from None
 
 
-def ignored_scope(options: OpenVINOOptions) -> Any:
-    import nncf
+@dataclass
+class Ignored:
+    """The options' ignored scope as it applies to one tower: the names, patterns and types found in its graph."""
 
-    if not (options.ignored_names or options.ignored_patterns or options.ignored_types):
-        return None
-    return nncf.IgnoredScope(names=list(options.ignored_names), patterns=list(options.ignored_patterns), types=list(options.ignored_types))
+    names: list[str]
+    patterns: list[str]
+    types: list[str]
+
+    @classmethod
+    def in_model(cls, options: OpenVINOOptions, model: Any) -> Ignored:
+        ops = [(op.get_friendly_name(), op.get_type_name()) for op in model.get_ordered_ops()]
+        names = {name for name, _ in ops}
+        kinds = {kind for _, kind in ops}
+        return cls(
+            [n for n in options.ignored_names if n in names],
+            [p for p in options.ignored_patterns if any(re.fullmatch(p, name) for name in names)],
+            [t for t in options.ignored_types if t in kinds],
+        )
+
+    def scope(self) -> Any:
+        import nncf
+
+        if not (self.names or self.patterns or self.types):
+            return None
+        return nncf.IgnoredScope(names=self.names, patterns=self.patterns, types=self.types, validate=False)
 
 
-def nncf_failure(exc: Exception, tower: str, what: str) -> VlmoptError:
+def check_ignored(options: OpenVINOOptions, found: dict[str, Ignored]) -> None:
+    """Every ignored name, pattern and type must match in some tower (a typo would silently quantize what it meant to keep)."""
+    for flag, wanted, attribute in (
+        ("--ignored-names", options.ignored_names, "names"),
+        ("--ignored-patterns", options.ignored_patterns, "patterns"),
+        ("--ignored-types", options.ignored_types, "types"),
+    ):
+        unmatched = [w for w in wanted if not any(w in getattr(f, attribute) for f in found.values())]
+        if unmatched:
+            what = "operation type" if attribute == "types" else "node name"
+            raise VlmoptError(f"{flag} {', '.join(unmatched)} matches no {what} in the {'/'.join(found)} tower(s) of the OpenVINO model")
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """What NNCF raises for input a user can fix (its validation, group sizes, parameters, data), and the
+    run-time errors OpenVINO raises for data a model cannot take."""
+    import nncf.errors as errors
+
+    return (
+        errors.ValidationError,
+        errors.InvalidGroupSizeError,
+        errors.ParameterNotSupportedError,
+        errors.UnsupportedModelError,
+        errors.UnsupportedDatasetError,
+        errors.InvalidQuantizerGroupError,
+        RuntimeError,
+        ValueError,
+    )
+
+
+def nncf_failure(exc: BaseException, tower: str, what: str) -> VlmoptError:
     """NNCF's validation errors (ignored scopes that match nothing, group sizes that do not divide) and data
     the model cannot take, as one line."""
     from vlmopt.runners.openvino_runner import first_line
@@ -178,7 +228,7 @@ def nncf_failure(exc: Exception, tower: str, what: str) -> VlmoptError:
     return VlmoptError(f"NNCF {what} of the {tower} tower failed: {' '.join(lines[:2])[:300] or type(exc).__name__}")
 
 
-def quantize_int8(model: Any, samples: list[dict[str, np.ndarray]], options: OpenVINOOptions, tower: str) -> tuple[Any, dict[str, Any]]:
+def quantize_int8(model: Any, samples: list[dict[str, np.ndarray]], options: OpenVINOOptions, tower: str, ignored: Ignored) -> tuple[Any, dict[str, Any]]:
     """`nncf.quantize` with the options' preset, model type, bias correction, SmoothQuant alpha and ignored scope."""
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
@@ -196,10 +246,10 @@ def quantize_int8(model: Any, samples: list[dict[str, np.ndarray]], options: Ope
             model_type=nncf.ModelType.TRANSFORMER if options.model_type == "transformer" else None,
             subset_size=len(samples),
             fast_bias_correction=options.bias_correction != "full",
-            ignored_scope=ignored_scope(options),
+            ignored_scope=ignored.scope(),
             advanced_parameters=advanced,
         )
-    except (nncf.errors.ValidationError, nncf.InternalError, RuntimeError, ValueError) as exc:
+    except user_errors() as exc:
         raise nncf_failure(exc, tower, "quantization") from None
     details = {
         "preset": options.preset,
@@ -211,7 +261,7 @@ def quantize_int8(model: Any, samples: list[dict[str, np.ndarray]], options: Ope
     return quantized, details
 
 
-def compress_weights(model: Any, options: OpenVINOOptions, tower: str) -> tuple[Any, dict[str, Any]]:
+def compress_weights(model: Any, options: OpenVINOOptions, tower: str, ignored: Ignored) -> tuple[Any, dict[str, Any]]:
     """`nncf.compress_weights`: int8 per output channel, or int4 in groups with the rest (1 - ratio) in int8."""
     import nncf
 
@@ -222,8 +272,8 @@ def compress_weights(model: Any, options: OpenVINOOptions, tower: str) -> tuple[
         mode = nncf.CompressWeightsMode.INT4_SYM if options.symmetric else nncf.CompressWeightsMode.INT4_ASYM
         kwargs = {"group_size": options.group_size, "ratio": options.ratio}
     try:
-        compressed = nncf.compress_weights(model, mode=mode, ignored_scope=ignored_scope(options), **kwargs)
-    except (nncf.errors.ValidationError, nncf.InternalError, RuntimeError, ValueError) as exc:
+        compressed = nncf.compress_weights(model, mode=mode, ignored_scope=ignored.scope(), **kwargs)
+    except user_errors() as exc:
         raise nncf_failure(exc, tower, "weight compression") from None
     return compressed, {"mode": str(mode.value), **kwargs}
 
@@ -308,6 +358,10 @@ class OpenVINO(Stage):
             if clash:
                 tower, batch = next(iter(clash.items()))
                 raise VlmoptError(f"'{job.parent.name}' has a fixed batch of {batch} ({tower} tower); --static-batch {options.static_batch} cannot change it")
+        # read every tower first: what OpenVINO cannot read, or an ignored scope that matches nothing, is refused before any work
+        job.state["models"] = {name: read_onnx(core, job.parent_file(name), name, job.parent.name) for name in job.towers}
+        job.state["ignored"] = {name: Ignored.in_model(options, model) for name, model in job.state["models"].items()}
+        check_ignored(options, job.state["ignored"])
         if options.mode == "int8":
             job.state["data"] = load_calibration(job.model_dir, job.towers, options.calib_images, options.calib_text, options.calib_samples)
 
@@ -320,14 +374,17 @@ class OpenVINO(Stage):
         options: OpenVINOOptions = job.options
         spec = job.towers[tower]
         job.say(f"{options.mode}: the {tower} tower")
-        model = read_onnx(job.state["core"], job.parent_file(tower), tower, job.parent.name)
+        model = job.state["models"].pop(tower)
+        ignored = job.state["ignored"][tower]
         details: dict[str, Any] = {}
         samples = self._calibration(job, spec) if options.mode == "int8" else []
         with quiet_nncf(job.context.debug):
             if options.mode == "int8":
-                model, details = quantize_int8(model, samples, options, tower)
+                model, details = quantize_int8(model, samples, options, tower, ignored)
             elif options.mode != "fp32":
-                model, details = compress_weights(model, options, tower)
+                model, details = compress_weights(model, options, tower, ignored)
+        if ignored.scope() is not None:
+            details["ignored"] = dataclasses.asdict(ignored)
         if options.static_batch is not None:
             spec = static_tower(spec, options.static_batch)
             reshape_to(model, spec)

@@ -7,6 +7,10 @@ Modes, each a thin layer over OpenVINO's and NNCF's own calls:
 - `int8-weights`/`int4-weights`: NNCF weight compression (`nncf.compress_weights`), data-free, the form
   generative decoders are deployed in.
 
+From an OpenVINO parent (`--from openvino-int8 --static-batch 8 --performance-hint throughput`) the IR is
+taken as it is and only what the stage sets around it changes (fixed batch, recorded inference precision,
+hint, device): a quantized model re-targeted at a served batch without quantizing it again.
+
 The IR is made from the ONNX artifact rather than from PyTorch (`ov.convert_model` on the module): both
 run at the same speed here within noise, the ONNX route converts in a fraction of the time, and it keeps
 the tower interface the manifest records (input/output names, dynamic axes) and a parent to verify
@@ -31,7 +35,6 @@ from typing import Any
 import numpy as np
 from rich.markup import escape
 
-from vlmopt import graph
 from vlmopt.calibration import calibration_feeds, load_calibration, sample_count, synthetic_warning
 from vlmopt.errors import VlmoptError
 from vlmopt.families import Tower
@@ -143,7 +146,7 @@ def quiet_nncf(debug: bool) -> Iterator[None]:
 
 
 def read_onnx(core: Any, path: Path, tower: str, parent: str) -> Any:
-    """The ONNX graph as an OpenVINO model; what OpenVINO cannot read is named (operators first)."""
+    """The ONNX graph (or, from an OpenVINO parent, the IR) as an OpenVINO model; what OpenVINO cannot read is named (operators first)."""
     from vlmopt.runners.openvino_runner import first_line
 
     try:
@@ -327,7 +330,7 @@ class OpenVINO(Stage):
     name = "openvino"
     Options = OpenVINOOptions
     produces = "openvino"
-    accepts = Accepts(kinds=("onnx",), hint="convert an ONNX artifact such as 'onnx' (run `vlmopt convert` first)")
+    accepts = Accepts(kinds=("onnx", "openvino"), hint="convert an ONNX artifact such as 'onnx' (run `vlmopt convert` first)")
     tools = ("openvino", "nncf", "onnx")
     summary = "Make OpenVINO IR from an ONNX artifact, as is (fp32) or compressed by NNCF (int8, int8/int4 weights); verify it against that artifact."
     details = (
@@ -341,6 +344,8 @@ class OpenVINO(Stage):
 
     def check_parent(self, parent: Artifact, options: OpenVINOOptions) -> None:
         super().check_parent(parent, options)
+        if parent.kind == "openvino" and options.mode != "fp32":
+            raise VlmoptError(f"'{parent.name}' is already OpenVINO IR; NNCF compresses from the ONNX export: use --from onnx")
         if options.mode != "fp32" and parent.traits.precision != "fp32":
             raise VlmoptError(f"'{parent.name}' is already {parent.traits.precision}; NNCF compresses fp32 artifacts: use --from onnx")
 
@@ -399,7 +404,7 @@ class OpenVINO(Stage):
             "static_batch": options.static_batch,
         }
         size = sum(p.stat().st_size for p in (tmp / file, tmp / f"{tower}.bin") if p.exists())
-        work = {"op_counts": op_counts(model), "parent_size": graph.weight_bytes(job.parent_dir, job.parent.towers[tower].file or "")}
+        work = {"op_counts": op_counts(model), "parent_size": sum(f.size for f in job.parent.tower_files(tower))}
         if details:
             work["compression"] = details
         return Made(TowerRecord(spec, file, size, engine=meta), work)

@@ -110,6 +110,10 @@ class OpenVINORunner(Runner):
         # a fixed-batch IR takes whole batches only; a dynamic one under the throughput hint splits them over the streams
         self._static = not self.compiled.inputs[0].get_partial_shape()[0].is_dynamic
         self._queue = ov.AsyncInferQueue(self.compiled, self.streams) if self.streams > 1 else None
+        if self._queue is not None:
+            # the callback must not hold the runner: a cycle through the queue lets Python's GC free the queue
+            # from one of its own worker threads, which OpenVINO ends with "Resource deadlock avoided"
+            self._queue.set_callback(_collect(list(self._outputs)))
 
     def run_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         inputs = {name: np.ascontiguousarray(feed[name], dtype=self._types[name]) for name in self.input_names}
@@ -123,15 +127,9 @@ class OpenVINORunner(Runner):
         """The throughput hint: the batch split over OpenVINO's streams, one request each, run in parallel."""
         parts = np.array_split(np.arange(batch), min(self.streams, batch))
         outputs: dict[int, list[np.ndarray]] = {}
-
-        def done(request: Any, index: int) -> None:
-            outputs[index] = [np.array(request.get_tensor(port).data, dtype=np.float32) for port in self._outputs]
-
-        self._queue.set_callback(done)
         for index, rows in enumerate(parts):
-            self._queue.start_async(
-                {port: inputs[name][rows[0] : rows[-1] + 1] for name, port in zip(self.input_names, self.compiled.inputs, strict=True)}, index
-            )
+            feed = {port: inputs[name][rows[0] : rows[-1] + 1] for name, port in zip(self.input_names, self.compiled.inputs, strict=True)}
+            self._queue.start_async(feed, (index, outputs))
         self._queue.wait_all()
         return {name: np.concatenate([outputs[i][k] for i in range(len(parts))]) for k, name in enumerate(self.output_names)}
 
@@ -148,9 +146,21 @@ class OpenVINORunner(Runner):
         return self.executed
 
     def close(self) -> None:
+        if self._queue is not None:
+            self._queue.wait_all()
         self._queue = None
         self.request = None
         self.compiled = None
+
+
+def _collect(ports: list[Any]) -> Any:
+    """An AsyncInferQueue callback that stores each part's outputs under its index in the dict passed as userdata."""
+
+    def done(request: Any, userdata: tuple[int, dict[int, list[np.ndarray]]]) -> None:
+        index, outputs = userdata
+        outputs[index] = [np.array(request.get_tensor(port).data, dtype=np.float32) for port in ports]
+
+    return done
 
 
 def first_line(exc: BaseException) -> str:

@@ -35,6 +35,7 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/prune.py
+	$(BIN)/python benchmarks/cpu_peers.py
 
 bench-gpu: install
 	$(BIN)/python benchmarks/gpu.py

@@ -348,3 +348,42 @@ def test_nncf_refuses_to_compress_an_artifact_that_is_already_quantized(converte
 
 def test_the_hugging_face_artifact_is_refused_with_what_to_convert(converted: Callable[[str], Path]) -> None:
     _refused(converted("clip"), "--from", "hf", fragments=("ONNX", "vlmopt convert"))
+
+
+# -- run settings ----------------------------------------------------------------------------------
+def test_throughput_hint_splits_a_batch_over_streams_and_still_verifies(ov_dir: Path, copy_model_dir: Callable[[Path], Path]) -> None:
+    model_dir = copy_model_dir(ov_dir)
+
+    artifact = vlmopt_json("openvino", model_dir, "--from", "openvino-int8", "--performance-hint", "throughput", "--name", "ov-tput")["artifact"]
+
+    assert artifact["verification"]["passed"] and artifact["verification"]["reference"] == "openvino-int8"
+    for executed in artifact["record"]["executed"].values():
+        assert executed["performance_hint"] == "throughput" and executed["streams"] >= 1, executed
+
+
+def test_an_openvino_parent_is_retargeted_without_quantizing_again(ov_dir: Path, copy_model_dir: Callable[[Path], Path]) -> None:
+    model_dir = copy_model_dir(ov_dir)
+
+    artifact = vlmopt_json("openvino", model_dir, "--from", "openvino-int8", "--static-batch", "8", "--name", "ov-b8")["artifact"]
+
+    assert artifact["traits"]["precision"] == "int8"
+    assert "compression" not in artifact["record"]["towers"].get("vision", {})
+    assert artifact["towers"]["vision"]["engine"]["static_batch"] == 8
+
+
+def test_nncf_refuses_to_compress_an_openvino_artifact_again(ov_dir: Path) -> None:
+    _refused(ov_dir, "--from", "openvino", "--mode", "int8-weights", fragments=("already OpenVINO IR", "--from onnx"))
+
+
+def test_bench_by_default_lists_openvino_artifacts_as_not_measured_without_the_extra(
+    monkeypatch: pytest.MonkeyPatch, ov_dir: Path, copy_model_dir: Callable[[Path], Path]
+) -> None:
+    model_dir = copy_model_dir(ov_dir)
+    monkeypatch.setitem(sys.modules, "openvino", None)
+
+    report = vlmopt_json("bench", model_dir, "--tower", "vision", "--batch", "1", *QUICK_BENCH)
+
+    assert {r["artifact"] for r in report["rows"]} == {"hf", "onnx"}
+    skipped = {s["artifact"]: s["reason"] for s in report["not_measured"]}
+    assert set(skipped) == {"openvino", "openvino-int8"}
+    assert all("pip install 'vlmopt[openvino]'" in reason for reason in skipped.values())

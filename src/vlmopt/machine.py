@@ -74,6 +74,12 @@ def tensorrt_status() -> tuple[str | None, str | None]:
     return tensorrt.__version__, None
 
 
+def type_name(value: Any) -> str:
+    """An OpenVINO element type as its short name: f32, bf16, i8 ..."""
+    name = getattr(value, "get_type_name", None)
+    return name() if callable(name) else str(value)
+
+
 def require_openvino(purpose: str = "vlmopt openvino") -> Any:
     """The `openvino` module, or one line naming the extra that installs it."""
     try:
@@ -120,8 +126,6 @@ def openvino_info() -> OpenVINOInfo:
         import openvino as ov
     except ImportError:
         return OpenVINOInfo(None, problem=f"OpenVINO is not installed ({INSTALL_OPENVINO})")
-    from vlmopt.runners.openvino_runner import type_name
-
     info = OpenVINOInfo(ov.get_version().split("-")[0], nncf=package_version("nncf"), cpu_isa=cpu_isa())
     try:
         core = ov.Core()

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from vlmopt.errors import VlmoptError
+from vlmopt.machine import type_name
 from vlmopt.runners.base import Runner
 
 #: execution-graph layers that only move or describe data; the rest are compute whose precision is reported
@@ -72,12 +73,6 @@ def port_name(port: Any, expected: list[str]) -> str:
     """A port's tensor name: the one the tower's interface uses when the tensor has several (OpenVINO merges names when it folds a node)."""
     names = port.get_names()
     return next((name for name in expected if name in names), None) or port.get_any_name()
-
-
-def type_name(value: Any) -> str:
-    """OpenVINO's element type as its short name: f32, bf16, i8 ..."""
-    name = getattr(value, "get_type_name", None)
-    return name() if callable(name) else str(value)
 
 
 class OpenVINORunner(Runner):

@@ -387,3 +387,19 @@ def test_bench_by_default_lists_openvino_artifacts_as_not_measured_without_the_e
     skipped = {s["artifact"]: s["reason"] for s in report["not_measured"]}
     assert set(skipped) == {"openvino", "openvino-int8"}
     assert all("pip install 'vlmopt[openvino]'" in reason for reason in skipped.values())
+
+
+def test_nncf_refuses_a_graph_fused_by_onnx_runtime(converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]) -> None:
+    model_dir = copy_model_dir(converted("clip"))
+    assert vlmopt("optimize", model_dir).exit_code == 0
+
+    _refused(model_dir, "--from", "onnx-opt", "--mode", "int8", fragments=("fused", "--from onnx"))
+
+
+def test_a_graph_fused_by_onnx_runtime_converts_as_is(converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]) -> None:
+    model_dir = copy_model_dir(converted("clip"))
+    assert vlmopt("optimize", model_dir).exit_code == 0
+
+    artifact = vlmopt_json("openvino", model_dir, "--from", "onnx-opt")["artifact"]
+
+    assert artifact["name"] == "openvino-onnx-opt" and artifact["verification"]["passed"]

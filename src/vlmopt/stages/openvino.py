@@ -346,6 +346,13 @@ class OpenVINO(Stage):
         super().check_parent(parent, options)
         if parent.kind == "openvino" and options.mode != "fp32":
             raise VlmoptError(f"'{parent.name}' is already OpenVINO IR; NNCF compresses from the ONNX export: use --from onnx")
+        if options.mode != "fp32" and parent.traits.fused:
+            # measured: NNCF 3.4 fails inside its own graph of ORT's com.microsoft Attention ("Could not find a node
+            # Gather_... in NNCFGraph"); OpenVINO's CPU plugin fuses attention of the plain export itself.
+            raise VlmoptError(
+                f"'{parent.name}' is fused by ONNX Runtime's optimizer, which NNCF cannot quantize; use --from onnx "
+                "(OpenVINO fuses the attention of the plain export itself)"
+            )
         if options.mode != "fp32" and parent.traits.precision != "fp32":
             raise VlmoptError(f"'{parent.name}' is already {parent.traits.precision}; NNCF compresses fp32 artifacts: use --from onnx")
 

@@ -6,7 +6,7 @@ import platform
 from functools import lru_cache
 from importlib import metadata
 
-_TOOLS = ("vlmopt", "torch", "transformers", "onnx", "onnxruntime", "onnxscript")
+_TOOLS = ("vlmopt", "torch", "transformers", "onnx", "onnxruntime", "onnxscript", "openvino", "nncf")
 
 
 def package_version(name: str) -> str | None:

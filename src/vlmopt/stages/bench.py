@@ -447,7 +447,7 @@ def recommendation_table(recommendation: Recommendation) -> Any:
 class Bench(Stage):
     name = "bench"
     Options = BenchOptions
-    tools = ("torch", "transformers", "onnxruntime")
+    tools = ("torch", "transformers", "onnxruntime", "openvino")
     summary = "Measure latency (mean/p50/p90/p99), throughput, memory and speed-up against PyTorch."
     details = (
         "Writes DIR/reports/bench-<time>.json and .md and records the results in the manifest; a rerun with the same "

@@ -43,7 +43,6 @@ from vlmopt.machine import check_openvino_device, require_nncf, require_openvino
 from vlmopt.options import StageOptions, min_agreement_option, min_cosine_option, name_option, option, source_option
 from vlmopt.records import TowerRecord, Traits, Verification
 from vlmopt.stage import Accepts, Job, Made, Stage, provisional
-from vlmopt.versions import package_version
 from vlmopt.workspace import Artifact
 
 MODES = ("fp32", "int8", "int8-weights", "int4-weights")
@@ -376,9 +375,6 @@ class OpenVINO(Stage):
         check_ignored(options, job.state["ignored"])
         if options.mode == "int8":
             job.state["data"] = load_calibration(job.model_dir, job.towers, options.calib_images, options.calib_text, options.calib_samples)
-
-    def environment(self, options: OpenVINOOptions) -> dict[str, str]:
-        return {tool: package_version(tool) or "not installed" for tool in self.tools}
 
     def make_tower(self, job: Job, tower: str, tmp: Path) -> Made:
         import openvino as ov

@@ -205,6 +205,38 @@ def profile(model_dir: Path, artifact: str, tower: str, batch: int, threads: int
     return sorted(((k, v, v / total) for k, v in totals.items()), key=lambda t: t[1], reverse=True)
 
 
+def ort_profile(model_dir: Path, artifact: str, tower: str, batch: int, threads: int, runs: int = 5) -> list[tuple[str, float, float]]:
+    """ONNX Runtime's profiler, node times summed by operator type over `runs` runs: (op type, ms per run, share)."""
+    import json
+    import tempfile
+
+    import onnxruntime as ort
+
+    from vlmopt.inputs import make_inputs
+    from vlmopt.workspace import ModelDir
+
+    record = ModelDir.open(model_dir).artifact(artifact)
+    spec = record.towers[tower]
+    sizes = {"batch": batch, "sequence": spec.tower.bench_sizes.get("sequence", spec.tower.vocab.max_length if spec.tower.vocab else 1)}
+    feed = make_inputs(spec.tower, sizes, seed=batch)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory() as folder:
+        options.profile_file_prefix = str(Path(folder) / "ort")
+        session = ort.InferenceSession(str(model_dir / artifact / (spec.file or "")), options, providers=["CPUExecutionProvider"])
+        session.run(None, feed)
+        for _ in range(runs):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    totals: dict[str, float] = defaultdict(float)
+    for event in events[-(len(events) * runs // (runs + 1)) :]:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            totals[event["args"]["op_name"]] += event["dur"] / 1000 / runs
+    total = sum(totals.values()) or 1.0
+    return sorted(((k, v, v / total) for k, v in totals.items()), key=lambda t: t[1], reverse=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="build/bench", help="where the demo models and their model directories live")
@@ -263,10 +295,13 @@ def main() -> int:
         for tower in dict.fromkeys(c["tower"] for c in report["recommendation"]["choices"]):
             for batch in (1, 8):
                 choice = next(c for c in report["recommendation"]["choices"] if c["tower"] == tower and c["batch"] == batch)
-                for artifact in dict.fromkeys(a for a in (choice["artifact"], PEER) if a and a.startswith(("ov-", "openvino"))):
-                    layers = profile(model_dir, artifact, tower, batch, threads)
+                for artifact in dict.fromkeys(a for a in (choice["artifact"], PEER) if a):
+                    openvino = artifact.startswith(("ov-", "openvino"))
+                    layers = (profile if openvino else ort_profile)(model_dir, artifact, tower, batch, threads)
                     top = "; ".join(f"{k} {ms:.1f} ms ({share:.0%})" for k, ms, share in layers[:6])
-                    print(f"  profile {family} {tower} b{batch} {artifact}: {top}")
+                    print(
+                        f"  profile ({'OpenVINO PERF_COUNT' if openvino else 'ONNX Runtime profiler'}) {family} {tower} b{batch} {artifact}: {top}", flush=True
+                    )
     print("\nsummary (" + uptime() + "):")
     print("\n".join(summary))
     return 0

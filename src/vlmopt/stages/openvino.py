@@ -369,10 +369,12 @@ class OpenVINO(Stage):
             if clash:
                 tower, batch = next(iter(clash.items()))
                 raise VlmoptError(f"'{job.parent.name}' has a fixed batch of {batch} ({tower} tower); --static-batch {options.static_batch} cannot change it")
-        # read every tower first: what OpenVINO cannot read, or an ignored scope that matches nothing, is refused before any work
-        job.state["models"] = {name: read_onnx(core, job.parent_file(name), name, job.parent.name) for name in job.towers}
-        job.state["ignored"] = {name: Ignored.in_model(options, model) for name, model in job.state["models"].items()}
-        check_ignored(options, job.state["ignored"])
+        job.state["models"], job.state["ignored"] = {}, {}
+        if options.ignored_names or options.ignored_patterns or options.ignored_types:
+            # an ignored scope is checked against every tower's graph before any work (an up-to-date rerun reads none)
+            job.state["models"] = {name: read_onnx(core, job.parent_file(name), name, job.parent.name) for name in job.towers}
+            job.state["ignored"] = {name: Ignored.in_model(options, model) for name, model in job.state["models"].items()}
+            check_ignored(options, job.state["ignored"])
         if options.mode == "int8":
             job.state["data"] = load_calibration(job.model_dir, job.towers, options.calib_images, options.calib_text, options.calib_samples)
 
@@ -382,8 +384,8 @@ class OpenVINO(Stage):
         options: OpenVINOOptions = job.options
         spec = job.towers[tower]
         job.say(f"{options.mode}: the {tower} tower")
-        model = job.state["models"].pop(tower)
-        ignored = job.state["ignored"][tower]
+        model = job.state["models"].pop(tower, None) or read_onnx(job.state["core"], job.parent_file(tower), tower, job.parent.name)
+        ignored = job.state["ignored"].get(tower) or Ignored([], [], [])
         details: dict[str, Any] = {}
         samples = self._calibration(job, spec) if options.mode == "int8" else []
         with quiet_nncf(job.context.debug):

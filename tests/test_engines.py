@@ -22,7 +22,7 @@ from vlmopt.engines import (
 )
 from vlmopt.errors import VlmoptError
 from vlmopt.families import Tower
-from vlmopt.machine import INSTALL_TENSORRT, Gpu, Machine, stages_usable
+from vlmopt.machine import INSTALL_TENSORRT, Gpu, Machine, OpenVINOInfo, stages_usable
 from vlmopt.stages.build import STAGE as BUILD
 from vlmopt.stages.build import BuildOptions, parse_error_message, sparse_requested
 from vlmopt.workspace import Artifact, ModelDir
@@ -565,8 +565,9 @@ def _usable(machine: Machine) -> dict[str, dict[str, str]]:
     return {row["stage"]: row for row in stages_usable(machine)}
 
 
-def test_with_a_gpu_tensorrt_and_onnxruntime_gpu_every_stage_is_usable() -> None:
-    machine = Machine(torch="2.5.0", torch_cuda="12.4", gpus=[A100], onnxruntime="1.20.0", ort_providers=GPU_PROVIDERS, tensorrt="10.14.1")
+def test_with_a_gpu_tensorrt_onnxruntime_gpu_and_openvino_every_stage_is_usable() -> None:
+    openvino = OpenVINOInfo("2026.4.1", devices=["CPU"], nncf="3.4.0")
+    machine = Machine(torch="2.5.0", torch_cuda="12.4", gpus=[A100], onnxruntime="1.20.0", ort_providers=GPU_PROVIDERS, tensorrt="10.14.1", openvino=openvino)
 
     rows = _usable(machine)
 

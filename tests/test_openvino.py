@@ -403,3 +403,13 @@ def test_a_graph_fused_by_onnx_runtime_converts_as_is(converted: Callable[[str],
     artifact = vlmopt_json("openvino", model_dir, "--from", "onnx-opt")["artifact"]
 
     assert artifact["name"] == "openvino-onnx-opt" and artifact["verification"]["passed"]
+
+
+def test_doctor_says_which_extra_makes_the_openvino_stage_usable_without_openvino() -> None:
+    from vlmopt.machine import INSTALL_OPENVINO, Machine, OpenVINOInfo, stages_usable
+
+    machine = Machine(torch="2.13.0", torch_cuda=None, openvino=OpenVINOInfo(None, problem="OpenVINO is not installed"))
+
+    rows = {row["stage"]: row for row in stages_usable(machine)}
+
+    assert rows["openvino"] == {"stage": "openvino", "usable": "no", "needs": INSTALL_OPENVINO}

@@ -413,3 +413,16 @@ def test_doctor_says_which_extra_makes_the_openvino_stage_usable_without_openvin
     rows = {row["stage"]: row for row in stages_usable(machine)}
 
     assert rows["openvino"] == {"stage": "openvino", "usable": "no", "needs": INSTALL_OPENVINO}
+
+
+def test_an_ignored_pattern_applies_to_each_tower_where_it_matches(converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]) -> None:
+    model_dir = copy_model_dir(converted("clip"))
+
+    artifact = vlmopt_json(
+        "openvino", model_dir, "--mode", "int8", *FEW, "--ignored-patterns", ".*text_model.*self_attn/MatMul(_1)?$", "--smooth-quant", "off"
+    )["artifact"]
+
+    towers = artifact["record"]["towers"]
+    assert towers["text"]["compression"]["ignored"]["patterns"] == [".*text_model.*self_attn/MatMul(_1)?$"]
+    assert "ignored" not in towers["vision"]["compression"]
+    assert towers["text"]["compression"]["smooth_quant_alpha"] is None

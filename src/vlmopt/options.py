@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import shlex
 import types
 import typing
 from collections.abc import Mapping
@@ -332,11 +331,6 @@ def option_args(options: Any, always: tuple[str, ...] = ("source", "name")) -> l
             continue
         parts += [d.flag, f"{value:g}" if isinstance(value, float) else str(value)]
     return parts
-
-
-def command_line(stage: str, directory: str | Path, options: Any, always: tuple[str, ...] = ("source", "name")) -> str:
-    """`vlmopt STAGE DIR --flag value ...` that makes the same artifact, quoted ready to paste."""
-    return shlex.join(["vlmopt", stage, str(directory), *option_args(options, always)])
 
 
 def cli_parameters(options_class: type) -> list[tuple[str, Any, Any]]:

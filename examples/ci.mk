@@ -11,3 +11,4 @@ deploy-artifacts:
 	vlmopt convert $(OUT) --atol 1e-4            # exit 1: export differs from PyTorch
 	vlmopt quantize $(OUT) --mode int8-dynamic --min-cosine 0.99   # exit 1: int8 drifted from fp32
 	vlmopt bench $(OUT) onnx int8-dynamic --batch 8 --min-speedup 1.0 --json > bench.json   # exit 1: slower than PyTorch
+	vlmopt info $(OUT) --verify                  # exit 1: an artifact's files changed since they were recorded

@@ -6,11 +6,15 @@ Session fixtures hand out pristine directories; a test that changes one works on
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +30,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from vlmopt.cli import app  # noqa: E402
 from vlmopt.demo import build_demo_model  # noqa: E402
-from vlmopt.workspace import LOCK_NAME, MANIFEST_NAME  # noqa: E402
+from vlmopt.workspace import MANIFEST_NAME  # noqa: E402
 
 FAMILIES = ("clip", "siglip", "vit", "vit-classifier", "bert")
 TOWERS = {
@@ -48,6 +52,36 @@ def vlmopt(*args: object) -> Result:
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
+def vlmopt_process(*args: object, stdout: Any = subprocess.PIPE) -> subprocess.CompletedProcess[str]:
+    """Run the entry point `main()` in a new process, for what only it does (usage errors, stdout handling)."""
+    return subprocess.run([sys.executable, "-m", "vlmopt", *map(str, args)], stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=300)
+
+
+@contextlib.contextmanager
+def without_root_override() -> Iterator[None]:
+    """File permissions apply to this thread as to any user: as root, drop the capabilities that bypass
+    them (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH) from the effective set for the block."""
+    if os.geteuid() != 0:
+        yield
+        return
+    import pytest
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
+    data = (ctypes.c_uint32 * 6)()  # (effective, permitted, inheritable) x 2
+    if libc.capget(header, data) != 0:
+        pytest.skip("cannot read this thread's capabilities")
+    saved = list(data)
+    data[0] &= ~((1 << 1) | (1 << 2))
+    if libc.capset(header, data) != 0:
+        pytest.skip("cannot drop CAP_DAC_OVERRIDE as root here")
+    try:
+        yield
+    finally:
+        restore = (ctypes.c_uint32 * 6)(*saved)
+        libc.capset(header, restore)
+
+
 def vlmopt_json(*args: object) -> dict[str, Any]:
     """Run a command with --json that must succeed; its stdout parsed."""
     result = vlmopt(*args, "--json")
@@ -60,16 +94,11 @@ def manifest(model_dir: Path) -> dict[str, Any]:
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    """Every path under `folder` with a hash of its content (the lock file only by name: it holds a pid)."""
+    """Every path under `folder` with a hash of its content (the lock file too: it exists only while held)."""
     state = {}
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
-        if path.is_dir():
-            state[rel] = "<dir>"
-        elif path.name == LOCK_NAME:
-            state[rel] = "<lock>"
-        else:
-            state[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+        state[rel] = "<dir>" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
     return state
 
 

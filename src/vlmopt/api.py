@@ -84,8 +84,14 @@ def status(model_dir: ModelDir, artifact: Artifact, artifacts: dict[str, Artifac
     return "ok"
 
 
-def info(directory: str | os.PathLike[str], verify: bool = False) -> tuple[ModelDir, list[ArtifactStatus]]:
-    """The model directory and each artifact with its status; `verify` re-hashes every file."""
+def info(directory: str | os.PathLike[str], verify: bool = False, warn: Callable[[str], None] | None = None) -> tuple[ModelDir, list[ArtifactStatus]]:
+    """The model directory and each artifact with its status; `verify` re-hashes every file.
+
+    First settles what a killed or interrupted command left (when no other vlmopt process holds the
+    directory); `warn` hears why it could not."""
     model_dir = ModelDir.open(directory)
+    unsettled = model_dir.try_recover()
+    if unsettled and warn is not None:
+        warn(f"an interrupted command left {model_dir.path} unsettled, and it cannot be settled now: {unsettled}")
     artifacts = model_dir.load()
     return model_dir, [ArtifactStatus(a, status(model_dir, a, artifacts, hashes=verify)) for a in artifacts.values()]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shlex
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,15 +259,10 @@ class Stage:
         options = options if options is not None else self.options()
         opts.validate(options)
         context = context or RunContext()
-        new_directory = self.creates_directory and not Path(directory if not isinstance(directory, ModelDir) else directory.path).exists()
         model_dir = self.open(directory)
-        try:
-            with model_dir.lock():
-                return self._run_locked(model_dir, options, context)
-        except BaseException:
-            if new_directory and not model_dir.manifest_path.exists():
-                shutil.rmtree(model_dir.path, ignore_errors=True)
-            raise
+        # the lock's release removes a folder `open` made, if nothing got committed into it
+        with model_dir.lock():
+            return self._run_locked(model_dir, options, context)
 
     def _run_locked(self, model_dir: ModelDir, options: Any, context: RunContext) -> StageResult:
         parent = None

@@ -30,7 +30,7 @@ from vlmopt.runners import ArtifactRunners
 from vlmopt.stage import RunContext, Stage, StageResult
 from vlmopt.verification.compare import compare
 from vlmopt.versions import package_version
-from vlmopt.workspace import ModelDir
+from vlmopt.workspace import ModelDir, check_writable, write_atomically
 
 REFERENCE = "hf"
 #: the PyTorch reference at half precision, measured too when benchmarking on a GPU
@@ -252,32 +252,17 @@ REPORT_SCHEMA = 2
 
 
 def writable_reports(model_dir: ModelDir) -> Path:
-    """The reports folder, checked writable before any measuring (a benchmark that cannot save its report is wasted);
-    created only when a report is written."""
+    """The reports folder, checked writable (and with room) before any measuring: a benchmark that cannot save its
+    report is wasted. Created only when a report is written."""
     folder = model_dir.path / REPORTS
-    target = folder if folder.exists() else model_dir.path
-    if not os.access(target, os.W_OK | os.X_OK):
-        raise VlmoptError(f"cannot write bench reports into {folder}: {target} is not writable; make it writable or bench a copy of the model directory")
+    check_writable(folder)
     return folder
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
 def write_report(model_dir: ModelDir, report: dict[str, Any]) -> list[Path]:
-    """`reports/bench-<time>.json` and `.md`, each written whole or not at all."""
+    """`reports/bench-<time>.json` and `.md`, both whole or neither."""
     folder = writable_reports(model_dir)
+    made = not folder.exists()
     folder.mkdir(exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     suffix, n = "", 1
@@ -295,8 +280,15 @@ def write_report(model_dir: ModelDir, report: dict[str, Any]) -> list[Path]:
         f"{amount}\n\n" + markdown_table(report["rows"]) + "\nSpeed-up and cosine are against the PyTorch reference (`hf`) measured in the same run; "
         "Δ peak RSS is the resident-memory rise while loading and running the artifact.\n"
     )
-    _atomic_write(md_path, md)
-    _atomic_write(json_path, json.dumps(report, indent=2) + "\n")
+    try:
+        write_atomically(md_path, md.encode())
+        write_atomically(json_path, (json.dumps(report, indent=2) + "\n").encode())
+    except BaseException:
+        md_path.unlink(missing_ok=True)
+        if made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     return [json_path, md_path]
 
 
@@ -386,13 +378,13 @@ class Bench(Stage):
                 raise VlmoptError("--device cuda needs a CUDA GPU, and torch sees none here; bench on --device cpu")
         all_artifacts = model_dir.load()
         names = list(options.artifacts) or [n for n, a in all_artifacts.items() if a.kind in _default_kinds(options.device)]
-        for name in names:
-            model_dir.artifact(name)
         if REFERENCE in all_artifacts and REFERENCE not in names:
             names.insert(0, REFERENCE)
         if REFERENCE in names:
             names.remove(REFERENCE)
             names.insert(0, REFERENCE)
+        for name in names:
+            model_dir.artifact(name)  # exists, with its files as recorded: never time (and record results for) changed files
         threads = context.thread_count
         key = {
             "options": opts.recorded(options),

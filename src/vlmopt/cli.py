@@ -8,11 +8,15 @@ the traceback).
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import json
+import logging
 import os
+import re
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,8 +27,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from vlmopt import __version__
-from vlmopt.errors import EXIT_INTERNAL, CheckFailed, VlmoptError
+from vlmopt.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_INTERNAL, CheckFailed, VlmoptError
 from vlmopt.stages import STAGES
+
+try:  # typer >= 0.2x carries its own copy of click
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click.exceptions import ClickException, NoArgsIsHelpError
 
 app = typer.Typer(
     name="vlmopt",
@@ -67,40 +76,93 @@ def _quiet_libraries(debug: bool) -> None:
 
 def _emit_json(payload: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+#: errors of the machine, not of vlmopt: exit 2 with what to do, instead of "internal error"
+_ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "free some space and run again",
+    errno.EDQUOT: "free some space (or raise the quota) and run again",
+    errno.EFBIG: "the file is larger than this system allows (see `ulimit -f`)",
+    errno.EROFS: "vlmopt needs a writable file system there",
+    errno.EACCES: "check the permissions",
+    errno.EPERM: "check the permissions",
+}
+_ENVIRONMENT_MESSAGES = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT, "Read-only file system": errno.EROFS}
+_OUT_OF_MEMORY = re.compile(r"can't allocate memory|failed to allocate memory|bad_alloc|out of memory", re.IGNORECASE)
+EXIT_INTERRUPTED = 130
+
+
+def _environment_error(exc: BaseException) -> str | None:
+    """One line for an error of the machine (disk full, read-only, permissions, memory), or None for anything else."""
+    if isinstance(exc, MemoryError):
+        return f"not enough memory: {_first_line(exc) or 'an allocation failed'}; ask for less (a smaller --batch or --seq-len)"
+    if isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS:
+        verb = "cannot access" if exc.errno in (errno.EACCES, errno.EPERM) else "cannot write to"
+        where = f" {exc.filename}" if exc.filename else ""
+        return f"{verb}{where}: {exc.strerror or exc}; {_ENVIRONMENT_ERRNOS[exc.errno]}"
+    text = str(exc)
+    for message, code in _ENVIRONMENT_MESSAGES.items():
+        if message in text:
+            return f"{message} ({_first_line(exc)}); {_ENVIRONMENT_ERRNOS[code]}"
+    if _OUT_OF_MEMORY.search(text):
+        return f"not enough memory ({_first_line(exc)}); ask for less (a smaller --batch or --seq-len)"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:300]
+
+
+def _outcome(exc: BaseException) -> tuple[int, str, str, dict[str, Any]]:
+    """Exit code, label, one-line message and JSON details for an exception that ends a command."""
+    if isinstance(exc, CheckFailed):
+        return EXIT_CHECK_FAILED, "check failed", exc.message, exc.details
+    if isinstance(exc, VlmoptError):
+        return exc.exit_code, "error", exc.message, {}
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED, "interrupted", getattr(exc, "message", "") or "stopped before the command finished", {}
+    environment = _environment_error(exc)
+    if environment is not None:
+        return EXIT_BAD_INPUT, "error", environment, {}
+    return EXIT_INTERNAL, "internal error", f"{type(exc).__name__}: {_first_line(exc)} (rerun with --debug for the traceback)", {}
 
 
 def command(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Run a command body with vlmopt's error contract: one line and an exit code, tracebacks only with --debug."""
+    """Run a command body with vlmopt's error contract: one line and an exit code; --debug adds the traceback, never another code."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         as_json, debug = kwargs.get("as_json", False), kwargs.get("debug", False)
         _quiet_libraries(debug)
+        _route_warnings()
         try:
             return func(*args, **kwargs)
-        except VlmoptError as exc:
-            if debug:
-                raise
-            if as_json:
-                _emit_json({"ok": False, "error": exc.message, "exit_code": exc.exit_code, **(exc.details if isinstance(exc, CheckFailed) else {})})
-            label = "check failed" if isinstance(exc, CheckFailed) else "error"
-            err.print(f"[bold red]{label}:[/] {escape(exc.message)}", soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            err.print("[bold red]interrupted[/]: nothing was committed")
-            raise typer.Exit(130) from None
         except typer.Exit:
             raise
-        except Exception as exc:
+        except (Exception, KeyboardInterrupt) as exc:
+            code, label, message, details = _outcome(exc)
             if debug:
-                raise
-            message = (str(exc).strip().splitlines() or [""])[0][:300]
-            err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(message)} (rerun with --debug for the traceback)", soft_wrap=True)
+                traceback.print_exc(file=sys.stderr)
             if as_json:
-                _emit_json({"ok": False, "error": f"{type(exc).__name__}: {message}", "exit_code": EXIT_INTERNAL})
-            raise typer.Exit(EXIT_INTERNAL) from None
+                _emit_json({"ok": False, "error": message, "exit_code": code, **details})
+            err.print(f"[bold red]{label}:[/] {escape(message)}", soft_wrap=True)
+            raise typer.Exit(code) from None
 
     return wrapper
+
+
+class _WarningLine(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        _warn(record.getMessage())
+
+
+def _route_warnings() -> None:
+    """vlmopt's own warnings (logger "vlmopt") become one yellow line each on stderr."""
+    logger = logging.getLogger("vlmopt")
+    if not any(isinstance(h, _WarningLine) for h in logger.handlers):
+        logger.addHandler(_WarningLine())
+        logger.propagate = False
 
 
 def _version(value: bool) -> None:
@@ -327,21 +389,26 @@ def doctor(
 @command
 def info(
     directory: DirArg,
-    verify: Annotated[bool, typer.Option("--verify", help="Re-hash every file against the manifest (slower).")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Re-hash every file against the manifest (slower); exit 1 unless every artifact is ok.")] = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """List the artifacts in a model directory: what made each, its size, verification, benchmark, and whether it is ok, modified or stale.
 
-    Example: vlmopt info build/clip
+    With --verify every file is re-hashed and the command exits 1 unless every artifact is ok (a gate for CI);
+    without it, files are checked by size and modification time (hashed where those changed) and the listing exits 0.
+    Example: vlmopt info build/clip --verify
     """
     from vlmopt.api import info as artifact_statuses
 
-    model_dir, entries = artifact_statuses(directory, verify=verify)
+    model_dir, entries = artifact_statuses(directory, verify=verify, warn=_warn)
+    not_ok = [f"{e.artifact.name} ({e.status})" for e in entries if not e.ok]
+    failure = f"{len(not_ok)} of {len(entries)} artifacts are not ok: {'; '.join(not_ok)}" if verify and not_ok else None
     if as_json:
-        _emit_json(
-            {"ok": True, "path": str(model_dir.path), "artifacts": [{**e.artifact.to_json(), "size": e.artifact.size, "status": e.status} for e in entries]}
-        )
+        listing = {"path": str(model_dir.path), "artifacts": [{**e.artifact.to_json(), "size": e.artifact.size, "status": e.status} for e in entries]}
+        if failure:
+            raise CheckFailed(failure, details=listing)
+        _emit_json({"ok": True, **listing})
         return
     table = Table(title=f"{model_dir.path}", title_justify="left")
     for column in ("artifact", "kind", "stage", "from", "towers", "size MB", "verified", "best speed-up", "created", "status"):
@@ -361,6 +428,8 @@ def info(
             escape(entry.status) if entry.status == "ok" else f"[red]{escape(entry.status)}[/]",
         )
     out.print(table)
+    if failure:
+        raise CheckFailed(failure)
 
 
 def _verified(artifact: Any) -> str:
@@ -382,5 +451,73 @@ def _best_speedup(artifact: Any) -> str:
     return f"{max(speedups):.2f}x" if speedups and artifact.kind != "hf" else ""
 
 
+class _ClosedStdout:
+    """sys.stdout that survives its reader going away (`vlmopt ... | head -1`), as other CLIs do.
+
+    On a broken pipe the rest of the output goes to /dev/null and the command carries on to its own
+    exit code (the Python docs' recipe); any other write failure (a full disk) is raised with the
+    stream named, after diverting it so it cannot fail again at exit.
+    """
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def _divert(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def _guarded(self, call: Callable[[], Any], fallback: Any) -> Any:
+        try:
+            return call()
+        except OSError as exc:
+            self._divert()
+            if exc.errno == errno.EPIPE:
+                return fallback
+            raise OSError(exc.errno, exc.strerror, "stdout") from None
+
+    def write(self, text: str) -> int:
+        return self._guarded(lambda: self._stream.write(text), len(text))
+
+    def flush(self) -> None:
+        self._guarded(self._stream.flush, None)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _usage_error(exc: ClickException, args: list[str]) -> int:
+    """Bad usage (unknown flag, missing argument, bad value): one line on stderr, or one JSON object with --json."""
+    message = " ".join(line.strip() for line in exc.format_message().splitlines() if line.strip()).rstrip(".")
+    context = getattr(exc, "ctx", None)
+    if context is not None:
+        message += f" (see `{context.command_path} --help`)"
+    if "--json" in args:
+        _emit_json({"ok": False, "error": message, "exit_code": EXIT_BAD_INPUT})
+    else:
+        err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    return EXIT_BAD_INPUT
+
+
+def run(args: list[str]) -> int:
+    """Run the command line `args` and return its exit code; usage errors are handled here, once for every command."""
+    try:
+        code = app(args=args, prog_name="vlmopt", standalone_mode=False)
+    except NoArgsIsHelpError as exc:
+        sys.stdout.write(exc.format_message() + "\n")
+        return EXIT_BAD_INPUT
+    except ClickException as exc:
+        return _usage_error(exc, args)
+    except typer.Abort:
+        return EXIT_INTERRUPTED
+    return code if isinstance(code, int) else 0
+
+
 def main() -> None:
-    app()
+    sys.stdout = _ClosedStdout(sys.stdout)
+    code = run(sys.argv[1:])
+    try:
+        sys.stdout.flush()
+    except OSError:
+        code = code or EXIT_BAD_INPUT
+    sys.exit(code)

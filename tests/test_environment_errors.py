@@ -48,7 +48,7 @@ def test_bench_refuses_a_read_only_reports_folder_before_measuring(converted: Ca
     before = snapshot(model_dir)
 
     with read_only(model_dir / "reports"):
-        result = vlmopt("bench", model_dir, "--batch", "1", "--iterations", "100000")
+        result = vlmopt("bench", model_dir, "--batch", "1", "--iterations", "200")
 
     assert_bad_input(result, f"cannot write to {model_dir / 'reports'}", "permission denied")
     assert snapshot(model_dir) == before

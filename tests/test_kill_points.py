@@ -76,13 +76,13 @@ def test_info_verify_after_a_kill_at_any_commit_step_finds_the_old_or_the_new_st
     before, steps = kill_points[case]["before"], kill_points[case]["steps"]
     after = _completed(steps)
     assert after != before
-    assert len(steps) > 10, "every commit step, from the staging folder to the journal's removal, is a kill point"
 
     for step in steps:
         info = step["settled"][0]
         assert info["exit"] == 0, _where(step) + info["output"]
         assert info["state"] in (before, after), _where(step)
     assert all(step["exit"] == -signal.SIGKILL for step in steps[:-1])
+    assert len(steps) > 10, "every commit step, from the staging folder to the journal's removal, is a kill point"
 
 
 @pytest.mark.parametrize("case", ["replace-kill", "new-kill"])
@@ -127,3 +127,16 @@ def test_an_export_refused_the_lock_leaves_the_work_of_the_one_holding_it_alone(
     assert race["second"]["exit"] == 2 and "in use by another vlmopt process" in race["second"]["output"], race["second"]["output"]
     assert race["first"]["exit"] == 0, race["first"]["output"]
     assert race["info"]["exit"] == 0, race["info"]["output"]
+
+
+@pytest.mark.parametrize(("case", "artifact"), [("replace-kill", "hf"), ("new-kill", "int8-dynamic")])
+def test_every_file_and_folder_is_on_disk_before_the_manifest_names_it(kill_points: dict[str, Any], case: str, artifact: str) -> None:
+    steps = kill_points[case]["steps"]
+    calls = [step["call"] for step in steps[:-1]]  # the command's Nth commit primitive, for every N: its whole trace
+    moved_in = calls.index(next(c for c in calls if c.startswith("replace(.tmp-") and c.endswith(f", {artifact})")))
+    committed = calls.index(next(c for c in calls if c.startswith("replace(.tmp-") and c.endswith(", vlmopt.json)")))
+
+    for record in _completed(steps)["vlmopt.json"]["artifacts"][artifact]["files"]:
+        assert f"fsync({Path(record['path']).name})" in calls[:moved_in], f"{record['path']} is not fsynced before it is moved into place: {calls}"
+    assert any(c.startswith(f"fsync(.tmp-{artifact}-") for c in calls[:moved_in]), f"the staging folder is not fsynced: {calls}"
+    assert f"fsync({case})" in calls[moved_in:committed], f"the directory is not fsynced between the folder's rename and the manifest's: {calls}"

@@ -551,26 +551,28 @@ class ModelDir:
         finally:
             os.close(fd)
 
-    def needs_recovery(self) -> bool:
-        """Whether an interrupted command left anything behind (journal, temporary files or its lock file)."""
+    def _leftovers(self) -> set[str]:
+        """What killed or interrupted commands left here: journal, temporary files or folders, a lock file."""
         try:
-            return any(_is_own(p.name) for p in self.path.iterdir())
+            return {p.name for p in self.path.iterdir() if _is_own(p.name)}
         except OSError:
-            return False
+            return set()
 
     def try_recover(self) -> str | None:
         """Settle what an interrupted command left, if the lock is free and the directory writable.
 
         For readers (`info`): returns None when there was nothing to settle or it is settled, else a
-        line saying why it could not be.
+        line saying why it could not be. A lone stale lock file is removed when possible, never
+        worth a warning.
         """
-        if not self.needs_recovery():
+        leftovers = self._leftovers()
+        if not leftovers:
             return None
         try:
             with self.lock():
                 pass
         except VlmoptError as exc:
-            return exc.message
+            return None if leftovers == {LOCK_NAME} else exc.message
         return None
 
     def recover(self) -> None:

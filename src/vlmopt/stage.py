@@ -264,7 +264,8 @@ class Stage:
         with model_dir.lock():
             return self._run_locked(model_dir, options, context)
 
-    def _run_locked(self, model_dir: ModelDir, options: Any, context: RunContext) -> StageResult:
+    def _job(self, model_dir: ModelDir, options: Any, context: RunContext) -> Job:
+        """The parent resolved and checked, then `prepare`: everything a run decides on before it makes anything."""
         parent = None
         parent_name = self.parent_name(options) if self.accepts is not None else None
         if parent_name is not None:
@@ -272,10 +273,32 @@ class Stage:
             self.check_parent(parent, options)
         job = Job(self, model_dir, options, parent, context)
         self.prepare(job)
+        return job
+
+    def staleness(self, directory: str | os.PathLike[str] | ModelDir, options: Any, context: RunContext | None = None) -> str | None:
+        """Why `run` would make the artifact (again), or None when it is up to date; makes and writes nothing.
+
+        The same decision `run` takes (`prepare` included), for `vlmopt run --dry-run`."""
+        opts.validate(options)
+        model_dir = directory if isinstance(directory, ModelDir) else ModelDir.open(directory)
+        job = self._job(model_dir, options, context or RunContext())
+        recorded = {**opts.recorded(options), **job.recorded}
+        return model_dir.staleness(self.artifact_name(options), self.name, recorded, job.parent, self.environment(options))
+
+    def reads(self, options: Any, artifacts: dict[str, str]) -> list[str]:
+        """The artifacts a run reads, given those the directory will hold (name -> kind): its parent by default."""
+        if self.accepts is None:
+            return []
+        parent = self.parent_name(options)
+        return [parent] if parent else []
+
+    def _run_locked(self, model_dir: ModelDir, options: Any, context: RunContext) -> StageResult:
+        job = self._job(model_dir, options, context)
         missing = self.requires(options)
         if missing:
             raise VlmoptError(missing)
         name = self.artifact_name(options)
+        parent = job.parent
         produced = model_dir.produce(
             name,
             kind=self.produces,

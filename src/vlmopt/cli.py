@@ -323,6 +323,183 @@ for _stage in STAGES:
     app.command(_stage.name)(stage_command(_stage))
 
 
+# -- run -----------------------------------------------------------------------------------
+_MARKS = {"ran": "[green]✓[/]", "up-to-date": "[green]✓[/]", "skipped": "[yellow]-[/]", "failed": "[red]✗[/]", "will-run": "[cyan]→[/]"}
+_WORDS = {"ran": "made", "up-to-date": "up to date", "skipped": "skipped", "failed": "FAILED", "will-run": "will run"}
+
+
+def _step_line(outcome: Any) -> str:
+    from vlmopt.pipeline import artifact_summary, report_summary
+
+    step = outcome.step
+    parts = [f"{_MARKS[outcome.status]} {step.number:>2} {escape(step.label)}: {_WORDS[outcome.status]}"]
+    if outcome.seconds is not None:
+        parts.append(f"{outcome.seconds:.1f} s")
+    result = outcome.result
+    if result is not None and result.artifact is not None and result.report is None:
+        summary = artifact_summary(result.artifact)
+        parts.append(f"{summary['size_mb']:.1f} MB")
+        if summary["worst_cosine"] is not None:
+            parts.append(f"cosine ≥ {summary['worst_cosine']:.6f}")
+    if result is not None and result.report is not None:
+        summary = report_summary(result.report)
+        if summary["min_speedup"] is not None:
+            parts.append(f"speed-ups {summary['min_speedup']:.2f}x to {summary['max_speedup']:.2f}x")
+        if summary["file"]:
+            parts.append(escape(str(summary["file"])))
+    line = " · ".join(parts)
+    if outcome.reason and outcome.status != "up-to-date":
+        line += f": {escape(outcome.reason)}"
+    return line
+
+
+@app.command("run")
+@command
+def run_recipe(
+    recipe: Annotated[Path, typer.Argument(help="The recipe: a YAML file (see README: source, model_dir, steps, gates).", show_default=False)],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (each step: will run, and why, or up to date) and make nothing.")] = False,
+    only: Annotated[
+        list[str] | None,
+        typer.Option("--only", metavar="STEP", help="Run only this step (repeatable): its artifact (int8-static), its stage when unique, or its number."),
+    ] = None,
+    from_step: Annotated[
+        str | None, typer.Option("--from-step", metavar="STEP", help="Run from this step on; the steps before it are left as they are.")
+    ] = None,
+    force: Annotated[list[str] | None, typer.Option("--force", metavar="STEP", help="Redo this step even when it is up to date (repeatable).")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail (exit 2) on a step this machine cannot run (TensorRT, a GPU) instead of skipping it.")] = False,
+    model_dir: Annotated[
+        Path | None, typer.Option("--model-dir", help="Use this model directory (relative to the current folder) instead of the recipe's model_dir.")
+    ] = None,
+    threads: ThreadsOpt = None,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Run a recipe: every step in order, each skipped when up to date, then the recipe's gates.
+
+    The whole recipe is checked first (exit 2 naming file:line). Exit 1 when a step's verification or a gate
+    fails (the run's summary and reports are still written), 2 for bad input.
+    Example: vlmopt run examples/recipes/clip-cpu.yaml
+    """
+    from vlmopt.pipeline import run_recipe as run_pipeline
+    from vlmopt.recipe import load_recipe
+
+    checked = load_recipe(recipe, model_dir=model_dir)
+    printer = None if as_json else (lambda outcome: out.print(_step_line(outcome), soft_wrap=True))
+    with _status("run", as_json) as status:
+        result = run_pipeline(
+            checked,
+            dry_run=dry_run,
+            only=only or (),
+            from_step=from_step,
+            force=force or (),
+            strict=strict,
+            threads=threads,
+            debug=debug,
+            progress=status.update,
+            warn=_warn,
+            on_step=printer,
+        )
+    if as_json:
+        _emit_json(result.to_json())
+    else:
+        for gate in result.gates:
+            mark = {True: "[green]ok[/]", False: "[red]FAILED[/]", None: "[yellow]not checked[/]"}[gate.passed]
+            out.print(f"gate {escape(gate.reason or gate.gate.kind)}: {mark}", soft_wrap=True)
+        if result.summary_file:
+            out.print(f"summary: {escape(result.summary_file)}")
+    if result.exit_code:
+        label = "check failed" if result.exit_code == 1 else "error"
+        err.print(f"[bold red]{label}:[/] {escape(result.error or '')}", soft_wrap=True)
+        raise typer.Exit(result.exit_code)
+
+
+# -- report and compare ----------------------------------------------------------------------
+@app.command()
+@command
+def report(
+    directory: DirArg,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder for summary.md and the PNG plots (default: DIR/reports/).")] = None,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Summarize a model directory for CI and reviewers: Markdown on stdout (for $GITHUB_STEP_SUMMARY), summary.md and PNG plots.
+
+    The Markdown: what failed in the last `vlmopt run`, each artifact (kind, size, worst cosine per tower, speed-up, status),
+    speed-ups per tower and batch from the latest bench report, the gates. Plots: latency against batch per artifact, and
+    size against fidelity and against speed-up with the Pareto front marked. Nothing is measured again.
+    Example: vlmopt report build/clip >> "$GITHUB_STEP_SUMMARY"
+    """
+    from vlmopt.reporting import report as make_report
+
+    result = make_report(directory, output)
+    if as_json:
+        _emit_json(result.to_json())
+        return
+    sys.stdout.write(result.markdown + "\n")
+    err.print(f"written: {escape(', '.join(result.files))}", soft_wrap=True)
+
+
+@app.command()
+@command
+def compare(
+    baseline: Annotated[Path, typer.Argument(help="A bench report (reports/bench-*.json) or a model directory (its latest).", show_default=False)],
+    current: Annotated[Path, typer.Argument(help="The same, measured now.", show_default=False)],
+    max_slowdown: Annotated[
+        str, typer.Option("--max-slowdown", metavar="X|off", help="Exit 1 when an artifact is slower than this (10% or 0.1), beyond the runs' own spread.")
+    ] = "10%",
+    max_cosine_drop: Annotated[
+        str, typer.Option("--max-cosine-drop", metavar="X|off", help="Exit 1 when an artifact's worst cosine against PyTorch drops by more than this.")
+    ] = "0.001",
+    max_size_growth: Annotated[
+        str, typer.Option("--max-size-growth", metavar="X|off", help="Exit 1 when an artifact grows by more than this (10% or 0.1).")
+    ] = "10%",
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table (for a pull-request comment) instead of the table.")] = False,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Compare two bench reports per artifact, tower and batch; exit 1 on a regression.
+
+    A slowdown is called only when it is beyond the run-to-run spread: both reports keep every latency sample; they are
+    resampled (bootstrap, 2000 times, fixed seed) into a 95% interval of the ratio of median latencies, and only an
+    interval wholly above 1 + --max-slowdown is a regression. The PyTorch reference is shown, not gated. Reports of
+    another model (family and architecture) or of another report schema are refused (exit 2).
+    Example: vlmopt compare main-report.json build/clip --max-slowdown 10%
+    """
+    from vlmopt.comparison import compare as compare_reports
+
+    result = compare_reports(baseline, current, max_slowdown, max_cosine_drop, max_size_growth)
+    if as_json:
+        _emit_json(result.to_json())
+    elif markdown:
+        sys.stdout.write(result.markdown())
+    else:
+        out.print(comparison_table(result))
+        for note in result.notes:
+            out.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
+        if result.ok:
+            out.print(f"[green]✓[/] no regression in {len(result.rows)} rows")
+    if not result.ok:
+        regressions = result.regressions
+        more = f" (and {len(regressions) - 1} more)" if len(regressions) > 1 else ""
+        err.print(f"[bold red]check failed:[/] {len(regressions)} regression(s): {escape(regressions[0])}{more}", soft_wrap=True)
+        raise typer.Exit(result.exit_code)
+
+
+def comparison_table(result: Any) -> Table:
+    limits = result.limits
+    slowdown = "off" if limits["max_slowdown"] is None else f"+{limits['max_slowdown']:.0%}"
+    table = Table(title=f"{result.baseline} → {result.current} (slowdown gate: 95% interval above {slowdown})", title_justify="left")
+    for column in ("artifact", "tower", "batch", "baseline ms", "current ms", "change (95% interval)", "cosine Δ", "size Δ", "verdict"):
+        table.add_column(column, justify="left" if column in ("artifact", "tower", "verdict", "change (95% interval)") else "right")
+    for r in result.rows:
+        change = f"{r.ratio - 1:+.1%}" + (f" ({r.low - 1:+.1%} … {r.high - 1:+.1%})" if r.low is not None else "")
+        cosine = "" if r.cosine_drop is None else f"{r.current_cosine - r.baseline_cosine:+.6f}"
+        size = "" if r.size_growth is None else f"{r.size_growth:+.1%}"
+        verdict = f"[red]{escape(r.verdict)}[/]" if r.problems else escape(r.verdict)
+        table.add_row(r.artifact, r.tower, str(r.batch), f"{r.baseline_ms:.2f}", f"{r.current_ms:.2f}", change, cosine, size, verdict)
+    return table
+
+
 # -- demo-model ----------------------------------------------------------------------------
 @app.command("demo-model")
 @command

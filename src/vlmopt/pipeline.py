@@ -250,9 +250,10 @@ def run_recipe(
         record(StepOutcome(step, status, stage_result.reason if stage_result.skipped else None, time.perf_counter() - started, stage_result))
 
     reached = {o.step.id for o in result.steps}
+    stopped_at = result.steps[-1].step.label if result.steps else ""
     for step in recipe.steps:
         if step.id not in reached:
-            result.steps.append(StepOutcome(step, "skipped", f"not run: step {result.steps[-1].step.label} failed"))
+            result.steps.append(StepOutcome(step, "skipped", f"not run: step {stopped_at} failed"))
     if not dry_run:
         if result.exit_code == EXIT_OK:
             result.gates = check_gates(recipe, result, blocked)

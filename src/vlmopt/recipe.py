@@ -140,7 +140,11 @@ class _Doc:
         return VlmoptError(f"{self.where(node)}: {message}")
 
     def value(self, node: yaml.Node) -> Any:
-        return self.loader.construct_object(node, deep=True)
+        try:
+            return self.loader.construct_object(node, deep=True)
+        except yaml.YAMLError as exc:  # a tag the safe constructor does not build (!!python/...)
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise self.fail(node, f"not valid YAML: {problem}") from None
 
     def mapping(self, node: yaml.Node, what: str) -> list[tuple[str, yaml.Node, yaml.Node]]:
         """(key, key node, value node) of a mapping node, refusing other nodes, keys that are not text, and repeated keys."""
@@ -173,6 +177,25 @@ def _suggest(word: str, choices: list[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
+def _check_tags(doc: _Doc, root: yaml.Node) -> None:
+    """Refuse any tag the safe constructor does not build (`!!python/...`), wherever it is, even where only children are read.
+
+    Each node is visited once: aliases share nodes, and a document of nested aliases must not cost exponential time."""
+    seen: set[int] = set()
+    pending = [root]
+    while pending:
+        node = pending.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.tag not in yaml.SafeLoader.yaml_constructors:
+            raise doc.fail(node, f"not valid YAML: the tag {node.tag} is not allowed in a recipe")
+        if isinstance(node, yaml.SequenceNode):
+            pending += node.value
+        elif isinstance(node, yaml.MappingNode):
+            pending += [n for pair in node.value for n in pair]
+
+
 def _compose(path: Path, name: str) -> tuple[yaml.Node, _Doc]:
     if not path.exists():
         raise VlmoptError(f"recipe {name} does not exist")
@@ -191,6 +214,8 @@ def _compose(path: Path, name: str) -> tuple[yaml.Node, _Doc]:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise VlmoptError(f"{place}: not valid YAML: {problem}") from None
     doc = _Doc(name, loader)
+    if node is not None:
+        _check_tags(doc, node)
     if node is None:
         raise VlmoptError(f"{name}: the recipe is empty; a recipe is a mapping with at least `steps:` (and `source:`, `model_dir:`)")
     if not isinstance(node, yaml.MappingNode):

@@ -208,3 +208,98 @@ def copy_model_dir(tmp_path: Path) -> Callable[[Path], Path]:
         return dest
 
     return copy
+
+
+# -- recipes -------------------------------------------------------------------------------------
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+#: a recipe over the tiny demo CLIP: every kind of step, one this machine cannot run (build), gates
+TINY_RECIPE = """\
+source: demo:clip-tiny
+model_dir: ../build/clip
+steps:
+  - convert: {}
+  - optimize: {}
+  - quantize: {mode: int8-dynamic, from: onnx-opt}
+  - quantize:
+      mode: int8-static
+      calib_images: ../data/images
+      calib_text: ../data/prompts.txt
+  - build: {from: onnx}
+  - bench: {batch: [1, 2], iterations: 2, warmup: 0}
+gates:
+  max_size_mb: {int8-static: 50}
+  min_cosine: {int8-static: 0.99}
+  min_speedup: {int8-dynamic: 0.01}
+"""
+
+
+def tensorrt_and_gpu_here() -> bool:
+    from vlmopt.errors import VlmoptError
+    from vlmopt.machine import require_tensorrt_gpu
+
+    try:
+        require_tensorrt_gpu()
+    except VlmoptError:
+        return False
+    return True
+
+
+def write_recipe(folder: Path, text: str, name: str = "recipe.yaml") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def run_json(*args: object) -> tuple[int, dict[str, Any]]:
+    """`vlmopt run ... --json`: its exit code and its one JSON object."""
+    result = vlmopt("run", *args, "--json")
+    assert "Traceback" not in result.output, result.output
+    return result.exit_code, json.loads(result.stdout)
+
+
+def statuses(payload: dict[str, Any]) -> dict[str, str]:
+    return {step["id"]: step["status"] for step in payload["steps"]}
+
+
+@pytest.fixture(scope="session")
+def recipe_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with the example calibration data in data/ and TINY_RECIPE in recipes/tiny.yaml (model_dir build/clip)."""
+    root = tmp_path_factory.mktemp("recipes")
+    shutil.copytree(EXAMPLES / "data", root / "data")
+    write_recipe(root / "recipes", TINY_RECIPE, "tiny.yaml")
+    return root
+
+
+@pytest.fixture(scope="session")
+def first_run(recipe_workspace: Path) -> dict[str, Any]:
+    """The tiny recipe's first run (`--json`), which makes everything."""
+    code, payload = run_json(recipe_workspace / "recipes" / "tiny.yaml")
+    assert code == 0, payload
+    return payload
+
+
+@pytest.fixture
+def model_dir_copy(recipe_workspace: Path, first_run: dict[str, Any]) -> Iterator[Callable[[str], Path]]:
+    """A private copy of the tiny recipe's model directory beside it (so the same demo checkpoint serves it)."""
+    made: list[Path] = []
+
+    def copy(name: str) -> Path:
+        dest = recipe_workspace / "build" / name
+        shutil.copytree(recipe_workspace / "build" / "clip", dest)
+        made.append(dest)
+        return dest
+
+    yield copy
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def recipe_variant(recipe_workspace: Path, name: str, model_dir: str, *replacements: tuple[str, str]) -> Path:
+    """TINY_RECIPE with each (old, new) replaced, writing to build/MODEL_DIR, saved as recipes/NAME."""
+    text = TINY_RECIPE.replace("model_dir: ../build/clip", f"model_dir: ../build/{model_dir}")
+    for old, new in replacements:
+        assert old in text, old
+        text = text.replace(old, new)
+    return write_recipe(recipe_workspace / "recipes", text, name)

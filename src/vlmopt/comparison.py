@@ -10,6 +10,7 @@ are not judged. The PyTorch reference (`hf`) is shown for context (a slower mach
 there) but not gated. Cosine (each artifact against PyTorch in its own run) and size are exact
 figures: a drop or growth beyond the limit is a regression.
 
+BASELINE and CURRENT are each a bench report, a folder of them (its newest), or a model directory (its latest).
 Both reports must be of bench report schema 2 and of the same model: the same family and
 architecture (the PyTorch reference's tensor names and shapes). Other weights of the same
 architecture are compared, with a note.
@@ -182,11 +183,16 @@ def _change(r: RowDelta) -> str:
 
 # -- reading reports ------------------------------------------------------------------------------
 def load_report(path: str | os.PathLike[str], what: str) -> tuple[dict[str, Any], str]:
-    """A bench report from a JSON file or a model directory (its latest bench report); refuses other schemas."""
+    """A bench report from a JSON file, a folder of them (the newest by name: reports/bench-<time>.json) or a model
+    directory (its latest bench report); refuses other schemas."""
     target = Path(path)
+    if target.is_dir() and not (target / MANIFEST_NAME).is_file():
+        # a folder of reports (a model directory's reports/, say, downloaded from another CI run): its newest bench report
+        found = sorted(target.glob("bench-*.json"))
+        if not found:
+            raise VlmoptError(f"{what} {target} is neither a bench report (JSON), a folder of bench reports, nor a vlmopt model directory")
+        target = found[-1]
     if target.is_dir():
-        if not (target / MANIFEST_NAME).is_file():
-            raise VlmoptError(f"{what} {target} is neither a bench report (JSON) nor a vlmopt model directory")
         report = latest_report(ModelDir(target))
         if report is None:
             raise VlmoptError(f"{what} {target} has no bench report of schema {REPORT_SCHEMA}; measure it with `vlmopt bench {target}`")

@@ -576,7 +576,7 @@ def info(
     without it, files are checked by size and modification time (hashed where those changed) and the listing exits 0.
     Example: vlmopt info build/clip --verify
     """
-    from vlmopt.api import info as artifact_statuses
+    from vlmopt.inventory import info as artifact_statuses
 
     model_dir, entries = artifact_statuses(directory, verify=verify, warn=_warn)
     not_ok = [f"{e.artifact.name} ({e.status})" for e in entries if not e.ok]

@@ -517,7 +517,7 @@ def report(directory: str | os.PathLike[str], output: str | os.PathLike[str] | N
     """Write `summary.md` and the PNG plots into `output` (default DIR/reports/) and return the summary.
 
     Raises `VlmoptError` when DIR is not a model directory or `output` cannot be written."""
-    from vlmopt.api import info
+    from vlmopt.inventory import info
     from vlmopt.stages.bench import model_identity
 
     model_dir, entries = info(directory)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -76,14 +77,26 @@ def test_a_report_compared_with_itself_has_no_regression(report: dict[str, Any],
     assert all(r["ratio"] == 1.0 for r in payload["rows"])
 
 
+def steady(median: float, seed: int) -> list[float]:
+    """20 latency samples around `median` with a few percent of jitter and one slow outlier, as a quiet machine gives them.
+
+    (The tiny model's own samples on a loaded two-core machine spread over 2x, too wide to tell 1.5x from noise:
+    that is the rule working, but not a stable test.)"""
+    rng = np.random.default_rng(seed)
+    samples = median * rng.lognormal(0.0, 0.04, 20)
+    samples[7] *= 1.8
+    return [float(s) for s in samples]
+
+
 def test_a_slowdown_beyond_the_spread_of_both_runs_exits_1(report: dict[str, Any], tmp_path: Path) -> None:
-    baseline = edited(report, tmp_path, "base.json", lambda r: None)
-    slower = edited(report, tmp_path, "slow.json", scale_samples("onnx", 1.5))
+    measured = steady(0.12, seed=1)
+    baseline = edited(report, tmp_path, "base.json", set_samples("onnx", measured))
+    slower = edited(report, tmp_path, "slow.json", set_samples("onnx", [s * 1.5 for s in steady(0.12, seed=2)]))
 
     result = run_cli("compare", baseline, slower)
 
     assert result.exit_code == 1, result.output
-    assert "check failed: 2 regression(s): onnx vision batch 1: +50.0% slower" in result.stderr
+    assert re.search(r"check failed: 2 regression\(s\): onnx vision batch 1: \+4\d\.\d% slower \(95% interval \+4", result.stderr), result.stderr
     assert "int8-dynamic" not in result.stderr
 
 
@@ -111,8 +124,8 @@ def test_the_same_shift_with_a_tight_spread_is_a_regression(report: dict[str, An
 
 
 def test_the_slowdown_limit_takes_a_fraction_as_well_as_a_percentage(report: dict[str, Any], tmp_path: Path) -> None:
-    baseline = edited(report, tmp_path, "base.json", lambda r: None)
-    slower = edited(report, tmp_path, "slow.json", scale_samples("onnx", 1.5))
+    baseline = edited(report, tmp_path, "base.json", set_samples("onnx", steady(0.12, seed=1)))
+    slower = edited(report, tmp_path, "slow.json", set_samples("onnx", [s * 1.5 for s in steady(0.12, seed=2)]))
 
     assert run_cli("compare", baseline, slower, "--max-slowdown", "0.6").exit_code == 0
     assert run_cli("compare", baseline, slower, "--max-slowdown", "60%").exit_code == 0

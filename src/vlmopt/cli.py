@@ -442,7 +442,10 @@ def report(
 @app.command()
 @command
 def compare(
-    baseline: Annotated[Path, typer.Argument(help="A bench report (reports/bench-*.json) or a model directory (its latest).", show_default=False)],
+    baseline: Annotated[
+        Path,
+        typer.Argument(help="A bench report (reports/bench-*.json), a folder of them (the newest), or a model directory (its latest).", show_default=False),
+    ],
     current: Annotated[Path, typer.Argument(help="The same, measured now.", show_default=False)],
     max_slowdown: Annotated[
         str, typer.Option("--max-slowdown", metavar="X|off", help="Exit 1 when an artifact is slower than this (10% or 0.1), beyond the runs' own spread.")
@@ -461,9 +464,10 @@ def compare(
 
     A slowdown is called only when it is beyond the run-to-run spread: both reports keep every latency sample; they are
     resampled (bootstrap, 2000 times, fixed seed) into a 95% interval of the ratio of median latencies, and only an
-    interval wholly above 1 + --max-slowdown is a regression. The PyTorch reference is shown, not gated. Reports of
-    another model (family and architecture) or of another report schema are refused (exit 2).
-    Example: vlmopt compare main-report.json build/clip --max-slowdown 10%
+    interval wholly above 1 + --max-slowdown is a regression (rows with fewer than 3 samples are not judged). The PyTorch
+    reference is shown, not gated. Cosine and size changes are exact. Reports of another model (family and architecture)
+    or of another report schema are refused (exit 2).
+    Example: vlmopt compare baseline/ build/clip --max-slowdown 10%
     """
     from vlmopt.comparison import compare as compare_reports
 

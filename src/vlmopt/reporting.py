@@ -249,7 +249,7 @@ def _scatter_with_front(ax: Any, entries: list[TowerFigures], ys: list[float], h
             color=color,
             edgecolors="black" if on_front else "none",
             linewidths=1.6,
-            zorder=3,
+            zorder=4 if on_front else 3,  # the ringed point stays visible where two coincide
             marker="D" if f.artifact == REFERENCE else "o",
         )
         ax.annotate(
@@ -260,7 +260,8 @@ def _scatter_with_front(ax: Any, entries: list[TowerFigures], ys: list[float], h
             va="center",
             fontsize=8,
             color=tuple(0.75 * c for c in color[:3]),
-            zorder=4,
+            bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.8},
+            zorder=5,
         )
     if xs:
         low, high = min(xs), max(xs)
@@ -475,7 +476,7 @@ def render_markdown(
         lines.append("")
 
     if plots:
-        lines += ["### Plots", ""]
+        lines += ["### Plots", "", "Of the artifacts in the latest bench report.", ""]
         titles = {"latency": "Latency against batch", "fidelity": "Size against fidelity", "speedup": "Size against speed-up"}
         for kind, file in plots.items():
             lines.append(f"![{titles[kind]}]({Path(file).name})" if images else f"- {titles[kind]}: `{Path(file).name}`")

@@ -120,6 +120,10 @@ def test_two_steps_making_the_same_artifact_are_refused(tmp_path: Path) -> None:
     refused(tmp_path, text, "recipe.yaml:6: quantize makes 'fp16', which step 2 already makes", "different `name`")
 
 
+def test_an_artifact_name_a_model_directory_cannot_hold_is_refused(tmp_path: Path) -> None:
+    refused(tmp_path, HEAD + "steps:\n  - convert: {name: reports}\n", "recipe.yaml:4: convert: 'reports' cannot name an artifact")
+
+
 def test_a_calibration_folder_that_does_not_exist_is_refused_relative_to_the_recipe(tmp_path: Path) -> None:
     text = HEAD + "steps:\n  - convert: {}\n  - quantize: {mode: int8-static, calib_images: photos}\n"
 

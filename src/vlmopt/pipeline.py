@@ -311,7 +311,7 @@ def check_gates(recipe: Recipe, result: RunResult, blocked: dict[str, str]) -> l
         artifact = artifacts.get(gate.artifact)
         if artifact is None:
             why = blocked.get(gate.artifact) or (outcomes[gate.artifact].reason if gate.artifact in outcomes else None) or "not made"
-            gates.append(GateOutcome(gate, None, None, f"'{gate.artifact}' is not in the model directory: {why}"))
+            gates.append(GateOutcome(gate, None, None, f"{gate.kind} {gate.artifact}: not made here ({why})"))
             continue
         gates.append(_gate(gate, artifact, report, blocked))
     return gates

@@ -370,6 +370,11 @@ def _steps(doc: _Doc, node: yaml.Node, base: Path, model_dir: Path, held: dict[s
             what = f"step {other.number}" if other.number else "the source"
             hint = "; give one a different `name`" if "name" in opts.by_key(stage.Options) else "; a recipe measures once"
             raise doc.fail(stage_node, f"{stage_name} makes '{step.id}', which {what} already makes{hint}")
+        if step.makes_artifact:
+            try:
+                ModelDir(model_dir).check_artifact_name(step.id, stage.name)
+            except VlmoptError as exc:
+                raise VlmoptError(f"{where}{exc.message}") from None
         available = {**held, **{name: kind for name, (kind, _) in made.items() if kind}}
         step.reads = stage.reads(options, available)
         _check_inputs(doc, step, lines, stage_node, made, held, model_dir)

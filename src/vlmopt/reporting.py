@@ -397,7 +397,7 @@ def _failures(rows: list[dict[str, Any]], run: dict[str, Any] | None, bench: dic
             if gate.get("passed") is False:
                 failed.append(f"gate {gate['reason']}")
             elif gate.get("passed") is None and gate.get("reason"):
-                skipped.append(f"gate {gate['gate']} `{gate['artifact']}`: {gate['reason']}")
+                skipped.append(f"gate {gate['reason']}")
     for row in rows:
         if row["status"] != "ok":
             failed.append(f"artifact `{row['name']}`: {row['status']}")
@@ -436,9 +436,16 @@ def render_markdown(
     if failed:
         lines += ["### ❌ What failed", ""] + [f"- {_md(f)}" for f in failed] + [""]
     else:
-        ran = len(run.get("steps", [])) if run else 0
-        gates = len([g for g in (run or {}).get("gates", []) if g.get("passed")])
-        lines += ["**✅ Nothing failed**" + (f": {ran} steps, {gates} gates passed." if run else "."), ""]
+        summary = "."
+        if run:
+            steps = run.get("steps", [])
+            skipped_steps = len([s for s in steps if s["status"] == "skipped"])
+            gates = run.get("gates", [])
+            passed = len([g for g in gates if g.get("passed")])
+            unchecked = len(gates) - passed
+            summary = f": {len(steps)} steps" + (f" ({skipped_steps} skipped)" if skipped_steps else "")
+            summary += f", {passed} of {len(gates)} gates passed" + (f" ({unchecked} not checked)" if unchecked else "") + "."
+        lines += ["**✅ Nothing failed**" + summary, ""]
     if skipped:
         lines += ["<details><summary>Skipped</summary>", ""] + [f"- {_md(s)}" for s in skipped] + ["", "</details>", ""]
 

@@ -27,8 +27,8 @@ from typing import Any
 from vlmopt.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_OK, CheckFailed, VlmoptError
 from vlmopt.recipe import Gate, Recipe, Step
 from vlmopt.stage import RunContext, StageResult
-from vlmopt.stages.bench import REPORTS, atomic_write, latest_report
-from vlmopt.workspace import MANIFEST_NAME, Artifact, ModelDir
+from vlmopt.stages.bench import REPORTS, latest_report
+from vlmopt.workspace import MANIFEST_NAME, Artifact, ModelDir, write_atomically
 
 RUN_SUMMARY = "run.json"
 #: a step's status: made its artifact or report, found it up to date, was not run (and why), or failed; `will-run` in a dry run
@@ -353,7 +353,7 @@ def write_summary(result: RunResult) -> str | None:
     path = folder / RUN_SUMMARY
     result.summary_file = str(path)
     data = {**result.to_json(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")
+    write_atomically(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
     return str(path)
 
 

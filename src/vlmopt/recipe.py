@@ -30,7 +30,7 @@ from vlmopt import options as opts
 from vlmopt.errors import VlmoptError
 from vlmopt.stage import KIND_NAMES, Stage
 from vlmopt.stages import STAGES
-from vlmopt.workspace import LOCK_NAME, MANIFEST_NAME, ModelDir
+from vlmopt.workspace import MANIFEST_NAME, ModelDir
 
 #: the keys a recipe may have at its top level
 TOP_LEVEL = ("source", "revision", "trust_remote_code", "model_dir", "threads", "steps", "gates")
@@ -296,8 +296,8 @@ def _held(model_dir: Path) -> dict[str, str] | None:
     if model_dir.exists() and not model_dir.is_dir():
         raise VlmoptError(f"model_dir {model_dir} exists and is not a directory")
     if not (model_dir / MANIFEST_NAME).is_file():
-        if model_dir.is_dir() and any(p.name != LOCK_NAME for p in model_dir.iterdir()):
-            raise VlmoptError(f"model_dir {model_dir} is a non-empty folder that is not a vlmopt model directory; choose an empty or new folder")
+        if model_dir.is_dir():
+            ModelDir.create(model_dir)  # refuses a folder of other files, as the export would; writes nothing to an existing folder
         return None
     return {name: artifact.kind for name, artifact in ModelDir(model_dir).load().items()}
 
@@ -431,7 +431,7 @@ def _check_inputs(
         if name in held:
             if is_parent:
                 try:
-                    stage.check_parent(ModelDir(model_dir).artifact(name), step.options)
+                    stage.check_parent(ModelDir(model_dir).artifact(name, verify=False), step.options)
                 except VlmoptError as exc:
                     raise VlmoptError(f"{place}{exc.message}") from None
             continue

@@ -22,8 +22,8 @@ import numpy as np
 
 from vlmopt.errors import VlmoptError
 from vlmopt.pipeline import read_summary
-from vlmopt.stages.bench import REFERENCE, REPORTS, atomic_write, latest_report
-from vlmopt.workspace import Artifact
+from vlmopt.stages.bench import REFERENCE, REPORTS, latest_report
+from vlmopt.workspace import Artifact, check_writable, write_atomically
 
 SUMMARY = "summary.md"
 PLOTS = {"latency": "latency.png", "fidelity": "size-vs-fidelity.png", "speedup": "size-vs-speedup.png"}
@@ -532,9 +532,7 @@ def report(directory: str | os.PathLike[str], output: str | os.PathLike[str] | N
     out = Path(output) if output is not None else model_dir.path / REPORTS
     if out.exists() and not out.is_dir():
         raise VlmoptError(f"--output {out} exists and is not a folder")
-    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise VlmoptError(f"cannot write the report into {out}: {probe} is not writable")
+    check_writable(out)
     bench = latest_report(model_dir)
     bench_name = Path(bench["files"][0]).name if bench and bench.get("files") else None
     run = read_summary(model_dir.path)
@@ -553,7 +551,7 @@ def report(directory: str | os.PathLike[str], output: str | os.PathLike[str] | N
             plots["fidelity"] = str(out / PLOTS["fidelity"])
         if plot_speedup(figures, bench, name, out / PLOTS["speedup"]):
             plots["speedup"] = str(out / PLOTS["speedup"])
-    atomic_write(out / SUMMARY, render_markdown(name, model, rows, bench, bench_name, run, plots, images=True))
+    write_atomically(out / SUMMARY, render_markdown(name, model, rows, bench, bench_name, run, plots, images=True).encode())
     markdown = render_markdown(name, model, rows, bench, bench_name, run, plots, images=False)
     failed, _ = _failures(rows, run, bench)
     return Report(model_dir.path, out, markdown, [str(out / SUMMARY), *plots.values()], rows, failed, bench_name, plots)

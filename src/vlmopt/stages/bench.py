@@ -260,11 +260,6 @@ def writable_reports(model_dir: ModelDir) -> Path:
     return folder
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """A text file written whole or not at all (`write_atomically`)."""
-    write_atomically(path, text.encode())
-
-
 def write_report(model_dir: ModelDir, report: dict[str, Any]) -> list[Path]:
     """`reports/bench-<time>.json` and `.md`, both whole or neither."""
     folder = writable_reports(model_dir)

@@ -1,10 +1,10 @@
-# vlmopt: `make demo` runs the whole pipeline on the built-in demo model; `make test` runs the tests.
+# vlmopt: `make demo` runs the CPU CLIP recipe on the built-in demo model and reports; `make test` runs the tests.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
-DEMO ?= build/demo
-DEMO_SIZE ?= base
+RECIPE ?= examples/recipes/clip-cpu.yaml
+DEMO ?= build/clip-cpu
 
 .PHONY: install demo test bench bench-gpu lint clean
 
@@ -19,15 +19,10 @@ $(BIN)/vlmopt: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev,openvino]"
 	@touch $@
 
+# A rerun finds every step up to date; DEMO is the recipe's model_dir.
 demo: install
-	rm -rf $(DEMO)-src
-	$(BIN)/vlmopt demo-model $(DEMO)-src --size $(DEMO_SIZE)
-	$(BIN)/vlmopt export $(DEMO)-src -o $(DEMO)
-	$(BIN)/vlmopt convert $(DEMO)
-	$(BIN)/vlmopt optimize $(DEMO)
-	$(BIN)/vlmopt quantize $(DEMO) --mode int8-dynamic
-	$(BIN)/vlmopt bench $(DEMO) --batch 1,8
-	$(BIN)/vlmopt info $(DEMO)
+	$(BIN)/vlmopt run $(RECIPE)
+	$(BIN)/vlmopt report $(DEMO)
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -6,11 +6,15 @@ Session fixtures hand out pristine directories; a test that changes one works on
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +30,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from vlmopt.cli import app  # noqa: E402
 from vlmopt.demo import build_demo_model  # noqa: E402
-from vlmopt.workspace import LOCK_NAME, MANIFEST_NAME  # noqa: E402
+from vlmopt.workspace import MANIFEST_NAME  # noqa: E402
 
 FAMILIES = ("clip", "siglip", "vit", "vit-classifier", "bert")
 TOWERS = {
@@ -48,6 +52,36 @@ def vlmopt(*args: object) -> Result:
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
+def vlmopt_process(*args: object, stdout: Any = subprocess.PIPE) -> subprocess.CompletedProcess[str]:
+    """Run the entry point `main()` in a new process, for what only it does (usage errors, stdout handling)."""
+    return subprocess.run([sys.executable, "-m", "vlmopt", *map(str, args)], stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=300)
+
+
+@contextlib.contextmanager
+def without_root_override() -> Iterator[None]:
+    """File permissions apply to this thread as to any user: as root, drop the capabilities that bypass
+    them (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH) from the effective set for the block."""
+    if os.geteuid() != 0:
+        yield
+        return
+    import pytest
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
+    data = (ctypes.c_uint32 * 6)()  # (effective, permitted, inheritable) x 2
+    if libc.capget(header, data) != 0:
+        pytest.skip("cannot read this thread's capabilities")
+    saved = list(data)
+    data[0] &= ~((1 << 1) | (1 << 2))
+    if libc.capset(header, data) != 0:
+        pytest.skip("cannot drop CAP_DAC_OVERRIDE as root here")
+    try:
+        yield
+    finally:
+        restore = (ctypes.c_uint32 * 6)(*saved)
+        libc.capset(header, restore)
+
+
 def vlmopt_json(*args: object) -> dict[str, Any]:
     """Run a command with --json that must succeed; its stdout parsed."""
     result = vlmopt(*args, "--json")
@@ -60,16 +94,11 @@ def manifest(model_dir: Path) -> dict[str, Any]:
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    """Every path under `folder` with a hash of its content (the lock file only by name: it holds a pid)."""
+    """Every path under `folder` with a hash of its content (the lock file too: it exists only while held)."""
     state = {}
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
-        if path.is_dir():
-            state[rel] = "<dir>"
-        elif path.name == LOCK_NAME:
-            state[rel] = "<lock>"
-        else:
-            state[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+        state[rel] = "<dir>" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
     return state
 
 
@@ -179,3 +208,98 @@ def copy_model_dir(tmp_path: Path) -> Callable[[Path], Path]:
         return dest
 
     return copy
+
+
+# -- recipes -------------------------------------------------------------------------------------
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+#: a recipe over the tiny demo CLIP: every kind of step, one this machine cannot run (build), gates
+TINY_RECIPE = """\
+source: demo:clip-tiny
+model_dir: ../build/clip
+steps:
+  - convert: {}
+  - optimize: {}
+  - quantize: {mode: int8-dynamic, from: onnx-opt}
+  - quantize:
+      mode: int8-static
+      calib_images: ../data/images
+      calib_text: ../data/prompts.txt
+  - build: {from: onnx}
+  - bench: {batch: [1, 2], iterations: 2, warmup: 0}
+gates:
+  max_size_mb: {int8-static: 50}
+  min_cosine: {int8-static: 0.99}
+  min_speedup: {int8-dynamic: 0.01}
+"""
+
+
+def tensorrt_and_gpu_here() -> bool:
+    from vlmopt.errors import VlmoptError
+    from vlmopt.machine import require_tensorrt_gpu
+
+    try:
+        require_tensorrt_gpu()
+    except VlmoptError:
+        return False
+    return True
+
+
+def write_recipe(folder: Path, text: str, name: str = "recipe.yaml") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def run_json(*args: object) -> tuple[int, dict[str, Any]]:
+    """`vlmopt run ... --json`: its exit code and its one JSON object."""
+    result = vlmopt("run", *args, "--json")
+    assert "Traceback" not in result.output, result.output
+    return result.exit_code, json.loads(result.stdout)
+
+
+def statuses(payload: dict[str, Any]) -> dict[str, str]:
+    return {step["id"]: step["status"] for step in payload["steps"]}
+
+
+@pytest.fixture(scope="session")
+def recipe_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with the example calibration data in data/ and TINY_RECIPE in recipes/tiny.yaml (model_dir build/clip)."""
+    root = tmp_path_factory.mktemp("recipes")
+    shutil.copytree(EXAMPLES / "data", root / "data")
+    write_recipe(root / "recipes", TINY_RECIPE, "tiny.yaml")
+    return root
+
+
+@pytest.fixture(scope="session")
+def first_run(recipe_workspace: Path) -> dict[str, Any]:
+    """The tiny recipe's first run (`--json`), which makes everything."""
+    code, payload = run_json(recipe_workspace / "recipes" / "tiny.yaml")
+    assert code == 0, payload
+    return payload
+
+
+@pytest.fixture
+def model_dir_copy(recipe_workspace: Path, first_run: dict[str, Any]) -> Iterator[Callable[[str], Path]]:
+    """A private copy of the tiny recipe's model directory beside it (so the same demo checkpoint serves it)."""
+    made: list[Path] = []
+
+    def copy(name: str) -> Path:
+        dest = recipe_workspace / "build" / name
+        shutil.copytree(recipe_workspace / "build" / "clip", dest)
+        made.append(dest)
+        return dest
+
+    yield copy
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def recipe_variant(recipe_workspace: Path, name: str, model_dir: str, *replacements: tuple[str, str]) -> Path:
+    """TINY_RECIPE with each (old, new) replaced, writing to build/MODEL_DIR, saved as recipes/NAME."""
+    text = TINY_RECIPE.replace("model_dir: ../build/clip", f"model_dir: ../build/{model_dir}")
+    for old, new in replacements:
+        assert old in text, old
+        text = text.replace(old, new)
+    return write_recipe(recipe_workspace / "recipes", text, name)

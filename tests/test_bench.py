@@ -83,7 +83,7 @@ def test_bench_records_its_results_on_the_onnx_artifact(benched: tuple[Path, dic
 def test_bench_below_min_speedup_exits_1_and_still_writes_the_report(converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]) -> None:
     model_dir = copy_model_dir(converted("clip"))
 
-    result = vlmopt("bench", model_dir, "--batch", "1", *QUICK, "--min-speedup", "1000")
+    result = vlmopt("bench", model_dir, "--batch", "1", *QUICK, "--min-speedup", "1000000")  # the tiny model ran 9873x PyTorch on a loaded machine
 
     assert result.exit_code == 1, result.output
     assert "min-speedup" in result.stderr

@@ -8,11 +8,15 @@ the traceback).
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import json
+import logging
 import os
+import re
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,8 +27,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from vlmopt import __version__
-from vlmopt.errors import EXIT_INTERNAL, CheckFailed, VlmoptError
+from vlmopt.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_INTERNAL, CheckFailed, VlmoptError
 from vlmopt.stages import STAGES
+
+try:  # typer >= 0.2x carries its own copy of click
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click.exceptions import ClickException, NoArgsIsHelpError
 
 app = typer.Typer(
     name="vlmopt",
@@ -67,40 +76,93 @@ def _quiet_libraries(debug: bool) -> None:
 
 def _emit_json(payload: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+#: errors of the machine, not of vlmopt: exit 2 with what to do, instead of "internal error"
+_ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "free some space and run again",
+    errno.EDQUOT: "free some space (or raise the quota) and run again",
+    errno.EFBIG: "the file is larger than this system allows (see `ulimit -f`)",
+    errno.EROFS: "vlmopt needs a writable file system there",
+    errno.EACCES: "check the permissions",
+    errno.EPERM: "check the permissions",
+}
+_ENVIRONMENT_MESSAGES = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT, "Read-only file system": errno.EROFS}
+_OUT_OF_MEMORY = re.compile(r"can't allocate memory|failed to allocate memory|bad_alloc|out of memory", re.IGNORECASE)
+EXIT_INTERRUPTED = 130
+
+
+def _environment_error(exc: BaseException) -> str | None:
+    """One line for an error of the machine (disk full, read-only, permissions, memory), or None for anything else."""
+    if isinstance(exc, MemoryError):
+        return f"not enough memory: {_first_line(exc) or 'an allocation failed'}; ask for less (a smaller --batch or --seq-len)"
+    if isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS:
+        verb = "cannot access" if exc.errno in (errno.EACCES, errno.EPERM) else "cannot write to"
+        where = f" {exc.filename}" if exc.filename else ""
+        return f"{verb}{where}: {exc.strerror or exc}; {_ENVIRONMENT_ERRNOS[exc.errno]}"
+    text = str(exc)
+    for message, code in _ENVIRONMENT_MESSAGES.items():
+        if message in text:
+            return f"{message} ({_first_line(exc)}); {_ENVIRONMENT_ERRNOS[code]}"
+    if _OUT_OF_MEMORY.search(text):
+        return f"not enough memory ({_first_line(exc)}); ask for less (a smaller --batch or --seq-len)"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:300]
+
+
+def _outcome(exc: BaseException) -> tuple[int, str, str, dict[str, Any]]:
+    """Exit code, label, one-line message and JSON details for an exception that ends a command."""
+    if isinstance(exc, CheckFailed):
+        return EXIT_CHECK_FAILED, "check failed", exc.message, exc.details
+    if isinstance(exc, VlmoptError):
+        return exc.exit_code, "error", exc.message, {}
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED, "interrupted", getattr(exc, "message", "") or "stopped before the command finished", {}
+    environment = _environment_error(exc)
+    if environment is not None:
+        return EXIT_BAD_INPUT, "error", environment, {}
+    return EXIT_INTERNAL, "internal error", f"{type(exc).__name__}: {_first_line(exc)} (rerun with --debug for the traceback)", {}
 
 
 def command(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Run a command body with vlmopt's error contract: one line and an exit code, tracebacks only with --debug."""
+    """Run a command body with vlmopt's error contract: one line and an exit code; --debug adds the traceback, never another code."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         as_json, debug = kwargs.get("as_json", False), kwargs.get("debug", False)
         _quiet_libraries(debug)
+        _route_warnings()
         try:
             return func(*args, **kwargs)
-        except VlmoptError as exc:
-            if debug:
-                raise
-            if as_json:
-                _emit_json({"ok": False, "error": exc.message, "exit_code": exc.exit_code, **(exc.details if isinstance(exc, CheckFailed) else {})})
-            label = "check failed" if isinstance(exc, CheckFailed) else "error"
-            err.print(f"[bold red]{label}:[/] {escape(exc.message)}", soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            err.print("[bold red]interrupted[/]: nothing was committed")
-            raise typer.Exit(130) from None
         except typer.Exit:
             raise
-        except Exception as exc:
+        except (Exception, KeyboardInterrupt) as exc:
+            code, label, message, details = _outcome(exc)
             if debug:
-                raise
-            message = (str(exc).strip().splitlines() or [""])[0][:300]
-            err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(message)} (rerun with --debug for the traceback)", soft_wrap=True)
+                traceback.print_exc(file=sys.stderr)
             if as_json:
-                _emit_json({"ok": False, "error": f"{type(exc).__name__}: {message}", "exit_code": EXIT_INTERNAL})
-            raise typer.Exit(EXIT_INTERNAL) from None
+                _emit_json({"ok": False, "error": message, "exit_code": code, **details})
+            err.print(f"[bold red]{label}:[/] {escape(message)}", soft_wrap=True)
+            raise typer.Exit(code) from None
 
     return wrapper
+
+
+class _WarningLine(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        _warn(record.getMessage())
+
+
+def _route_warnings() -> None:
+    """vlmopt's own warnings (logger "vlmopt") become one yellow line each on stderr."""
+    logger = logging.getLogger("vlmopt")
+    if not any(isinstance(h, _WarningLine) for h in logger.handlers):
+        logger.addHandler(_WarningLine())
+        logger.propagate = False
 
 
 def _version(value: bool) -> None:
@@ -261,6 +323,187 @@ for _stage in STAGES:
     app.command(_stage.name)(stage_command(_stage))
 
 
+# -- run -----------------------------------------------------------------------------------
+_MARKS = {"ran": "[green]✓[/]", "up-to-date": "[green]✓[/]", "skipped": "[yellow]-[/]", "failed": "[red]✗[/]", "will-run": "[cyan]→[/]"}
+_WORDS = {"ran": "made", "up-to-date": "up to date", "skipped": "skipped", "failed": "FAILED", "will-run": "will run"}
+
+
+def _step_line(outcome: Any) -> str:
+    from vlmopt.pipeline import artifact_summary, report_summary
+
+    step = outcome.step
+    parts = [f"{_MARKS[outcome.status]} {step.number:>2} {escape(step.label)}: {_WORDS[outcome.status]}"]
+    if outcome.seconds is not None:
+        parts.append(f"{outcome.seconds:.1f} s")
+    result = outcome.result
+    if result is not None and result.artifact is not None and result.report is None:
+        summary = artifact_summary(result.artifact)
+        parts.append(f"{summary['size_mb']:.1f} MB")
+        if summary["worst_cosine"] is not None:
+            parts.append(f"cosine ≥ {summary['worst_cosine']:.6f}")
+    if result is not None and result.report is not None:
+        summary = report_summary(result.report)
+        if summary["min_speedup"] is not None:
+            parts.append(f"speed-ups {summary['min_speedup']:.2f}x to {summary['max_speedup']:.2f}x")
+        if summary["file"]:
+            parts.append(escape(str(summary["file"])))
+    line = " · ".join(parts)
+    if outcome.reason and outcome.status != "up-to-date":
+        line += f": {escape(outcome.reason)}"
+    return line
+
+
+@app.command("run")
+@command
+def run_recipe(
+    recipe: Annotated[Path, typer.Argument(help="The recipe: a YAML file (see README: source, model_dir, steps, gates).", show_default=False)],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (each step: will run, and why, or up to date) and make nothing.")] = False,
+    only: Annotated[
+        list[str] | None,
+        typer.Option("--only", metavar="STEP", help="Run only this step (repeatable): its artifact (int8-static), its stage when unique, or its number."),
+    ] = None,
+    from_step: Annotated[
+        str | None, typer.Option("--from-step", metavar="STEP", help="Run from this step on; the steps before it are left as they are.")
+    ] = None,
+    force: Annotated[list[str] | None, typer.Option("--force", metavar="STEP", help="Redo this step even when it is up to date (repeatable).")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail (exit 2) on a step this machine cannot run (TensorRT, a GPU) instead of skipping it.")] = False,
+    model_dir: Annotated[
+        Path | None, typer.Option("--model-dir", help="Use this model directory (relative to the current folder) instead of the recipe's model_dir.")
+    ] = None,
+    threads: ThreadsOpt = None,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Run a recipe: every step in order, each skipped when up to date, then the recipe's gates.
+
+    The whole recipe is checked first (exit 2 naming file:line). Exit 1 when a step's verification or a gate
+    fails (the run's summary and reports are still written), 2 for bad input.
+    Example: vlmopt run examples/recipes/clip-cpu.yaml
+    """
+    from vlmopt.pipeline import run_recipe as run_pipeline
+    from vlmopt.recipe import load_recipe
+
+    checked = load_recipe(recipe, model_dir=model_dir)
+    printer = None if as_json else (lambda outcome: out.print(_step_line(outcome), soft_wrap=True))
+    with _status("run", as_json) as status:
+        result = run_pipeline(
+            checked,
+            dry_run=dry_run,
+            only=only or (),
+            from_step=from_step,
+            force=force or (),
+            strict=strict,
+            threads=threads,
+            debug=debug,
+            progress=status.update,
+            warn=_warn,
+            on_step=printer,
+        )
+    if as_json:
+        _emit_json(result.to_json())
+    else:
+        for gate in result.gates:
+            mark = {True: "[green]ok[/]", False: "[red]FAILED[/]", None: "[yellow]not checked[/]"}[gate.passed]
+            out.print(f"gate {escape(gate.reason or gate.gate.kind)}: {mark}", soft_wrap=True)
+        if result.summary_file:
+            out.print(f"summary: {escape(result.summary_file)}")
+    if result.exit_code:
+        label = "check failed" if result.exit_code == 1 else "error"
+        err.print(f"[bold red]{label}:[/] {escape(result.error or '')}", soft_wrap=True)
+        raise typer.Exit(result.exit_code)
+
+
+# -- report and compare ----------------------------------------------------------------------
+@app.command()
+@command
+def report(
+    directory: DirArg,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder for summary.md and the PNG plots (default: DIR/reports/).")] = None,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Summarize a model directory for CI and reviewers: Markdown on stdout (for $GITHUB_STEP_SUMMARY), summary.md and PNG plots.
+
+    The Markdown: what failed in the last `vlmopt run`, each artifact (kind, size, worst cosine per tower, speed-up, status),
+    speed-ups per tower and batch from the latest bench report, the gates. Plots: latency against batch per artifact, and
+    size against fidelity and against speed-up with the Pareto front marked. Nothing is measured again.
+    Example: vlmopt report build/clip >> "$GITHUB_STEP_SUMMARY"
+    """
+    from vlmopt.reporting import report as make_report
+
+    result = make_report(directory, output)
+    if as_json:
+        _emit_json(result.to_json())
+        return
+    sys.stdout.write(result.markdown + "\n")
+    err.print(f"written: {escape(', '.join(result.files))}", soft_wrap=True)
+
+
+@app.command()
+@command
+def compare(
+    baseline: Annotated[
+        Path,
+        typer.Argument(help="A bench report (reports/bench-*.json), a folder of them (the newest), or a model directory (its latest).", show_default=False),
+    ],
+    current: Annotated[Path, typer.Argument(help="The same, measured now.", show_default=False)],
+    max_slowdown: Annotated[
+        str, typer.Option("--max-slowdown", metavar="X|off", help="Exit 1 when an artifact is slower than this (10% or 0.1), beyond the runs' own spread.")
+    ] = "10%",
+    max_cosine_drop: Annotated[
+        str, typer.Option("--max-cosine-drop", metavar="X|off", help="Exit 1 when an artifact's worst cosine against PyTorch drops by more than this.")
+    ] = "0.001",
+    max_size_growth: Annotated[
+        str, typer.Option("--max-size-growth", metavar="X|off", help="Exit 1 when an artifact grows by more than this (10% or 0.1).")
+    ] = "10%",
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table (for a pull-request comment) instead of the table.")] = False,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Compare two bench reports per artifact, tower and batch; exit 1 on a regression.
+
+    A slowdown is called only when it is beyond the run-to-run spread: both reports keep every latency sample; they are
+    resampled (bootstrap, 2000 times, fixed seed) into a 95% interval of the ratio of median latencies, and only an
+    interval wholly above 1 + --max-slowdown is a regression (rows with fewer than 3 samples are not judged). The PyTorch
+    reference is shown, not gated. Cosine and size changes are exact. Reports of another model (family and architecture)
+    or of another report schema are refused (exit 2).
+    Example: vlmopt compare baseline/ build/clip --max-slowdown 10%
+    """
+    from vlmopt.comparison import compare as compare_reports
+
+    result = compare_reports(baseline, current, max_slowdown, max_cosine_drop, max_size_growth)
+    if as_json:
+        _emit_json(result.to_json())
+    elif markdown:
+        sys.stdout.write(result.markdown())
+    else:
+        out.print(comparison_table(result))
+        for note in result.notes:
+            out.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
+        if result.ok:
+            out.print(f"[green]✓[/] no regression in {len(result.rows)} rows")
+    if not result.ok:
+        regressions = result.regressions
+        more = f" (and {len(regressions) - 1} more)" if len(regressions) > 1 else ""
+        err.print(f"[bold red]check failed:[/] {len(regressions)} regression(s): {escape(regressions[0])}{more}", soft_wrap=True)
+        raise typer.Exit(result.exit_code)
+
+
+def comparison_table(result: Any) -> Table:
+    limits = result.limits
+    slowdown = "off" if limits["max_slowdown"] is None else f"+{limits['max_slowdown']:.0%}"
+    table = Table(title=f"{result.baseline} → {result.current} (slowdown gate: 95% interval above {slowdown})", title_justify="left")
+    for column in ("artifact", "tower", "batch", "baseline ms", "current ms", "change (95% interval)", "cosine Δ", "size Δ", "verdict"):
+        table.add_column(column, justify="left" if column in ("artifact", "tower", "verdict", "change (95% interval)") else "right")
+    for r in result.rows:
+        change = f"{r.ratio - 1:+.1%}" + (f" ({r.low - 1:+.1%} … {r.high - 1:+.1%})" if r.low is not None else "")
+        cosine = "" if r.cosine_drop is None else f"{r.current_cosine - r.baseline_cosine:+.6f}"
+        size = "" if r.size_growth is None else f"{r.size_growth:+.1%}"
+        verdict = f"[red]{escape(r.verdict)}[/]" if r.problems else escape(r.verdict)
+        table.add_row(r.artifact, r.tower, str(r.batch), f"{r.baseline_ms:.2f}", f"{r.current_ms:.2f}", change, cosine, size, verdict)
+    return table
+
+
 # -- demo-model ----------------------------------------------------------------------------
 @app.command("demo-model")
 @command
@@ -339,31 +582,33 @@ def _openvino_text(openvino: Any) -> str:
 @command
 def info(
     directory: DirArg,
-    verify: Annotated[bool, typer.Option("--verify", help="Re-hash every file against the manifest (slower).")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Re-hash every file against the manifest (slower); exit 1 unless every artifact is ok.")] = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """List the artifacts in a model directory: what made each, its size, verification, benchmark, and whether it is ok, modified or stale.
 
-    Example: vlmopt info build/clip
+    With --verify every file is re-hashed and the command exits 1 unless every artifact is ok (a gate for CI);
+    without it, files are checked by size and modification time (hashed where those changed) and the listing exits 0.
+    Example: vlmopt info build/clip --verify
     """
-    from vlmopt.api import info as artifact_statuses
+    from vlmopt.inventory import info as artifact_statuses
 
-    model_dir, entries = artifact_statuses(directory, verify=verify)
+    model_dir, entries = artifact_statuses(directory, verify=verify, warn=_warn)
     recommendation = model_dir.recommendation()
     current = {e.artifact.name: e.artifact.digest for e in entries}
+    not_ok = [f"{e.artifact.name} ({e.status})" for e in entries if not e.ok]
+    failure = f"{len(not_ok)} of {len(entries)} artifacts are not ok: {'; '.join(not_ok)}" if verify and not_ok else None
     if as_json:
-        payload: dict[str, Any] = {
-            "ok": True,
-            "path": str(model_dir.path),
-            "artifacts": [{**e.artifact.to_json(), "size": e.artifact.size, "status": e.status} for e in entries],
-        }
+        listing: dict[str, Any] = {"path": str(model_dir.path), "artifacts": [{**e.artifact.to_json(), "size": e.artifact.size, "status": e.status} for e in entries]}
         if recommendation is not None:
-            payload["recommendation"] = {
+            listing["recommendation"] = {
                 **recommendation.to_json(),
                 "stale": [c.artifact for c in recommendation.choices if c.artifact and current.get(c.artifact) != c.digest],
             }
-        _emit_json(payload)
+        if failure:
+            raise CheckFailed(failure, details=listing)
+        _emit_json({"ok": True, **listing})
         return
     table = Table(title=f"{model_dir.path}", title_justify="left")
     for column in ("artifact", "kind", "stage", "from", "towers", "size MB", "verified", "best speed-up", "created", "status"):
@@ -393,6 +638,8 @@ def info(
             out.print(
                 f"  {c.tower} batch {c.batch}: [bold]{c.artifact}[/] ({c.backend}, {c.latency_ms:.2f} ms, {c.speedup:.2f}x PyTorch, cosine {c.cosine_min:.6f}){stale}"
             )
+    if failure:
+        raise CheckFailed(failure)
 
 
 def _verified(artifact: Any) -> str:
@@ -414,5 +661,73 @@ def _best_speedup(artifact: Any) -> str:
     return f"{max(speedups):.2f}x" if speedups and artifact.kind != "hf" else ""
 
 
+class _ClosedStdout:
+    """sys.stdout that survives its reader going away (`vlmopt ... | head -1`), as other CLIs do.
+
+    On a broken pipe the rest of the output goes to /dev/null and the command carries on to its own
+    exit code (the Python docs' recipe); any other write failure (a full disk) is raised with the
+    stream named, after diverting it so it cannot fail again at exit.
+    """
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def _divert(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def _guarded(self, call: Callable[[], Any], fallback: Any) -> Any:
+        try:
+            return call()
+        except OSError as exc:
+            self._divert()
+            if exc.errno == errno.EPIPE:
+                return fallback
+            raise OSError(exc.errno, exc.strerror, "stdout") from None
+
+    def write(self, text: str) -> int:
+        return self._guarded(lambda: self._stream.write(text), len(text))
+
+    def flush(self) -> None:
+        self._guarded(self._stream.flush, None)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _usage_error(exc: ClickException, args: list[str]) -> int:
+    """Bad usage (unknown flag, missing argument, bad value): one line on stderr, or one JSON object with --json."""
+    message = " ".join(line.strip() for line in exc.format_message().splitlines() if line.strip()).rstrip(".")
+    context = getattr(exc, "ctx", None)
+    if context is not None:
+        message += f" (see `{context.command_path} --help`)"
+    if "--json" in args:
+        _emit_json({"ok": False, "error": message, "exit_code": EXIT_BAD_INPUT})
+    else:
+        err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    return EXIT_BAD_INPUT
+
+
+def run(args: list[str]) -> int:
+    """Run the command line `args` and return its exit code; usage errors are handled here, once for every command."""
+    try:
+        code = app(args=args, prog_name="vlmopt", standalone_mode=False)
+    except NoArgsIsHelpError as exc:
+        sys.stdout.write(exc.format_message() + "\n")
+        return EXIT_BAD_INPUT
+    except ClickException as exc:
+        return _usage_error(exc, args)
+    except typer.Abort:
+        return EXIT_INTERRUPTED
+    return code if isinstance(code, int) else 0
+
+
 def main() -> None:
-    app()
+    sys.stdout = _ClosedStdout(sys.stdout)
+    code = run(sys.argv[1:])
+    try:
+        sys.stdout.flush()
+    except OSError:
+        code = code or EXIT_BAD_INPUT
+    sys.exit(code)

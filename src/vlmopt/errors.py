@@ -26,3 +26,11 @@ class CheckFailed(VlmoptError):
     def __init__(self, message: str, details: dict | None = None):
         super().__init__(message)
         self.details = details or {}
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a stage, carrying what became of the model directory (committed or not)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message

@@ -1,16 +1,28 @@
-"""Loading Hugging Face checkpoints the safe way: safetensors only, remote code only when asked."""
+"""Loading Hugging Face checkpoints the safe way: safetensors only, remote code only when asked.
+
+A local folder is only ever read locally (a `Path`, or a string naming an existing folder): a
+missing artifact folder is an error, never a hub request.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 from vlmopt.errors import VlmoptError
 from vlmopt.families import Family, family_for
+from vlmopt.workspace import require_utf8_path
 
+#: SOURCE prefix that always means a hub id, even where a local folder has the same first component
+HUB_PREFIX = "hf://"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+log = logging.getLogger("vlmopt")
+#: (checkpoint, --trust-remote-code) pairs already warned about, so one command warns once
+_warned: set[tuple[str, bool]] = set()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -19,7 +31,18 @@ def _first_line(exc: BaseException) -> str:
 
 
 def check_source(source: str) -> Path | None:
-    """The local directory `source` names, or None for a hub id; raises for anything else."""
+    """The local directory `source` names, or None for a hub id; raises for anything else.
+
+    A SOURCE that does not exist is still taken as a local path (and refused as missing) when it
+    looks like one: it starts with `.`, `/` or `~`, is not of the hub's `org/name` form, or its
+    first component exists here (`models/clip-typo` beside a `models/` folder). `hf://org/name`
+    is always a hub id.
+    """
+    if source.startswith(HUB_PREFIX):
+        if not _HUB_ID.match(source[len(HUB_PREFIX) :]):
+            raise VlmoptError(f"{source} is not a hub id (hf://org/name)")
+        return None
+    require_utf8_path(source)
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -27,17 +50,64 @@ def check_source(source: str) -> Path | None:
         if not (path / "config.json").is_file():
             raise VlmoptError(f"{source} is not a Hugging Face model directory (no config.json in it)")
         return path
+    first = source.split("/", 1)[0]
+    if "/" in source and first and Path(first).expanduser().exists():
+        raise VlmoptError(
+            f"folder {source} does not exist ({first}/ is a local folder, so SOURCE is read as a path; write {HUB_PREFIX}{source} for the hub id)"
+        )
     if source.startswith((".", "/", "~")) or not _HUB_ID.match(source):
         raise VlmoptError(f"{source} does not exist (SOURCE must be a Hugging Face model directory or a hub id like openai/clip-vit-base-patch32)")
     return None
 
 
+def _where(source: str | Path) -> tuple[str, bool]:
+    """What to hand `from_pretrained`, and whether it is a local folder (then read with local_files_only)."""
+    if isinstance(source, Path):
+        if not source.is_dir():
+            raise VlmoptError(f"folder {source} does not exist")
+        return str(source), True
+    if source.startswith(HUB_PREFIX):
+        return source[len(HUB_PREFIX) :], False
+    return source, os.path.isdir(source)
+
+
+def _builtin_model_type(name: str, local: bool, revision: str | None, trust_remote_code: bool) -> bool:
+    """Whether the checkpoint's model type has transformers' own classes. Its own code (`auto_map`)
+    is then never run, --trust-remote-code or not, because vlmopt's families are written against
+    those classes; a warning says so."""
+    from transformers import PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(name, revision=revision, local_files_only=local)
+    except Exception:
+        return False  # AutoConfig below reports what is wrong
+    model_type = config_dict.get("model_type")
+    builtin = isinstance(model_type, str) and model_type in CONFIG_MAPPING
+    if builtin and config_dict.get("auto_map") and (name, trust_remote_code) not in _warned:
+        _warned.add((name, trust_remote_code))
+        ignored = "is not run, even with --trust-remote-code" if trust_remote_code else "is ignored"
+        log.warning(f"{name} names its own code (auto_map in config.json); vlmopt uses transformers' built-in {model_type} classes and that code {ignored}")
+    return builtin
+
+
+def _trust(name: str, local: bool, revision: str | None, trust_remote_code: bool) -> bool:
+    return trust_remote_code and not _builtin_model_type(name, local, revision, trust_remote_code)
+
+
 def load_config(source: str | Path, revision: str | None = None, trust_remote_code: bool = False) -> Any:
     from transformers import AutoConfig
 
+    name, local = _where(source)
+    builtin = _builtin_model_type(name, local, revision, trust_remote_code)
+    trust = trust_remote_code and not builtin
     try:
-        return AutoConfig.from_pretrained(str(source), revision=revision, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust, local_files_only=local)
     except Exception as exc:
+        if "trust_remote_code" in str(exc):
+            raise VlmoptError(
+                f"{source} needs its own Python code to load (auto_map in config.json); vlmopt runs a checkpoint's code only with --trust-remote-code"
+            ) from exc
         raise VlmoptError(f"cannot read a model config from {source}: {_first_line(exc)}") from exc
 
 
@@ -68,14 +138,15 @@ def load_model(
 
     config = config if config is not None else load_config(source, revision, trust_remote_code)
     family = family or family_for(config)
-    local = Path(source) if Path(source).is_dir() else None
-    if local is not None:
-        _check_weight_files(local)
-    kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code, "use_safetensors": True, "dtype": torch.float32}
+    name, local = _where(source)
+    if local:
+        _check_weight_files(Path(name))
+    trust = _trust(name, local, revision, trust_remote_code)
+    kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust, "use_safetensors": True, "dtype": torch.float32, "local_files_only": local}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model, info = family.model_class(config).from_pretrained(str(source), config=config, output_loading_info=True, **kwargs)
+        model, info = family.model_class(config).from_pretrained(name, config=config, output_loading_info=True, **kwargs)
     except VlmoptError:
         raise
     except Exception as exc:
@@ -93,9 +164,10 @@ def save_processors(source: str | Path, dest: Path, revision: str | None = None,
     """Save whatever preprocessing the checkpoint has (processor, tokenizer, image processor); return their kinds."""
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
-    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
+    name, local = _where(source)
+    kwargs = {"revision": revision, "trust_remote_code": _trust(name, local, revision, trust_remote_code), "local_files_only": local}
     try:
-        processor = AutoProcessor.from_pretrained(str(source), **kwargs)
+        processor = AutoProcessor.from_pretrained(name, **kwargs)
     except Exception:
         processor = None
     if processor is not None and (hasattr(processor, "tokenizer") or hasattr(processor, "image_processor")):
@@ -104,7 +176,7 @@ def save_processors(source: str | Path, dest: Path, revision: str | None = None,
     saved = []
     for kind, loader in (("tokenizer", AutoTokenizer), ("image_processor", AutoImageProcessor)):
         try:
-            loader.from_pretrained(str(source), **kwargs).save_pretrained(dest)
+            loader.from_pretrained(name, **kwargs).save_pretrained(dest)
             saved.append(kind)
         except Exception:
             continue

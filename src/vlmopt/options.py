@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import shlex
 import types
 import typing
 from collections.abc import Mapping
@@ -182,9 +181,9 @@ def _describe_range(d: Declared) -> str:
     return f"in {low}{lo}, {hi}{high}"
 
 
-def _scalar(d: Declared, kind: Any, value: Any) -> Any:
-    """One value of type `kind` from a CLI string or a recipe/Python value; raises VlmoptError naming the flag."""
-    what = d.flag
+def _scalar(d: Declared, kind: Any, value: Any, label: str | None = None) -> Any:
+    """One value of type `kind` from a CLI string or a recipe/Python value; raises VlmoptError naming the flag (or `label`)."""
+    what = label or d.flag
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -222,12 +221,14 @@ def _scalar(d: Declared, kind: Any, value: Any) -> Any:
     return number
 
 
-def parse_value(d: Declared, value: Any) -> Any:
-    """A declared option's value from the command line, a recipe or Python, checked against its declaration."""
+def parse_value(d: Declared, value: Any, label: str | None = None) -> Any:
+    """A declared option's value from the command line, a recipe or Python, checked against its declaration.
+
+    Errors name the option as `label` (a recipe's key) or else by its flag."""
     if value is None:
         if d.optional or d.spec.off:
             return None
-        raise VlmoptError(f"{d.flag} needs a value")
+        raise VlmoptError(f"{label or d.flag} needs a value")
     if d.spec.off and (value is False or (isinstance(value, str) and value.strip().lower() in _OFF_WORDS)):
         return None
     if d.is_list:
@@ -238,15 +239,16 @@ def parse_value(d: Declared, value: Any) -> Any:
                 flat += [part.strip() for part in item.split(d.spec.separator) if part.strip()]
             else:
                 flat.append(item)
-        return [_scalar(d, d.item, item) for item in flat]
-    return _scalar(d, d.base, value)
+        return [_scalar(d, d.item, item, label) for item in flat]
+    return _scalar(d, d.base, value, label)
 
 
 def parse_options(options_class: type, values: Mapping[str, Any], where: str = "") -> Any:
     """An options object from `values` (recipe keys or field names), every value checked.
 
     Unknown names are refused with the known ones listed; missing ones take their declared default.
-    Raises VlmoptError; `where` prefixes recipe errors with their place ("recipe.yaml:7: quantize").
+    Raises VlmoptError; `where` prefixes recipe errors with their place ("recipe.yaml:7: quantize: "), and
+    then a value's error names it by the key it was given under rather than by its flag.
     """
     names = by_key(options_class)
     kwargs: dict[str, Any] = {}
@@ -256,7 +258,7 @@ def parse_options(options_class: type, values: Mapping[str, Any], where: str = "
             known = ", ".join(sorted({x.key for x in names.values()}))
             raise VlmoptError(f"{where}unknown option '{key}' (options: {known})")
         try:
-            kwargs[d.name] = parse_value(d, value)
+            kwargs[d.name] = parse_value(d, value, f"'{key}'" if where else None)
         except VlmoptError as exc:
             raise VlmoptError(f"{where}{exc.message}") from None
     options = options_class(**kwargs)
@@ -332,11 +334,6 @@ def option_args(options: Any, always: tuple[str, ...] = ("source", "name")) -> l
             continue
         parts += [d.flag, f"{value:g}" if isinstance(value, float) else str(value)]
     return parts
-
-
-def command_line(stage: str, directory: str | Path, options: Any, always: tuple[str, ...] = ("source", "name")) -> str:
-    """`vlmopt STAGE DIR --flag value ...` that makes the same artifact, quoted ready to paste."""
-    return shlex.join(["vlmopt", stage, str(directory), *option_args(options, always)])
 
 
 def cli_parameters(options_class: type) -> list[tuple[str, Any, Any]]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shlex
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,17 +259,13 @@ class Stage:
         options = options if options is not None else self.options()
         opts.validate(options)
         context = context or RunContext()
-        new_directory = self.creates_directory and not Path(directory if not isinstance(directory, ModelDir) else directory.path).exists()
         model_dir = self.open(directory)
-        try:
-            with model_dir.lock():
-                return self._run_locked(model_dir, options, context)
-        except BaseException:
-            if new_directory and not model_dir.manifest_path.exists():
-                shutil.rmtree(model_dir.path, ignore_errors=True)
-            raise
+        # the lock's release removes a folder `open` made, if nothing got committed into it
+        with model_dir.lock():
+            return self._run_locked(model_dir, options, context)
 
-    def _run_locked(self, model_dir: ModelDir, options: Any, context: RunContext) -> StageResult:
+    def _job(self, model_dir: ModelDir, options: Any, context: RunContext) -> Job:
+        """The parent resolved and checked, then `prepare`: everything a run decides on before it makes anything."""
         parent = None
         parent_name = self.parent_name(options) if self.accepts is not None else None
         if parent_name is not None:
@@ -278,10 +273,32 @@ class Stage:
             self.check_parent(parent, options)
         job = Job(self, model_dir, options, parent, context)
         self.prepare(job)
+        return job
+
+    def staleness(self, directory: str | os.PathLike[str] | ModelDir, options: Any, context: RunContext | None = None) -> str | None:
+        """Why `run` would make the artifact (again), or None when it is up to date; makes and writes nothing.
+
+        The same decision `run` takes (`prepare` included), for `vlmopt run --dry-run`."""
+        opts.validate(options)
+        model_dir = directory if isinstance(directory, ModelDir) else ModelDir.open(directory)
+        job = self._job(model_dir, options, context or RunContext())
+        recorded = {**opts.recorded(options), **job.recorded}
+        return model_dir.staleness(self.artifact_name(options), self.name, recorded, job.parent, self.environment(options))
+
+    def reads(self, options: Any, artifacts: dict[str, str]) -> list[str]:
+        """The artifacts a run reads, given those the directory will hold (name -> kind): its parent by default."""
+        if self.accepts is None:
+            return []
+        parent = self.parent_name(options)
+        return [parent] if parent else []
+
+    def _run_locked(self, model_dir: ModelDir, options: Any, context: RunContext) -> StageResult:
+        job = self._job(model_dir, options, context)
         missing = self.requires(options)
         if missing:
             raise VlmoptError(missing)
         name = self.artifact_name(options)
+        parent = job.parent
         produced = model_dir.produce(
             name,
             kind=self.produces,

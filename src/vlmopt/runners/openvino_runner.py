@@ -104,16 +104,14 @@ class OpenVINORunner(Runner):
         self.executed["streams"] = self.streams
         # a fixed-batch IR takes whole batches only; a dynamic one under the throughput hint splits them over the streams
         self._static = not self.compiled.inputs[0].get_partial_shape()[0].is_dynamic
-        self._queue = ov.AsyncInferQueue(self.compiled, self.streams) if self.streams > 1 else None
-        if self._queue is not None:
-            # the callback must not hold the runner: a cycle through the queue lets Python's GC free the queue
-            # from one of its own worker threads, which OpenVINO ends with "Resource deadlock avoided"
-            self._queue.set_callback(_collect(list(self._outputs)))
+        # one infer request per stream, started and awaited by hand: OpenVINO's AsyncInferQueue calls back from its
+        # worker threads, and freeing it (or the compiled model) while one of them still runs aborted the process
+        self._requests = [self.compiled.create_infer_request() for _ in range(self.streams)] if self.streams > 1 else []
 
     def run_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         inputs = {name: np.ascontiguousarray(feed[name], dtype=self._types[name]) for name in self.input_names}
         batch = len(next(iter(inputs.values())))
-        if self._queue is not None and batch > 1 and not self._static:
+        if self._requests and batch > 1 and not self._static:
             return self._run_split(inputs, batch)
         results = self.request.infer({port: inputs[name] for name, port in zip(self.input_names, self.compiled.inputs, strict=True)})
         return {name: np.array(results[port], dtype=np.float32) for name, port in zip(self.output_names, self._outputs, strict=True)}
@@ -121,12 +119,20 @@ class OpenVINORunner(Runner):
     def _run_split(self, inputs: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
         """The throughput hint: the batch split over OpenVINO's streams, one request each, run in parallel."""
         parts = np.array_split(np.arange(batch), min(self.streams, batch))
-        outputs: dict[int, list[np.ndarray]] = {}
-        for index, rows in enumerate(parts):
-            feed = {port: inputs[name][rows[0] : rows[-1] + 1] for name, port in zip(self.input_names, self.compiled.inputs, strict=True)}
-            self._queue.start_async(feed, (index, outputs))
-        self._queue.wait_all()
-        return {name: np.concatenate([outputs[i][k] for i in range(len(parts))]) for k, name in enumerate(self.output_names)}
+        feeds = [
+            {port: np.ascontiguousarray(inputs[name][rows[0] : rows[-1] + 1]) for name, port in zip(self.input_names, self.compiled.inputs, strict=True)}
+            for rows in parts
+        ]
+        started = []
+        try:
+            for request, feed in zip(self._requests, feeds, strict=False):
+                request.start_async(feed)
+                started.append(request)
+        finally:
+            for request in started:
+                request.wait()  # every started request finishes before its inputs (held by `feeds`) may go
+        results = [[np.array(request.get_tensor(port).data, dtype=np.float32) for port in self._outputs] for request in started]
+        return {name: np.concatenate([part[k] for part in results]) for k, name in enumerate(self.output_names)}
 
     def profile(self) -> list[dict[str, Any]]:
         """Per-layer times of the last run (compiled with `profile=True`): OpenVINO's performance counters, slowest first."""
@@ -141,21 +147,11 @@ class OpenVINORunner(Runner):
         return self.executed
 
     def close(self) -> None:
-        if self._queue is not None:
-            self._queue.wait_all()
-        self._queue = None
+        for request in self._requests:
+            request.wait()
+        self._requests = []
         self.request = None
         self.compiled = None
-
-
-def _collect(ports: list[Any]) -> Any:
-    """An AsyncInferQueue callback that stores each part's outputs under its index in the dict passed as userdata."""
-
-    def done(request: Any, userdata: tuple[int, dict[int, list[np.ndarray]]]) -> None:
-        index, outputs = userdata
-        outputs[index] = [np.array(request.get_tensor(port).data, dtype=np.float32) for port in ports]
-
-    return done
 
 
 def first_line(exc: BaseException) -> str:

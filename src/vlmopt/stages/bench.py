@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import json
 import os
 import platform
@@ -31,7 +32,7 @@ from vlmopt.runners import ArtifactRunners
 from vlmopt.stage import RunContext, Stage, StageResult
 from vlmopt.verification.compare import compare
 from vlmopt.versions import package_version
-from vlmopt.workspace import ModelDir
+from vlmopt.workspace import ModelDir, check_writable, write_atomically
 
 REFERENCE = "hf"
 #: the PyTorch reference at half precision, measured too when benchmarking on a GPU
@@ -286,33 +287,18 @@ REPORT_SCHEMA = 2
 
 
 def writable_reports(model_dir: ModelDir) -> Path:
-    """The reports folder, checked writable before any measuring (a benchmark that cannot save its report is wasted);
-    created only when a report is written."""
+    """The reports folder, checked writable (and with room) before any measuring: a benchmark that cannot save its
+    report is wasted. Created only when a report is written."""
     folder = model_dir.path / REPORTS
-    target = folder if folder.exists() else model_dir.path
-    if not os.access(target, os.W_OK | os.X_OK):
-        raise VlmoptError(f"cannot write bench reports into {folder}: {target} is not writable; make it writable or bench a copy of the model directory")
+    check_writable(folder)
     return folder
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
 def write_report(model_dir: ModelDir, report: dict[str, Any], annotate: Callable[[dict[str, Any], str], None] | None = None) -> list[Path]:
-    """`reports/bench-<time>.json` and `.md`, each written whole or not at all; `annotate(report, json_name)` adds
-    to the report what needs its name (the recommendation) before it is written."""
+    """`reports/bench-<time>.json` and `.md`, both whole or neither; `annotate(report, json_name)` adds to the report
+    what needs its name (the recommendation) before it is written."""
     folder = writable_reports(model_dir)
+    made = not folder.exists()
     folder.mkdir(exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     suffix, n = "", 1
@@ -334,8 +320,15 @@ def write_report(model_dir: ModelDir, report: dict[str, Any], annotate: Callable
     )
     if report.get("recommendation"):
         md += "\n" + recommendation_markdown(Recommendation.from_json(report["recommendation"]))
-    _atomic_write(md_path, md)
-    _atomic_write(json_path, json.dumps(report, indent=2) + "\n")
+    try:
+        write_atomically(md_path, md.encode())
+        write_atomically(json_path, (json.dumps(report, indent=2) + "\n").encode())
+    except BaseException:
+        md_path.unlink(missing_ok=True)
+        if made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     return [json_path, md_path]
 
 
@@ -511,6 +504,50 @@ class Bench(Stage):
             lines.append(f"reports: {', '.join(report['files'])}")
         return lines
 
+    def requires(self, options: BenchOptions) -> str | None:
+        if options.device == "cuda":
+            from vlmopt.machine import gpus
+
+            if not gpus():
+                return "--device cuda needs a CUDA GPU, and torch sees none here; bench on --device cpu"
+        return None
+
+    def reads(self, options: BenchOptions, artifacts: dict[str, str]) -> list[str]:
+        """The artifacts measured: those named, or every one of the kinds this device runs; the PyTorch reference first."""
+        names = list(options.artifacts) or [n for n, kind in artifacts.items() if kind in _default_kinds(options.device)]
+        if REFERENCE in artifacts or REFERENCE in names:
+            names = [REFERENCE, *(n for n in names if n != REFERENCE)]
+        return names
+
+    def _key(self, model_dir: ModelDir, options: BenchOptions, context: RunContext) -> tuple[list[str], dict[str, Any], list[dict[str, Any]]]:
+        """The artifacts to measure (each checked to exist), what identifies the measurement (a report with this key is
+        up to date), and the artifacts this machine cannot run (OpenVINO ones without the extra), said why."""
+        all_artifacts = model_dir.load()
+        names = self.reads(options, {n: a.kind for n, a in all_artifacts.items()})
+        for name in names:
+            model_dir.artifact(name)  # exists, with its files as recorded: never time (and record results for) changed files
+        names, not_here = _runnable_openvino(names, all_artifacts, named=bool(options.artifacts))
+        key = {
+            "options": opts.recorded(options),
+            "artifacts": {n: all_artifacts[n].digest for n in names},
+            "environment": self.environment(options),
+            "threads": context.thread_count,
+        }
+        return names, json.loads(json.dumps(key)), not_here
+
+    def staleness(self, directory: str | os.PathLike[str] | ModelDir, options: BenchOptions, context: RunContext | None = None) -> str | None:
+        opts.validate(options)
+        model_dir = directory if isinstance(directory, ModelDir) else ModelDir.open(directory)
+        _, key, _ = self._key(model_dir, options, context or RunContext())
+        latest = latest_report(model_dir)
+        if latest is None:
+            return "not measured yet"
+        if latest.get("key") == key:
+            return None
+        changed = [part for part in ("options", "artifacts", "environment", "threads") if (latest.get("key") or {}).get(part) != key[part]]
+        what = {"options": "options", "artifacts": "artifacts", "environment": "tool versions or machine", "threads": "threads"}
+        return f"{' and '.join(what[c] for c in changed) or 'the measurement'} changed since {Path(latest['files'][0]).name}"
+
     def _run_locked(self, model_dir: ModelDir, options: BenchOptions, context: RunContext) -> StageResult:
         result = self._measure_or_reuse(model_dir, options, context)
         report = result.report
@@ -522,15 +559,7 @@ class Bench(Stage):
         current = model_dir.recommendation()
         if current is None or current.to_json() != recommendation.to_json():
             model_dir.record_recommendation(recommendation)
-        if options.min_speedup is not None and not result.skipped:
-            slow = [r for r in report["rows"] if r["artifact"] != REFERENCE and r["speedup"] is not None and r["speedup"] < options.min_speedup]
-            if slow:
-                worst = min(slow, key=lambda r: r["speedup"])
-                raise CheckFailed(
-                    f"{len(slow)} measurement(s) below --min-speedup {options.min_speedup:g}: slowest is {worst['artifact']} "
-                    f"{worst['tower']} at batch {worst['batch']}, {worst['speedup']:.2f}x PyTorch",
-                    details={"report": report},
-                )
+        _check_speedup(report, options)
         if options.select and recommendation.unmet():
             unmet = recommendation.unmet()
             first = unmet[0]
@@ -542,36 +571,20 @@ class Bench(Stage):
         return result
 
     def _measure_or_reuse(self, model_dir: ModelDir, options: BenchOptions, context: RunContext) -> StageResult:
-        if options.device == "cuda":
-            from vlmopt.machine import gpus
-
-            if not gpus():
-                raise VlmoptError("--device cuda needs a CUDA GPU, and torch sees none here; bench on --device cpu")
-        all_artifacts = model_dir.load()
-        names = list(options.artifacts) or [n for n, a in all_artifacts.items() if a.kind in _default_kinds(options.device)]
-        for name in names:
-            model_dir.artifact(name)
-        names, not_here = _runnable_openvino(names, all_artifacts, named=bool(options.artifacts))
-        if REFERENCE in all_artifacts and REFERENCE not in names:
-            names.insert(0, REFERENCE)
-        if REFERENCE in names:
-            names.remove(REFERENCE)
-            names.insert(0, REFERENCE)
-        threads = context.thread_count
-        key = {
-            "options": opts.recorded(options),
-            "artifacts": {n: all_artifacts[n].digest for n in names},
-            "environment": self.environment(options),
-            "threads": threads,
-        }
+        missing = self.requires(options)
+        if missing:
+            raise VlmoptError(missing)
+        names, key, not_here = self._key(model_dir, options, context)
         latest = latest_report(model_dir)
-        if not context.force and latest is not None and latest.get("key") == json.loads(json.dumps(key)):
+        if not context.force and latest is not None and latest.get("key") == key:
             return StageResult(
                 self.name, "bench", True, report=latest, reason=f"up to date: {latest['files'][0]} measured the same artifacts, options and tools"
             )
         writable_reports(model_dir)
-        report = measure(model_dir, options, names, all_artifacts, threads, context)
+        all_artifacts = model_dir.load()
+        report = measure(model_dir, options, names, all_artifacts, context.thread_count, context)
         report["not_measured"] = not_here + report["not_measured"]
+        report["model"] = model_identity(model_dir)
         report["key"] = key
 
         def choose(report: dict[str, Any], name: str) -> None:
@@ -581,6 +594,45 @@ class Bench(Stage):
         for name in [n for n in names if n != FP16_REFERENCE]:
             model_dir.update_artifact(name, benchmark={"report": paths[0].name, "rows": [r for r in report["rows"] if r["artifact"] == name]})
         return StageResult(self.name, "bench", False, report=report, files=report["files"])
+
+
+def _check_speedup(report: dict[str, Any], options: BenchOptions) -> None:
+    """--min-speedup, applied to a new report and to an up-to-date one alike (a rerun fails as the first run did)."""
+    if options.min_speedup is None:
+        return
+    slow = [r for r in report["rows"] if r["artifact"] != REFERENCE and r["speedup"] is not None and r["speedup"] < options.min_speedup]
+    if slow:
+        worst = min(slow, key=lambda r: r["speedup"])
+        raise CheckFailed(
+            f"{len(slow)} measurement(s) below --min-speedup {options.min_speedup:g}: slowest is {worst['artifact']} "
+            f"{worst['tower']} at batch {worst['batch']}, {worst['speedup']:.2f}x PyTorch",
+            details={"report": report},
+        )
+
+
+def model_identity(model_dir: ModelDir) -> dict[str, Any] | None:
+    """Which model a report measured, for `vlmopt compare`: the family, and the architecture as the PyTorch reference's
+    tensor names and shapes (read from the safetensors headers; not the weights, which `weights` identifies)."""
+    artifacts = model_dir.load()
+    reference = artifacts.get(REFERENCE)
+    if reference is None:
+        return None
+    folder = model_dir.artifact_path(REFERENCE)
+    shapes: dict[str, list[int]] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with open(file, "rb") as fh:
+            length = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(length))
+        shapes.update({name: entry["shape"] for name, entry in header.items() if name != "__metadata__"})
+    digest = hashlib.sha256(json.dumps(sorted(shapes.items())).encode()).hexdigest()
+    return {
+        "family": reference.traits.family,
+        "model_type": reference.traits.model_type,
+        "source": reference.record.get("source"),
+        "architecture": digest,
+        "parameters": int(sum(int(np.prod(shape)) for shape in shapes.values())),
+        "weights": reference.digest,
+    }
 
 
 def measure(model_dir: ModelDir, options: BenchOptions, names: list[str], all_artifacts: dict[str, Any], threads: int, context: RunContext) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any
 from vlmopt.options import StageOptions, option
 from vlmopt.records import Traits
 from vlmopt.stage import Job, Stage
-from vlmopt.workspace import StageOutput, content_digest, file_records
+from vlmopt.workspace import StageOutput, source_digest
 
 ARTIFACT = "hf"
 
@@ -29,10 +29,11 @@ class ExportOptions(StageOptions):
             raise VlmoptError("export needs a SOURCE: a hub id (org/name) or a local Hugging Face model folder")
 
 
-def _source_fingerprint(options: ExportOptions, local: Path | None, config: Any) -> str:
-    """What identifies the source's content: file hashes for a folder, the resolved commit for the hub."""
+def _source_fingerprint(options: ExportOptions, local: Path | None, config: Any, output: Path) -> str:
+    """What identifies the source's content: file hashes for a folder (without the model directory being
+    written, when it lies inside the source), the resolved commit for the hub."""
     if local is not None:
-        return content_digest(file_records(local))
+        return source_digest(local, exclude=output)
     return getattr(config, "_commit_hash", None) or f"{options.source}@{options.revision or 'main'}"
 
 
@@ -77,7 +78,7 @@ class Export(Stage):
         source = str(local.resolve()) if local is not None else options.source
         config = load_config(source, options.revision, options.trust_remote_code)
         job.state.update(local=local, source=source, config=config, family=family_for(config))
-        job.recorded.update(source=source, source_fingerprint=_source_fingerprint(options, local, config))
+        job.recorded.update(source=source, source_fingerprint=_source_fingerprint(options, local, config, job.model_dir.path))
 
     def build(self, job: Job, tmp: Path) -> StageOutput:
         from vlmopt.hf import load_model, save_processors

@@ -9,9 +9,8 @@ come from `vlmopt.runners.ArtifactRunners`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,12 +210,3 @@ def _zero_shot(towers: dict[str, Tower], picks: dict[str, tuple[Any, Any, str]],
 def _first(outputs: dict[str, np.ndarray]) -> np.ndarray:
     """The tower's embedding: its `logits_per_image` for a monolith, else its only output."""
     return outputs.get("logits_per_image", next(iter(outputs.values())))
-
-
-@contextlib.contextmanager
-def opened(runner: Runner) -> Iterator[Runner]:
-    """A runner made elsewhere (a PyTorch module already loaded) used as a context manager that closes it."""
-    try:
-        yield runner
-    finally:
-        runner.close()

@@ -56,6 +56,14 @@ def test_report_prints_markdown_with_every_artifact_its_size_fidelity_and_speedu
     assert "vision 0.9" in markdown  # worst cosine per tower
 
 
+def test_report_shows_benchs_recommendation_per_tower_and_batch(reported: tuple[Any, Path]) -> None:
+    markdown = reported[0].stdout
+
+    assert "### Recommended: the fastest artifact that passed its fidelity gate" in markdown
+    for tower, batch in (("vision", 1), ("vision", 2), ("text", 1), ("text", 2)):
+        assert f"| {tower} | {batch} | " in markdown
+
+
 def test_report_lists_the_gates_of_the_last_run(reported: tuple[Any, Path]) -> None:
     markdown = reported[0].stdout
 

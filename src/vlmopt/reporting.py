@@ -471,6 +471,11 @@ def render_markdown(
 
     if bench is not None:
         lines += _speedup_table(bench, [r["name"] for r in rows])
+        if bench.get("recommendation"):
+            from vlmopt.records import Recommendation
+            from vlmopt.stages.bench import recommendation_markdown
+
+            lines += [recommendation_markdown(Recommendation.from_json(bench["recommendation"])).replace("## Recommended", "### Recommended"), ""]
     else:
         lines += ["### Speed", "", f"No bench report yet: `vlmopt bench {name}` measures every artifact against PyTorch.", ""]
 

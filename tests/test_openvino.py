@@ -426,3 +426,21 @@ def test_an_ignored_pattern_applies_to_each_tower_where_it_matches(converted: Ca
     assert towers["text"]["compression"]["ignored"]["patterns"] == [".*text_model.*self_attn/MatMul(_1)?$"]
     assert "ignored" not in towers["vision"]["compression"]
     assert towers["text"]["compression"]["smooth_quant_alpha"] is None
+
+
+# -- recipes ---------------------------------------------------------------------------------------
+def test_a_recipe_names_the_openvino_stage_and_bench_measures_what_it_made(tmp_path: Path) -> None:
+    from conftest import run_json, statuses, write_recipe
+
+    recipe = write_recipe(
+        tmp_path / "recipes",
+        "source: demo:clip-tiny\nmodel_dir: ../build/clip\nsteps:\n"
+        "  - convert: {}\n  - openvino: {mode: int8-weights}\n  - bench: {batch: [1], iterations: 2, warmup: 0}\n",
+    )
+
+    code, payload = run_json(recipe)
+
+    assert code == 0, payload
+    assert statuses(payload) == {"hf": "ran", "onnx": "ran", "openvino-int8-weights": "ran", "bench": "ran"}
+    report = json.loads((tmp_path / "build" / "clip" / "vlmopt.json").read_text())
+    assert report["artifacts"]["openvino-int8-weights"]["benchmark"]["rows"], "bench measured the recipe's OpenVINO artifact"

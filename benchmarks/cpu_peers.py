@@ -50,7 +50,8 @@ ARTIFACTS: list[tuple[str, str, dict[str, Any]]] = [
     ("int8-static", "quantize", {"mode": "int8-static"}),
     ("openvino", "openvino", {"inference_precision": "f32"}),
     ("openvino-bf16", "openvino", {"from": "openvino", "inference_precision": "bf16", "name": "openvino-bf16"}),
-    (PEER, "openvino", {"mode": "int8", "calib_samples": 32, "inference_precision": "auto", "name": PEER}),
+    # the peer is measured whatever its fidelity (vlmopt's own gate refuses it on base BERT: 0.976 against its parent)
+    (PEER, "openvino", {"mode": "int8", "calib_samples": 32, "inference_precision": "auto", "name": PEER, "min_cosine": None}),
     ("ov-int8", "openvino", {"mode": "int8", "inference_precision": "f32", "name": "ov-int8"}),
     ("ov-int8-bf16", "openvino", {"from": "ov-int8", "inference_precision": "bf16", "name": "ov-int8-bf16"}),
     ("ov-int8-bf16-tput", "openvino", {"from": "ov-int8", "inference_precision": "bf16", "performance_hint": "throughput", "name": "ov-int8-bf16-tput"}),

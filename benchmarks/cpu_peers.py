@@ -39,6 +39,7 @@ import vlmopt  # noqa: E402
 from vlmopt import errors as vlmopt_errors  # noqa: E402
 from vlmopt.demo import build_demo_model  # noqa: E402
 from vlmopt.stages.bench import REFERENCE  # noqa: E402
+from vlmopt.workspace import ModelDir  # noqa: E402
 
 TARGET, MIN_COSINE = 1.15, 0.999
 PEER = "ov-nncf-defaults"
@@ -343,7 +344,8 @@ def main() -> int:
                 flops[tower] = flops_per_item(model_dir, tower)
             achieved = flops[tower] * choice["throughput"] / 1e9
             ran = next((r.get("runtime", {}).get("inference_precision") for r in report["rows"] if r["artifact"] == choice["artifact"]), None)
-            limit = peak["int8"] if "int8" in choice["artifact"] or "ov-int8" in choice["artifact"] else peak["fp32"]
+            precision = ModelDir.open(model_dir).load()[choice["artifact"]].traits.precision
+            limit = peak["int8"] if precision.startswith("int8") else peak["fp32"]
             verdict = "met" if ratio is not None and ratio >= TARGET else "MISSED"
             line = (
                 f"  {family} {tower} b{batch}: {choice['artifact']} {choice['latency_ms']:.1f} ms vs peer {peer['latency_ms']['mean']:.1f} ms = "

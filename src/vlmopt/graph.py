@@ -23,6 +23,16 @@ def load(path: Path) -> Any:
         raise VlmoptError(f"cannot read ONNX file {path}: {(str(exc).splitlines() or [type(exc).__name__])[0][:200]}") from exc
 
 
+def load_structure(path: Path) -> Any:
+    """The graph without its weights (operators, inputs, outputs): cheap for any size."""
+    import onnx
+
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise VlmoptError(f"cannot read ONNX file {path}: {(str(exc).splitlines() or [type(exc).__name__])[0][:200]}") from exc
+
+
 def save(model: Any, path: Path) -> None:
     """Save `model`, with its weights in `<name>.data` when they are too large for one protobuf."""
     import onnx

@@ -12,16 +12,26 @@ from typing import Any
 from vlmopt.errors import VlmoptError
 from vlmopt.families.base import Family, TensorSpec, TextVocab, Tower
 
-__all__ = ["Family", "TensorSpec", "TextVocab", "Tower", "all_families", "family_for", "supported_model_types"]
+__all__ = ["Family", "TensorSpec", "TextVocab", "Tower", "all_families", "family_for", "family_named", "generative_families", "supported_model_types"]
 
 
 @cache
 def all_families() -> tuple[Family, ...]:
     from vlmopt.families.bert import BertStyleFamily
     from vlmopt.families.dual_encoder import ClipFamily, SiglipFamily
+    from vlmopt.families.llava import LlavaFamily
     from vlmopt.families.vit import VitFamily
 
-    return (ClipFamily(), SiglipFamily(), VitFamily(), BertStyleFamily())
+    return (ClipFamily(), SiglipFamily(), VitFamily(), BertStyleFamily(), LlavaFamily())
+
+
+def family_named(name: str | None) -> Family | None:
+    """The family recorded under `name` in an artifact's traits, or None."""
+    return next((family for family in all_families() if family.name == name), None)
+
+
+def generative_families() -> list[str]:
+    return [family.name for family in all_families() if family.generative]
 
 
 def supported_model_types() -> list[str]:
@@ -33,5 +43,6 @@ def family_for(config: Any) -> Family:
     model_type = getattr(config, "model_type", None)
     for family in all_families():
         if model_type in family.model_types:
+            family.check_config(config)
             return family
     raise VlmoptError(f"unsupported architecture '{model_type}'; vlmopt supports: {', '.join(supported_model_types())}")

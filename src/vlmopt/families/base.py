@@ -14,8 +14,11 @@ Axis = int | str
 class TensorSpec:
     """A named graph input or output; string axes are dynamic and named ("batch", "sequence").
 
-    `role` tells the dummy-input generator what to put in an input: "image", "input_ids",
-    "attention_mask" or "token_type_ids". Outputs carry the role "output".
+    `role` tells the dummy-input generator what to put in an input (`vlmopt.inputs`): "image",
+    "input_ids", "attention_mask", "token_type_ids"; for generative parts also "image_input_ids"
+    (token ids holding runs of the image token), "image_features", "inputs_embeds",
+    "decoder_attention_mask" (left-padded, over past and new positions), "position_ids",
+    "past_key" and "past_value". Outputs carry the role "output".
     """
 
     name: str
@@ -45,9 +48,12 @@ class TextVocab:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    #: vision-language models: the placeholder token image features replace, and how many each image takes
+    image_token_id: int | None = None
+    image_seq_length: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if v is not None or not k.startswith("image_")}
 
 
 @dataclass(frozen=True)
@@ -56,7 +62,9 @@ class Tower:
 
     `wrap` turns the loaded model into the `nn.Module` whose forward takes the inputs by name in
     order and returns the outputs in order. `num_heads`/`hidden_size`/`optimizer_model_type` are
-    what ONNX Runtime's transformer optimizer needs to fuse this tower.
+    what ONNX Runtime's transformer optimizer needs to fuse this tower. `derived_axes` names axes
+    whose size follows from others ("total_sequence": "past_sequence + sequence"): dummy inputs
+    honour them and exporters must not treat them as free.
     """
 
     name: str
@@ -69,6 +77,7 @@ class Tower:
     optimizer_model_type: str | None = None
     bench_sizes: dict[str, int] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    derived_axes: dict[str, str] = field(default_factory=dict)
 
     @property
     def axes(self) -> list[str]:
@@ -100,6 +109,7 @@ class Tower:
             optimizer_model_type=data.get("optimizer_model_type"),
             bench_sizes=data.get("bench_sizes") or {},
             meta=data.get("meta") or {},
+            derived_axes=data.get("derived_axes") or {},
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -112,6 +122,7 @@ class Tower:
             "optimizer_model_type": self.optimizer_model_type,
             "bench_sizes": self.bench_sizes,
             "meta": self.meta,
+            **({"derived_axes": self.derived_axes} if self.derived_axes else {}),
         }
 
 
@@ -143,6 +154,10 @@ class Family:
     #: verification tolerance (max abs diff) between PyTorch and the fp32 export
     atol: float = 1e-4
     supports_monolith: bool = False
+    #: its parts generate text (`vlmopt generate`); an encoder family's do not
+    generative: bool = False
+    #: the ONNX exporters its towers can go through (a decoder with a KV cache needs the dynamo exporter)
+    exporters: tuple[str, ...] = ("dynamo", "torchscript")
 
     def model_class(self, config: Any) -> Any:
         from transformers import AutoModel
@@ -162,6 +177,18 @@ class Family:
     def tower_config(self, config: Any, tower: str) -> Any:
         """The (sub-)config holding a tower's sizes: `intermediate_size`, `num_attention_heads`."""
         return config
+
+    def check_config(self, config: Any) -> None:
+        """Refuse (VlmoptError) a checkpoint of this family that vlmopt cannot convert, saying what it supports."""
+
+    # -- generative families --------------------------------------------------------------------
+    def preprocessor(self, folder: Path) -> Any:
+        """What turns a prompt and images into the ids, mask and pixels every generation backend takes
+        (the checkpoint's own processor in `folder`); `vlmopt.verification.generation` checks a generative
+        family's artifacts through it and the three-part contract, so a family declares and never verifies."""
+        from vlmopt.errors import VlmoptError
+
+        raise VlmoptError(f"{self.name} is an encoder family: it has no text generation")
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"

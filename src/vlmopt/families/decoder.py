@@ -1,0 +1,135 @@
+"""Decoders with a KV cache: the interface generated from a text config, and the wrapper that exports one merged graph.
+
+What Optimum's `OnnxConfigWithPast` does for its exporters, in vlmopt's vocabulary: `KvCacheLayout` holds
+the few sizes that decide a decoder's interface (layers, key/value heads, head size, hidden size, vocabulary,
+positions) and generates from them the `past_key_values.{i}.key/value` inputs, the `present.{i}.key/value`
+outputs, the mask and position inputs with their roles, and the derived axis
+`total_sequence = past_sequence + sequence`. A family only says where its language model and head are.
+
+One graph serves prefill (an empty past, `past_sequence` 0) and decode: `CausalLmWithPast` builds a cache from
+the flat past tensors and hands the language model a ready 4-D additive mask. transformers passes a prepared
+4-D mask through unchanged, so none of its data-dependent mask shortcuts (SDPA's "no mask, is_causal" skip
+bakes in "no padding"; packed-sequence detection from position_ids) end up in the traced graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from vlmopt.families.base import TensorSpec, TextVocab, Tower, text_vocab
+
+PAST_KEY, PAST_VALUE = "past_key_values.{i}.key", "past_key_values.{i}.value"
+PRESENT_KEY, PRESENT_VALUE = "present.{i}.key", "present.{i}.value"
+TOTAL_SEQUENCE = "past_sequence + sequence"
+
+
+@dataclass(frozen=True)
+class KvCacheLayout:
+    """The sizes that decide a KV-cache decoder's interface, read from a (text) config."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    hidden_size: int
+    num_heads: int
+    vocab_size: int
+    max_positions: int
+
+    @classmethod
+    def of(cls, config: Any) -> KvCacheLayout:
+        heads = config.num_attention_heads
+        return cls(
+            num_layers=config.num_hidden_layers,
+            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            hidden_size=config.hidden_size,
+            num_heads=heads,
+            vocab_size=config.vocab_size,
+            max_positions=config.max_position_embeddings,
+        )
+
+    def past_names(self) -> list[str]:
+        return [name.format(i=i) for i in range(self.num_layers) for name in (PAST_KEY, PAST_VALUE)]
+
+    def present_names(self) -> list[str]:
+        return [name.format(i=i) for i in range(self.num_layers) for name in (PRESENT_KEY, PRESENT_VALUE)]
+
+    def inputs(self, position_ids: bool = True) -> tuple[TensorSpec, ...]:
+        specs = [
+            TensorSpec("inputs_embeds", ("batch", "sequence", self.hidden_size), "float32", "inputs_embeds"),
+            TensorSpec("attention_mask", ("batch", "total_sequence"), "int64", "decoder_attention_mask"),
+        ]
+        if position_ids:
+            specs.append(TensorSpec("position_ids", ("batch", "sequence"), "int64", "position_ids"))
+        cache = ("batch", self.kv_heads, "past_sequence", self.head_dim)
+        for i in range(self.num_layers):
+            specs += [TensorSpec(PAST_KEY.format(i=i), cache, "float32", "past_key"), TensorSpec(PAST_VALUE.format(i=i), cache, "float32", "past_value")]
+        return tuple(specs)
+
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        specs = [TensorSpec("logits", ("batch", "sequence", self.vocab_size))]
+        cache = ("batch", self.kv_heads, "total_sequence", self.head_dim)
+        for i in range(self.num_layers):
+            specs += [TensorSpec(PRESENT_KEY.format(i=i), cache), TensorSpec(PRESENT_VALUE.format(i=i), cache)]
+        return tuple(specs)
+
+    def tower(self, wrap: Any, config: Any, meta: dict[str, Any] | None = None, position_ids: bool = True) -> Tower:
+        """The `decoder` tower: inputs_embeds + mask (+ positions) + past -> logits + present."""
+        vocab = text_vocab(config)
+        return Tower(
+            name="decoder",
+            inputs=self.inputs(position_ids),
+            outputs=self.outputs(),
+            wrap=wrap,
+            vocab=TextVocab(**{**vocab.to_json(), "max_length": self.max_positions}),
+            num_heads=self.num_heads,
+            hidden_size=self.hidden_size,
+            bench_sizes={"batch": 1, "sequence": 32, "past_sequence": 96},
+            meta={"kv_cache": self.to_json(), **(meta or {})},
+            derived_axes={"total_sequence": TOTAL_SEQUENCE},
+        )
+
+    def to_json(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def additive_mask(attention_mask: Any, query_length: Any, past_length: Any, dtype: Any) -> Any:
+    """[batch, 1, query, past + query]: 0 where a query position may attend (causal and not padding), dtype-min elsewhere."""
+    import torch
+
+    total = attention_mask.shape[1]
+    query_positions = torch.arange(query_length, device=attention_mask.device) + past_length
+    key_positions = torch.arange(total, device=attention_mask.device)
+    causal = (key_positions.unsqueeze(0) <= query_positions.unsqueeze(1)).unsqueeze(0).unsqueeze(0)
+    allowed = causal & attention_mask.bool().unsqueeze(1).unsqueeze(2)
+    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
+    return torch.where(allowed, zero, torch.full((), torch.finfo(dtype).min, dtype=dtype, device=attention_mask.device))
+
+
+class CausalLmWithPast(nn.Module):
+    """(inputs_embeds, attention_mask, position_ids, *past) -> (logits, *present), with a DynamicCache inside.
+
+    `language_model` is the decoder stack (no head), `lm_head` the projection to the vocabulary."""
+
+    def __init__(self, language_model: Any, lm_head: Any, text_config: Any):
+        super().__init__()
+        self.language_model = language_model
+        self.lm_head = lm_head
+        self.text_config = text_config
+        self.num_layers = text_config.num_hidden_layers
+
+    def forward(self, inputs_embeds: Any, attention_mask: Any, position_ids: Any, *past: Any) -> tuple[Any, ...]:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.text_config)
+        for i in range(self.num_layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        mask = additive_mask(attention_mask, inputs_embeds.shape[1], past[0].shape[2], inputs_embeds.dtype)
+        out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True)
+        present: list[Any] = []
+        for layer in cache.layers:
+            present += [layer.keys, layer.values]
+        return (self.lm_head(out.last_hidden_state), *present)

@@ -13,8 +13,10 @@ from typing import Any
 
 from vlmopt.errors import VlmoptError
 
-DEMO_FAMILIES = ("clip", "siglip", "vit", "vit-classifier", "bert")
+DEMO_FAMILIES = ("clip", "siglip", "vit", "vit-classifier", "bert", "llava")
 SIZES = ("tiny", "base")
+#: llava also has `small` (LLaVA-OneVision-0.5B's sizes); see `vlmopt.demo_llava`
+LLAVA_SIZES = ("tiny", "base", "small")
 
 _TINY = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
 _TINY_IMAGE = {"image_size": 32, "patch_size": 8}
@@ -200,17 +202,27 @@ def _bert(size: str) -> tuple[Any, Any]:
     return BertModel(config), None
 
 
-def build_demo_model(dest: str | Path, family: str = "clip", size: str = "tiny", seed: int = 0) -> Path:
-    """Write a Hugging Face model folder (safetensors, config, preprocessing) with random weights."""
+def build_demo_model(dest: str | Path, family: str = "clip", size: str = "tiny", seed: int = 0, language_model: str | None = None) -> Path:
+    """Write a Hugging Face model folder (safetensors, config, preprocessing) with random weights.
+
+    `language_model` (llava only): a real language model behind the random vision tower (see `vlmopt.demo_llava`)."""
     import torch
 
     if family not in DEMO_FAMILIES:
         raise VlmoptError(f"unknown demo family '{family}'; choose one of {', '.join(DEMO_FAMILIES)}")
-    if size not in SIZES:
-        raise VlmoptError(f"unknown demo size '{size}'; choose one of {', '.join(SIZES)}")
+    sizes = LLAVA_SIZES if family == "llava" else SIZES
+    if size not in sizes:
+        raise VlmoptError(f"unknown demo size '{size}' for {family}; choose one of {', '.join(sizes)}")
+    if language_model and family != "llava":
+        raise VlmoptError(f"--language-model puts a language model behind a vision tower (--family llava), not into {family}")
     dest = Path(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise VlmoptError(f"{dest} exists and is not an empty directory")
+    if family == "llava":
+        from vlmopt.demo_llava import build_llava
+
+        build_llava(dest, size, seed, language_model)
+        return dest
     torch.manual_seed(seed)
     builders = {
         "clip": lambda: _clip(size),

@@ -142,6 +142,8 @@ class MetricCheck:
     threshold: float | None = None
     higher_is_better: bool = True
     detail: dict[str, Any] = field(default_factory=dict)
+    #: the option that sets `threshold` ("--min-token-agreement"), for the failure message
+    gate: str | None = None
 
     @property
     def passed(self) -> bool:

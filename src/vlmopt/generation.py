@@ -1,0 +1,164 @@
+"""`vlmopt generate DIR [ARTIFACT] --image PATH --prompt TEXT`: text from images and a prompt, from any generative artifact.
+
+It reads the model directory (no lock: it writes nothing). The prompt is prepared once by the model's own
+processor (chat template, `<image>` expanded to the image's tokens, pixels) before any backend runs, so
+transformers, vlmopt's ONNX Runtime loop and onnxruntime-genai all see identical ids. Every bad input is
+refused before a model is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from vlmopt.errors import VlmoptError
+from vlmopt.options import StageOptions, option
+from vlmopt.workspace import Artifact, ModelDir
+
+BACKENDS = ("auto", "transformers", "onnxruntime", "onnxruntime-genai")
+#: the backends each artifact kind can run on; the first is the default
+KIND_BACKENDS = {"hf": ("transformers",), "onnx": ("onnxruntime", "onnxruntime-genai")}
+
+
+@dataclass
+class GenerateOptions(StageOptions):
+    artifact: str = option(
+        "", "The artifact to generate with: hf (transformers) or an ONNX variant (default: onnx if there is one, else hf).", argument=True, metavar="[ARTIFACT]"
+    )
+    image: list[str] = option([], "An image file; repeat for several, in the order the prompt refers to them.", metavar="PATH", separator=None)
+    prompt: str | None = option(None, "The user's message; the model's chat template wraps it (images first unless the prompt marks them with <image>).")
+    max_new_tokens: int = option(64, "Most new tokens to generate.", minimum=1)
+    temperature: float = option(0.0, "0: greedy (the default); above 0: sample at this temperature.", minimum=0.0)
+    top_p: float = option(1.0, "Sampling: keep the smallest set of tokens whose probability reaches this.", minimum=0.0, maximum=1.0, exclusive=("min",))
+    seed: int = option(0, "Sampling: the random seed.", minimum=0)
+    raw_prompt: bool = option(False, "Give --prompt to the model as is (no chat template); it must hold one <image> per --image.")
+    backend: str = option("auto", "transformers (hf), onnxruntime (vlmopt's loop) or onnxruntime-genai; auto: the artifact's first.", choices=BACKENDS)
+
+    def check(self) -> None:
+        if self.prompt is None:
+            raise VlmoptError("generate needs --prompt TEXT")
+        if self.top_p < 1.0 and self.temperature == 0:
+            raise VlmoptError("--top-p applies to sampling; add --temperature above 0")
+
+
+def _family(model_dir: ModelDir, artifact: Artifact) -> Any:
+    from vlmopt.families import all_families, family_for, generative_families
+    from vlmopt.hf import load_config
+
+    family = next((f for f in all_families() if f.name == artifact.traits.family), None)
+    if family is None:
+        family = family_for(load_config(model_dir.checkpoint_folder(artifact)))
+    if not family.generative:
+        raise VlmoptError(
+            f"'{artifact.name}' is a {family.name} model, an encoder: it has no text generation (generative families: {', '.join(generative_families())})"
+        )
+    return family
+
+
+def load_images(paths: list[str]) -> list[Any]:
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except FileNotFoundError:
+            raise VlmoptError(f"image {path} does not exist") from None
+        except (UnidentifiedImageError, OSError) as exc:
+            raise VlmoptError(f"cannot read image {path}: {(str(exc).splitlines() or [''])[0][:200]}") from None
+    return images
+
+
+def _backend(artifact: Artifact, requested: str) -> str:
+    choices = KIND_BACKENDS.get(artifact.kind)
+    if choices is None:
+        raise VlmoptError(f"'{artifact.name}' is {artifact.kind} artifact; generate runs hf and ONNX artifacts")
+    if requested == "auto":
+        return choices[0]
+    if requested not in choices:
+        raise VlmoptError(f"'{artifact.name}' ({artifact.kind}) runs on {' or '.join(choices)}, not --backend {requested}")
+    return requested
+
+
+def open_runner(model_dir: ModelDir, artifact: Artifact, backend: str, preprocessor: Any, threads: int | None) -> Any:
+    """The generate runner of `artifact` on `backend` (transformers, onnxruntime or onnxruntime-genai)."""
+    folder = model_dir.artifact_path(artifact.name)
+    if backend == "transformers":
+        from vlmopt.runners.generate import HfGenerateRunner
+
+        return HfGenerateRunner(folder, threads)
+    if backend == "onnxruntime-genai":
+        from vlmopt.runners.genai import GenaiGenerateRunner
+
+        return GenaiGenerateRunner(folder, preprocessor.image_seq_length, threads)
+    from vlmopt.runners.generate import OrtGenerateRunner
+
+    return OrtGenerateRunner(folder, {name: record.file or "" for name, record in artifact.towers.items()}, threads)
+
+
+def generate(
+    directory: str | os.PathLike[str], options: GenerateOptions, threads: int | None = None, on_text: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Generate from the images and prompt in `options`; `on_text` hears the text as it grows (batch of one).
+
+    Returns the artifact, backend, prompt length, new tokens, text, why it stopped and the timings. Raises
+    VlmoptError (exit 2) for bad input before any model is loaded."""
+    from vlmopt.runners.generate import GenerateRequest, Sampling
+
+    options.validate()
+    model_dir = ModelDir.open(directory)
+    known = model_dir.load()
+    name = options.artifact or ("onnx" if "onnx" in known else "hf")
+    artifact = model_dir.artifact(name)
+    family = _family(model_dir, artifact)
+    backend = _backend(artifact, options.backend)
+    images = load_images(options.image)
+    # the checkpoint's own processor: the copy convert writes beside the parts is for runtimes without a model directory
+    preprocessor = family.preprocessor(model_dir.checkpoint_folder(artifact))
+    prompt = preprocessor(options.prompt or "", images, chat=not options.raw_prompt)
+    length = int(prompt.input_ids.shape[1])
+    if length + options.max_new_tokens > preprocessor.max_positions:
+        raise VlmoptError(
+            f"the prompt ({length} tokens) plus --max-new-tokens {options.max_new_tokens} exceeds the model's {preprocessor.max_positions} positions; "
+            f"ask for at most {max(preprocessor.max_positions - length, 0)} new tokens"
+        )
+    request = GenerateRequest(
+        prompt,
+        options.max_new_tokens,
+        preprocessor.eos_token_ids,
+        preprocessor.pad_token_id,
+        Sampling(options.temperature, options.top_p, options.seed),
+    )
+    streamed: list[int] = []
+    shown = [""]
+
+    def on_token(tokens: Any) -> None:
+        if on_text is None or not len(tokens):
+            return
+        streamed.append(int(tokens[0]))
+        text = preprocessor.decode(streamed)
+        if text.startswith(shown[0]) and not text.endswith("\ufffd"):  # a partial character waits for its next byte
+            on_text(text[len(shown[0]) :])
+            shown[0] = text
+
+    with open_runner(model_dir, artifact, backend, preprocessor, threads) as runner:
+        result = runner.generate(request, on_token)
+    tokens = result.tokens[0]
+    text = preprocessor.decode(tokens)
+    if on_text is not None and text.startswith(shown[0]) and text != shown[0]:
+        on_text(text[len(shown[0]) :])
+    timings = result.to_json()["timings"]
+    return {
+        "artifact": artifact.name,
+        "backend": backend,
+        "prompt_tokens": length,
+        "images": len(images),
+        "sampling": request.sampling.to_json(),
+        "tokens": tokens,
+        "text": text,
+        "finish_reason": result.finish_reasons[0],
+        "timings": timings,
+    }

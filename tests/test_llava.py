@@ -1,0 +1,226 @@
+"""LLaVA-style models end to end on the tiny demo: three parts with a KV cache, verified generation, per-part quantization."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import manifest, vlmopt, vlmopt_json
+from vlmopt.samples import sample_image
+
+
+@pytest.fixture(scope="module")
+def llava(converted: Callable[[str], Path]) -> Path:
+    return converted("llava")
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("images") / "picture.png"
+    sample_image(1).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory: pytest.TempPathFactory, llava: Path) -> Path:
+    """The tiny llava with a weight-only int8 decoder, int8 vision and int8 embedding table (gates off: random weights)."""
+    model_dir = tmp_path_factory.mktemp("llava-quantized") / "llava"
+    shutil.copytree(llava, model_dir)
+    vlmopt_json(
+        "quantize", model_dir, "--part", "decoder=int8", "--part", "vision=int8", "--part", "embedding=int8", "--min-token-agreement", "off", "--max-ppl-increase", "off"
+    )
+    return model_dir
+
+
+def _axes(path: Path) -> dict[str, list[Any]]:
+    model = onnx.load(str(path), load_external_data=False)
+    return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in (*model.graph.input, *model.graph.output)}
+
+
+def _generate(model_dir: Path, image: Path, *args: object) -> dict[str, Any]:
+    return vlmopt_json("generate", model_dir, *args, "--image", image, "--prompt", "Describe this image.", "--max-new-tokens", 12)
+
+
+# -- convert ---------------------------------------------------------------------------------------
+def test_convert_writes_vision_embedding_and_decoder_parts_with_named_axes(llava: Path) -> None:
+    folder = llava / "onnx"
+    vision, embedding, decoder = (_axes(folder / f"{part}.onnx") for part in ("vision", "embedding", "decoder"))
+
+    assert vision["pixel_values"][0] == "num_images"
+    assert vision["image_features"][0] == "num_image_tokens"
+    assert embedding["input_ids"] == ["batch", "sequence"]
+    assert embedding["inputs_embeds"][:2] == ["batch", "sequence"]
+    assert decoder["attention_mask"] == ["batch", "total_sequence"]
+    assert decoder["position_ids"] == ["batch", "sequence"]
+    assert decoder["past_key_values.0.key"][0::2] == ["batch", "past_sequence"]
+    assert decoder["present.1.value"][0::2] == ["batch", "total_sequence"]
+    assert decoder["logits"][:2] == ["batch", "sequence"]
+
+
+def test_convert_writes_a_genai_config_and_the_processor_beside_the_parts(llava: Path) -> None:
+    folder = llava / "onnx"
+    config = json.loads((folder / "genai_config.json").read_text())
+
+    assert config["model"]["type"] == "phi3v"
+    assert {config["model"][part]["filename"] for part in ("vision", "embedding", "decoder")} == {"vision.onnx", "embedding.onnx", "decoder.onnx"}
+    assert config["model"]["decoder"]["num_hidden_layers"] == 2
+    assert (folder / "tokenizer.json").is_file() and (folder / "processor_config.json").is_file()
+
+
+def test_convert_checks_the_decoder_against_transformers_at_two_lengths_both_batches_and_decode_steps(llava: Path) -> None:
+    verification = manifest(llava)["artifacts"]["onnx"]["verification"]
+    decoder = next(check for check in verification["towers"]["decoder"] if check["data"] == "transformers")
+
+    assert decoder["feeds"] == 12  # 2 prompt lengths x 2 batches x (prefill + 2 decode steps)
+    assert decoder["outputs"]["logits"]["max_abs_diff"] < 1e-4
+    assert verification["passed"]
+
+
+def test_convert_requires_greedy_generation_identical_to_transformers_generate(llava: Path) -> None:
+    metrics = {m["name"]: m for m in manifest(llava)["artifacts"]["onnx"]["verification"]["metrics"]}
+    greedy = metrics["greedy generation identical to transformers"]
+
+    assert greedy["threshold"] == 1.0 and greedy["value"] == 1.0
+    assert greedy["detail"]["pairs"] >= 3 and greedy["detail"]["new_tokens"] >= 32
+    assert metrics["onnxruntime-genai generation identical to transformers"]["value"] == 1.0
+
+
+def test_convert_records_the_export_peak_memory_against_the_weights(llava: Path) -> None:
+    memory = manifest(llava)["artifacts"]["onnx"]["record"]["export_memory"]
+
+    assert memory["process_peak_rss_mb"] > 0 and memory["fp32_weights_mb"] > 0
+    assert memory["ratio"] == pytest.approx(memory["process_peak_rss_mb"] / memory["fp32_weights_mb"], rel=0.05)
+
+
+def test_a_config_naming_image_token_id_instead_of_image_token_index_is_read(demo_source: Callable[[str], Path]) -> None:
+    from transformers import AutoConfig
+
+    from vlmopt.families.llava import image_token_id
+
+    config = json.loads((demo_source("llava") / "config.json").read_text())
+    value = config.get("image_token_index", config.get("image_token_id"))
+
+    assert image_token_id(AutoConfig.for_model(**config)) == value
+    assert image_token_id(type("Config", (), {"image_token_id": value})()) == value
+    assert image_token_id(type("Config", (), {"image_token_index": value})()) == value
+
+
+# -- generate --------------------------------------------------------------------------------------
+def test_generate_from_hf_and_from_onnx_gives_the_same_greedy_tokens(llava: Path, image: Path) -> None:
+    hf, onnx_run = _generate(llava, image, "hf"), _generate(llava, image, "onnx")
+
+    assert hf["backend"] == "transformers" and onnx_run["backend"] == "onnxruntime"
+    assert hf["tokens"] == onnx_run["tokens"] and len(hf["tokens"]) >= 1
+    assert hf["text"] == onnx_run["text"]
+
+
+def test_generate_under_onnxruntime_genai_gives_the_same_greedy_tokens(llava: Path, image: Path) -> None:
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is an optional runtime (pip install onnxruntime-genai)")
+    genai, onnx_run = _generate(llava, image, "onnx", "--backend", "onnxruntime-genai"), _generate(llava, image, "onnx")
+
+    assert genai["backend"] == "onnxruntime-genai"
+    assert genai["tokens"] == onnx_run["tokens"]
+
+
+def test_generate_json_reports_tokens_text_time_to_first_token_and_rate(llava: Path, image: Path) -> None:
+    result = vlmopt_json("generate", llava, "--image", image, "--prompt", "Tell me a story.", "--max-new-tokens", 8, "--temperature", "1.5", "--seed", 3)
+
+    assert 1 <= len(result["tokens"]) <= 8 and isinstance(result["text"], str)
+    assert result["timings"]["ttft_s"] > 0
+    assert result["finish_reason"] in ("eos", "length")
+    assert result["prompt_tokens"] > 16  # the image's 16 tokens and the chat template
+
+
+def test_generate_streams_the_text_to_stdout(llava: Path, image: Path) -> None:
+    expected = _generate(llava, image, "onnx")["text"]
+
+    result = vlmopt("generate", llava, "onnx", "--image", image, "--prompt", "Describe this image.", "--max-new-tokens", 12)
+
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == expected.strip()
+    assert "first token" in result.stderr
+
+
+def test_sampling_with_a_seed_repeats_and_another_seed_differs(llava: Path, image: Path) -> None:
+    def sample(seed: int) -> list[int]:
+        run = vlmopt_json("generate", llava, "--image", image, "--prompt", "Describe this image.", "--max-new-tokens", 16, "--temperature", "5", "--seed", seed)
+        return run["tokens"]
+
+    assert sample(1) == sample(1)
+    assert sample(1) != sample(2)
+
+
+def test_generate_runs_a_quantized_variant(quantized: Path, image: Path) -> None:
+    result = _generate(quantized, image, "decoder-int8_vision-int8_embedding-int8")
+
+    assert result["backend"] == "onnxruntime" and len(result["tokens"]) >= 1
+
+
+# -- quantize --------------------------------------------------------------------------------------
+def test_part_modes_quantize_each_part_with_its_own_operator(quantized: Path) -> None:
+    artifact = manifest(quantized)["artifacts"]["decoder-int8_vision-int8_embedding-int8"]
+    ops = {name: work["op_counts"] for name, work in artifact["record"]["towers"].items()}
+    folder = quantized / artifact["name"]
+    decoder = onnx.load(str(folder / "decoder.onnx"), load_external_data=False)
+    embedding = onnx.load(str(folder / "embedding.onnx"), load_external_data=False)
+
+    assert artifact["parent"] == "onnx"
+    weights = {t.name for t in decoder.graph.initializer}
+    assert ops["decoder"].get("MatMulNBits", 0) > 0
+    assert not [n.name for n in decoder.graph.node if n.op_type == "MatMul" and weights & set(n.input)]  # only attention's MatMuls stay
+    assert {a.i for n in decoder.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"} == {8}
+    assert ops["vision"].get("MatMulInteger", 0) + ops["vision"].get("DynamicQuantizeMatMul", 0) > 0
+    assert {a.i for n in embedding.graph.node if n.op_type == "GatherBlockQuantized" for a in n.attribute if a.name == "bits"} == {8}
+    assert (folder / "genai_config.json").is_file()
+
+
+def test_a_quantized_variant_records_agreement_kl_perplexity_and_greedy_matches_on_real_text(quantized: Path) -> None:
+    verification = manifest(quantized)["artifacts"]["decoder-int8_vision-int8_embedding-int8"]["verification"]
+    metrics = {m["name"]: m for m in verification["metrics"]}
+    agreement = metrics["teacher-forced next-token top-1 agreement"]
+
+    assert 0 <= agreement["value"] <= 1 and agreement["detail"]["positions"] > 200
+    assert "pydoc_data/topics.py" in agreement["detail"]["text"]["source"]
+    assert agreement["detail"]["ppl_reference"] > 1 and agreement["detail"]["ppl_candidate"] > 1
+    assert metrics["mean KL divergence (fp32 || variant), nats"]["value"] >= 0
+    greedy = metrics["greedy exact-match rate"]["detail"]
+    assert len(greedy["first_divergence"]) == greedy["pairs"] >= 3
+
+
+def test_the_token_agreement_gate_fails_the_variant_and_writes_nothing(llava: Path, copy_model_dir: Callable[[Path], Path]) -> None:
+    model_dir = copy_model_dir(llava)
+
+    result = vlmopt("quantize", model_dir, "--part", "decoder=int4", "--min-token-agreement", "0.9999", "--max-ppl-increase", "off")
+
+    assert result.exit_code == 1, result.output
+    assert "--min-token-agreement" in result.stderr
+    assert set(manifest(model_dir)["artifacts"]) == {"hf", "onnx"}
+    assert not (model_dir / "decoder-int4").exists()
+
+
+def test_the_perplexity_gate_fails_the_variant(llava: Path, copy_model_dir: Callable[[Path], Path]) -> None:
+    model_dir = copy_model_dir(llava)
+
+    result = vlmopt("quantize", model_dir, "--part", "decoder=int4", "--min-token-agreement", "off", "--max-ppl-increase", "0")
+
+    assert result.exit_code == 1, result.output
+    assert "--max-ppl-increase" in result.stderr
+
+
+def test_teacher_forced_scores_of_a_decoder_against_itself_are_perfect(llava: Path) -> None:
+    from vlmopt.runners.generate import OrtParts
+    from vlmopt.verification.generation import teacher_forced
+
+    parts = OrtParts(llava / "onnx", {"vision": "vision.onnx", "embedding": "embedding.onnx", "decoder": "decoder.onnx"}, threads=1)
+    ids = np.random.default_rng(0).integers(5, 400, 64)
+
+    scores = teacher_forced(parts, parts, ids, 32)
+
+    assert scores["top1_agreement"] == 1.0 and scores["ppl_increase"] == 0.0 and abs(scores["mean_kl"]) < 1e-9

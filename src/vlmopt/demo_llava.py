@@ -201,7 +201,9 @@ def load_language_model(source: str) -> tuple[Any, Any, str]:
     """A causal LM (fp32), its tokenizer with `<image>` added, and where it came from."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # the GGUF loader's per-tensor bar would fill the terminal
     path = smollm2_gguf() if source == SMOLLM2 and not Path(source).exists() else Path(source).expanduser()
     if not path.exists():
         raise VlmoptError(f"--language-model {source} does not exist (a GGUF file, a folder with one, a Hugging Face folder, or {SMOLLM2})")

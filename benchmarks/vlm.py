@@ -1,0 +1,252 @@
+"""`make bench-vlm`: LLaVA-style generation on CPU, PyTorch against vlmopt's ONNX fp32, int8 and int4 variants.
+
+Models (built offline by `vlmopt demo-model`, then `export`, `convert` and `quantize --part`, each verified):
+  a  CLIP ViT-B/32 vision (random) + the real SmolLM2-135M-Instruct (`--size base --language-model smollm2`)
+  b  LLaVA-OneVision-0.5B's sizes, random weights: SigLIP-so400m/14 at 384 px + Qwen2-0.5B (`--size small`)
+Contenders: `hf` (transformers `generate`, SDPA, its KV cache: the reference), `onnx` (fp32 parts through
+vlmopt's ORT loop), `int8` (decoder weight-only int8 MatMulNBits + vision int8) and `int4` (decoder int4
+MatMulNBits + vision int8). int4 is made with the fidelity gates off so its speed is shown; its agreement and
+perplexity on the real text are printed from the manifest beside it.
+
+Per contender and batch (1 and 4): image encode latency (the vision part alone), time to first token for one
+image per sequence and a 32-token prompt (chat template included), decode tokens/s per sequence over the steps
+after the first, and the process's peak RSS. Every measurement runs in its own process (the 0.9 B model's
+contenders do not fit in memory together) and the contenders take turns, round after round (interleaved), so
+a change in the machine's load hits all of them; the medians are reported. The machine's memory bandwidth is
+measured in the same run, and decode at batch 1 is reported as achieved bytes/s (decoder weight bytes read per
+token x tokens/s) and as a fraction of it. A benchmark reports; it does not gate.
+
+  python benchmarks/vlm.py [--models a,b] [--root build/bench-vlm] [--rounds 2] [--new-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# torch's OpenMP threads spin after each op by default; on shared cores that slows whatever runs next
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+
+MODELS = {
+    "a": ("CLIP ViT-B/32 + real SmolLM2-135M", ["--size", "base", "--language-model", "smollm2"]),
+    "b": ("LLaVA-OneVision-0.5B sizes (SigLIP-so400m + Qwen2-0.5B), random", ["--size", "small"]),
+}
+#: artifact name -> quantize flags (parts not named stay fp32)
+VARIANTS = {
+    "int8": ["--part", "decoder=int8", "--part", "vision=int8"],
+    "int4": ["--part", "decoder=int4", "--part", "vision=int8", "--min-token-agreement", "off", "--max-ppl-increase", "off"],
+}
+CONTENDERS = ("hf", "onnx", "int8", "int4")
+DECODE_TARGET, TTFT_TARGET = 3.0, 1.5
+PROMPT = "Look at this picture carefully and describe everything you can see in it, including the colors, the shapes, and anything unusual about them. "
+
+
+def vlmopt(*args: object) -> None:
+    command = [sys.executable, "-m", "vlmopt", *map(str, args)]
+    print("$ vlmopt " + " ".join(map(str, args)), flush=True)
+    subprocess.run(command, check=True)
+
+
+def prepare(model: str, root: Path, threads: int) -> Path:
+    """The model directory with hf, onnx and the variants; steps already done are kept (vlmopt skips them too)."""
+    source, model_dir = root / f"{model}-src", root / model
+    if not (source / "config.json").is_file():
+        vlmopt("demo-model", source, "--family", "llava", *MODELS[model][1])
+    artifacts = json.loads((model_dir / "vlmopt.json").read_text())["artifacts"] if (model_dir / "vlmopt.json").is_file() else {}
+    if "hf" not in artifacts:
+        vlmopt("export", source, "-o", model_dir)
+    if "onnx" not in artifacts:
+        vlmopt("convert", model_dir, "--threads", threads)
+    for name, flags in VARIANTS.items():
+        if name not in artifacts:
+            vlmopt("quantize", model_dir, *flags, "--name", name, "--threads", threads)
+    return model_dir
+
+
+# -- memory bandwidth ------------------------------------------------------------------------------
+def bandwidth(mib: int = 1024, repeats: int = 5) -> dict[str, float]:
+    """Read bandwidth (GB/s, best of `repeats`): a sum over an array far larger than the caches, numpy on one
+    thread and torch on one and two; `peak` is the best of them, the ceiling decode can approach."""
+    import torch
+
+    def best(fn: Any) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    array = np.ones(mib * 2**20 // 4, np.float32)
+    tensor = torch.from_numpy(array)
+    found = {"numpy_1t": array.nbytes / best(array.sum) / 1e9}
+    saved = torch.get_num_threads()
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        found[f"torch_{threads}t"] = array.nbytes / best(tensor.sum) / 1e9
+    torch.set_num_threads(saved)
+    found["peak"] = max(found.values())
+    return {k: round(v, 2) for k, v in found.items()}
+
+
+# -- one contender, in its own process -------------------------------------------------------------
+def child(model_dir: Path, artifact: str, batch: int, new_tokens: int, threads: int) -> dict[str, Any]:
+    from vlmopt.families.llava import LlavaPreprocessor
+    from vlmopt.generation import open_runner
+    from vlmopt.runners.generate import GenerateRequest
+    from vlmopt.samples import sample_image
+    from vlmopt.workspace import ModelDir
+
+    directory = ModelDir.open(model_dir)
+    record = directory.artifact(artifact)
+    preprocessor = LlavaPreprocessor(directory.checkpoint_folder(record))
+    words = preprocessor.tokenizer(PROMPT * 3, add_special_tokens=False)["input_ids"][:32]
+    text = preprocessor.tokenizer.decode(words)
+    prompt = preprocessor([text] * batch, [sample_image(7 + i) for i in range(batch)])
+    request = GenerateRequest(prompt, new_tokens, preprocessor.eos_token_ids, preprocessor.pad_token_id, min_new_tokens=new_tokens)
+    backend = "transformers" if record.kind == "hf" else "onnxruntime"
+    with open_runner(directory, record, backend, preprocessor, threads) as runner:
+        encode = []
+        for _ in range(3 if batch == 1 else 0):
+            started = time.perf_counter()
+            runner.encode_images(prompt.pixel_values[:1])
+            encode.append(time.perf_counter() - started)
+        result = runner.generate(request)
+        weights = decoder_bytes(runner, directory, record)
+    return {
+        "image_encode_s": statistics.median(encode) if encode else None,
+        "ttft_s": result.ttft_s,
+        "decode_tokens_per_s": result.decode_tokens_per_s,
+        "prompt_tokens": int(prompt.input_ids.shape[1]),
+        "new_tokens": len(result.tokens[0]),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "decoder_bytes_per_token": weights,
+        "text": preprocessor.decode(result.tokens[0])[:120],
+    }
+
+
+def decoder_bytes(runner: Any, directory: Any, record: Any) -> int:
+    """Weight bytes a decode step reads: the decoder part's file(s); for PyTorch the language model without
+    its token table (one row per step) plus the head (read whole every step, tied or not)."""
+    if record.kind == "hf":
+        model = runner.model
+        table = model.get_input_embeddings().weight
+        body = sum(p.numel() * p.element_size() for p in model.model.language_model.parameters() if p is not table)
+        return body + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    from vlmopt import graph
+
+    return graph.weight_bytes(directory.artifact_path(record.name), record.towers["decoder"].file)
+
+
+def measure(model_dir: Path, artifact: str, batch: int, new_tokens: int, threads: int) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--child", str(model_dir), artifact, str(batch), str(new_tokens), "--threads", str(threads)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["?"])[-1]
+        return {"error": f"exit {done.returncode}: {last[:200]}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def quality(model_dir: Path, artifact: str) -> str:
+    found = json.loads((model_dir / "vlmopt.json").read_text())["artifacts"].get(artifact) or {}
+    metrics = {m["name"]: m["value"] for m in (found.get("verification") or {}).get("metrics", [])}
+    agreement, ppl = metrics.get("teacher-forced next-token top-1 agreement"), metrics.get("perplexity increase")
+    return "" if agreement is None else f"top-1 {agreement:.3f}, ppl {ppl:+.1%}"
+
+
+def table(model: str, model_dir: Path, runs: dict[tuple[str, int], list[dict[str, Any]]], peak: float) -> str:
+    def median(name: str, batch: int, key: str) -> float | None:
+        values = [r[key] for r in runs.get((name, batch), []) if "error" not in r and r.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    lines = [
+        f"\n### model {model}: {MODELS[model][0]}",
+        "| batch | contender | image encode s | TTFT s | decode tok/s | decode x PyTorch | TTFT x PyTorch | peak RSS MB | decoder MB/token | GB/s achieved (fraction of "
+        f"{peak:.1f}) | quality vs fp32 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for batch in sorted({b for _, b in runs}):
+        base_rate, base_ttft = median("hf", batch, "decode_tokens_per_s"), median("hf", batch, "ttft_s")
+        for name in CONTENDERS:
+            errors = [r["error"] for r in runs.get((name, batch), []) if "error" in r]
+            rate, ttft = median(name, batch, "decode_tokens_per_s"), median(name, batch, "ttft_s")
+            if rate is None:
+                lines.append(f"| {batch} | {name} | failed: {errors[0] if errors else 'no run'} |")
+                continue
+            encode, rss, weights = median(name, batch, "image_encode_s"), median(name, batch, "peak_rss_mb"), median(name, batch, "decoder_bytes_per_token")
+            achieved = weights * rate / 1e9 if weights and batch == 1 else None
+            lines.append(
+                f"| {batch} | {name} | {'' if encode is None else f'{encode:.3f}'} | {ttft:.2f} | {rate:.1f} | "
+                f"{rate / base_rate if base_rate else float('nan'):.2f}x | {base_ttft / ttft if base_ttft else float('nan'):.2f}x | {rss:.0f} | "
+                f"{weights / 2**20:.0f} | {'' if achieved is None else f'{achieved:.2f} ({achieved / peak:.0%})'} | {quality(model_dir, name)} |"
+            )
+    int4 = (median("int4", 1, "decode_tokens_per_s"), median("int4", 1, "ttft_s"))
+    base = (median("hf", 1, "decode_tokens_per_s"), median("hf", 1, "ttft_s"))
+    if all(int4) and all(base):
+        decode, ttft = int4[0] / base[0], base[1] / int4[1]
+        lines.append(
+            f"\nint4 at batch 1: decode {decode:.2f}x PyTorch (target {DECODE_TARGET:g}x: {'reached' if decode >= DECODE_TARGET else 'NOT reached'}), "
+            f"time to first token {ttft:.2f}x (target {TTFT_TARGET:g}x: {'reached' if ttft >= TTFT_TARGET else 'NOT reached'})"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="a,b", help="a, b or a,b")
+    parser.add_argument("--root", type=Path, default=Path("build/bench-vlm"))
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--batches", default="1,4")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument("--child", nargs=4, metavar=("MODEL_DIR", "ARTIFACT", "BATCH", "NEW_TOKENS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        model_dir, artifact, batch, new_tokens = args.child
+        print(json.dumps(child(Path(model_dir), artifact, int(batch), int(new_tokens), args.threads)))
+        return
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    batches = [int(b) for b in args.batches.split(",")]
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    directories = {model: prepare(model, args.root, args.threads) for model in models}
+    measured = bandwidth()
+    print(f"\nmemory read bandwidth (GB/s, best of 5 over 1 GiB): {measured}", flush=True)
+    results: dict[str, Any] = {"started": started, "bandwidth_gbs": measured, "load_before": os.getloadavg(), "models": {}}
+    report = []
+    for model in models:
+        runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for round_ in range(args.rounds):
+            for batch in batches:
+                for name in CONTENDERS:
+                    run = measure(directories[model], name, batch, args.new_tokens, args.threads)
+                    run["load"] = os.getloadavg()[0]
+                    runs.setdefault((name, batch), []).append(run)
+                    shown = run.get("error") or f"TTFT {run['ttft_s']:.2f} s, {run['decode_tokens_per_s'] or 0:.1f} tok/s, RSS {run['peak_rss_mb']:.0f} MB"
+                    print(f"[{model} round {round_ + 1} batch {batch}] {name}: {shown} (load {run['load']:.1f})", flush=True)
+        report.append(table(model, directories[model], runs, measured["peak"]))
+        results["models"][model] = {f"{name}@{batch}": value for (name, batch), value in runs.items()}
+    results["load_after"] = os.getloadavg()
+    print("\n".join(report))
+    print(f"\nload average before/after: {results['load_before'][0]:.1f} / {results['load_after'][0]:.1f} on {os.cpu_count()} cores")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

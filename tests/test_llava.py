@@ -235,3 +235,13 @@ def test_teacher_forced_scores_of_a_decoder_against_itself_are_perfect(llava: Pa
     scores = teacher_forced(parts, parts, ids, 32)
 
     assert scores["top1_agreement"] == 1.0 and scores["ppl_increase"] == 0.0 and abs(scores["mean_kl"]) < 1e-9
+
+
+def test_a_part_mode_that_quantizes_nothing_fails_instead_of_passing_the_fp32_part_off(llava: Path, copy_model_dir: Callable[[Path], Path]) -> None:
+    model_dir = copy_model_dir(llava)  # the tiny table's rows (64) do not split into blocks of 128, so no Gather is quantized
+
+    result = vlmopt("quantize", model_dir, "--part", "embedding=int8", "--block-size", "128", "--min-token-agreement", "off", "--max-ppl-increase", "off")
+
+    assert result.exit_code == 1, result.output
+    assert "quantized no Gather" in result.stderr
+    assert set(manifest(model_dir)["artifacts"]) == {"hf", "onnx"}

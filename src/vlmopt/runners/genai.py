@@ -32,7 +32,7 @@ def genai_version() -> str | None:
     return package_version("onnxruntime-genai")
 
 
-def write_genai_config(folder: Path, towers: dict[str, Any], preprocessor: Any, threads: int = 1) -> dict[str, Any]:
+def write_genai_config(folder: Path, towers: dict[str, Any], preprocessor: Any) -> dict[str, Any]:
     """genai_config.json for the artifact in `folder` (its `vision`, `embedding` and `decoder` towers); what it declares.
 
     The decoder's contract is read from its interface: with position_ids it is a Concat-KV graph (torch export,
@@ -42,7 +42,9 @@ def write_genai_config(folder: Path, towers: dict[str, Any], preprocessor: Any, 
     layout = interface.meta.get("kv_cache") or {}
     inputs = {spec.name for spec in interface.inputs}
     position_ids = "position_ids" in inputs
-    session = {"log_id": "vlmopt", "intra_op_num_threads": threads, "inter_op_num_threads": 1, "session.intra_op.allow_spinning": "0"}
+    # threads: ONNX Runtime's default (the runner overlays --threads); string entries are session config entries:
+    # threads that spin between runs slow whatever else runs on shared cores
+    session = {"log_id": "vlmopt", "session.intra_op.allow_spinning": "0"}
     decoder_inputs = {
         "inputs_embeds": "inputs_embeds",
         "attention_mask": "attention_mask",

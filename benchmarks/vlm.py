@@ -60,7 +60,7 @@ def vlmopt(*args: object) -> None:
     subprocess.run(command, check=True)
 
 
-def prepare(model: str, root: Path, threads: int) -> Path:
+def prepare(model: str, root: Path, threads: int, contenders: tuple[str, ...] = CONTENDERS) -> Path:
     """The model directory with hf, onnx and the variants; steps already done are kept (vlmopt skips them too)."""
     source, model_dir = root / f"{model}-src", root / model
     if not (source / "config.json").is_file():
@@ -71,7 +71,7 @@ def prepare(model: str, root: Path, threads: int) -> Path:
     if "onnx" not in artifacts:
         vlmopt("convert", model_dir, "--threads", threads)
     for name, flags in VARIANTS.items():
-        if name not in artifacts:
+        if name not in artifacts and name in contenders:
             vlmopt("quantize", model_dir, *flags, "--name", name, "--threads", threads)
     return model_dir
 
@@ -168,7 +168,7 @@ def quality(model_dir: Path, artifact: str) -> str:
     return "" if agreement is None else f"top-1 {agreement:.3f}, ppl {ppl:+.1%}"
 
 
-def table(model: str, model_dir: Path, runs: dict[tuple[str, int], list[dict[str, Any]]], peak: float) -> str:
+def table(model: str, model_dir: Path, runs: dict[tuple[str, int], list[dict[str, Any]]], peak: float, contenders: tuple[str, ...] = CONTENDERS) -> str:
     def median(name: str, batch: int, key: str) -> float | None:
         values = [r[key] for r in runs.get((name, batch), []) if "error" not in r and r.get(key) is not None]
         return statistics.median(values) if values else None
@@ -181,7 +181,7 @@ def table(model: str, model_dir: Path, runs: dict[tuple[str, int], list[dict[str
     ]
     for batch in sorted({b for _, b in runs}):
         base_rate, base_ttft = median("hf", batch, "decode_tokens_per_s"), median("hf", batch, "ttft_s")
-        for name in CONTENDERS:
+        for name in contenders:
             errors = [r["error"] for r in runs.get((name, batch), []) if "error" in r]
             rate, ttft = median(name, batch, "decode_tokens_per_s"), median(name, batch, "ttft_s")
             if rate is None:
@@ -213,6 +213,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--contenders", default=",".join(CONTENDERS), help="a subset of " + ",".join(CONTENDERS) + " (hf is the reference)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--child", nargs=4, metavar=("MODEL_DIR", "ARTIFACT", "BATCH", "NEW_TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -222,8 +223,9 @@ def main() -> None:
         return
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     batches = [int(b) for b in args.batches.split(",")]
+    contenders = tuple(c for c in CONTENDERS if c in args.contenders.split(","))
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    directories = {model: prepare(model, args.root, args.threads) for model in models}
+    directories = {model: prepare(model, args.root, args.threads, contenders) for model in models}
     measured = bandwidth()
     print(f"\nmemory read bandwidth (GB/s, best of 5 over 1 GiB): {measured}", flush=True)
     results: dict[str, Any] = {"started": started, "bandwidth_gbs": measured, "load_before": os.getloadavg(), "models": {}}
@@ -232,13 +234,13 @@ def main() -> None:
         runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
         for round_ in range(args.rounds):
             for batch in batches:
-                for name in CONTENDERS:
+                for name in contenders:
                     run = measure(directories[model], name, batch, args.new_tokens, args.threads)
                     run["load"] = os.getloadavg()[0]
                     runs.setdefault((name, batch), []).append(run)
                     shown = run.get("error") or f"TTFT {run['ttft_s']:.2f} s, {run['decode_tokens_per_s'] or 0:.1f} tok/s, RSS {run['peak_rss_mb']:.0f} MB"
                     print(f"[{model} round {round_ + 1} batch {batch}] {name}: {shown} (load {run['load']:.1f})", flush=True)
-        report.append(table(model, directories[model], runs, measured["peak"]))
+        report.append(table(model, directories[model], runs, measured["peak"], contenders))
         results["models"][model] = {f"{name}@{batch}": value for (name, batch), value in runs.items()}
     results["load_after"] = os.getloadavg()
     print("\n".join(report))

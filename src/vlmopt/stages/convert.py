@@ -17,7 +17,7 @@ from vlmopt import graph
 from vlmopt.errors import VlmoptError
 from vlmopt.families import Tower
 from vlmopt.inputs import export_sizes, make_inputs, verification_sizes
-from vlmopt.options import StageOptions, name_option, option, source_option
+from vlmopt.options import StageOptions, eval_images_option, eval_text_option, name_option, option, source_option
 from vlmopt.records import TowerRecord
 from vlmopt.stage import Accepts, Job, Stage, provisional
 from vlmopt.workspace import StageOutput
@@ -41,6 +41,8 @@ class ConvertOptions(StageOptions):
         None, "Fail (exit 1, nothing written) when an output differs from PyTorch by more than this (default: the family's).", minimum=0.0, exclusive=("min",)
     )
     exporter: str = option("auto", "auto (TorchScript below 2 GB of weights, dynamo above), dynamo or torchscript.", choices=EXPORTERS)
+    eval_images: str | None = eval_images_option()
+    eval_text: str | None = eval_text_option()
 
     def check(self) -> None:
         if not self.static and (self.batch_size != 1 or self.seq_len is not None):
@@ -135,6 +137,9 @@ class Convert(Stage):
             towers = [t.with_static_axes(_static_sizes(t, options)) for t in towers]
         job.state.update(config=config, family=family, wrappable={t.name: t for t in towers})
 
+    def verified_towers(self, job: Job) -> dict[str, Tower]:
+        return job.state["wrappable"]
+
     def build(self, job: Job, tmp: Path) -> StageOutput:
         from vlmopt.hf import load_model
         from vlmopt.verification import Gates, verify_artifacts
@@ -164,7 +169,8 @@ class Convert(Stage):
             provisional(self, job, tmp, records),
             Gates(atol=atol),
             threads=job.context.thread_count,
-            sets=lambda tower: shape_sets(tower, _shapes(tower, options)),
+            sets=lambda tower: shape_sets(tower, _shapes(tower, options), job.state.get("data")),
+            data=job.state.get("data"),
             reference_model=model,
         )
         traits = job.parent.traits.derive(family=family.name, model_type=config.model_type, precision="fp32", attn_implementation="eager")

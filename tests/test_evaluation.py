@@ -271,5 +271,7 @@ def test_evaluation_data_the_model_cannot_take_is_refused(
     _refused(copy_model_dir(converted(family)), "quantize", flag, data, fragments=(flag, "no text tower" if flag == "--eval-text" else "no image tower"))
 
 
-def test_evaluation_text_for_a_model_without_a_tokenizer_is_refused(tmp_path: Path, converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]) -> None:
+def test_evaluation_text_for_a_model_without_a_tokenizer_is_refused(
+    tmp_path: Path, converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]
+) -> None:
     _refused(copy_model_dir(converted("siglip")), "optimize", "--eval-text", _text(tmp_path / "mine.txt"), fragments=("--eval-text", "tokenizer"))

@@ -102,7 +102,9 @@ def test_fallback_ships_the_kept_layers_as_fp32_matmuls(fell_back: tuple[Path, d
     assert sum(1 for op in nodes.values() if op == "MatMulNBits") == 13 - len(_kept(artifact))
 
 
-def test_the_shipped_graph_is_the_quantizer_run_with_the_kept_layers_excluded(fell_back: tuple[Path, dict[str, Any]], copy_model_dir: Callable[[Path], Path]) -> None:
+def test_the_shipped_graph_is_the_quantizer_run_with_the_kept_layers_excluded(
+    fell_back: tuple[Path, dict[str, Any]], copy_model_dir: Callable[[Path], Path]
+) -> None:
     model_dir, artifact = fell_back
     again = copy_model_dir(model_dir)
     excluded = [f for name in _kept(artifact) for f in ("--exclude-nodes", name)]

@@ -384,7 +384,9 @@ def main() -> int:
     args = parser.parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {}
+    # --only keeps the other model's figures of an earlier run
+    earlier = workdir / "fidelity.json"
+    report: dict[str, Any] = json.loads(earlier.read_text()) if args.only and earlier.exists() else {}
     if args.only in (None, "minilm"):
         report["minilm"] = minilm(workdir, args.rounds, args.block)
         print_minilm(report["minilm"])

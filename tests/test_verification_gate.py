@@ -59,4 +59,4 @@ def test_convert_failing_verification_with_json_prints_the_failed_verification(e
     assert report["ok"] is False
     assert report["exit_code"] == 1
     assert report["verification"]["passed"] is False
-    assert not all(output["passed"] for (check,) in report["verification"]["towers"].values() for output in check["outputs"].values())
+    assert not all(output["passed"] for checks in report["verification"]["towers"].values() for check in checks for output in check["outputs"].values())

@@ -50,16 +50,17 @@ class CalibrationData:
         return feed
 
 
-def load_images(folder: Path, processor_dir: Path, limit: int) -> tuple[np.ndarray, int]:
-    """`pixel_values` for up to `limit` images of `folder` (sorted by name), made by the saved image processor."""
+def read_images(folder: Path, option: str, limit: int) -> list:
+    """Up to `limit` images of `folder` (sorted by name) as RGB, every one checked: unreadable or oversized files are
+    refused by name. `option` names the flag the folder came from, for the messages."""
     from PIL import Image, UnidentifiedImageError
 
     if not folder.is_dir():
-        raise VlmoptError(f"--calib-images {folder} is not a folder")
+        raise VlmoptError(f"{option} {folder} is not a folder")
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise VlmoptError(f"--calib-images {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); add some or drop the option")
-    processor = _image_processor(processor_dir)
+        raise VlmoptError(f"{option} {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); add some or drop the option")
+    what = "calibration" if option.startswith("--calib") else "evaluation"
     images = []
     for path in files[:limit]:
         try:
@@ -69,41 +70,55 @@ def load_images(folder: Path, processor_dir: Path, limit: int) -> tuple[np.ndarr
                     width, height = image.size
                     if width * height > MAX_IMAGE_PIXELS:
                         raise VlmoptError(
-                            f"calibration image {path} is {width}x{height} pixels, above the {MAX_IMAGE_PIXELS / 1e6:.0f} MP limit "
+                            f"{what} image {path} is {width}x{height} pixels, above the {MAX_IMAGE_PIXELS / 1e6:.0f} MP limit "
                             "(decompression-bomb guard); resize it or remove it"
                         )
                     images.append(image.convert("RGB"))
         except VlmoptError:
             raise
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-            raise VlmoptError(f"calibration image {path} cannot be read ({str(exc).splitlines()[0][:120]}); fix or remove it") from exc
+            raise VlmoptError(f"{what} image {path} cannot be read ({str(exc).splitlines()[0][:120]}); fix or remove it") from exc
+    return images
+
+
+def process_images(images: list, processor: object, processor_dir: Path) -> np.ndarray:
+    """`pixel_values` of `images`, made by the saved image processor."""
     try:
-        pixel_values = np.asarray(processor(images=images, return_tensors="np")["pixel_values"], dtype=np.float32)
+        return np.asarray(processor(images=images, return_tensors="np")["pixel_values"], dtype=np.float32)  # type: ignore[operator]
     except Exception as exc:
-        raise VlmoptError(f"the image processor in {processor_dir} failed on the calibration images: {str(exc).splitlines()[0][:200]}") from exc
-    return pixel_values, len(images)
+        raise VlmoptError(f"the image processor in {processor_dir} failed on the images: {str(exc).splitlines()[0][:200]}") from exc
 
 
-def load_prompts(path: Path, tokenizer_dir: Path, tower: Tower, limit: int) -> tuple[dict[str, np.ndarray], int]:
-    """Token ids (and attention mask) for up to `limit` non-blank lines of `path`, made by the saved tokenizer."""
+def load_images(folder: Path, processor_dir: Path, limit: int) -> tuple[np.ndarray, int]:
+    """`pixel_values` for up to `limit` images of `folder` (sorted by name), made by the saved image processor."""
+    images = read_images(folder, "--calib-images", limit)
+    return process_images(images, _image_processor(processor_dir), processor_dir), len(images)
+
+
+def read_lines(path: Path, option: str, limit: int) -> list[str]:
+    """Up to `limit` non-blank lines of a UTF-8 text file; an empty, unreadable or non-UTF-8 file is refused."""
     if not path.is_file():
-        raise VlmoptError(f"--calib-text {path} is not a file")
+        raise VlmoptError(f"{option} {path} is not a file")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise VlmoptError(f"--calib-text {path} cannot be read as UTF-8 text ({exc})") from exc
+        raise VlmoptError(f"{option} {path} cannot be read as UTF-8 text ({exc})") from exc
     prompts = [line.strip() for line in lines if line.strip()][:limit]
     if not prompts:
-        raise VlmoptError(f"--calib-text {path} has no prompts; write one prompt a line")
-    tokenizer = _tokenizer(tokenizer_dir)
-    max_length = tower.vocab.max_length if tower.vocab else None
-    names = [spec.name for spec in tower.inputs]
-    # Towers without an attention mask (SigLIP) were trained on text padded to the full length.
-    padding = "max_length" if "attention_mask" not in names else True
+        raise VlmoptError(f"{option} {path} has no prompts or sentences (only blank lines); write one a line")
+    return prompts
+
+
+def encode_text(
+    prompts: list[str], tokenizer: object, tokenizer_dir: Path, tower: Tower, origin: str, padding: bool | str = True, length: int | None = None
+) -> dict[str, np.ndarray]:
+    """The tower's text inputs for `prompts`, made by the saved tokenizer (checked against the tower's vocabulary)."""
+    max_length = length or (tower.vocab.max_length if tower.vocab else None)
+    names = [spec.name for spec in tower.inputs if spec.role in ("input_ids", "attention_mask", "token_type_ids")]
     try:
-        encoded = tokenizer(prompts, padding=padding, truncation=True, max_length=max_length, return_tensors="np")
+        encoded = tokenizer(prompts, padding=padding, truncation=True, max_length=max_length, return_tensors="np")  # type: ignore[operator]
     except Exception as exc:
-        raise VlmoptError(f"the tokenizer in {tokenizer_dir} failed on {path}: {str(exc).splitlines()[0][:200]}") from exc
+        raise VlmoptError(f"the tokenizer in {tokenizer_dir} failed on {origin}: {str(exc).splitlines()[0][:200]}") from exc
     missing = [n for n in names if n not in encoded]
     if missing:
         raise VlmoptError(f"the tokenizer in {tokenizer_dir} makes {sorted(encoded)}, but the {tower.name} tower takes {names}")
@@ -113,6 +128,20 @@ def load_prompts(path: Path, tokenizer_dir: Path, tower: Tower, limit: int) -> t
             f"the tokenizer in {tokenizer_dir} makes token id {int(text['input_ids'].max())}, beyond the {tower.name} tower's "
             f"vocabulary of {tower.vocab.vocab_size}; the tokenizer does not belong to this model"
         )
+    return text
+
+
+def text_padding(tower: Tower) -> bool | str:
+    """Towers without an attention mask (SigLIP) were trained on text padded to the full length."""
+    return "max_length" if "attention_mask" not in [spec.name for spec in tower.inputs] else True
+
+
+def load_prompts(path: Path, tokenizer_dir: Path, tower: Tower, limit: int) -> tuple[dict[str, np.ndarray], int]:
+    """Token ids (and attention mask) for up to `limit` non-blank lines of `path`, made by the saved tokenizer.
+
+    Padded to the longest line of the file: ONNX Runtime's histogram calibrators need one shape for every batch."""
+    prompts = read_lines(path, "--calib-text", limit)
+    text = encode_text(prompts, _tokenizer(tokenizer_dir), tokenizer_dir, tower, str(path), text_padding(tower))
     return text, len(prompts)
 
 
@@ -205,20 +234,47 @@ def synthetic_batches(tower: Tower, samples: int, seed: int = 1000) -> list[dict
     return [make_inputs(tower, sizes, seed=seed + i) for i in range(count)]
 
 
-def _image_processor(path: Path):
+def _image_processor(path: Path, option: str = "--calib-images"):
     from transformers import AutoImageProcessor
 
-    return _saved(AutoImageProcessor, path, "--calib-images", "image processor", "preprocessor_config.json")
+    return _saved(AutoImageProcessor, path, option, "image processor", "preprocessor_config.json", IMAGE_PROCESSOR_FILES)
 
 
-def _tokenizer(path: Path):
+def _tokenizer(path: Path, option: str = "--calib-text"):
     from transformers import AutoTokenizer
 
-    return _saved(AutoTokenizer, path, "--calib-text", "tokenizer", "its tokenizer files")
+    from vlmopt.hf import placeholder_tokenizer
+
+    tokenizer = _saved(AutoTokenizer, path, option, "tokenizer", "its tokenizer files", TOKENIZER_FILES)
+    if placeholder_tokenizer(tokenizer):
+        raise VlmoptError(
+            f"{option} needs the model's tokenizer, and {path} has only an empty one (special tokens, no vocabulary); "
+            "re-export from a checkpoint that ships its tokenizer files"
+        )
+    return tokenizer
 
 
-def _saved(auto_class, path: Path, option: str, what: str, files: str):
-    """A processor saved beside the weights (never fetched: `local_files_only`)."""
+def saved_processors(path: Path) -> tuple[object | None, object | None]:
+    """(tokenizer, image processor) saved beside the weights in `path`, each None where it has none that loads."""
+    found = []
+    for loader in (_tokenizer, _image_processor):
+        try:
+            found.append(loader(path))
+        except VlmoptError:
+            found.append(None)
+    return found[0], found[1]
+
+
+#: files one of which a saved tokenizer has: transformers 5 builds an empty tokenizer (specials only, every word
+#: unknown) for a folder that has none, which would make "real" text into [UNK] rows
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
+IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+def _saved(auto_class, path: Path, option: str, what: str, files: str, markers: tuple[str, ...]):
+    """A processor saved beside the weights (never fetched: `local_files_only`), refused where none of its files is there."""
+    if not any((path / name).is_file() for name in markers):
+        raise VlmoptError(f"{option} needs the model's {what}, and {path} has none; re-export from a checkpoint that ships {files}")
     try:
         return auto_class.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:

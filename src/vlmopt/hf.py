@@ -160,6 +160,15 @@ def load_model(
     return model.eval()
 
 
+def placeholder_tokenizer(tokenizer: object) -> bool:
+    """Whether a loaded tokenizer is transformers 5's stand-in for a checkpoint that ships none: a vocabulary of
+    special tokens only, which makes every word unknown."""
+    vocab = getattr(tokenizer, "get_vocab", None)
+    if vocab is None:
+        return False
+    return len(vocab()) <= len(set(getattr(tokenizer, "all_special_tokens", [])))
+
+
 def save_processors(source: str | Path, dest: Path, revision: str | None = None, trust_remote_code: bool = False) -> list[str]:
     """Save whatever preprocessing the checkpoint has (processor, tokenizer, image processor); return their kinds."""
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
@@ -170,13 +179,18 @@ def save_processors(source: str | Path, dest: Path, revision: str | None = None,
         processor = AutoProcessor.from_pretrained(name, **kwargs)
     except Exception:
         processor = None
+    if processor is not None and placeholder_tokenizer(processor):
+        processor = None
     if processor is not None and (hasattr(processor, "tokenizer") or hasattr(processor, "image_processor")):
         processor.save_pretrained(dest)
         return [kind for kind in ("tokenizer", "image_processor") if getattr(processor, kind, None) is not None]
     saved = []
     for kind, loader in (("tokenizer", AutoTokenizer), ("image_processor", AutoImageProcessor)):
         try:
-            loader.from_pretrained(name, **kwargs).save_pretrained(dest)
+            loaded = loader.from_pretrained(name, **kwargs)
+            if kind == "tokenizer" and placeholder_tokenizer(loaded):
+                continue
+            loaded.save_pretrained(dest)
             saved.append(kind)
         except Exception:
             continue

@@ -8,7 +8,7 @@ declaration come:
 - the command line that re-makes an artifact (`command_line`).
 
 The options every stage shares (`--from`, `--name`, the gates `--min-cosine`, `--atol`,
-`--min-agreement`) are declared here once, so they mean the same everywhere; run-time settings that
+`--min-agreement`, the evaluation data `--eval-images`, `--eval-text`) are declared here once, so they mean the same everywhere; run-time settings that
 do not change what a stage makes (`--threads`, `--force`, `--json`, `--debug`) live in
 `vlmopt.stage.RunContext`, not in the options.
 """
@@ -90,7 +90,11 @@ def name_option(default: str | None, what: str) -> Any:
 
 MIN_COSINE_HELP = "Fail (exit 1, nothing written) when the worst cosine against the reference is below this; off disables the gate."
 ATOL_HELP = "Fail (exit 1, nothing written) when an output differs from the reference by more than this; off disables the gate."
-MIN_AGREEMENT_HELP = "Fail when the zero-shot top-1 agreement with the reference (dual encoders) is below this; off disables the gate."
+MIN_AGREEMENT_HELP = (
+    "Fail when the top-1 agreement with the reference (zero-shot for dual encoders, retrieval for text encoders) is below this; off disables the gate."
+)
+EVAL_IMAGES_HELP = "Also verify on these images (a folder of jpg/png, through the model's image processor), beside the built-in photos."
+EVAL_TEXT_HELP = "Also verify on this text (UTF-8, one sentence or prompt a line, through the model's tokenizer), beside the built-in sentences."
 
 
 def min_cosine_option(default: float | None) -> Any:
@@ -120,6 +124,14 @@ def min_token_agreement_option(default: float | None) -> Any:
 
 def max_ppl_increase_option(default: float | None) -> Any:
     return option(default, MAX_PPL_INCREASE_HELP, minimum=0.0, off=True, metavar="X|off")
+
+
+def eval_images_option() -> Any:
+    return option(None, EVAL_IMAGES_HELP, path=True, metavar="DIR")
+
+
+def eval_text_option() -> Any:
+    return option(None, EVAL_TEXT_HELP, path=True, metavar="FILE")
 
 
 # -- reading the declarations -----------------------------------------------------------------------

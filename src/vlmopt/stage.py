@@ -4,11 +4,13 @@ A stage is a `Stage` subclass in one module of `vlmopt.stages`. It declares its 
 artifact it makes, which parents it accepts (`Accepts`), the tools whose versions its output depends
 on, and its options (a dataclass of `vlmopt.options.option` fields). It implements only its own
 step: `make_tower` (one graph per tower of the parent), or `build` for stages that are not per tower,
-plus, where needed, `prepare` (checks and loading before any work) and `verify`.
+plus, where needed, `prepare` (checks and loading before any work) and `verify`. A stage whose options
+declare `--eval-images`/`--eval-text` (`vlmopt.options`) is verified on the real evaluation data
+(`vlmopt.evaluation`), loaded before any work into `job.state["data"]`.
 
 `Stage.run` is the common path, written once:
     validate options -> what this machine lacks -> resolve and check the parent -> prepare ->
-    up to date? -> build in a temporary folder (per tower) -> verify -> commit (`ModelDir.produce`).
+    evaluation data -> up to date? -> build in a temporary folder (per tower) -> verify -> commit (`ModelDir.produce`).
 
 The CLI command, the recipe step and the Python function of a stage are all made from this one class
 (see `vlmopt.cli` and `vlmopt.api`).
@@ -205,6 +207,14 @@ class Stage:
     def prepare(self, job: Job) -> None:
         """Checks and loading before any work (raise VlmoptError for what the parent or data cannot take)."""
 
+    def verified_towers(self, job: Job) -> dict[str, Tower]:
+        """The towers `verify` checks (after `prepare`): the parent's, by default."""
+        return job.towers
+
+    def evaluates(self, options: Any) -> bool:
+        """Whether the stage verifies on evaluation data: it declares `--eval-images` and `--eval-text`."""
+        return hasattr(options, "eval_images") and hasattr(options, "eval_text")
+
     def build(self, job: Job, tmp: Path) -> StageOutput:
         """Write the artifact into `tmp`: by default one graph per tower of the parent, then verify them all."""
         made = {}
@@ -294,6 +304,13 @@ class Stage:
 
     def _run_locked(self, model_dir: ModelDir, options: Any, context: RunContext) -> StageResult:
         job = self._job(model_dir, options, context)
+        if self.evaluates(options):
+            from vlmopt.evaluation import load_evaluation
+
+            job.state["data"] = load_evaluation(model_dir, self.verified_towers(job), options.eval_images, options.eval_text)
+            for tower, data in job.state["data"].towers.items():
+                if data.missing:
+                    job.warn(f"the {tower} tower is verified on SYNTHETIC random inputs only: {data.missing}")
         missing = self.requires(options)
         if missing:
             raise VlmoptError(missing)

@@ -151,7 +151,7 @@ class LlavaFamily(Family):
             layout.tower(
                 lambda model: CausalLmWithPast(model.model.language_model, model.lm_head, model.config.text_config),
                 text,
-                meta={"part": "decoder", "language_model": text.model_type, "similarity_gated": False, "quantize": {"int8": "int8-weight", "int4": "int4"}},
+                meta={"part": "decoder", "language_model": text.model_type, "similarity_gated": False, "quantize": {"int8": "int8-weights", "int4": "int4"}},
             ),
         ]
 

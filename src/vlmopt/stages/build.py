@@ -18,7 +18,7 @@ from typing import Any
 from vlmopt.engines import HARDWARE_COMPATIBILITY, Profile, check_tensorrt_version, derive_profiles, engine_metadata, parse_shape_override
 from vlmopt.errors import VlmoptError
 from vlmopt.families import Tower
-from vlmopt.options import StageOptions, min_cosine_option, name_option, option, source_option
+from vlmopt.options import StageOptions, eval_images_option, eval_text_option, min_cosine_option, name_option, option, source_option
 from vlmopt.records import TowerRecord, Verification
 from vlmopt.stage import Accepts, Job, Made, Stage, provisional
 from vlmopt.workspace import Artifact, StageOutput
@@ -51,6 +51,8 @@ class BuildOptions(StageOptions):
     version_compatible: bool = option(False, "An engine later TensorRT releases of this major can load.")
     sparse_weights: str = option("auto", "auto (on for artifacts pruned to 2:4), on or off.", choices=SPARSE)
     min_cosine: float | None = min_cosine_option(0.99)
+    eval_images: str | None = eval_images_option()
+    eval_text: str | None = eval_text_option()
 
     @property
     def artifact(self) -> str:
@@ -242,6 +244,7 @@ class Build(Stage):
             tmp,
             provisional(self, job, tmp, towers),
             Gates.of(job.options),
+            data=job.state.get("data"),
             admits={n: _admits(profiles[n]) for n in towers},
         )
         verification.reference = f"{job.parent.name} (onnxruntime)"

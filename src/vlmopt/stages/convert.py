@@ -19,7 +19,7 @@ from vlmopt import graph
 from vlmopt.errors import VlmoptError
 from vlmopt.families import Tower
 from vlmopt.inputs import export_sizes, make_inputs, resolve_sizes, verification_sizes
-from vlmopt.options import StageOptions, name_option, option, source_option
+from vlmopt.options import StageOptions, eval_images_option, eval_text_option, name_option, option, source_option
 from vlmopt.records import TowerRecord
 from vlmopt.stage import Accepts, Job, Stage, provisional
 from vlmopt.workspace import StageOutput
@@ -45,6 +45,8 @@ class ConvertOptions(StageOptions):
     exporter: str = option(
         "auto", "auto (TorchScript below 2 GB of weights, dynamo above; dynamo for decoders with a KV cache), dynamo or torchscript.", choices=EXPORTERS
     )
+    eval_images: str | None = eval_images_option()
+    eval_text: str | None = eval_text_option()
 
     def check(self) -> None:
         if not self.static and (self.batch_size != 1 or self.seq_len is not None):
@@ -184,6 +186,9 @@ class Convert(Stage):
             towers = [t.with_static_axes(_static_sizes(t, options)) for t in towers]
         job.state.update(config=config, family=family, wrappable={t.name: t for t in towers})
 
+    def verified_towers(self, job: Job) -> dict[str, Tower]:
+        return job.state["wrappable"]
+
     def build(self, job: Job, tmp: Path) -> StageOutput:
         from vlmopt.hf import load_model
         from vlmopt.verification import Gates, verify_artifacts
@@ -224,7 +229,8 @@ class Convert(Stage):
             provisional(self, job, tmp, records),
             Gates(atol=atol),
             threads=threads,
-            sets=lambda tower: shape_sets(tower, _shapes(tower, options)),
+            sets=lambda tower: shape_sets(tower, _shapes(tower, options), job.state.get("data")),
+            data=job.state.get("data"),
             reference_model=model,
             extra=extra,
         )

@@ -40,7 +40,16 @@ from vlmopt.errors import VlmoptError
 from vlmopt.families import Tower
 from vlmopt.inputs import make_inputs
 from vlmopt.machine import check_openvino_device, require_nncf, require_openvino
-from vlmopt.options import StageOptions, min_agreement_option, min_cosine_option, name_option, option, source_option
+from vlmopt.options import (
+    StageOptions,
+    eval_images_option,
+    eval_text_option,
+    min_agreement_option,
+    min_cosine_option,
+    name_option,
+    option,
+    source_option,
+)
 from vlmopt.records import TowerRecord, Traits, Verification
 from vlmopt.stage import Accepts, Job, Made, Stage, provisional
 from vlmopt.workspace import Artifact
@@ -91,6 +100,8 @@ class OpenVINOOptions(StageOptions):
     symmetric: bool = option(False, "Weight compression: symmetric (no zero point) instead of asymmetric.", flag="--symmetric/--asymmetric")
     min_cosine: float | None = min_cosine_option(0.99)
     min_agreement: float | None = min_agreement_option(None)
+    eval_images: str | None = eval_images_option()
+    eval_text: str | None = eval_text_option()
 
     @property
     def artifact(self) -> str:
@@ -376,7 +387,7 @@ class OpenVINO(Stage):
             job.state["ignored"] = {name: Ignored.in_model(options, model) for name, model in job.state["models"].items()}
             check_ignored(options, job.state["ignored"])
         if options.mode == "int8":
-            job.state["data"] = load_calibration(job.model_dir, job.towers, options.calib_images, options.calib_text, options.calib_samples)
+            job.state["calibration_data"] = load_calibration(job.model_dir, job.towers, options.calib_images, options.calib_text, options.calib_samples)
 
     def make_tower(self, job: Job, tower: str, tmp: Path) -> Made:
         import openvino as ov
@@ -416,7 +427,7 @@ class OpenVINO(Stage):
 
     def _calibration(self, job: Job, spec: Tower) -> list[dict[str, np.ndarray]]:
         options: OpenVINOOptions = job.options
-        feeds, origin = calibration_feeds(spec, job.state["data"], options.calib_samples)
+        feeds, origin = calibration_feeds(spec, job.state["calibration_data"], options.calib_samples)
         samples = single_samples(feeds)[: options.calib_samples]
         if origin == "synthetic":
             job.warn(synthetic_warning(spec, len(samples)))
@@ -453,7 +464,9 @@ class OpenVINO(Stage):
                 return runner
 
             specs = {name: record.tower for name, record in towers.items()}
-            return verify_runners(specs, references.runner, opened, Gates.of(options), job.parent.name, sets=sets, data=job.state.get("data"))
+            # a fixed served batch takes none of the real sets' batch sizes: it is checked on synthetic inputs of its batch
+            data = job.state.get("data") if options.static_batch is None else None
+            return verify_runners(specs, references.runner, opened, Gates.of(options), job.parent.name, sets=sets, data=data)
 
     def traits(self, job: Job, made: dict[str, Made]) -> Traits:
         options: OpenVINOOptions = job.options

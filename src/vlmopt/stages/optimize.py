@@ -14,7 +14,7 @@ from typing import Any
 from vlmopt import graph
 from vlmopt.errors import VlmoptError
 from vlmopt.families import Tower
-from vlmopt.options import StageOptions, atol_option, min_cosine_option, name_option, option, source_option
+from vlmopt.options import StageOptions, atol_option, eval_images_option, eval_text_option, min_cosine_option, name_option, option, source_option
 from vlmopt.quiet import quiet_onnxruntime_tools
 from vlmopt.records import TowerRecord, Traits
 from vlmopt.stage import Accepts, Job, Made, Stage
@@ -46,6 +46,8 @@ class OptimizeOptions(StageOptions):
     model_type: str | None = option(None, "ONNX Runtime optimizer model type (default: the family's per tower).")
     atol: float | None = atol_option(1e-3)
     min_cosine: float | None = min_cosine_option(0.9999)
+    eval_images: str | None = eval_images_option()
+    eval_text: str | None = eval_text_option()
 
     def check(self) -> None:
         from onnxruntime.transformers.optimizer import MODEL_TYPES

@@ -21,7 +21,7 @@ from vlmopt.calibration import calibration_feeds, load_calibration, sample_count
 from vlmopt.errors import VlmoptError
 from vlmopt.families import Family, Tower
 from vlmopt.families.base import PruneLayout
-from vlmopt.options import StageOptions, min_agreement_option, min_cosine_option, name_option, option, source_option
+from vlmopt.options import StageOptions, eval_images_option, eval_text_option, min_agreement_option, min_cosine_option, name_option, option, source_option
 from vlmopt.records import Sparsity
 from vlmopt.runners import TorchRunner
 from vlmopt.stage import Accepts, Job, Stage
@@ -52,6 +52,8 @@ class PruneOptions(StageOptions):
     calib_samples: int = option(32, "Most calibration samples per tower.", minimum=1)
     min_cosine: float | None = min_cosine_option(None)
     min_agreement: float | None = min_agreement_option(None)
+    eval_images: str | None = eval_images_option()
+    eval_text: str | None = eval_text_option()
 
     def check(self) -> None:
         if self.pattern == "2:4" and self.sparsity not in (0.0, 0.5):
@@ -316,8 +318,11 @@ class Prune(Stage):
         for name in chosen:
             _check_tower(name, find_blocks(towers[name].wrap(reference), layout), family.tower_config(config, name), options)
         data = load_calibration(job.model_dir, {n: towers[n] for n in chosen}, options.calib_images, options.calib_text, options.calib_samples)
-        job.state.update(config=config, family=family, layout=layout, towers=towers, chosen=chosen, reference=reference, data=data)
+        job.state.update(config=config, family=family, layout=layout, towers=towers, chosen=chosen, reference=reference, calibration_data=data)
         job.recorded["tower"] = chosen
+
+    def verified_towers(self, job: Job) -> dict[str, Tower]:
+        return {n: job.state["towers"][n] for n in job.state["chosen"]}
 
     def build(self, job: Job, tmp: Path) -> StageOutput:
         from vlmopt.hf import load_config, load_model
@@ -351,7 +356,7 @@ class Prune(Stage):
         def runner(model: Any) -> Any:
             return lambda tower: TorchRunner(checked[tower.name].wrap(model), [s.name for s in tower.inputs], [s.name for s in tower.outputs])
 
-        verification = verify_runners(checked, runner(reference), runner(reloaded), Gates.of(options), job.parent.name, data=job.state["data"])
+        verification = verify_runners(checked, runner(reference), runner(reloaded), Gates.of(options), job.parent.name, data=job.state.get("data"))
         sparsity = {n: Sparsity(**w["sparsity"]) for n, w in work.items() if "sparsity" in w}
         traits = job.parent.traits.derive(sparsity=sparsity, two_four_sparse=bool(sparsity) and all(s.pattern == "2:4" for s in sparsity.values()))
         record: dict[str, Any] = {"towers": work, "pruned_towers": chosen, "fine_tuned": False}
@@ -384,7 +389,7 @@ class Prune(Stage):
         entry: dict[str, Any] = {"parameters_before": params_before, "flops_before": flops_before}
         activations: dict[int, Any] = {}
         if options.score == "activation" and (options.mlp_ratio or options.head_ratio):
-            feeds, origin = calibration_feeds(tower, job.state["data"], options.calib_samples)
+            feeds, origin = calibration_feeds(tower, job.state["calibration_data"], options.calib_samples)
             count = sample_count(feeds)
             calibration[name] = {"data": origin, "samples": count, "method": "activation"}
             if origin == "synthetic":

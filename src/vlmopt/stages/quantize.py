@@ -1,9 +1,11 @@
-"""`vlmopt quantize`: fp16, INT8 (dynamic, calibrated static QDQ for CPU or TensorRT) and INT4 weight-only variants.
+"""`vlmopt quantize`: fp16, INT8 (dynamic, calibrated static QDQ for CPU or TensorRT, blockwise weight-only) and INT4 variants.
 
 Every mode is a thin layer over ONNX Runtime's own tools (`float16.convert_float_to_float16`,
 `quantization.quantize_dynamic` / `quantize_static`, `MatMulNBitsQuantizer`); what vlmopt adds is the
-choice of defaults (measured, see the module constants), calibration data, and the check of every
-variant against its fp32 parent before it is committed.
+choice of defaults (measured on real trained encoders, see the module constants and the README), calibration
+data, the check of every variant against its fp32 parent on real data before it is committed, and, when that
+check fails, the per-layer sensitivity that explains it and (`--fallback`) the fewest layers to keep in fp32
+(`vlmopt.quantization.fallback`).
 
 A model of parts (a generative VLM's vision, embedding and decoder) is quantized part by part, one mode
 each (`--part decoder=int4 --part vision=int8`); the parts its family declares name their modes
@@ -30,6 +32,8 @@ from vlmopt.calibration import calibration_feeds, load_calibration, sample_count
 from vlmopt.errors import CheckFailed, VlmoptError
 from vlmopt.options import (
     StageOptions,
+    eval_images_option,
+    eval_text_option,
     max_ppl_increase_option,
     min_agreement_option,
     min_cosine_option,
@@ -40,21 +44,27 @@ from vlmopt.options import (
 )
 from vlmopt.quiet import quiet_onnxruntime_tools
 from vlmopt.records import TowerRecord, Traits, Verification
+from vlmopt.runners import OrtRunner
 from vlmopt.stage import Accepts, Job, Made, Stage, provisional
 from vlmopt.workspace import Artifact, StageOutput
 
-MODES = ("fp16", "bf16", "int8-dynamic", "int8-static", "int4")
-#: per-part modes beyond MODES: weight-only 8-bit MatMul (MatMulNBits), the token table as GatherBlockQuantized, unchanged
-PART_MODES = ("int8-weight", "gather-int8", "gather-int4", "fp32")
+MODES = ("fp16", "bf16", "int8-dynamic", "int8-static", "int8-weights", "int4")
+INT8_MODES = ("int8-dynamic", "int8-static")
+#: per-part modes beyond MODES: the token table as GatherBlockQuantized, unchanged
+PART_MODES = ("gather-int8", "gather-int4", "fp32")
 #: what each mode must leave in the graph: (operator that must appear, what it quantizes)
 QUANTIZED_OPS = {
     "int4": ("MatMulNBits", "MatMul"),
-    "int8-weight": ("MatMulNBits", "MatMul"),
+    "int8-weights": ("MatMulNBits", "MatMul"),
     "int8-dynamic": (("MatMulInteger", "DynamicQuantizeMatMul", "QAttention"), "MatMul"),
     "int8-static": ("QuantizeLinear", "MatMul/Gemm"),
     "gather-int4": ("GatherBlockQuantized", "Gather"),
     "gather-int8": ("GatherBlockQuantized", "Gather"),
 }
+#: modes whose graphs a fallback can splice back to fp32 layer by layer
+FALLBACK_MODES = ("int8-dynamic", "int8-static", "int8-weights", "int4")
+#: layers listed in a failure's sensitivity report
+SENSITIVITY_SHOWN = 15
 TARGETS = ("cpu", "tensorrt")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 #: Kept in fp32 by default in fp16 graphs: normalisation statistics and softmax sums overflow fp16's
@@ -66,33 +76,43 @@ INT8_DYNAMIC_OPS = ("MatMul", "Attention")
 INT8_STATIC_CPU_OPS = ("MatMul", "Gemm")
 #: The only ops TensorRT's strongly typed builder takes as explicit Q/DQ in vlmopt's graphs
 INT8_TENSORRT_OPS = ("MatMul", "Gemm")
-DEFAULT_NAMES = {"fp16": "fp16", "bf16": "bf16", "int8-dynamic": "int8-dynamic", "int8-static": "int8-static", "int4": "int4"}
+DEFAULT_NAMES = {"fp16": "fp16", "bf16": "bf16", "int8-dynamic": "int8-dynamic", "int8-static": "int8-static", "int8-weights": "int8-weights", "int4": "int4"}
+#: bits of the weight-only (MatMulNBits) modes
+WEIGHT_BITS = {"int8-weights": 8, "int4": 4}
 
 
 @dataclass
 class QuantizeOptions(StageOptions):
-    mode: str = option("int8-dynamic", "fp16, int8-dynamic, int8-static or int4 (bf16 is refused: no ONNX Runtime CPU kernels).", choices=MODES)
+    mode: str = option(
+        "int8-dynamic",
+        "fp16, int8-dynamic, int8-static, int8-weights (blockwise int8 weights, accurate) or int4 (bf16 is refused: no ONNX Runtime CPU kernels).",
+        choices=MODES,
+    )
     source: str = source_option("onnx", "the fp32 ONNX artifact to quantize (onnx, onnx-opt, ...)")
     name: str | None = name_option(None, "the mode, int8-static-trt for TensorRT")
     target: str = option("cpu", "cpu, or tensorrt: symmetric INT8 Q/DQ on MatMul/Gemm only, float bias.", choices=TARGETS)
-    per_channel: bool = option(False, "INT8 weights with one scale per output channel.")
+    per_channel: bool = option(True, "INT8 weights with one scale per output channel (default), or one per tensor.", flag="--per-channel/--per-tensor")
     reduce_range: bool = option(False, "7-bit INT8 weights (for CPUs without VNNI).")
     calib_images: str | None = option(None, "int8-static: a folder of jpg/png images for calibration.", path=True, metavar="DIR")
     calib_text: str | None = option(None, "int8-static: a text file, one prompt a line, for calibration.", path=True, metavar="FILE")
-    calib_samples: int = option(64, "Most calibration samples per tower (synthetic ones too).", minimum=1)
+    calib_samples: int = option(32, "Most calibration samples per tower (synthetic ones too).", minimum=1)
     calib_method: str = option("minmax", "int8-static range estimation: minmax, entropy or percentile.", choices=CALIBRATION_METHODS)
     percentile: float = option(99.999, "Percentile for --calib-method percentile.", minimum=90.0, maximum=100.0, exclusive=("max",))
     part: list[str] = option(
         [], "Quantize one part: PART=MODE, repeatable (decoder=int4 vision=int8); parts not named are copied unchanged.", metavar="PART=MODE"
     )
-    block_size: int = option(32, "int4 and weight-only int8: weights per quantization block (power of two, >= 16).", minimum=16)
-    accuracy_level: int = option(4, "int4 and weight-only int8: MatMulNBits compute (0 fp32 ... 4 int8).", minimum=0, maximum=4)
-    symmetric: bool = option(True, "int4 and weight-only int8: symmetric blocks; --asymmetric adds a zero point per block.", flag="--symmetric/--asymmetric")
-    op_types: list[str] = option([], "Only quantize these op types (repeatable or comma-separated).")
+    block_size: int = option(32, "int8-weights and int4: weights per quantization block (power of two, >= 16).", minimum=16)
+    accuracy_level: int = option(4, "int8-weights and int4: MatMulNBits compute (0 fp32 ... 4 int8).", minimum=0, maximum=4)
+    symmetric: bool = option(True, "int8-weights and int4: symmetric blocks; --asymmetric adds a zero point per block.", flag="--symmetric/--asymmetric")
+    op_types: list[str] = option([], "Only quantize these op types (repeatable or comma-separated; e.g. MatMul,Gather also shrinks the embeddings).")
     exclude_op_types: list[str] = option([], "Never quantize these op types (fp16: keep them in fp32).")
     nodes: list[str] = option([], "Only quantize these nodes (by name).")
     exclude_nodes: list[str] = option([], "Never quantize these nodes (by name).")
     keep_io_types: bool = option(True, "fp16: keep graph inputs and outputs fp32.", flag="--keep-io-types/--fp16-io")
+    fallback: bool = option(False, "When the gate is missed, keep the fewest most sensitive layers in fp32 until it passes (a slower graph).")
+    fallback_budget: str | None = option(
+        None, "--fallback: most layers kept in fp32 per tower, a count (12) or a share of the quantized layers (25%).", metavar="N|P%"
+    )
     min_cosine: float | None = min_cosine_option(0.99)
     min_agreement: float | None = min_agreement_option(None)
     # measured on SmolLM2-135M (README): weight-only int8 0.955 and +0.7 %, int4 0.67 and +33 %
@@ -111,6 +131,8 @@ class QuantizeOptions(StageOptions):
                 raise VlmoptError(f"--part names {name.strip()} twice")
             parts[name.strip()] = mode.strip()
         return parts
+    eval_images: str | None = eval_images_option()
+    eval_text: str | None = eval_text_option()
 
     @property
     def artifact(self) -> str:
@@ -127,6 +149,8 @@ class QuantizeOptions(StageOptions):
                 raise VlmoptError("--mode sets one mode for every tower and --part one per part; use one of them")
             if self.target != "cpu":
                 raise VlmoptError("--part makes CPU variants; drop --target")
+            if self.fallback:
+                raise VlmoptError("--fallback keeps encoder layers in fp32 under --mode; a --part variant is gated on token agreement and perplexity instead")
         if self.mode == "bf16":
             raise VlmoptError(
                 "--mode bf16 is not available: ONNX Runtime's CPU provider has no bf16 MatMul/Add kernels, so a bf16 graph "
@@ -135,11 +159,20 @@ class QuantizeOptions(StageOptions):
         if self.target == "tensorrt" and self.mode not in ("int8-static", "fp16"):
             raise VlmoptError(f"--target tensorrt applies to int8-static and fp16; {self.mode} makes ONNX Runtime-only operators")
         if self.mode != "int8-static" and (self.calib_images or self.calib_text or self.calib_method != "minmax"):
-            raise VlmoptError("--calib-images, --calib-text and --calib-method calibrate int8-static; drop them for " + self.mode)
+            raise VlmoptError(
+                "--calib-images, --calib-text and --calib-method calibrate int8-static; drop them for "
+                + self.mode
+                + " (--eval-images/--eval-text verify any mode on your data)"
+            )
         if self.block_size & (self.block_size - 1):
             raise VlmoptError(f"--block-size must be a power of two of at least 16, got {self.block_size}")
-        if (self.per_channel or self.reduce_range) and self.mode not in ("int8-dynamic", "int8-static"):
-            raise VlmoptError(f"--per-channel and --reduce-range apply to int8 modes, not {self.mode}")
+        if (not self.per_channel or self.reduce_range) and self.mode not in INT8_MODES:
+            raise VlmoptError(f"--per-tensor and --reduce-range apply to int8-dynamic and int8-static, not {self.mode}")
+        if self.fallback and self.mode not in FALLBACK_MODES:
+            raise VlmoptError(f"--fallback applies to {', '.join(FALLBACK_MODES)}, not {self.mode}")
+        if self.fallback_budget is not None and not self.fallback:
+            raise VlmoptError("--fallback-budget limits --fallback; add --fallback or drop it")
+        self._budget()
         if self.mode == "fp16" and self.op_types:
             raise VlmoptError("fp16 converts every op it can; keep some in fp32 with --exclude-op-types or --exclude-nodes instead of --op-types")
         if self.target == "tensorrt" and self.op_types and set(self.op_types) - set(INT8_TENSORRT_OPS):
@@ -148,6 +181,36 @@ class QuantizeOptions(StageOptions):
         overlap = set(self.op_types) & set(self.exclude_op_types) or set(self.nodes) & set(self.exclude_nodes)
         if overlap:
             raise VlmoptError(f"{', '.join(sorted(overlap))} is both included and excluded")
+
+    def _budget(self) -> tuple[float, bool] | None:
+        """`--fallback-budget` as (number, is a share), checked; None when not given."""
+        text = (self.fallback_budget or "").strip()
+        if not text:
+            return None
+        share = text.endswith("%")
+        try:
+            number = float(text[:-1]) if share else int(text)
+        except ValueError:
+            raise VlmoptError(f"--fallback-budget takes a count of layers (12) or a share of them (25%), got '{text}'") from None
+        if not number > 0:
+            raise VlmoptError(f"--fallback-budget {text} keeps nothing in fp32: --fallback could not change anything; give at least 1")
+        if share and number >= 100:
+            raise VlmoptError(f"--fallback-budget {text} leaves nothing to quantize; give a share below 100%")
+        return number, share
+
+    def budget(self, tower: str, layers: int) -> int:
+        """The most layers `--fallback` may keep in fp32 out of a tower's `layers` quantizable ones (all but one by
+        default). Raises VlmoptError for a budget that leaves nothing of the tower quantized."""
+        parsed = self._budget()
+        if parsed is None:
+            return max(layers - 1, 0)
+        number, share = parsed
+        count = int(layers * number / 100) if share else int(number)
+        if count >= layers:
+            raise VlmoptError(
+                f"--fallback-budget {self.fallback_budget} leaves nothing to quantize: the {tower} tower has {layers} quantizable layers; keep fewer in fp32"
+            )
+        return max(count, 1)
 
 
 # -- the modes -------------------------------------------------------------------------------
@@ -215,7 +278,8 @@ def int8_dynamic(source: Path, destination: Path, options: QuantizeOptions) -> d
             use_external_data_format=_large(source),
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
-    return {"op_types": op_types, "weights": "int8", "activations": "uint8 (dynamic)", "kept_fp32_attention_with_bias": kept}
+    weights = "int8 per channel" if options.per_channel else "int8 per tensor"
+    return {"op_types": op_types, "weights": weights, "activations": "uint8 (dynamic, per tensor)", "kept_fp32_attention_with_bias": kept}
 
 
 def int8_static(source: Path, destination: Path, options: QuantizeOptions, feeds: list[dict[str, np.ndarray]]) -> dict[str, Any]:
@@ -255,7 +319,8 @@ def int8_static(source: Path, destination: Path, options: QuantizeOptions, feeds
             extra_options=extra,
         )
     activations = "int8 symmetric" if tensorrt else "uint8 asymmetric"
-    return {"op_types": op_types, "format": "QDQ", "weights": "int8 symmetric", "activations": activations, "bias": "fp32" if tensorrt else "int32"}
+    weights = "int8 symmetric " + ("per channel" if options.per_channel else "per tensor")
+    return {"op_types": op_types, "format": "QDQ", "weights": weights, "activations": activations, "bias": "fp32" if tensorrt else "int32"}
 
 
 def _entropy_ranges(model: Path, op_types: list[str], feeds: list[dict[str, np.ndarray]], scratch: Path, symmetric: bool) -> Path:
@@ -283,10 +348,14 @@ def _entropy_ranges(model: Path, op_types: list[str], feeds: list[dict[str, np.n
     return cache
 
 
-def int4(source: Path, destination: Path, options: QuantizeOptions, bits: int = 4) -> dict[str, Any]:
-    """Weight-only MatMul quantization (MatMulNBits): 4 bits, or 8 (`int8-weight`, a decoder's int8: per-block
-    scales keep a real LM within 1 % perplexity where dynamic int8's per-tensor activations lost 66 %, README)."""
+def weight_only(source: Path, destination: Path, options: QuantizeOptions, bits: int | None = None) -> dict[str, Any]:
+    """int4 and int8-weights: MatMulNBits, blocks of --block-size weights (a decoder part's int4/int8 too). With accuracy
+    level 4 the activations are quantized to int8 per row and per block at run time: fine-grained enough for the
+    activation outliers of trained transformers (all-MiniLM-L6-v2 0.998, all-mpnet-base-v2 0.9993 cosine min with int8
+    weights; SmolLM2-135M +0.65 % perplexity with int8 weights, README)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    bits = bits or WEIGHT_BITS[options.mode]
 
     op_types = tuple(_op_types(options, ("MatMul",)))
     model = graph.load(source)
@@ -391,7 +460,7 @@ def tower_modes(options: QuantizeOptions, towers: dict[str, Any]) -> dict[str, s
     modes = {}
     for name in towers:
         mode = parts.get(name, "fp32")
-        offered = declared[name] or {m: m for m in (*MODES, "int8-weight") if m != "bf16"}
+        offered = declared[name] or {m: m for m in MODES if m != "bf16"}
         if mode != "fp32" and mode not in offered:
             raise VlmoptError(f"--part {name}={mode}: the {name} part takes {', '.join(['fp32', *offered])}")
         modes[name] = "fp32" if mode == "fp32" else offered[mode]
@@ -475,9 +544,10 @@ class Quantize(Stage):
     produces = "onnx"
     accepts = Accepts(kinds=("onnx",), precisions=("fp32",), hint="quantize an fp32 artifact such as 'onnx' or 'onnx-opt' (run `vlmopt convert` first)")
     tools = ("onnxruntime", "onnx")
-    summary = "Make an fp16, INT8 or INT4 variant of an fp32 ONNX artifact and verify it against that artifact."
+    summary = "Make an fp16, INT8 or INT4 variant of an fp32 ONNX artifact and verify it against that artifact on real data."
     details = (
-        "Fails with exit 1, writing nothing, when the cosine or zero-shot agreement falls below the thresholds.\n"
+        "Fails with exit 1, writing nothing, when the cosine or top-1 agreement falls below the thresholds, and names the most\n"
+        "sensitive layers; --fallback keeps the fewest of them in fp32 until the gate passes.\n"
         "Example: vlmopt quantize build/clip --mode int8-static --calib-images photos/ --calib-text prompts.txt"
     )
 
@@ -503,15 +573,11 @@ class Quantize(Stage):
         job.state["modes"] = modes
         if "int8-static" in modes.values():
             chosen = {name: tower for name, tower in job.towers.items() if modes[name] == "int8-static"}
-            job.state["data"] = load_calibration(job.model_dir, chosen, options.calib_images, options.calib_text, options.calib_samples)
+            job.state["calibration_data"] = load_calibration(job.model_dir, chosen, options.calib_images, options.calib_text, options.calib_samples)
         job.state["calibration"] = {}
-
-    def build(self, job: Job, tmp: Path) -> StageOutput:
-        copied = copy_runtime_files(job.parent_dir, job.parent, tmp)
-        output = super().build(job, tmp)
-        if copied:
-            output.record["runtime_files"] = copied
-        return output
+        if options.fallback:
+            for name in job.towers:
+                options.budget(name, quantizable_layers(job.parent_file(name), mode_op_types(options)))
 
     def make_tower(self, job: Job, tower: str, tmp: Path) -> Made:
         options: QuantizeOptions = job.options
@@ -528,31 +594,136 @@ class Quantize(Stage):
                 details = int8_dynamic(source, destination, options)
             elif mode == "int8-static":
                 details = int8_static(source, destination, options, self._calibration(job, tower))
-            elif mode in ("int4", "int8-weight"):
-                details = int4(source, destination, options, bits=4 if mode == "int4" else 8)
+            elif mode in ("int4", "int8-weights"):
+                details = weight_only(source, destination, options, bits=WEIGHT_BITS[mode])
             elif mode == "gather-int4":
                 details = gather_int4(source, destination, options)
             else:
                 details = gather_int8(source, destination, options)
-        model = graph.load(destination)
         if options.part:  # a part's mode must quantize it; with --mode, --nodes/--op-types may rightly leave a tower untouched
-            check_quantized(tower, mode, graph.op_counts(graph.load_structure(source)), graph.op_counts(model))
-        domains = graph.custom_domains(model)
-        work = {
-            "mode": mode,
-            "quantization": details,
-            "op_counts": graph.op_counts(model),
-            "parent_size": graph.weight_bytes(job.parent_dir, file),
-            "ort_only_ops": domains,
-            "tensorrt_issue": tensorrt_ready(model, domains)[1],
-        }
-        del model
+            check_quantized(tower, mode, graph.op_counts(graph.load_structure(source)), graph.op_counts(graph.load_structure(destination)))
+        work = {"mode": mode, "quantization": details, "parent_size": graph.weight_bytes(job.parent_dir, file)}
+        work.update(self._graph_facts(destination))
         return Made(TowerRecord(job.towers[tower], file, graph.weight_bytes(tmp, file)), work)
+
+    @staticmethod
+    def _graph_facts(path: Path) -> dict[str, Any]:
+        model = graph.load(path)
+        domains = graph.custom_domains(model)
+        return {"op_counts": graph.op_counts(model), "ort_only_ops": domains, "tensorrt_issue": tensorrt_ready(model, domains)[1]}
+
+    def build(self, job: Job, tmp: Path) -> StageOutput:
+        """Each tower quantized, then verified; a missed cosine gate is explained by the per-layer sensitivity and,
+        with --fallback, met by keeping the fewest most sensitive layers in fp32."""
+        options: QuantizeOptions = job.options
+        copied = copy_runtime_files(job.parent_dir, job.parent, tmp)  # processor files, genai_config.json: the variant runs where its parent does
+        made = {name: self.make_tower(job, name, tmp) for name in job.towers}
+        towers = {name: m.tower for name, m in made.items()}
+        job.state["fallback"] = {"needed": False} if options.fallback else None
+        try:
+            verification = self.verify(job, tmp, towers)
+        except CheckFailed as failed:
+            if options.part or options.mode not in FALLBACK_MODES or "verification" not in failed.details:
+                raise
+            verification = self._accuracy_aware(job, tmp, made, failed)
+        record = self.record(job, made)
+        if copied:
+            record["runtime_files"] = copied
+        return StageOutput(towers=towers, traits=self.traits(job, made), record=record, verification=verification)
+
+    def _accuracy_aware(self, job: Job, tmp: Path, made: dict[str, Made], failed: CheckFailed) -> Verification:
+        from vlmopt.quantization import fallback
+
+        options: QuantizeOptions = job.options
+        verification = Verification.from_json(failed.details["verification"])
+        missed = [t for t, checks in verification.towers.items() if any(not o.passed for c in checks if c.gated for o in c.outputs.values())]
+        threads = job.context.thread_count
+        studies: dict[str, dict[str, Any]] = {}
+        for tower in missed or list(made):
+            job.say(f"ranking the {tower} tower's layers by sensitivity")
+            splicer = fallback.Splicer(_fp32_graph(job.parent_file(tower)), graph.load(tmp / made[tower].tower.file))
+            feeds = self._gate_feeds(job, tower)
+            ranking = fallback.sensitivity(splicer, feeds, threads)
+            studies[tower] = {"splicer": splicer, "feeds": feeds, "ranking": ranking}
+        report = {tower: _sensitivity_json(study["splicer"], study["ranking"]) for tower, study in studies.items()}
+        if not options.fallback or not missed or options.min_cosine is None:
+            hint = "rerun with --fallback to keep the fewest of them in fp32 until the gate passes, or try --mode int8-weights"
+            if options.fallback:
+                hint = "--fallback meets a --min-cosine gate only"
+            raise CheckFailed(
+                f"{failed.message.removesuffix('; nothing was written')}; {_sensitivity_line(report)}; {hint}; nothing was written",
+                details={**failed.details, "report": {"sensitivity": report}},
+            )
+        results = {}
+        for tower in missed:
+            study = studies[tower]
+            splicer, feeds = study["splicer"], study["feeds"]
+            budget = options.budget(tower, len(splicer.candidates))
+            job.say(f"searching the fewest layers of the {tower} tower to keep in fp32")
+            with OrtRunner(job.parent_file(tower), threads=threads) as parent:
+                reference = [parent.run(feed) for feed in feeds]
+            evaluate = fallback.cosine_errors(reference, feeds, threads)
+            result = fallback.search(splicer, evaluate, options.min_cosine, study["ranking"], max_kept=budget, say=job.say)
+            results[tower] = result
+            if result.passed:
+                graph.save(splicer.revert(result.kept), tmp / made[tower].tower.file)
+        short = {t: r for t, r in results.items() if not r.passed}
+        if short:
+            parts = [
+                f"{t} tower: --min-cosine {options.min_cosine:g} cannot be reached within a budget of {options.budget(t, r.candidates)} of "
+                f"{r.candidates} layers in fp32; the best cosine min found is {r.value:.6f}, with {len(r.kept)} of {r.candidates} layers kept in fp32 "
+                f"and the rest {options.mode} (fully {options.mode}: {r.full_value:.6f})"
+                for t, r in short.items()
+            ]
+            raise CheckFailed(
+                "; ".join(parts) + f"; {_sensitivity_line(report)}; nothing was written",
+                details={**failed.details, "report": {"sensitivity": report}, "fallback": {t: r.to_json() for t, r in results.items()}},
+            )
+        record: dict[str, Any] = {"needed": True, "gate": {"min_cosine": options.min_cosine, "data": "the gated evaluation data"}, "towers": {}}
+        for tower, result in results.items():
+            splicer = studies[tower]["splicer"]
+            job.say(f"profiling the {tower} tower's kept layers")
+            costs = fallback.layer_costs(splicer, result.kept, studies[tower]["feeds"][0], threads=threads) if result.kept else {"layers": {}}
+            feed = studies[tower]["feeds"][0]
+            record["towers"][tower] = {
+                "fully_quantized": result.full_value,
+                "reached": result.value,
+                "quantized_layers": result.candidates,
+                "kept_fp32": [
+                    {
+                        "node": n,
+                        "op": splicer.slices[n].op_type,
+                        "sensitivity": dict(result.ranking)[n],
+                        "weights": splicer.weight_size(n),
+                        **costs["layers"].get(n, {}),
+                    }
+                    for n in result.kept
+                ],
+                "speed": {k: v for k, v in costs.items() if k != "layers"} | {"feed": {k: list(v.shape) for k, v in feed.items()}},
+                "search": {
+                    "evaluations": result.evaluations,
+                    "seconds": round(result.seconds, 2),
+                    "steps": [[s.kept, round(s.value, 6)] for s in result.steps],
+                },
+                "top_sensitive": report[tower][:SENSITIVITY_SHOWN],
+            }
+            file = made[tower].tower.file
+            made[tower].tower.size = graph.weight_bytes(tmp, file)
+            made[tower].work.update(self._graph_facts(tmp / file))
+        job.state["fallback"] = record
+        job.say("verifying the variant with its fp32 layers")
+        return self.verify(job, tmp, {name: m.tower for name, m in made.items()})
+
+    def _gate_feeds(self, job: Job, tower: str) -> list[dict[str, np.ndarray]]:
+        """The feeds the tower's cosine gate is measured on: its real evaluation sets (synthetic where it has none)."""
+        from vlmopt.verification.check import evaluation_sets
+
+        return [feed for s in evaluation_sets(job.towers[tower], job.state.get("data")) if s.gated for feed in s.feeds]
 
     def _calibration(self, job: Job, tower: str) -> list[dict[str, np.ndarray]]:
         options: QuantizeOptions = job.options
         spec = job.towers[tower]
-        feeds, origin = calibration_feeds(spec, job.state["data"], options.calib_samples)
+        feeds, origin = calibration_feeds(spec, job.state["calibration_data"], options.calib_samples)
         samples = sample_count(feeds)
         if origin == "synthetic":
             job.warn(synthetic_warning(spec, samples))
@@ -594,13 +765,80 @@ class Quantize(Stage):
         for tower, info in (artifact.record.get("calibration") or {}).items():
             label = "[bold yellow]SYNTHETIC[/]" if info["data"] == "synthetic" else "real"
             lines.append(f"calibration of {tower}: {info['samples']} {label} samples, {info['method']}")
+        fallback = artifact.record.get("fallback") or {}
+        for tower, info in (fallback.get("towers") or {}).items():
+            kept = info["kept_fp32"]
+            speed = info.get("speed", {})
+            lines.append(
+                f"fallback of {tower}: {len(kept)} of {info['quantized_layers']} layers kept in fp32, cosine min {info['fully_quantized']:.6f} -> "
+                f"{info['reached']:.6f}; kernel time {speed.get('total_quantized_ms', 0):.1f} -> {speed.get('total_with_fallback_ms', 0):.1f} ms per batch"
+            )
+            lines.append(_sensitivity_table(tower, info["top_sensitive"], {k["node"]: k for k in kept}))
+        if fallback and not fallback.get("needed", True):
+            lines.append("fallback: not needed, the fully quantized variant passed its gates")
         return lines
 
     def record(self, job: Job, made: dict[str, Made]) -> dict[str, Any]:
         record = super().record(job, made)
         if job.state["calibration"]:
             record["calibration"] = job.state["calibration"]
+        if job.state.get("fallback") is not None:
+            record["fallback"] = job.state["fallback"]
         return record
+
+    def describe_report(self, report: dict[str, Any]) -> list[Any]:
+        """A failed gate's per-layer sensitivity, as a table per tower."""
+        return [_sensitivity_table(tower, rows, set()) for tower, rows in (report.get("sensitivity") or {}).items()]
+
+
+def mode_op_types(options: QuantizeOptions) -> list[str]:
+    """The operator types a mode quantizes (after --op-types and --exclude-op-types)."""
+    if options.mode == "int8-dynamic":
+        return _op_types(options, INT8_DYNAMIC_OPS)
+    if options.mode == "int8-static":
+        return _op_types(options, INT8_TENSORRT_OPS if options.target == "tensorrt" else INT8_STATIC_CPU_OPS)
+    return _op_types(options, ("MatMul",))
+
+
+def quantizable_layers(path: Path, op_types: list[str]) -> int:
+    """Nodes of `op_types` that multiply by a weight (an initializer): the layers a mode quantizes."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    weights = {t.name for t in model.graph.initializer}
+    return sum(1 for n in model.graph.node if n.op_type in op_types and any(i in weights for i in n.input))
+
+
+def _fp32_graph(path: Path) -> Any:
+    """The fp32 parent as the quantizers read it: without recorded value_info (`_prepared`)."""
+    model = graph.load(path)
+    del model.graph.value_info[:]
+    return model
+
+
+def _sensitivity_json(splicer: Any, ranking: list[tuple[str, float]]) -> list[dict[str, Any]]:
+    return [{"node": n, "op": splicer.slices[n].op_type, "sensitivity": round(score, 6), "weights": splicer.weight_size(n)} for n, score in ranking]
+
+
+def _sensitivity_line(report: dict[str, list[dict[str, Any]]]) -> str:
+    parts = []
+    for tower, rows in report.items():
+        top = ", ".join(f"{r['node']} {r['sensitivity']:.3g}" for r in rows[:5])
+        parts.append(f"most sensitive layers of the {tower} tower (relative output error when quantized alone): {top}")
+    return "; ".join(parts)
+
+
+def _sensitivity_table(tower: str, rows: list[dict[str, Any]], kept: dict[str, dict[str, Any]] | set[str]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"per-layer sensitivity of the {tower} tower (relative output error when quantized alone)", title_justify="left")
+    for column in ("rank", "layer", "op", "sensitivity", "weights", "kept fp32", "cost of keeping it (ms)"):
+        table.add_column(column, justify="left" if column in ("layer", "op", "kept fp32") else "right")
+    for rank, row in enumerate(rows[:SENSITIVITY_SHOWN], 1):
+        info = kept.get(row["node"]) if isinstance(kept, dict) else None
+        cost = f"{info['cost_ms']:.2f}" if info and "cost_ms" in info else ""
+        table.add_row(str(rank), escape(row["node"]), row["op"], f"{row['sensitivity']:.4g}", f"{row['weights']:,}", "yes" if row["node"] in kept else "", cost)
+    return table
 
 
 #: standard ONNX operators TensorRT's parser does not implement (integer matmuls, fused quantized ops)

@@ -1,10 +1,14 @@
 """Checking an artifact against its reference (PyTorch, or its fp32 parent) on the same inputs, before it is committed.
 
-Per tower and per kind of data (real samples, synthetic random inputs): cosine (mean and min over rows)
-and max |diff| of every output; for dual encoders also the zero-shot top-1 agreement of the two (a batch
-of images against a set of prompts, each side through its own towers). Gates (`Gates`) fail the stage
-with `CheckFailed`, which `ModelDir.produce` turns into "nothing committed". Any backend: the runners
-come from `vlmopt.runners.ArtifactRunners`.
+Per tower and per kind of data: cosine (mean and min over rows) and max |diff| of every output, on the
+real evaluation data (`vlmopt.evaluation`: built-in sentences and photos through the model's own
+tokenizer and image processor, plus the user's `--eval-images`/`--eval-text`) and on synthetic random
+inputs at three shapes. The gates apply to the real figures; the synthetic ones are reported beside them,
+and gated only for a tower the model has no tokenizer or image processor for (the record says so).
+Task metrics: for dual encoders the zero-shot top-1 agreement (real photos against captions, each side
+through its own tower), for text encoders the retrieval top-1 agreement (queries ranked over passages).
+Gates (`Gates`) fail the stage with `CheckFailed`, which `ModelDir.produce` turns into "nothing
+committed". Any backend: the runners come from `vlmopt.runners.ArtifactRunners`.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from vlmopt.calibration import CalibrationData, batches, sample_count
+from vlmopt.calibration import sample_count
 from vlmopt.errors import CheckFailed
+from vlmopt.evaluation import EvalData
 from vlmopt.families import Tower
 from vlmopt.inputs import make_inputs, verification_sizes
 from vlmopt.records import DataCheck, MetricCheck, OutputCheck, Verification
@@ -27,9 +32,8 @@ from vlmopt.verification.compare import agreement, compare_feeds, top1
 
 #: images and prompts of the synthetic zero-shot set
 ZERO_SHOT_IMAGES, ZERO_SHOT_PROMPTS = 16, 16
-#: most real samples used for evaluation
-EVAL_SAMPLES = 32
 ZERO_SHOT = "zero-shot top-1 agreement"
+RETRIEVAL = "retrieval top-1 agreement"
 
 Admits = Callable[[dict[str, np.ndarray]], bool]
 #: a family's own checks run with a verification: (data checks per tower, metric checks)
@@ -66,27 +70,47 @@ class FeedSet:
     gated: bool = True
 
 
-def evaluation_sets(tower: Tower, data: CalibrationData | None = None) -> list[FeedSet]:
-    """Synthetic feeds at two shapes and at batch 8, plus the user's real samples when there are any.
+def evaluation_sets(tower: Tower, data: EvalData | None = None) -> list[FeedSet]:
+    """The real sets of `data` (gated), and synthetic feeds at two shapes and at batch 8 (reported; gated only
+    where the tower has no real data, with the reason in their source).
 
     A tower whose quality is judged by task metrics instead (`meta["similarity_gated"]` false: a decoder, whose
     token agreement and perplexity the family checks) is compared on them for the record, not gated."""
+    similarity = tower.meta.get("similarity_gated", True)
+    real = real_sets(tower, data, gated=similarity)
+    why = None if real or not similarity else _why_synthetic(tower, data)
+    return [synthetic_set(tower, gated=similarity and not real, why=why), *real]
+
+
+def real_sets(tower: Tower, data: EvalData | None, gated: bool = True) -> list[FeedSet]:
+    if data is None:
+        return []
+    return [FeedSet("real", s.source, s.feeds, gated=gated) for s in data.for_tower(tower).real if s.feeds]
+
+
+def synthetic_set(tower: Tower, gated: bool, why: str | None = None) -> FeedSet:
     max_seq = tower.vocab.max_length if tower.vocab else 1
     large = {"batch": 8, "image_batch": 4, "text_batch": 8, "sequence": max_seq}
     if tower.derived_axes:  # generative parts: their bench sizes, not the full context
         large = {**large, **tower.bench_sizes, "batch": 4}
     shapes = [*verification_sizes(tower), large]
-    gated = tower.meta.get("similarity_gated", True)
-    sets = [FeedSet("synthetic", "random inputs", [make_inputs(tower, sizes, seed=100 + i) for i, sizes in enumerate(shapes)], _axes(tower, shapes), gated)]
-    real = data.for_tower(tower) if data else None
-    if real is not None:
-        sets.append(FeedSet("real", data.sources.get(tower.name, "your samples") if data else "", batches({k: v[:EVAL_SAMPLES] for k, v in real.items()})))
-    return sets
+    source = "random inputs" + (f" (gated: {why})" if why else "")
+    return FeedSet("synthetic", source, [make_inputs(tower, sizes, seed=100 + i) for i, sizes in enumerate(shapes)], _axes(tower, shapes), gated=gated)
 
 
-def shape_sets(tower: Tower, shapes: list[dict[str, int]]) -> list[FeedSet]:
-    """Synthetic feeds at exactly these shapes (convert's check at two shapes that differ in every axis)."""
-    return [FeedSet("synthetic", "random inputs", [make_inputs(tower, sizes, seed=seed) for seed, sizes in enumerate(shapes)], _axes(tower, shapes))]
+def _why_synthetic(tower: Tower, data: EvalData | None) -> str:
+    if data is None:
+        return "no real evaluation data was given to this check"
+    return data.for_tower(tower).missing or "no real sample fits it"
+
+
+def shape_sets(tower: Tower, shapes: list[dict[str, int]], data: EvalData | None = None) -> list[FeedSet]:
+    """Synthetic feeds at exactly these shapes (convert's check of the exporter at two shapes that differ in every
+    axis, gated), plus the tower's real sets (gated too: real inputs are what the export will be sent)."""
+    synthetic = FeedSet(
+        "synthetic", "random inputs at two shapes", [make_inputs(tower, sizes, seed=seed) for seed, sizes in enumerate(shapes)], _axes(tower, shapes)
+    )
+    return [synthetic, *real_sets(tower, data)]
 
 
 def _axes(tower: Tower, shapes: list[dict[str, int]]) -> list[dict[str, int]]:
@@ -100,7 +124,7 @@ def verify_runners(
     gates: Gates,
     reference_name: str,
     sets: Callable[[Tower], list[FeedSet]] | None = None,
-    data: CalibrationData | None = None,
+    data: EvalData | None = None,
     admits: dict[str, Admits] | None = None,
     extra: ExtraChecks | None = None,
 ) -> Verification:
@@ -113,19 +137,26 @@ def verify_runners(
     sets = sets or (lambda tower: evaluation_sets(tower, data))
     checks: dict[str, list[DataCheck]] = {}
     picks: dict[str, tuple[Any, Any, str]] = {}
+    metrics: list[MetricCheck] = []
     for name, tower in towers.items():
         feed_sets = sets(tower)
-        if admits and name in admits:
-            feed_sets = [dataclasses.replace(s, feeds=[f for f in s.feeds if admits[name](f)], where=[]) for s in feed_sets]
+        fits = admits.get(name) if admits else None
+        if fits is not None:
+            feed_sets = [dataclasses.replace(s, feeds=[f for f in s.feeds if fits(f)], where=[]) for s in feed_sets]
             feed_sets = [s for s in feed_sets if s.feeds]
             if not feed_sets:
                 raise CheckFailed(f"{name} tower: none of the verification inputs fits the engine's shape profile; widen --max-batch/--max-seq")
+            if not any(s.gated for s in feed_sets):
+                feed_sets = [dataclasses.replace(s, gated=True) for s in feed_sets]
         with reference(tower) as ref, candidate(tower) as cand:
             checks[name] = [_data_check(s, compare_feeds(ref.run, cand.run, s.feeds)) for s in feed_sets]
             probe = _zero_shot_probe(tower, data)
-            if probe is not None and (not admits or name not in admits or admits[name](probe[0])):
-                picks[name] = (_first(ref.run(probe[0])), _first(cand.run(probe[0])), probe[1])
-    metrics = _zero_shot(towers, picks, gates)
+            if probe is not None and (fits is None or all(fits(f) for f in probe[0])):
+                picks[name] = (_embed(ref.run, probe[0]), _embed(cand.run, probe[0]), probe[1])
+            retrieval = data.for_tower(tower).retrieval if data is not None else None
+            if retrieval is not None and (fits is None or all(fits(f) for f in (*retrieval[0], *retrieval[1]))):
+                metrics.append(_retrieval(ref.run, cand.run, retrieval, gates))
+    metrics = _zero_shot(towers, picks, gates) + metrics
     if extra is not None:
         more_checks, more_metrics = extra()
         for name, found in more_checks.items():
@@ -145,7 +176,7 @@ def verify_artifacts(
     candidate_dir: Path,
     candidate: Any,
     gates: Gates,
-    data: CalibrationData | None = None,
+    data: EvalData | None = None,
     threads: int | None = None,
     sets: Callable[[Tower], list[FeedSet]] | None = None,
     admits: dict[str, Admits] | None = None,
@@ -195,22 +226,43 @@ def _failures(verification: Verification, gates: Gates) -> list[str]:
 
 
 # -- zero-shot agreement (dual encoders) ------------------------------------------------------------
-def _zero_shot_probe(tower: Tower, data: CalibrationData | None) -> tuple[dict[str, np.ndarray], str] | None:
-    """The feed a tower contributes to the zero-shot check: images or prompts (real when given), or the monolith's pairs."""
-    roles = [spec.role for spec in tower.inputs]
+def _zero_shot_probe(tower: Tower, data: EvalData | None) -> tuple[list[dict[str, np.ndarray]], str] | None:
+    """The feeds a tower contributes to the zero-shot check: real photos or captions where the model has the processors,
+    else synthetic images or prompts; for a one-graph dual encoder, its photos x captions (or synthetic) pairs."""
     max_seq = tower.vocab.max_length if tower.vocab else 1
-    if tower.name == "model":
-        if not any(spec.name == "logits_per_image" for spec in tower.outputs):
-            return None
-        feed = make_inputs(tower, {"image_batch": ZERO_SHOT_IMAGES, "text_batch": ZERO_SHOT_PROMPTS, "sequence": min(16, max_seq)}, seed=7)
-        return feed, "synthetic"
-    if tower.name not in ("vision", "text") or tower.outputs[0].name not in ("image_embeds", "text_embeds"):
+    if tower.name == "model" and not any(spec.name == "logits_per_image" for spec in tower.outputs):
         return None
-    real = data.for_tower(tower) if data else None
-    if real is not None and len(next(iter(real.values()))) >= 2:
-        return {k: v[:EVAL_SAMPLES] for k, v in real.items()}, "real"
-    count = ZERO_SHOT_IMAGES if roles == ["image"] else ZERO_SHOT_PROMPTS
-    return make_inputs(tower, {"batch": count, "sequence": min(16, max_seq)}, seed=7), "synthetic"
+    if tower.name not in ("vision", "text", "model"):
+        return None
+    if tower.name != "model" and tower.outputs[0].name not in ("image_embeds", "text_embeds"):
+        return None  # not a dual encoder's embedding (a LLaVA vision part's image features, a sentence encoder's)
+    mine = data.for_tower(tower) if data is not None else None
+    if mine is not None and mine.zero_shot:
+        return mine.zero_shot, "real"
+    if tower.name == "model":
+        feed = make_inputs(tower, {"image_batch": ZERO_SHOT_IMAGES, "text_batch": ZERO_SHOT_PROMPTS, "sequence": min(16, max_seq)}, seed=7)
+        return [feed], "synthetic"
+    count = ZERO_SHOT_IMAGES if [spec.role for spec in tower.inputs] == ["image"] else ZERO_SHOT_PROMPTS
+    return [make_inputs(tower, {"batch": count, "sequence": min(16, max_seq)}, seed=7)], "synthetic"
+
+
+def _embed(run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
+    return np.concatenate([_first(run(feed)) for feed in feeds])
+
+
+def _retrieval(
+    reference: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+    candidate: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+    probe: tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]],
+    gates: Gates,
+) -> MetricCheck:
+    """Each query ranks every passage: the fraction of queries whose top-1 passage is the reference's."""
+    queries, passages = probe
+    ref_top1 = top1(_embed(reference, queries), _embed(reference, passages))
+    cand_top1 = top1(_embed(candidate, queries), _embed(candidate, passages))
+    detail = {"queries": len(ref_top1), "passages": sample_count(passages), "reference_correct": float(np.mean(ref_top1 == np.arange(len(ref_top1))))}
+    data = f"{len(ref_top1)} queries x {detail['passages']} passages (built-in, real)"
+    return MetricCheck(RETRIEVAL, agreement(ref_top1, cand_top1), data, gates.min_agreement, detail=detail)
 
 
 def _zero_shot(towers: dict[str, Tower], picks: dict[str, tuple[Any, Any, str]], gates: Gates) -> list[MetricCheck]:
@@ -223,8 +275,9 @@ def _zero_shot(towers: dict[str, Tower], picks: dict[str, tuple[Any, Any, str]],
     if "model" in picks:
         ref_logits, cand_logits, origin = picks["model"]
         value = agreement(np.argmax(ref_logits, axis=1), np.argmax(cand_logits, axis=1))
-        data = f"{ZERO_SHOT_IMAGES} images x {ZERO_SHOT_PROMPTS} prompts ({origin})"
-        return [MetricCheck(ZERO_SHOT, value, data, gates.min_agreement, detail={"images": ZERO_SHOT_IMAGES, "prompts": ZERO_SHOT_PROMPTS})]
+        images, prompts = ref_logits.shape
+        data = f"{images} images x {prompts} prompts ({origin})"
+        return [MetricCheck(ZERO_SHOT, value, data, gates.min_agreement, detail={"images": images, "prompts": prompts})]
     return []
 
 

@@ -1,0 +1,1 @@
+"""Quantization helpers beyond ONNX Runtime's own tools: accuracy-aware fallback."""

@@ -81,13 +81,19 @@ class EvalData:
         return self.towers.get(tower.name) or TowerData(missing="no evaluation data was prepared for it")
 
 
+#: the input roles of an encoder's text tower: what a tokenizer's output fills
+TEXT_ROLES = {"input_ids", "attention_mask", "token_type_ids"}
+
+
 def _role(tower: Tower) -> str:
+    """image, text, pair (a one-graph dual encoder), or other: a part real data cannot be fed to as is (a generative
+    model's embedding or decoder part, whose inputs are image features, embeddings and a KV cache)."""
     roles = {spec.role for spec in tower.inputs}
     if roles == {"image"}:
         return "image"
-    if "image" in roles:
+    if "image" in roles and roles <= {"image"} | TEXT_ROLES:
         return "pair"
-    return "text" if tower.vocab is not None else "other"
+    return "text" if tower.vocab is not None and roles <= TEXT_ROLES else "other"
 
 
 def _fixed_batch(tower: Tower) -> int | None:

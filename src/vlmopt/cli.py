@@ -689,7 +689,10 @@ def info(
     not_ok = [f"{e.artifact.name} ({e.status})" for e in entries if not e.ok]
     failure = f"{len(not_ok)} of {len(entries)} artifacts are not ok: {'; '.join(not_ok)}" if verify and not_ok else None
     if as_json:
-        listing: dict[str, Any] = {"path": str(model_dir.path), "artifacts": [{**e.artifact.to_json(), "size": e.artifact.size, "status": e.status} for e in entries]}
+        listing: dict[str, Any] = {
+            "path": str(model_dir.path),
+            "artifacts": [{**e.artifact.to_json(), "size": e.artifact.size, "status": e.status} for e in entries],
+        }
         if recommendation is not None:
             listing["recommendation"] = {
                 **recommendation.to_json(),

@@ -131,6 +131,7 @@ class QuantizeOptions(StageOptions):
                 raise VlmoptError(f"--part names {name.strip()} twice")
             parts[name.strip()] = mode.strip()
         return parts
+
     eval_images: str | None = eval_images_option()
     eval_text: str | None = eval_text_option()
 

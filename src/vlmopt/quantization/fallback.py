@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from vlmopt.errors import VlmoptError
+
 #: the operators a quantizer replaces that a fallback can put back in fp32
 QUANTIZABLE = ("MatMul", "Gemm", "Attention", "MultiHeadAttention", "Conv", "Gather")
 
@@ -287,6 +289,37 @@ def sensitivity(splicer: Splicer, feeds: list[dict[str, np.ndarray]], threads: i
             den[node] += float((reference**2).sum())
     scores = {n: (num[n] / max(den[n], 1e-30)) ** 0.5 for n in pairs}
     return sorted(scores.items(), key=lambda kv: kv[1], reverse=True)
+
+
+# -- budget ------------------------------------------------------------------------------------------------------
+def parse_budget(text: str | None) -> tuple[float, bool] | None:
+    """`--fallback-budget` as (number, is a share), checked; None when not given."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    share = text.endswith("%")
+    try:
+        number = float(text[:-1]) if share else int(text)
+    except ValueError:
+        raise VlmoptError(f"--fallback-budget takes a count of layers (12) or a share of them (25%), got '{text}'") from None
+    if not number > 0:
+        raise VlmoptError(f"--fallback-budget {text} keeps nothing in fp32: --fallback could not change anything; give at least 1")
+    if share and number >= 100:
+        raise VlmoptError(f"--fallback-budget {text} leaves nothing to quantize; give a share below 100%")
+    return number, share
+
+
+def layer_budget(text: str | None, tower: str, layers: int) -> int:
+    """The most layers `--fallback` may keep out of a tower's `layers` quantized ones (all but one by default).
+    Raises VlmoptError for a budget that leaves nothing of the tower quantized."""
+    parsed = parse_budget(text)
+    if parsed is None:
+        return max(layers - 1, 0)
+    number, share = parsed
+    count = int(layers * number / 100) if share else int(number)
+    if count >= layers:
+        raise VlmoptError(f"--fallback-budget {text} leaves nothing to quantize: the {tower} tower has {layers} quantizable layers; keep fewer in fp32")
+    return max(count, 1)
 
 
 # -- search ----------------------------------------------------------------------------------------------------

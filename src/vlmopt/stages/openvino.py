@@ -36,7 +36,7 @@ import numpy as np
 from rich.markup import escape
 
 from vlmopt.calibration import calibration_feeds, load_calibration, sample_count, synthetic_warning
-from vlmopt.errors import VlmoptError
+from vlmopt.errors import CheckFailed, VlmoptError
 from vlmopt.families import Tower
 from vlmopt.inputs import make_inputs
 from vlmopt.machine import check_openvino_device, require_nncf, require_openvino
@@ -50,6 +50,7 @@ from vlmopt.options import (
     option,
     source_option,
 )
+from vlmopt.quantization.fallback import parse_budget
 from vlmopt.records import TowerRecord, Traits, Verification
 from vlmopt.stage import Accepts, Job, Made, Stage, provisional
 from vlmopt.workspace import Artifact
@@ -98,6 +99,14 @@ class OpenVINOOptions(StageOptions):
     group_size: int = option(128, "int4-weights: weights per quantization group; -1 for one scale per output channel.", minimum=-1)
     ratio: float = option(1.0, "int4-weights: share of the weights in int4, the rest int8.", minimum=0.0, maximum=1.0, exclusive=("min",))
     symmetric: bool = option(False, "Weight compression: symmetric (no zero point) instead of asymmetric.", flag="--symmetric/--asymmetric")
+    fallback: bool = option(
+        False,
+        "int8: when the cosine gate is missed, keep the fewest most sensitive layers in float (NNCF's ignored scope) until it passes "
+        "(a slower model; cheap with --inference-precision bf16).",
+    )
+    fallback_budget: str | None = option(
+        None, "--fallback: most layers kept in float per tower, a count (12) or a share of the quantized layers (25%).", metavar="N|P%"
+    )
     min_cosine: float | None = min_cosine_option(0.99)
     min_agreement: float | None = min_agreement_option(None)
     eval_images: str | None = eval_images_option()
@@ -129,6 +138,13 @@ class OpenVINOOptions(StageOptions):
             raise VlmoptError(f"--group-size and --ratio apply to --mode int4-weights, not {self.mode}")
         if not weights and self.symmetric:
             raise VlmoptError(f"--symmetric applies to weight compression (int8-weights, int4-weights), not {self.mode}")
+        if self.fallback and not int8:
+            raise VlmoptError(f"--fallback keeps layers of an NNCF int8 model in float; it applies to --mode int8, not {self.mode}")
+        if self.fallback_budget is not None and not self.fallback:
+            raise VlmoptError("--fallback-budget limits --fallback; add --fallback or drop it")
+        parse_budget(self.fallback_budget)
+        if self.fallback and self.min_cosine is None:
+            raise VlmoptError("--fallback searches for the fewest float layers that meet --min-cosine; give a threshold instead of off")
         if self.group_size == 0:
             raise VlmoptError("--group-size must be a positive number of weights, or -1 for one scale per output channel")
         if self.smooth_quant is not None and self.model_type != "transformer" and self.smooth_quant != NNCF_SMOOTH_QUANT_ALPHA:
@@ -373,7 +389,7 @@ class OpenVINO(Stage):
             require_nncf(f"--mode {options.mode}")
         core = ov.Core()
         check_openvino_device(core, options.device)
-        job.state.update(core=core, version=ov.get_version().split("-")[0], calibration={}, executed={})
+        job.state.update(core=core, version=ov.get_version().split("-")[0], calibration={}, executed={}, fallback={})
         if options.static_batch is not None:
             fixed = {name: tower.inputs[0].shape[0] for name, tower in job.towers.items() if isinstance(tower.inputs[0].shape[0], int)}
             clash = {name: batch for name, batch in fixed.items() if batch != options.static_batch}
@@ -401,7 +417,10 @@ class OpenVINO(Stage):
         samples = self._calibration(job, spec) if options.mode == "int8" else []
         with quiet_nncf(job.context.debug):
             if options.mode == "int8":
-                model, details = quantize_int8(model, samples, options, tower, ignored)
+                original = model
+                model, details = quantize_int8(original.clone(), samples, options, tower, ignored)
+                if options.fallback:
+                    model = self._fallback(job, spec, original, model, samples, ignored)
             elif options.mode != "fp32":
                 model, details = compress_weights(model, options, tower, ignored)
         if ignored.scope() is not None:
@@ -424,6 +443,64 @@ class OpenVINO(Stage):
         if details:
             work["compression"] = details
         return Made(TowerRecord(spec, file, size, engine=meta), work)
+
+    def _fallback(self, job: Job, spec: Tower, original: Any, quantized: Any, samples: list[dict[str, np.ndarray]], ignored: Ignored) -> Any:
+        """The fewest most sensitive layers in NNCF's ignored scope for --min-cosine on the gated evaluation data
+        (`vlmopt.quantization.openvino_fallback`); exit 1 with the best found when the budget cannot reach it."""
+        from vlmopt.quantization import fallback
+        from vlmopt.quantization import openvino_fallback as ovf
+        from vlmopt.runners import OrtRunner
+        from vlmopt.runners.openvino_runner import compile_config
+        from vlmopt.verification.check import evaluation_sets
+
+        options: OpenVINOOptions = job.options
+        threads = job.context.thread_count
+        meta = {"inference_precision": options.inference_precision, "performance_hint": options.performance_hint}
+        compile_model = ovf.compiler(job.state["core"], options.device, compile_config(meta, threads))
+        feeds = [feed for s in evaluation_sets(spec, job.state.get("data")) if s.gated for feed in s.feeds]
+        with OrtRunner(job.parent_file(spec.name), threads=threads) as parent:
+            reference = [parent.run(feed) for feed in feeds]
+        evaluate = ovf.cosine_errors(reference, feeds, compile_model)
+        full = evaluate(quantized)
+        record: dict[str, Any] = {"needed": bool(1.0 - full.max() < options.min_cosine), "fully_quantized": float(1.0 - full.max())}
+        job.state["fallback"][spec.name] = record
+        if not record["needed"]:
+            return quantized
+        job.say(f"ranking the {spec.name} tower's layers by sensitivity")
+        probe = ovf.FakeQuantizeProbe(quantized)
+        ranking = ovf.sensitivity(probe, feeds, compile_model)
+
+        def requantize(kept: list[str]) -> Any:
+            scope = Ignored(ignored.names + kept, ignored.patterns, ignored.types)
+            return quantize_int8(original.clone(), samples, options, spec.name, scope)[0]
+
+        searcher = ovf.Requantizer(quantized, probe.candidates, requantize)
+        budget = fallback.layer_budget(options.fallback_budget, spec.name, len(probe.candidates))
+        job.say(f"searching the fewest layers of the {spec.name} tower to keep in float")
+        result = fallback.search(searcher, evaluate, options.min_cosine, ranking, max_kept=budget, full_errors=full, say=job.say)
+        top = ", ".join(f"{n} {v:.3g}" for n, v in ranking[:5])
+        if not result.passed:
+            raise CheckFailed(
+                f"{spec.name} tower: --min-cosine {options.min_cosine:g} cannot be reached within a budget of {budget} of {len(probe.candidates)} "
+                f"layers in float; the best cosine min found is {result.value:.6f}, with {len(result.kept)} layers kept in float and the rest int8 "
+                f"(fully int8: {result.full_value:.6f}); most sensitive layers (relative output error when quantized alone): {top}; nothing was written",
+                details={"fallback": {spec.name: result.to_json()}},
+            )
+        model = searcher.revert(result.kept)
+        job.say(f"profiling the {spec.name} tower's kept layers")
+        costs = ovf.layer_costs(
+            quantized, model, result.kept, feeds[0], ovf.compiler(job.state["core"], options.device, compile_config(meta, threads, profile=True))
+        )
+        scores = dict(ranking)
+        record.update(
+            reached=result.value,
+            quantized_layers=len(probe.candidates),
+            kept_float=[{"node": n, "op": probe.op_types[n], "sensitivity": scores[n], **costs["layers"].get(n, {})} for n in result.kept],
+            speed={k: v for k, v in costs.items() if k != "layers"} | {"feed": {k: list(v.shape) for k, v in feeds[0].items()}},
+            search={"evaluations": result.evaluations, "seconds": round(result.seconds, 2), "steps": [[s.kept, round(s.value, 6)] for s in result.steps]},
+            top_sensitive=[{"node": n, "op": probe.op_types[n], "sensitivity": round(v, 6)} for n, v in ranking[:15]],
+        )
+        return model
 
     def _calibration(self, job: Job, spec: Tower) -> list[dict[str, np.ndarray]]:
         options: OpenVINOOptions = job.options
@@ -480,6 +557,8 @@ class OpenVINO(Stage):
         record["executed"] = job.state["executed"]
         if job.state["calibration"]:
             record["calibration"] = job.state["calibration"]
+        if job.state["fallback"]:
+            record["fallback"] = job.state["fallback"]
         return record
 
     def describe(self, artifact: Artifact) -> list[Any]:
@@ -493,6 +572,19 @@ class OpenVINO(Stage):
         for tower, info in (artifact.record.get("calibration") or {}).items():
             label = "[bold yellow]SYNTHETIC[/]" if info["data"] == "synthetic" else "real"
             lines.append(f"calibration of {tower}: {info['samples']} {label} samples")
+        for tower, info in (artifact.record.get("fallback") or {}).items():
+            if not info["needed"]:
+                lines.append(f"fallback of {tower}: not needed, the fully int8 model passed its gate (cosine min {info['fully_quantized']:.6f})")
+                continue
+            speed = info["speed"]
+            lines.append(
+                f"fallback of {tower}: {len(info['kept_float'])} of {info['quantized_layers']} layers kept in float, cosine min "
+                f"{info['fully_quantized']:.6f} -> {info['reached']:.6f}; layer time {speed['total_quantized_ms']:.1f} -> "
+                f"{speed['total_with_fallback_ms']:.1f} ms per batch"
+            )
+            for layer in info["kept_float"]:
+                cost = f", costs {layer['cost_ms']:+.2f} ms" if "cost_ms" in layer else ""
+                lines.append(f"  kept: {escape(layer['node'])} ({layer['op']}, sensitivity {layer['sensitivity']:.3g}{cost})")
         return lines
 
 

@@ -42,6 +42,7 @@ from vlmopt.options import (
     option,
     source_option,
 )
+from vlmopt.quantization.fallback import parse_budget
 from vlmopt.quiet import quiet_onnxruntime_tools
 from vlmopt.records import TowerRecord, Traits, Verification
 from vlmopt.runners import OrtRunner
@@ -173,7 +174,7 @@ class QuantizeOptions(StageOptions):
             raise VlmoptError(f"--fallback applies to {', '.join(FALLBACK_MODES)}, not {self.mode}")
         if self.fallback_budget is not None and not self.fallback:
             raise VlmoptError("--fallback-budget limits --fallback; add --fallback or drop it")
-        self._budget()
+        parse_budget(self.fallback_budget)
         if self.mode == "fp16" and self.op_types:
             raise VlmoptError("fp16 converts every op it can; keep some in fp32 with --exclude-op-types or --exclude-nodes instead of --op-types")
         if self.target == "tensorrt" and self.op_types and set(self.op_types) - set(INT8_TENSORRT_OPS):
@@ -183,35 +184,12 @@ class QuantizeOptions(StageOptions):
         if overlap:
             raise VlmoptError(f"{', '.join(sorted(overlap))} is both included and excluded")
 
-    def _budget(self) -> tuple[float, bool] | None:
-        """`--fallback-budget` as (number, is a share), checked; None when not given."""
-        text = (self.fallback_budget or "").strip()
-        if not text:
-            return None
-        share = text.endswith("%")
-        try:
-            number = float(text[:-1]) if share else int(text)
-        except ValueError:
-            raise VlmoptError(f"--fallback-budget takes a count of layers (12) or a share of them (25%), got '{text}'") from None
-        if not number > 0:
-            raise VlmoptError(f"--fallback-budget {text} keeps nothing in fp32: --fallback could not change anything; give at least 1")
-        if share and number >= 100:
-            raise VlmoptError(f"--fallback-budget {text} leaves nothing to quantize; give a share below 100%")
-        return number, share
-
     def budget(self, tower: str, layers: int) -> int:
         """The most layers `--fallback` may keep in fp32 out of a tower's `layers` quantizable ones (all but one by
         default). Raises VlmoptError for a budget that leaves nothing of the tower quantized."""
-        parsed = self._budget()
-        if parsed is None:
-            return max(layers - 1, 0)
-        number, share = parsed
-        count = int(layers * number / 100) if share else int(number)
-        if count >= layers:
-            raise VlmoptError(
-                f"--fallback-budget {self.fallback_budget} leaves nothing to quantize: the {tower} tower has {layers} quantizable layers; keep fewer in fp32"
-            )
-        return max(count, 1)
+        from vlmopt.quantization.fallback import layer_budget
+
+        return layer_budget(self.fallback_budget, tower, layers)
 
 
 # -- the modes -------------------------------------------------------------------------------

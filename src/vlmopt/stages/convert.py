@@ -147,7 +147,10 @@ def export_tower(module: Any, tower: Tower, path: Path, opset: int, dynamic: boo
                 shapes = (_dynamic_shapes(module, tower) if derived else axes) if dynamic else None
                 with torch.no_grad():
                     program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=shapes, optimize=True, **names)
-                program.save(str(path))
+                # weights beside the graph (`<name>.onnx.data`), streamed from the exported program: saving one
+                # protobuf copies every weight twice more in memory (SmolLM2's decoder: peak 2736 MB against
+                # 1188 MB this way, for 850 MB of fp32 weights)
+                program.save(str(path), external_data=True)
                 del program
         except Exception as exc:
             tail = "\n".join(log.getvalue().strip().splitlines()[-5:])

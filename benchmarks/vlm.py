@@ -6,7 +6,9 @@ Models (built offline by `vlmopt demo-model`, then `export`, `convert` and `quan
 Contenders: `hf` (transformers `generate`, SDPA, its KV cache: the reference), `onnx` (fp32 parts through
 vlmopt's ORT loop), `int8` (decoder weight-only int8 MatMulNBits + vision int8) and `int4` (decoder int4
 MatMulNBits + vision int8). int4 is made with the fidelity gates off so its speed is shown; its agreement and
-perplexity on the real text are printed from the manifest beside it.
+perplexity on the real text are printed from the manifest beside it. `llama.cpp` is an anchor outside vlmopt, for
+model a at batch 1 where `llama-cpp-python` is installed: the same SmolLM2 GGUF (Q4_1), text only, on a prompt as
+long as the VLM's prefill.
 
 Per contender and batch (1 and 4): image encode latency (the vision part alone), time to first token for one
 image per sequence and a 32-token prompt (chat template included), decode tokens/s per sequence over the steps
@@ -22,6 +24,7 @@ token x tokens/s) and as a fraction of it. A benchmark reports; it does not gate
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -49,7 +52,10 @@ VARIANTS = {
     "int8": ["--part", "decoder=int8", "--part", "vision=int8"],
     "int4": ["--part", "decoder=int4", "--part", "vision=int8", "--min-token-agreement", "off", "--max-ppl-increase", "off"],
 }
-CONTENDERS = ("hf", "onnx", "int8", "int4")
+CONTENDERS = ("hf", "onnx", "int8", "int4", "llama.cpp")
+#: the anchor outside vlmopt: llama.cpp (`llama-cpp-python`, built from source by pip, about 15 minutes here, so
+#: `make install` does not install it) running the same SmolLM2 GGUF, text only, on a prompt of the same length
+ANCHOR = "llama.cpp"
 DECODE_TARGET, TTFT_TARGET = 3.0, 1.5
 PROMPT = "Look at this picture carefully and describe everything you can see in it, including the colors, the shapes, and anything unusual about them. "
 
@@ -104,6 +110,35 @@ def bandwidth(mib: int = 1024, repeats: int = 5) -> dict[str, float]:
 
 
 # -- one contender, in its own process -------------------------------------------------------------
+def anchor(prompt_tokens: int, batch: int, new_tokens: int, threads: int) -> dict[str, Any]:
+    """llama.cpp on SmolLM2's own Q4_1 GGUF: greedy, a prompt of `prompt_tokens` tokens (the VLM's prefill length:
+    image tokens and chat template included), time to first token and decode tokens/s over the steps after it."""
+    import llama_cpp
+
+    from vlmopt.demo_llava import smollm2_gguf
+
+    if batch != 1:
+        raise SystemExit("llama.cpp's Python binding generates one sequence at a time")
+    path = smollm2_gguf()
+    llm = llama_cpp.Llama(str(path), n_threads=threads, n_threads_batch=threads, n_ctx=512, verbose=False)
+    ids = llm.tokenize((PROMPT * 20).encode(), add_bos=False)[:prompt_tokens]
+    started = time.perf_counter()
+    stamps = []
+    for _ in llm.create_completion(ids, max_tokens=new_tokens, temperature=0.0, stream=True):
+        stamps.append(time.perf_counter())
+    decode = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None
+    return {
+        "image_encode_s": None,
+        "ttft_s": stamps[0] - started,
+        "decode_tokens_per_s": decode,
+        "prompt_tokens": len(ids),
+        "new_tokens": len(stamps),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "decoder_bytes_per_token": path.stat().st_size,
+        "text": f"llama.cpp {llama_cpp.__version__}, {path.name}, text only",
+    }
+
+
 def child(model_dir: Path, artifact: str, batch: int, new_tokens: int, threads: int) -> dict[str, Any]:
     from vlmopt.families.llava import LlavaPreprocessor
     from vlmopt.generation import open_runner
@@ -112,11 +147,13 @@ def child(model_dir: Path, artifact: str, batch: int, new_tokens: int, threads: 
     from vlmopt.workspace import ModelDir
 
     directory = ModelDir.open(model_dir)
-    record = directory.artifact(artifact)
+    record = directory.artifact("hf" if artifact == ANCHOR else artifact)
     preprocessor = LlavaPreprocessor(directory.checkpoint_folder(record))
     words = preprocessor.tokenizer(PROMPT * 3, add_special_tokens=False)["input_ids"][:32]
     text = preprocessor.tokenizer.decode(words)
     prompt = preprocessor([text] * batch, [sample_image(7 + i) for i in range(batch)])
+    if artifact == ANCHOR:
+        return anchor(int(prompt.input_ids.shape[1]), batch, new_tokens, threads)
     request = GenerateRequest(prompt, new_tokens, preprocessor.eos_token_ids, preprocessor.pad_token_id, min_new_tokens=new_tokens)
     backend = "transformers" if record.kind == "hf" else "onnxruntime"
     with open_runner(directory, record, backend, preprocessor, threads) as runner:
@@ -182,6 +219,8 @@ def table(model: str, model_dir: Path, runs: dict[tuple[str, int], list[dict[str
     for batch in sorted({b for _, b in runs}):
         base_rate, base_ttft = median("hf", batch, "decode_tokens_per_s"), median("hf", batch, "ttft_s")
         for name in contenders:
+            if (name, batch) not in runs:
+                continue
             errors = [r["error"] for r in runs.get((name, batch), []) if "error" in r]
             rate, ttft = median(name, batch, "decode_tokens_per_s"), median(name, batch, "ttft_s")
             if rate is None:
@@ -235,6 +274,11 @@ def main() -> None:
         for round_ in range(args.rounds):
             for batch in batches:
                 for name in contenders:
+                    if name == ANCHOR and (model != "a" or batch != 1):
+                        continue  # the anchor runs SmolLM2, model a's language model, one sequence at a time
+                    if name == ANCHOR and importlib.util.find_spec("llama_cpp") is None:
+                        runs[(name, batch)] = [{"error": "llama-cpp-python is not installed (pip builds llama.cpp from source, ~15 min)"}]
+                        continue
                     run = measure(directories[model], name, batch, args.new_tokens, args.threads)
                     run["load"] = os.getloadavg()[0]
                     runs.setdefault((name, batch), []).append(run)

@@ -118,6 +118,19 @@ def assert_bad_input(result: Result, *fragments: str) -> None:
         assert fragment in lines[0], lines[0]
 
 
+def assert_refused(model_dir: Path, command: str, *args: object, fragments: tuple[str, ...] = ()) -> str:
+    """`vlmopt command model_dir *args` is refused as bad input (exit 2, one line naming `fragments`) and leaves
+    the directory exactly as before, with no temporary files; returns the error line."""
+    before = snapshot(model_dir)
+
+    result = vlmopt(command, model_dir, *args)
+
+    assert_bad_input(result, *fragments)
+    assert snapshot(model_dir) == before
+    assert leftovers(model_dir) == []
+    return result.stderr.strip()
+
+
 class _Cache:
     """Lazily builds one artifact per key and remembers it (or the failure) for the session."""
 

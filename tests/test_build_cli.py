@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from conftest import assert_bad_input, leftovers, manifest, snapshot, vlmopt, vlmopt_json
+from conftest import assert_bad_input, assert_refused, manifest, vlmopt, vlmopt_json
 from vlmopt.engines import Profile, engine_metadata
 from vlmopt.errors import VlmoptError
 from vlmopt.machine import INSTALL_TENSORRT, gpus, require_tensorrt_gpu, tensorrt_status
@@ -43,27 +43,15 @@ def clip_with_opt(tmp_path_factory: pytest.TempPathFactory, converted: Callable[
     return model_dir
 
 
-def _refused(model_dir: Path, *args: object, fragments: tuple[str, ...] = ()) -> str:
-    """Run `args` on `model_dir`: refused as bad input, the directory exactly as before; the error line."""
-    before = snapshot(model_dir)
-
-    result = vlmopt(args[0], model_dir, *args[1:])
-
-    assert_bad_input(result, *fragments)
-    assert snapshot(model_dir) == before
-    assert leftovers(model_dir) == []
-    return result.stderr.strip()
-
-
 # -- vlmopt build without TensorRT --------------------------------------------------------------------
 @without_tensorrt
 def test_build_without_tensorrt_says_so_in_one_line_and_writes_nothing(clip_dir: Path) -> None:
-    _refused(clip_dir, "build", fragments=("vlmopt build needs TensorRT and a CUDA GPU", "TensorRT is not installed"))
+    assert_refused(clip_dir, "build", fragments=("vlmopt build needs TensorRT and a CUDA GPU", "TensorRT is not installed"))
 
 
 @without_tensorrt
 def test_build_without_tensorrt_names_the_pip_extra_with_its_brackets(clip_dir: Path) -> None:
-    line = _refused(clip_dir, "build")
+    line = assert_refused(clip_dir, "build")
 
     assert INSTALL_TENSORRT in line
     assert "vlmopt[tensorrt]" in line
@@ -108,15 +96,17 @@ def test_build_from_the_onnx_runtime_fused_artifact_is_refused_naming_its_operat
     model_dir = tmp_path / "clip"
     shutil.copytree(clip_with_opt, model_dir)
 
-    _refused(model_dir, "build", "--from", "onnx-opt", fragments=("'onnx-opt' holds ONNX Runtime-only operators (com.microsoft)", "TensorRT cannot parse"))
+    assert_refused(
+        model_dir, "build", "--from", "onnx-opt", fragments=("'onnx-opt' holds ONNX Runtime-only operators (com.microsoft)", "TensorRT cannot parse")
+    )
 
 
-def test_build_from_the_hugging_face_artifact_is_refused(clip_dir: Path) -> None:
-    _refused(clip_dir, "build", "--from", "hf", fragments=("build reads an ONNX artifact", "'hf'"))
+def test_build_from_the_hugging_face_artifact_isassert_refused(clip_dir: Path) -> None:
+    assert_refused(clip_dir, "build", "--from", "hf", fragments=("build reads an ONNX artifact", "'hf'"))
 
 
-def test_build_from_an_artifact_that_does_not_exist_is_refused(clip_dir: Path) -> None:
-    _refused(clip_dir, "build", "--from", "fp16", fragments=("no artifact named 'fp16'",))
+def test_build_from_an_artifact_that_does_not_exist_isassert_refused(clip_dir: Path) -> None:
+    assert_refused(clip_dir, "build", "--from", "fp16", fragments=("no artifact named 'fp16'",))
 
 
 @pytest.mark.parametrize(
@@ -144,11 +134,11 @@ def test_build_from_an_artifact_that_does_not_exist_is_refused(clip_dir: Path) -
         "max-seq-0",
     ],
 )
-def test_build_with_an_invalid_flag_value_is_refused(flags: tuple[str, ...], fragment: str, clip_dir: Path) -> None:
-    _refused(clip_dir, "build", *flags, fragments=(fragment,))
+def test_build_with_an_invalid_flag_value_isassert_refused(flags: tuple[str, ...], fragment: str, clip_dir: Path) -> None:
+    assert_refused(clip_dir, "build", *flags, fragments=(fragment,))
 
 
-def test_build_of_a_model_directory_that_does_not_exist_is_refused(tmp_path: Path) -> None:
+def test_build_of_a_model_directory_that_does_not_exist_isassert_refused(tmp_path: Path) -> None:
     missing = tmp_path / "missing"
 
     result = vlmopt("build", missing)
@@ -166,12 +156,12 @@ def test_build_help_names_the_pip_extra_with_its_brackets() -> None:
 
 # -- vlmopt bench --device ----------------------------------------------------------------------------
 @without_gpu
-def test_bench_on_cuda_without_a_gpu_is_refused(clip_dir: Path) -> None:
-    _refused(clip_dir, "bench", "--device", "cuda", fragments=("--device cuda needs a CUDA GPU", "--device cpu"))
+def test_bench_on_cuda_without_a_gpu_isassert_refused(clip_dir: Path) -> None:
+    assert_refused(clip_dir, "bench", "--device", "cuda", fragments=("--device cuda needs a CUDA GPU", "--device cpu"))
 
 
-def test_bench_on_an_unknown_device_is_refused(clip_dir: Path) -> None:
-    _refused(clip_dir, "bench", "--device", "tpu", fragments=("--device must be one of cpu, cuda, got 'tpu'",))
+def test_bench_on_an_unknown_device_isassert_refused(clip_dir: Path) -> None:
+    assert_refused(clip_dir, "bench", "--device", "tpu", fragments=("--device must be one of cpu, cuda, got 'tpu'",))
 
 
 @pytest.fixture

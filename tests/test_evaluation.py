@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import assert_bad_input, leftovers, manifest, snapshot, vlmopt, vlmopt_json
+from conftest import assert_refused, manifest, vlmopt, vlmopt_json
 from vlmopt.demo import build_demo_model
 from vlmopt.evaluation import builtin, builtin_captions, builtin_retrieval, builtin_sentences
 
@@ -223,55 +223,47 @@ def test_min_agreement_gates_the_retrieval_agreement(bert_with_tokenizer: Path, 
 
 
 # -- bad evaluation data: one line, exit 2, nothing written ------------------------------------------------
-def _refused(model_dir: Path, *args: object, fragments: tuple[str, ...] = ()) -> None:
-    before = snapshot(model_dir)
-
-    result = vlmopt(args[0], model_dir, *args[1:])
-
-    assert_bad_input(result, *fragments)
-    assert snapshot(model_dir) == before
-    assert leftovers(model_dir) == []
-
-
-def test_an_evaluation_folder_without_images_is_refused(tmp_path: Path, converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]) -> None:
+def test_an_evaluation_folder_without_images_isassert_refused(tmp_path: Path, converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]) -> None:
     folder = tmp_path / "photos"
     folder.mkdir()
     (folder / "notes.txt").write_text("no images here")
 
-    _refused(copy_model_dir(converted("clip")), "quantize", "--eval-images", folder, fragments=("--eval-images", "holds no images"))
+    assert_refused(copy_model_dir(converted("clip")), "quantize", "--eval-images", folder, fragments=("--eval-images", "holds no images"))
 
 
 def test_an_unreadable_evaluation_image_is_refused_by_name(tmp_path: Path, converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]) -> None:
     folder = _images(tmp_path / "photos", count=1)
     (folder / "broken.jpg").write_bytes(np.random.default_rng(0).bytes(2048))
 
-    _refused(copy_model_dir(converted("clip")), "quantize", "--eval-images", folder, fragments=("broken.jpg", "cannot be read"))
+    assert_refused(copy_model_dir(converted("clip")), "quantize", "--eval-images", folder, fragments=("broken.jpg", "cannot be read"))
 
 
-def test_an_empty_evaluation_text_file_is_refused(tmp_path: Path, converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]) -> None:
+def test_an_empty_evaluation_text_file_isassert_refused(tmp_path: Path, converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]) -> None:
     text = tmp_path / "empty.txt"
     text.write_text("\n  \n")
 
-    _refused(copy_model_dir(converted("clip")), "quantize", "--eval-text", text, fragments=("--eval-text", "only blank lines"))
+    assert_refused(copy_model_dir(converted("clip")), "quantize", "--eval-text", text, fragments=("--eval-text", "only blank lines"))
 
 
-def test_an_evaluation_text_file_that_is_not_utf8_is_refused(tmp_path: Path, converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]) -> None:
+def test_an_evaluation_text_file_that_is_not_utf8_isassert_refused(
+    tmp_path: Path, converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]
+) -> None:
     text = tmp_path / "latin1.txt"
     text.write_bytes("a caf\xe9 in Paris\n".encode("latin-1"))
 
-    _refused(copy_model_dir(converted("clip")), "quantize", "--mode", "int8-dynamic", "--eval-text", text, fragments=("--eval-text", "UTF-8"))
+    assert_refused(copy_model_dir(converted("clip")), "quantize", "--mode", "int8-dynamic", "--eval-text", text, fragments=("--eval-text", "UTF-8"))
 
 
 @pytest.mark.parametrize(("family", "flag"), [("vit", "--eval-text"), ("bert", "--eval-images")], ids=["text-for-a-vision-model", "images-for-a-text-model"])
-def test_evaluation_data_the_model_cannot_take_is_refused(
+def test_evaluation_data_the_model_cannot_take_isassert_refused(
     family: str, flag: str, tmp_path: Path, converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]
 ) -> None:
     data = _text(tmp_path / "mine.txt") if flag == "--eval-text" else _images(tmp_path / "photos")
 
-    _refused(copy_model_dir(converted(family)), "quantize", flag, data, fragments=(flag, "no text tower" if flag == "--eval-text" else "no image tower"))
+    assert_refused(copy_model_dir(converted(family)), "quantize", flag, data, fragments=(flag, "no text tower" if flag == "--eval-text" else "no image tower"))
 
 
-def test_evaluation_text_for_a_model_without_a_tokenizer_is_refused(
+def test_evaluation_text_for_a_model_without_a_tokenizer_isassert_refused(
     tmp_path: Path, converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]
 ) -> None:
-    _refused(copy_model_dir(converted("siglip")), "optimize", "--eval-text", _text(tmp_path / "mine.txt"), fragments=("--eval-text", "tokenizer"))
+    assert_refused(copy_model_dir(converted("siglip")), "optimize", "--eval-text", _text(tmp_path / "mine.txt"), fragments=("--eval-text", "tokenizer"))

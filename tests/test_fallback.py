@@ -18,7 +18,7 @@ import onnx
 import pytest
 from click.testing import Result
 
-from conftest import assert_bad_input, leftovers, snapshot, vlmopt, vlmopt_json
+from conftest import assert_refused, snapshot, vlmopt, vlmopt_json
 from vlmopt.quantization.fallback import Splicer
 
 INT4 = ("--mode", "int4", "--min-cosine", "0.99")
@@ -148,14 +148,15 @@ def test_an_unreachable_gate_exits_1_with_the_best_fidelity_and_how_many_layers_
 def test_a_fallback_budget_that_leaves_nothing_to_quantize_is_refused(
     budget: str, converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]
 ) -> None:
-    model_dir = copy_model_dir(converted("clip"))
-    before = snapshot(model_dir)
-
-    result = vlmopt("quantize", model_dir, *INT4, "--fallback", "--fallback-budget", budget)
-
-    assert_bad_input(result, "--fallback-budget", "leaves nothing to quantize")
-    assert snapshot(model_dir) == before
-    assert leftovers(model_dir) == []
+    assert_refused(
+        copy_model_dir(converted("clip")),
+        "quantize",
+        *INT4,
+        "--fallback",
+        "--fallback-budget",
+        budget,
+        fragments=("--fallback-budget", "leaves nothing to quantize"),
+    )
 
 
 # -- the splice itself ---------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from conftest import assert_bad_input, leftovers, manifest, snapshot, vlmopt, vlmopt_json
+from conftest import assert_bad_input, assert_refused, manifest, snapshot, vlmopt, vlmopt_json
 
 if importlib.util.find_spec("openvino") is None or importlib.util.find_spec("nncf") is None:
     if os.environ.get("CI"):
@@ -263,11 +263,7 @@ def test_doctor_reports_openvinos_version_devices_and_cpu_capabilities() -> None
 
 # -- bad input -------------------------------------------------------------------------------------
 def _refused(model_dir: Path, *args: object, fragments: tuple[str, ...] = ()) -> None:
-    before = snapshot(model_dir)
-    result = vlmopt("openvino", model_dir, *args)
-    assert_bad_input(result, *fragments)
-    assert snapshot(model_dir) == before
-    assert leftovers(model_dir) == []
+    assert_refused(model_dir, "openvino", *args, fragments=fragments)
 
 
 def test_openvino_not_installed_is_refused_naming_the_extra(monkeypatch: pytest.MonkeyPatch, converted: Callable[[str], Path]) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_bad_input, leftovers, snapshot, vlmopt
+from conftest import assert_bad_input, assert_refused, vlmopt
 
 #: the tiny demo ViT has 4 heads per block
 VIT_HEADS = 4
@@ -24,15 +24,8 @@ def vit_dir(exported: Callable[[str], Path], copy_model_dir: Callable[[Path], Pa
     return copy_model_dir(exported("vit"))
 
 
-def _refused(model_dir: Path, *flags: object, fragments: tuple[str, ...] = ()) -> None:
-    """`vlmopt prune model_dir *flags`: refused as bad input, with the directory exactly as before."""
-    before = snapshot(model_dir)
-
-    result = vlmopt("prune", model_dir, *flags)
-
-    assert_bad_input(result, *fragments)
-    assert snapshot(model_dir) == before
-    assert leftovers(model_dir) == []
+def _refused(model_dir: Path, *args: object, fragments: tuple[str, ...] = ()) -> None:
+    assert_refused(model_dir, "prune", *args, fragments=fragments)
 
 
 def _exported(source: Path, model_dir: Path) -> Path:

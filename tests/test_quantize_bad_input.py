@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import assert_bad_input, leftovers, snapshot, vlmopt, vlmopt_json
+from conftest import assert_bad_input, assert_refused, vlmopt, vlmopt_json
 
 
 @pytest.fixture
@@ -31,17 +31,6 @@ def clip_with_variants(tmp_path_factory: pytest.TempPathFactory, converted: Call
 @pytest.fixture
 def variants_dir(clip_with_variants: Path, copy_model_dir: Callable[[Path], Path]) -> Path:
     return copy_model_dir(clip_with_variants)
-
-
-def _refused(model_dir: Path, *args: object, fragments: tuple[str, ...] = ()) -> None:
-    """Run `args` on `model_dir`: refused as bad input, with the directory exactly as before."""
-    before = snapshot(model_dir)
-
-    result = vlmopt(args[0], model_dir, *args[1:])
-
-    assert_bad_input(result, *fragments)
-    assert snapshot(model_dir) == before
-    assert leftovers(model_dir) == []
 
 
 # -- quantize: flag values --------------------------------------------------------------------------
@@ -104,32 +93,32 @@ def _refused(model_dir: Path, *args: object, fragments: tuple[str, ...] = ()) ->
         "name-outside-the-directory",
     ],
 )
-def test_quantize_with_an_invalid_flag_value_is_refused(flags: tuple[str, ...], fragment: str, clip_dir: Path) -> None:
-    _refused(clip_dir, "quantize", *flags, fragments=(fragment,))
+def test_quantize_with_an_invalid_flag_value_isassert_refused(flags: tuple[str, ...], fragment: str, clip_dir: Path) -> None:
+    assert_refused(clip_dir, "quantize", *flags, fragments=(fragment,))
 
 
 # -- quantize: the artifact it reads ----------------------------------------------------------------
-def test_quantizing_an_fp16_artifact_again_is_refused(variants_dir: Path) -> None:
-    _refused(variants_dir, "quantize", "--mode", "int8-dynamic", "--from", "fp16", fragments=("already fp16",))
+def test_quantizing_an_fp16_artifact_again_isassert_refused(variants_dir: Path) -> None:
+    assert_refused(variants_dir, "quantize", "--mode", "int8-dynamic", "--from", "fp16", fragments=("already fp16",))
 
 
-def test_quantizing_the_optimized_artifact_for_tensorrt_is_refused(variants_dir: Path) -> None:
-    _refused(variants_dir, "quantize", "--mode", "int8-static", "--target", "tensorrt", "--from", "onnx-opt", fragments=("onnx-opt", "TensorRT"))
+def test_quantizing_the_optimized_artifact_for_tensorrt_isassert_refused(variants_dir: Path) -> None:
+    assert_refused(variants_dir, "quantize", "--mode", "int8-static", "--target", "tensorrt", "--from", "onnx-opt", fragments=("onnx-opt", "TensorRT"))
 
 
-def test_quantizing_the_hugging_face_artifact_is_refused(clip_dir: Path) -> None:
-    _refused(clip_dir, "quantize", "--from", "hf", fragments=("vlmopt convert",))
+def test_quantizing_the_hugging_face_artifact_isassert_refused(clip_dir: Path) -> None:
+    assert_refused(clip_dir, "quantize", "--from", "hf", fragments=("vlmopt convert",))
 
 
-def test_quantizing_an_artifact_that_does_not_exist_is_refused(clip_dir: Path) -> None:
-    _refused(clip_dir, "quantize", "--from", "onnx-fast", fragments=("onnx-fast",))
+def test_quantizing_an_artifact_that_does_not_exist_isassert_refused(clip_dir: Path) -> None:
+    assert_refused(clip_dir, "quantize", "--from", "onnx-fast", fragments=("onnx-fast",))
 
 
 def test_quantize_refuses_to_write_over_an_artifact_of_another_stage(clip_dir: Path) -> None:
-    _refused(clip_dir, "quantize", "--name", "onnx", fragments=("vlmopt convert",))
+    assert_refused(clip_dir, "quantize", "--name", "onnx", fragments=("vlmopt convert",))
 
 
-def test_quantizing_a_model_directory_that_does_not_exist_is_refused(tmp_path: Path) -> None:
+def test_quantizing_a_model_directory_that_does_not_exist_isassert_refused(tmp_path: Path) -> None:
     missing = tmp_path / "missing"
 
     result = vlmopt("quantize", missing)
@@ -146,16 +135,16 @@ def _image(path: Path) -> Path:
     return path
 
 
-def test_calibration_folder_without_images_is_refused(tmp_path: Path, clip_dir: Path) -> None:
+def test_calibration_folder_without_images_isassert_refused(tmp_path: Path, clip_dir: Path) -> None:
     folder = tmp_path / "photos"
     folder.mkdir()
     (folder / "notes.txt").write_text("no images here")
 
-    _refused(clip_dir, "quantize", "--mode", "int8-static", "--calib-images", folder, fragments=("holds no images",))
+    assert_refused(clip_dir, "quantize", "--mode", "int8-static", "--calib-images", folder, fragments=("holds no images",))
 
 
-def test_calibration_images_that_are_not_a_folder_are_refused(tmp_path: Path, clip_dir: Path) -> None:
-    _refused(clip_dir, "quantize", "--mode", "int8-static", "--calib-images", tmp_path / "missing", fragments=("not a folder",))
+def test_calibration_images_that_are_not_a_folder_areassert_refused(tmp_path: Path, clip_dir: Path) -> None:
+    assert_refused(clip_dir, "quantize", "--mode", "int8-static", "--calib-images", tmp_path / "missing", fragments=("not a folder",))
 
 
 def test_a_corrupt_calibration_image_is_refused_by_name(tmp_path: Path, clip_dir: Path) -> None:
@@ -164,7 +153,7 @@ def test_a_corrupt_calibration_image_is_refused_by_name(tmp_path: Path, clip_dir
     _image(folder / "good.png")
     (folder / "broken.jpg").write_bytes(np.random.default_rng(0).bytes(2048))
 
-    _refused(clip_dir, "quantize", "--mode", "int8-static", "--calib-images", folder, fragments=("broken.jpg", "cannot be read"))
+    assert_refused(clip_dir, "quantize", "--mode", "int8-static", "--calib-images", folder, fragments=("broken.jpg", "cannot be read"))
 
 
 def test_an_oversized_calibration_image_is_refused_by_the_decompression_bomb_limit(tmp_path: Path, clip_dir: Path) -> None:
@@ -176,47 +165,47 @@ def test_an_oversized_calibration_image_is_refused_by_the_decompression_bomb_lim
     Image.new("1", (10000, 9000)).save(folder / "huge.png")
     assert (folder / "huge.png").stat().st_size < 100_000
 
-    _refused(clip_dir, "quantize", "--mode", "int8-static", "--calib-images", folder, fragments=("huge.png", "limit"))
+    assert_refused(clip_dir, "quantize", "--mode", "int8-static", "--calib-images", folder, fragments=("huge.png", "limit"))
 
 
-def test_a_prompt_file_of_only_blank_lines_is_refused(tmp_path: Path, clip_dir: Path) -> None:
+def test_a_prompt_file_of_only_blank_lines_isassert_refused(tmp_path: Path, clip_dir: Path) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n   \n\t\n\n")
 
-    _refused(clip_dir, "quantize", "--mode", "int8-static", "--calib-text", prompts, fragments=("has no prompts",))
+    assert_refused(clip_dir, "quantize", "--mode", "int8-static", "--calib-text", prompts, fragments=("has no prompts",))
 
 
-def test_a_prompt_file_that_is_not_utf8_is_refused(tmp_path: Path, clip_dir: Path) -> None:
+def test_a_prompt_file_that_is_not_utf8_isassert_refused(tmp_path: Path, clip_dir: Path) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes(b"a photo of a caf\xe9\n\xff\xfe\n")
 
-    _refused(clip_dir, "quantize", "--mode", "int8-static", "--calib-text", prompts, fragments=("UTF-8",))
+    assert_refused(clip_dir, "quantize", "--mode", "int8-static", "--calib-text", prompts, fragments=("UTF-8",))
 
 
-def test_a_prompt_file_that_does_not_exist_is_refused(tmp_path: Path, clip_dir: Path) -> None:
-    _refused(clip_dir, "quantize", "--mode", "int8-static", "--calib-text", tmp_path / "missing.txt", fragments=("not a file",))
+def test_a_prompt_file_that_does_not_exist_isassert_refused(tmp_path: Path, clip_dir: Path) -> None:
+    assert_refused(clip_dir, "quantize", "--mode", "int8-static", "--calib-text", tmp_path / "missing.txt", fragments=("not a file",))
 
 
-def test_calibration_images_for_a_model_without_an_image_tower_are_refused(
+def test_calibration_images_for_a_model_without_an_image_tower_areassert_refused(
     tmp_path: Path, converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]
 ) -> None:
     folder = tmp_path / "photos"
     folder.mkdir()
     _image(folder / "a.png")
 
-    _refused(copy_model_dir(converted("bert")), "quantize", "--mode", "int8-static", "--calib-images", folder, fragments=("no image tower",))
+    assert_refused(copy_model_dir(converted("bert")), "quantize", "--mode", "int8-static", "--calib-images", folder, fragments=("no image tower",))
 
 
-def test_calibration_prompts_for_a_model_without_a_text_tower_are_refused(
+def test_calibration_prompts_for_a_model_without_a_text_tower_areassert_refused(
     tmp_path: Path, converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]
 ) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\n")
 
-    _refused(copy_model_dir(converted("vit")), "quantize", "--mode", "int8-static", "--calib-text", prompts, fragments=("no text tower",))
+    assert_refused(copy_model_dir(converted("vit")), "quantize", "--mode", "int8-static", "--calib-text", prompts, fragments=("no text tower",))
 
 
-def test_calibration_prompts_for_a_model_exported_without_a_tokenizer_are_refused(
+def test_calibration_prompts_for_a_model_exported_without_a_tokenizer_areassert_refused(
     tmp_path: Path, converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]
 ) -> None:
     """The demo SigLIP ships no tokenizer (nor image processor): its `hf` folder holds only config and weights."""
@@ -225,17 +214,17 @@ def test_calibration_prompts_for_a_model_exported_without_a_tokenizer_are_refuse
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\n")
 
-    _refused(model_dir, "quantize", "--mode", "int8-static", "--calib-text", prompts, fragments=("tokenizer",))
+    assert_refused(model_dir, "quantize", "--mode", "int8-static", "--calib-text", prompts, fragments=("tokenizer",))
 
 
-def test_calibration_images_for_a_model_exported_without_an_image_processor_are_refused(
+def test_calibration_images_for_a_model_exported_without_an_image_processor_areassert_refused(
     tmp_path: Path, converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]
 ) -> None:
     folder = tmp_path / "photos"
     folder.mkdir()
     _image(folder / "a.png")
 
-    _refused(copy_model_dir(converted("siglip")), "quantize", "--mode", "int8-static", "--calib-images", folder, fragments=("image processor",))
+    assert_refused(copy_model_dir(converted("siglip")), "quantize", "--mode", "int8-static", "--calib-images", folder, fragments=("image processor",))
 
 
 # -- optimize ---------------------------------------------------------------------------------------
@@ -252,13 +241,13 @@ def test_calibration_images_for_a_model_exported_without_an_image_processor_are_
     ],
     ids=["unknown-model-type", "atol-0", "min-cosine-negative", "min-cosine-1.5", "min-cosine-nan", "from-hf", "over-hf"],
 )
-def test_optimize_with_an_invalid_flag_value_is_refused(flags: tuple[str, ...], fragment: str, clip_dir: Path) -> None:
-    _refused(clip_dir, "optimize", *flags, fragments=(fragment,))
+def test_optimize_with_an_invalid_flag_value_isassert_refused(flags: tuple[str, ...], fragment: str, clip_dir: Path) -> None:
+    assert_refused(clip_dir, "optimize", *flags, fragments=(fragment,))
 
 
-def test_optimizing_the_optimized_artifact_again_is_refused(variants_dir: Path) -> None:
-    _refused(variants_dir, "optimize", "--from", "onnx-opt", "--name", "onnx-opt2", fragments=("already optimized",))
+def test_optimizing_the_optimized_artifact_again_isassert_refused(variants_dir: Path) -> None:
+    assert_refused(variants_dir, "optimize", "--from", "onnx-opt", "--name", "onnx-opt2", fragments=("already optimized",))
 
 
-def test_optimizing_an_fp16_artifact_is_refused(variants_dir: Path) -> None:
-    _refused(variants_dir, "optimize", "--from", "fp16", "--name", "fp16-opt", fragments=("fp16",))
+def test_optimizing_an_fp16_artifact_isassert_refused(variants_dir: Path) -> None:
+    assert_refused(variants_dir, "optimize", "--from", "fp16", "--name", "fp16-opt", fragments=("fp16",))

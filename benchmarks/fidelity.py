@@ -112,34 +112,28 @@ def calibration_text(workdir: Path, count: int = 64, seed: int = 0) -> Path:
 
 
 def ort_session(path: Path) -> Any:
-    import onnxruntime as ort
+    """ONNX Runtime on THREADS threads that do not spin (spinning would slow whichever contender runs next)."""
+    from vlmopt.runners.generate import ort_session as quiet_session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = THREADS
-    options.inter_op_num_threads = 1
-    # spinning threads would slow down whichever contender runs next (DESIGN.md)
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return quiet_session(path, THREADS)
 
 
 class OpenVINOSession:
-    """An OpenVINO IR behind ONNX Runtime's `run(None, feed)`, compiled as vlmopt records it (precision hint) on THREADS."""
+    """An OpenVINO IR behind ONNX Runtime's `run(None, feed)`, compiled with the settings vlmopt recorded for it."""
 
-    def __init__(self, path: Path, precision: str | None):
+    def __init__(self, path: Path, engine: dict[str, Any]):
         import openvino as ov
 
-        config = {"INFERENCE_NUM_THREADS": THREADS, "PERFORMANCE_HINT": "LATENCY"}
-        if precision in ("f32", "bf16"):
-            config["INFERENCE_PRECISION_HINT"] = precision
-        self.request = ov.Core().compile_model(str(path), "CPU", config).create_infer_request()
+        from vlmopt.runners.openvino_runner import compile_config
+
+        self.request = ov.Core().compile_model(str(path), engine.get("device", "CPU"), compile_config(engine, THREADS)).create_infer_request()
 
     def run(self, _outputs: Any, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         return [np.array(v) for v in self.request.infer(feed).values()]
 
 
-def session(path: Path, precision: str | None = None) -> Any:
-    return OpenVINOSession(path, precision) if path.suffix == ".xml" else ort_session(path)
+def session(path: Path, engine: dict[str, Any] | None) -> Any:
+    return OpenVINOSession(path, engine or {}) if path.suffix == ".xml" else ort_session(path)
 
 
 def interleaved(contenders: dict[str, Any], rounds: int, block: int) -> dict[str, float]:
@@ -192,7 +186,7 @@ def make_minilm_variants(model_dir: Path, calibration: Path) -> dict[str, dict[s
                 "search": {k: fallback["search"][k] for k in ("evaluations", "seconds")},
             }
         entry["file"] = str(model_dir / artifact.name / artifact.towers["text"].file)
-        entry["precision"] = (artifact.towers["text"].engine or {}).get("inference_precision")
+        entry["engine"] = artifact.towers["text"].engine
         made[name] = entry
         say(f"  made {name} in {entry['seconds']} s (gate {entry['gate'][:6]}); vlmopt's own cosine min {entry['vlmopt_verification_cosine_min']}")
     return made
@@ -251,7 +245,7 @@ def minilm(workdir: Path, rounds: int, block: int) -> dict[str, Any]:
 
     results: dict[str, Any] = {"reference_correct_top1": int((ref_top1 == np.arange(len(queries))).sum()), "pairs": len(queries), "variants": {}}
     sessions = {"onnx fp32": ort_session(model_dir / "onnx" / "text.onnx")}
-    sessions.update({name: session(Path(v["file"]), v.get("precision")) for name, v in variants.items()})
+    sessions.update({name: session(Path(v["file"]), v.get("engine")) for name, v in variants.items()})
     for name, runner in sessions.items():
         got = ort_embed(runner, sentence_feeds)
         cosines = np.sum(unit(ref) * unit(got), axis=1)

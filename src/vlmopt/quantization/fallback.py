@@ -33,7 +33,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -241,12 +241,9 @@ def session(model: Any, threads: int | None = None, profile_dir: str | None = No
     """An ONNX Runtime CPU session of an in-memory graph."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    from vlmopt.runners.ort_runner import quiet_cpu_options
+
+    options = quiet_cpu_options(threads)
     if profile_dir:
         options.enable_profiling = True
         options.profile_file_prefix = os.path.join(profile_dir, "profile")
@@ -273,22 +270,33 @@ def cosine_errors(reference: list[dict[str, np.ndarray]], feeds: list[dict[str, 
 
 
 # -- sensitivity ----------------------------------------------------------------------------------------------
+def relative_errors(runs: Iterable[dict[str, tuple[np.ndarray, np.ndarray]]]) -> list[tuple[str, float]]:
+    """[(layer, relative RMS error of its output over all runs)], most sensitive first; each run maps a layer to its
+    (reference, quantized) outputs on the same inputs."""
+    num: dict[str, float] = {}
+    den: dict[str, float] = {}
+    for outputs in runs:
+        for layer, (reference, quantized) in outputs.items():
+            reference = np.asarray(reference, dtype=np.float64)
+            num[layer] = num.get(layer, 0.0) + float(((reference - quantized) ** 2).sum())
+            den[layer] = den.get(layer, 0.0) + float((reference**2).sum())
+    scores = {n: (num[n] / max(den[n], 1e-30)) ** 0.5 for n in num}
+    return sorted(scores.items(), key=lambda kv: kv[1], reverse=True)
+
+
 def sensitivity(splicer: Splicer, feeds: list[dict[str, np.ndarray]], threads: int | None = None) -> list[tuple[str, float]]:
     """[(node, relative RMS error of its output when only it is quantized, on fp32 inputs)], most sensitive first."""
     model, pairs = splicer.probe()
     sess = session(model, threads)
     names = {i.name for i in sess.get_inputs()}
     outputs = [n for pair in pairs.values() for n in pair]
-    num = dict.fromkeys(pairs, 0.0)
-    den = dict.fromkeys(pairs, 0.0)
-    for feed in feeds:
-        got = dict(zip(outputs, sess.run(outputs, {k: v for k, v in feed.items() if k in names}), strict=True))
-        for node, (ref, q) in pairs.items():
-            reference = got[ref].astype(np.float64)
-            num[node] += float(((reference - got[q]) ** 2).sum())
-            den[node] += float((reference**2).sum())
-    scores = {n: (num[n] / max(den[n], 1e-30)) ** 0.5 for n in pairs}
-    return sorted(scores.items(), key=lambda kv: kv[1], reverse=True)
+
+    def runs() -> Iterator[dict[str, tuple[np.ndarray, np.ndarray]]]:
+        for feed in feeds:
+            got = dict(zip(outputs, sess.run(outputs, {k: v for k, v in feed.items() if k in names}), strict=True))
+            yield {node: (got[ref], got[q]) for node, (ref, q) in pairs.items()}
+
+    return relative_errors(runs())
 
 
 # -- budget ------------------------------------------------------------------------------------------------------
@@ -307,6 +315,13 @@ def parse_budget(text: str | None) -> tuple[float, bool] | None:
     if share and number >= 100:
         raise VlmoptError(f"--fallback-budget {text} leaves nothing to quantize; give a share below 100%")
     return number, share
+
+
+def check_budget(fallback: bool, text: str | None) -> None:
+    """The `--fallback-budget` rules both stages share: only with --fallback, and a count or share that keeps something."""
+    if text is not None and not fallback:
+        raise VlmoptError("--fallback-budget limits --fallback; add --fallback or drop it")
+    parse_budget(text)
 
 
 def layer_budget(text: str | None, tower: str, layers: int) -> int:

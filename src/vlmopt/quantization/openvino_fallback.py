@@ -23,7 +23,7 @@ Steps, the same search as `fallback.py` (`fallback.search`):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -91,8 +91,9 @@ class FakeQuantizeProbe:
 
     def __init__(self, model: Any) -> None:
         self.quantized = model
-        self.candidates = [op.get_friendly_name() for op in model.get_ordered_ops() if _layer(op)]
-        self.op_types = {op.get_friendly_name(): op.get_type_name() for op in model.get_ordered_ops() if op.get_friendly_name() in self.candidates}
+        #: candidate layer -> its operation type, in graph order
+        self.op_types = {op.get_friendly_name(): op.get_type_name() for op in model.get_ordered_ops() if _layer(op)}
+        self.candidates = list(self.op_types)
 
     def probe(self) -> tuple[Any, dict[str, tuple[int, int]]]:
         """The model plus a float-input copy of every candidate; {candidate: (quantized output index, float output index)}."""
@@ -121,23 +122,21 @@ def compiler(core: Any, device: str, config: dict[str, Any]) -> Callable[[Any], 
     return lambda model: core.compile_model(model, device, config)
 
 
-def sensitivity(splicer: FakeQuantizeProbe, feeds: list[dict[str, np.ndarray]], compile_model: Callable[[Any], Any]) -> list[tuple[str, float]]:
+def sensitivity(probe: FakeQuantizeProbe, feeds: list[dict[str, np.ndarray]], compile_model: Callable[[Any], Any]) -> list[tuple[str, float]]:
     """[(layer, relative RMS error of its output with quantized vs float activations)], most sensitive first."""
-    model, pairs = splicer.probe()
+    from vlmopt.quantization.fallback import relative_errors
+
+    model, pairs = probe.probe()
     compiled = compile_model(model)
     request = compiled.create_infer_request()
     names = {name for port in compiled.inputs for name in port.get_names()}
-    num = dict.fromkeys(pairs, 0.0)
-    den = dict.fromkeys(pairs, 0.0)
-    for feed in feeds:
-        outputs = request.infer({k: v for k, v in feed.items() if k in names})
-        values = list(outputs.values())
-        for layer, (q, f) in pairs.items():
-            reference = np.asarray(values[f], dtype=np.float64)
-            num[layer] += float(((reference - values[q]) ** 2).sum())
-            den[layer] += float((reference**2).sum())
-    scores = {n: (num[n] / max(den[n], 1e-30)) ** 0.5 for n in pairs}
-    return sorted(scores.items(), key=lambda kv: kv[1], reverse=True)
+
+    def runs() -> Iterator[dict[str, tuple[np.ndarray, np.ndarray]]]:
+        for feed in feeds:
+            values = list(request.infer({k: v for k, v in feed.items() if k in names}).values())
+            yield {layer: (values[f], values[q]) for layer, (q, f) in pairs.items()}
+
+    return relative_errors(runs())
 
 
 def cosine_errors(

@@ -26,6 +26,7 @@ import numpy as np
 
 from vlmopt.errors import VlmoptError
 from vlmopt.inputs import position_ids
+from vlmopt.runners.ort_runner import quiet_cpu_options
 from vlmopt.runners.prompt import Prompt
 
 #: called after each step with the new token of every sequence
@@ -269,14 +270,8 @@ def ort_session(path: Path, threads: int | None) -> Any:
     """A CPU session that does not spin between runs: on shared cores, spinning threads slow whatever runs next."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), quiet_cpu_options(threads), providers=["CPUExecutionProvider"])
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise VlmoptError(f"cannot load ONNX file {path}: {first}") from exc

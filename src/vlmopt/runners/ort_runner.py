@@ -1,11 +1,26 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from vlmopt.errors import VlmoptError
 from vlmopt.runners.base import Runner
+
+
+def quiet_cpu_options(threads: int | None) -> Any:
+    """ONNX Runtime session options for CPU work beside other work: warnings off, `threads` intra-op threads that do
+    not spin between runs (on shared cores, spinning threads slow whatever runs next)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
 
 
 class OrtRunner(Runner):

@@ -50,7 +50,7 @@ from vlmopt.options import (
     option,
     source_option,
 )
-from vlmopt.quantization.fallback import parse_budget
+from vlmopt.quantization.fallback import check_budget
 from vlmopt.records import TowerRecord, Traits, Verification
 from vlmopt.stage import Accepts, Job, Made, Stage, provisional
 from vlmopt.workspace import Artifact
@@ -140,9 +140,7 @@ class OpenVINOOptions(StageOptions):
             raise VlmoptError(f"--symmetric applies to weight compression (int8-weights, int4-weights), not {self.mode}")
         if self.fallback and not int8:
             raise VlmoptError(f"--fallback keeps layers of an NNCF int8 model in float; it applies to --mode int8, not {self.mode}")
-        if self.fallback_budget is not None and not self.fallback:
-            raise VlmoptError("--fallback-budget limits --fallback; add --fallback or drop it")
-        parse_budget(self.fallback_budget)
+        check_budget(self.fallback, self.fallback_budget)
         if self.fallback and self.min_cosine is None:
             raise VlmoptError("--fallback searches for the fewest float layers that meet --min-cosine; give a threshold instead of off")
         if self.group_size == 0:

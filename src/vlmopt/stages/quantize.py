@@ -42,7 +42,7 @@ from vlmopt.options import (
     option,
     source_option,
 )
-from vlmopt.quantization.fallback import parse_budget
+from vlmopt.quantization.fallback import check_budget
 from vlmopt.quiet import quiet_onnxruntime_tools
 from vlmopt.records import TowerRecord, Traits, Verification
 from vlmopt.runners import OrtRunner
@@ -172,9 +172,7 @@ class QuantizeOptions(StageOptions):
             raise VlmoptError(f"--per-tensor and --reduce-range apply to int8-dynamic and int8-static, not {self.mode}")
         if self.fallback and self.mode not in FALLBACK_MODES:
             raise VlmoptError(f"--fallback applies to {', '.join(FALLBACK_MODES)}, not {self.mode}")
-        if self.fallback_budget is not None and not self.fallback:
-            raise VlmoptError("--fallback-budget limits --fallback; add --fallback or drop it")
-        parse_budget(self.fallback_budget)
+        check_budget(self.fallback, self.fallback_budget)
         if self.mode == "fp16" and self.op_types:
             raise VlmoptError("fp16 converts every op it can; keep some in fp32 with --exclude-op-types or --exclude-nodes instead of --op-types")
         if self.target == "tensorrt" and self.op_types and set(self.op_types) - set(INT8_TENSORRT_OPS):

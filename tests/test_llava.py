@@ -18,7 +18,17 @@ from vlmopt.samples import sample_image
 
 @pytest.fixture(scope="module")
 def llava(converted: Callable[[str], Path]) -> Path:
+    """The tiny llava as `convert` makes it by default: its decoder from onnxruntime-genai's model builder."""
     return converted("llava")
+
+
+@pytest.fixture(scope="module")
+def llava_torch(tmp_path_factory: pytest.TempPathFactory, exported: Callable[[str], Path]) -> Path:
+    """The tiny llava with its decoder exported from PyTorch (`--decoder torch`)."""
+    model_dir = tmp_path_factory.mktemp("llava-torch") / "llava"
+    shutil.copytree(exported("llava"), model_dir)
+    vlmopt_json("convert", model_dir, "--decoder", "torch")
+    return model_dir
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +79,40 @@ def test_convert_writes_vision_embedding_and_decoder_parts_with_named_axes(llava
     assert embedding["input_ids"] == ["batch", "sequence"]
     assert embedding["inputs_embeds"][:2] == ["batch", "sequence"]
     assert decoder["attention_mask"] == ["batch", "total_sequence"]
+    assert decoder["past_key_values.0.key"] == ["batch", 2, "past_sequence", 16]  # the tiny demo: 2 key/value heads of 16
+    assert decoder["present.1.value"] == ["batch", 2, "total_sequence", 16]
+    assert decoder["logits"][:2] == ["batch", "sequence"]
+
+
+def test_the_default_decoder_comes_from_onnxruntime_genais_builder_with_grouped_query_attention(llava: Path) -> None:
+    decoder = onnx.load(str(llava / "onnx" / "decoder.onnx"), load_external_data=False)
+    record = manifest(llava)["artifacts"]["onnx"]["record"]
+
+    assert {n.op_type for n in decoder.graph.node} >= {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"}
+    assert "position_ids" not in {i.name for i in decoder.graph.input}  # rotary positions inside the operator
+    assert record["decoder"] == "builder"
+    assert record["towers"]["decoder"]["maker"] == "onnxruntime-genai model builder" and record["towers"]["decoder"]["version"]
+    assert record["towers"]["decoder"]["past_present_share_buffer"] is True
+    assert not (llava / "onnx" / ".builder").exists() and (llava / "onnx" / "decoder.onnx.data").is_file()
+
+
+def test_the_builders_decoder_shares_one_cache_buffer_in_genai_config(llava: Path) -> None:
+    config = json.loads((llava / "onnx" / "genai_config.json").read_text())
+
+    assert config["search"]["past_present_share_buffer"] is True
+    assert "position_ids" not in config["model"]["decoder"]["inputs"]
+
+
+def test_decoder_torch_exports_the_decoder_from_pytorch_with_positions_and_named_axes(llava_torch: Path) -> None:
+    decoder = _axes(llava_torch / "onnx" / "decoder.onnx")
+    graph_ops = {n.op_type for n in onnx.load(str(llava_torch / "onnx" / "decoder.onnx"), load_external_data=False).graph.node}
+
+    assert decoder["attention_mask"] == ["batch", "total_sequence"]
     assert decoder["position_ids"] == ["batch", "sequence"]
     assert decoder["past_key_values.0.key"][0::2] == ["batch", "past_sequence"]
     assert decoder["present.1.value"][0::2] == ["batch", "total_sequence"]
-    assert decoder["logits"][:2] == ["batch", "sequence"]
+    assert "GroupQueryAttention" not in graph_ops
+    assert manifest(llava_torch)["artifacts"]["onnx"]["record"]["decoder"] == "torch"
 
 
 def test_convert_writes_a_genai_config_and_the_processor_beside_the_parts(llava: Path) -> None:
@@ -85,22 +125,55 @@ def test_convert_writes_a_genai_config_and_the_processor_beside_the_parts(llava:
     assert (folder / "tokenizer.json").is_file() and (folder / "processor_config.json").is_file()
 
 
-def test_convert_checks_the_decoder_against_transformers_at_two_lengths_both_batches_and_decode_steps(llava: Path) -> None:
-    verification = manifest(llava)["artifacts"]["onnx"]["verification"]
-    decoder = next(check for check in verification["towers"]["decoder"] if check["data"] == "transformers")
+def _decoder_check(model_dir: Path) -> dict[str, Any]:
+    verification = manifest(model_dir)["artifacts"]["onnx"]["verification"]
+    assert verification["passed"]
+    return next(check for check in verification["towers"]["decoder"] if check["data"] == "transformers")
+
+
+def test_convert_checks_the_decoder_against_transformers_at_two_lengths_both_batches_and_decode_steps(llava_torch: Path) -> None:
+    decoder = _decoder_check(llava_torch)
 
     assert decoder["feeds"] == 12  # 2 prompt lengths x 2 batches x (prefill + 2 decode steps)
     assert decoder["outputs"]["logits"]["max_abs_diff"] < 1e-4
-    assert verification["passed"]
 
 
-def test_convert_requires_greedy_generation_identical_to_transformers_generate(llava: Path) -> None:
-    metrics = {m["name"]: m for m in manifest(llava)["artifacts"]["onnx"]["verification"]["metrics"]}
+def test_convert_checks_the_builders_decoder_on_left_padded_batches_and_decode_steps(llava: Path) -> None:
+    decoder = _decoder_check(llava)
+
+    # 2 prompt lengths x (batch 1: prefill + steps of 1 and 3; batch 2, left-padded: prefill + a step of 1)
+    assert decoder["feeds"] == 10 and "GroupQueryAttention" in decoder["source"]
+    assert decoder["outputs"]["logits"]["max_abs_diff"] < 1e-4
+    assert decoder["outputs"]["present.0.key"]["max_abs_diff"] < 1e-4
+
+
+@pytest.mark.parametrize("maker", ["builder", "torch"])
+def test_convert_requires_greedy_generation_identical_to_transformers_generate(maker: str, request: pytest.FixtureRequest) -> None:
+    model_dir = request.getfixturevalue("llava" if maker == "builder" else "llava_torch")
+    metrics = {m["name"]: m for m in manifest(model_dir)["artifacts"]["onnx"]["verification"]["metrics"]}
     greedy = metrics["greedy generation identical to transformers"]
 
     assert greedy["threshold"] == 1.0 and greedy["value"] == 1.0
     assert greedy["detail"]["pairs"] >= 3 and greedy["detail"]["new_tokens"] >= 32
     assert metrics["onnxruntime-genai generation identical to transformers"]["value"] == 1.0
+
+
+@pytest.mark.parametrize("maker", ["builder", "torch"])
+def test_a_left_padded_batch_of_two_prompts_generates_what_transformers_generates(maker: str, request: pytest.FixtureRequest) -> None:
+    from vlmopt.families.llava import LlavaPreprocessor
+    from vlmopt.runners.generate import GenerateRequest, HfGenerateRunner, OrtGenerateRunner
+
+    model_dir = request.getfixturevalue("llava" if maker == "builder" else "llava_torch")
+    preprocessor = LlavaPreprocessor(model_dir / "hf")
+    prompt = preprocessor(["Describe this image.", "What is in this picture, and what colour is it?"], [sample_image(4), sample_image(5)])
+    assert (prompt.attention_mask == 0).any()  # the shorter prompt is padded
+    request_ = GenerateRequest(prompt, 16, preprocessor.eos_token_ids, preprocessor.pad_token_id, min_new_tokens=16)
+    parts = {"vision": "vision.onnx", "embedding": "embedding.onnx", "decoder": "decoder.onnx"}
+
+    with HfGenerateRunner(model_dir / "hf", threads=1) as hf, OrtGenerateRunner(model_dir / "onnx", parts, threads=1) as ort:
+        expected, got = hf.generate(request_).tokens, ort.generate(request_).tokens
+
+    assert got == expected and len(got) == 2
 
 
 def test_convert_records_the_export_peak_memory_against_the_weights(llava: Path) -> None:

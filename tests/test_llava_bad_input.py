@@ -98,3 +98,9 @@ def test_quantizing_a_part_model_without_part_modes_is_refused(llava: Path) -> N
 )
 def test_a_bad_part_mode_is_refused(llava: Path, part: str, fragment: str) -> None:
     _refused(llava, "quantize", llava, "--part", part, fragments=(fragment,))
+
+
+def test_choosing_who_makes_the_decoder_of_an_encoder_is_refused(exported: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]) -> None:
+    clip = copy_model_dir(exported("clip"))
+
+    _refused(clip, "convert", clip, "--decoder", "builder", fragments=("--decoder builder", "clip has no decoder"))

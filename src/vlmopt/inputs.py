@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from vlmopt.families.base import TensorSpec, TextVocab, Tower
+from vlmopt.families.base import SHARED, TensorSpec, TextVocab, Tower, kv_contract
 
 
 def resolve_shape(spec: TensorSpec, sizes: dict[str, int]) -> tuple[int, ...]:
@@ -112,7 +112,7 @@ def _left_padded_mask(batch: int, total: int, rng: np.random.Generator) -> np.nd
 def make_inputs(tower: Tower, sizes: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
     """A feed for `tower` with dynamic axes set from `sizes` (e.g. {"batch": 8, "sequence": 77})."""
     rng = np.random.default_rng(seed)
-    sizes = resolve_sizes(tower, sizes)
+    sizes = resolve_sizes(tower, contract_sizes(tower, sizes))
     feed: dict[str, np.ndarray] = {}
     text: tuple[np.ndarray, np.ndarray] | None = None
     for spec in tower.inputs:
@@ -132,7 +132,9 @@ def make_inputs(tower: Tower, sizes: dict[str, int], seed: int = 0) -> dict[str,
         elif spec.role == "token_type_ids":
             feed[spec.name] = np.zeros(shape, dtype=np.int64)
         elif spec.role == "decoder_attention_mask":
-            feed[spec.name] = _left_padded_mask(shape[0], shape[1], rng)
+            # a shared-buffer decoder's padding is right-aligned and lives in its cache (`KvCache`): a plain call is unpadded
+            shared = kv_contract(tower) == SHARED
+            feed[spec.name] = np.ones(shape, np.int64) if shared else _left_padded_mask(shape[0], shape[1], rng)
         elif spec.role == "position_ids":
             mask = next(feed[s.name] for s in tower.inputs if s.role == "decoder_attention_mask")
             feed[spec.name] = position_ids(mask, shape[1])
@@ -146,6 +148,14 @@ def position_ids(attention_mask: np.ndarray, query_length: int) -> np.ndarray:
     positions = np.cumsum(attention_mask, axis=1) - 1
     positions = np.where(attention_mask == 0, 1, positions)
     return positions[:, -query_length:].astype(np.int64)
+
+
+def contract_sizes(tower: Tower, sizes: dict[str, int]) -> dict[str, int]:
+    """`sizes` as the tower can take them in one call: GroupQueryAttention (a shared-buffer decoder) takes several new
+    positions on a past only at batch 1, so beyond it such a feed is a decode step of one position."""
+    if kv_contract(tower) == SHARED and sizes.get("past_sequence", 0) and sizes.get("batch", 1) > 1 and sizes.get("sequence", 1) > 1:
+        return {**sizes, "sequence": 1}
+    return sizes
 
 
 def verification_sizes(tower: Tower) -> list[dict[str, int]]:

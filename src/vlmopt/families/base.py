@@ -158,6 +158,8 @@ class Family:
     generative: bool = False
     #: the ONNX exporters its towers can go through (a decoder with a KV cache needs the dynamo exporter)
     exporters: tuple[str, ...] = ("dynamo", "torchscript")
+    #: who can make its decoder part (`convert --decoder`), preferred first; () for a family without one
+    decoder_makers: tuple[str, ...] = ()
 
     def model_class(self, config: Any) -> Any:
         from transformers import AutoModel
@@ -168,6 +170,7 @@ class Family:
     prune_layout: PruneLayout | None = None
 
     def towers(self, config: Any, hf_dir: Path | None = None, monolith: bool = False) -> list[Tower]:
+        """The towers of this checkpoint; a generative family (`decoder_makers`) also takes `decoder=` (who makes its decoder)."""
         raise NotImplementedError
 
     def pruning(self, config: Any) -> PruneLayout | None:
@@ -208,3 +211,13 @@ def text_vocab(config: Any, max_length: int | None = None) -> TextVocab:
         eos_token_id=getattr(config, "eos_token_id", None),
         pad_token_id=getattr(config, "pad_token_id", None),
     )
+
+
+#: KV-cache contracts (`KvCacheLayout.tower`, `vlmopt.runners.generate.KvCache`)
+CONCAT, SHARED = "concat", "shared"
+
+
+def kv_contract(tower: Tower) -> str | None:
+    """A decoder tower's KV-cache contract (None: not a decoder); decoders recorded before contracts were named are CONCAT."""
+    layout = tower.meta.get("kv_cache")
+    return None if layout is None else layout.get("contract", CONCAT)

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from vlmopt.families.base import TensorSpec, TextVocab, Tower, text_vocab
+from vlmopt.families.base import CONCAT, TensorSpec, TextVocab, Tower, text_vocab
 
 PAST_KEY, PAST_VALUE = "past_key_values.{i}.key", "past_key_values.{i}.value"
 PRESENT_KEY, PRESENT_VALUE = "present.{i}.key", "present.{i}.value"
@@ -76,19 +76,21 @@ class KvCacheLayout:
             specs += [TensorSpec(PRESENT_KEY.format(i=i), cache), TensorSpec(PRESENT_VALUE.format(i=i), cache)]
         return tuple(specs)
 
-    def tower(self, wrap: Any, config: Any, meta: dict[str, Any] | None = None, position_ids: bool = True) -> Tower:
-        """The `decoder` tower: inputs_embeds + mask (+ positions) + past -> logits + present."""
+    def tower(self, wrap: Any, config: Any, meta: dict[str, Any] | None = None, contract: str = CONCAT) -> Tower:
+        """The `decoder` tower: inputs_embeds + mask (+ positions) + past -> logits + present, in `contract`:
+        CONCAT (a graph exported from PyTorch: position_ids, present = past + new) or SHARED (GroupQueryAttention,
+        as onnxruntime-genai's builder makes it: rotary positions inside the operator, one past/present buffer)."""
         vocab = text_vocab(config)
         return Tower(
             name="decoder",
-            inputs=self.inputs(position_ids),
+            inputs=self.inputs(position_ids=contract == CONCAT),
             outputs=self.outputs(),
             wrap=wrap,
             vocab=TextVocab(**{**vocab.to_json(), "max_length": self.max_positions}),
             num_heads=self.num_heads,
             hidden_size=self.hidden_size,
             bench_sizes={"batch": 1, "sequence": 32, "past_sequence": 96},
-            meta={"kv_cache": self.to_json(), **(meta or {})},
+            meta={"kv_cache": {**self.to_json(), "contract": contract}, **(meta or {})},
             derived_axes={"total_sequence": TOTAL_SEQUENCE},
         )
 
@@ -110,20 +112,29 @@ def additive_mask(attention_mask: Any, query_length: Any, past_length: Any, dtyp
 
 
 class CausalLmWithPast(nn.Module):
-    """(inputs_embeds, attention_mask, position_ids, *past) -> (logits, *present), with a DynamicCache inside.
+    """(inputs_embeds, attention_mask, [position_ids,] *past) -> (logits, *present), with a DynamicCache inside.
 
-    `language_model` is the decoder stack (no head), `lm_head` the projection to the vocabulary."""
+    `language_model` is the decoder stack (no head), `lm_head` the projection to the vocabulary. Without
+    `takes_positions` (the SHARED contract's interface) positions follow from the mask, as GroupQueryAttention
+    derives them: the reference for a builder's decoder on unpadded rows."""
 
-    def __init__(self, language_model: Any, lm_head: Any, text_config: Any):
+    def __init__(self, language_model: Any, lm_head: Any, text_config: Any, takes_positions: bool = True):
         super().__init__()
         self.language_model = language_model
         self.lm_head = lm_head
         self.text_config = text_config
         self.num_layers = text_config.num_hidden_layers
+        self.takes_positions = takes_positions
 
-    def forward(self, inputs_embeds: Any, attention_mask: Any, position_ids: Any, *past: Any) -> tuple[Any, ...]:
+    def forward(self, inputs_embeds: Any, attention_mask: Any, *rest: Any) -> tuple[Any, ...]:
+        import torch
         from transformers import DynamicCache
 
+        if self.takes_positions:
+            position_ids, past = rest[0], rest[1:]
+        else:
+            past = rest
+            position_ids = (torch.cumsum(attention_mask, 1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
         cache = DynamicCache(config=self.text_config)
         for i in range(self.num_layers):
             cache.update(past[2 * i], past[2 * i + 1], i)

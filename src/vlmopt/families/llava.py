@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from vlmopt.errors import VlmoptError
-from vlmopt.families.base import Family, TensorSpec, TextVocab, Tower, image_input, text_vocab
+from vlmopt.families.base import CONCAT, SHARED, Family, TensorSpec, TextVocab, Tower, image_input, text_vocab
 from vlmopt.families.decoder import CausalLmWithPast, KvCacheLayout
 from vlmopt.runners.prompt import Prompt
 
@@ -99,6 +99,8 @@ class LlavaFamily(Family):
     exporters = ("dynamo",)
     #: the language models whose decoder (and its cache) vlmopt's wrapper and verification cover
     language_models = ("llama", "mistral", "qwen2")
+    #: who can make the decoder part (`convert --decoder`), preferred first
+    decoder_makers = ("builder", "torch")
     #: fp32 logits reach |20| on a real 30-layer model; the exported decoder differs by up to 7.6e-4 there (1.2e-6 relative)
     atol = 2e-3
 
@@ -115,7 +117,9 @@ class LlavaFamily(Family):
         if vision_type not in VISION_MODELS:
             raise VlmoptError(f"vision tower '{vision_type}' is not supported by llava; supported: {', '.join(VISION_MODELS)}")
 
-    def towers(self, config: Any, hf_dir: Path | None = None, monolith: bool = False) -> list[Tower]:
+    def towers(self, config: Any, hf_dir: Path | None = None, monolith: bool = False, decoder: str = "torch") -> list[Tower]:
+        """The three parts; `decoder` says who makes the decoder: "torch" (exported, CONCAT cache) or "builder"
+        (onnxruntime-genai's model builder, `vlmopt.genai_builder`: GroupQueryAttention, SHARED cache)."""
         self.check_config(config)
         text, vision = config.text_config, config.vision_config
         token, per_image = image_token_id(config), image_seq_length(config)
@@ -149,9 +153,16 @@ class LlavaFamily(Family):
                 derived_axes={"num_image_tokens": f"num_images * {per_image}"},
             ),
             layout.tower(
-                lambda model: CausalLmWithPast(model.model.language_model, model.lm_head, model.config.text_config),
+                lambda model: CausalLmWithPast(model.model.language_model, model.lm_head, model.config.text_config, takes_positions=decoder == "torch"),
                 text,
-                meta={"part": "decoder", "language_model": text.model_type, "similarity_gated": False, "quantize": {"int8": "int8-weights", "int4": "int4"}},
+                meta={
+                    "part": "decoder",
+                    "language_model": text.model_type,
+                    "maker": decoder,
+                    "similarity_gated": False,
+                    "quantize": {"int8": "int8-weights", "int4": "int4"},
+                },
+                contract=SHARED if decoder == "builder" else CONCAT,
             ),
         ]
 

@@ -6,11 +6,16 @@ image tokens expanded, pixels), so all of them see identical ids. `generate` che
 keeps the timings; a backend writes only `generate_impl`, as tower runners write `run_impl`.
 
 The ONNX Runtime loop runs the three parts of the genai contract (vision -> image_features, embedding
--> inputs_embeds, decoder with a KV cache). It keeps the cache in ONNX Runtime's memory with IO binding:
-each step's `present` outputs are bound as the next step's `past` inputs, with no copy through numpy.
-A decoder exported from PyTorch still copies the cache inside the graph (its Concat); a decoder with
-GroupQueryAttention (onnxruntime-genai's builder) gets one max-length buffer per layer bound as both
-past and present, which the operator updates in place.
+-> inputs_embeds, decoder with a KV cache). It keeps the cache in ONNX Runtime's memory with IO binding
+(`KvCache`), in the decoder's own contract:
+  * concat (a decoder exported from PyTorch): each step's `present` outputs are bound as the next step's
+    `past` inputs, with no copy through numpy (the graph's Concat still copies inside); left padding;
+  * shared (GroupQueryAttention, onnxruntime-genai's builder): one buffer per layer, as long as the whole
+    generation, bound as both past and present and updated in place by the operator. The operator places
+    each row's new positions after that row's own length (the count of ones in its mask), so a batch is
+    right-padded: prompts are moved to the left edge and the mask is "the first n positions" per row. With a
+    left-padded batch it silently computes wrong logits (measured: 0.59 max |diff| on the tiny demo), and it
+    refuses more than one new position on a past beyond batch 1.
 """
 
 from __future__ import annotations
@@ -293,11 +298,13 @@ class OrtParts:
         if not self.past_names or len(self.past_names) != len(self.present_names):
             raise VlmoptError(f"{files['decoder']} is not a decoder with a KV cache (past_key_values.* -> present.*)")
         self.takes_positions = "position_ids" in inputs
-        #: GroupQueryAttention decoders (onnxruntime-genai's builder) update one shared past/present buffer in place
+        #: GroupQueryAttention decoders (onnxruntime-genai's builder) take no positions (rotary inside the operator)
+        #: and update one shared past/present buffer in place
         self.shares_buffer = not self.takes_positions
         past = inputs[self.past_names[0]].shape
-        self.kv_heads = int(past[1])
-        self.head_dim = int(past[3]) if isinstance(past[3], int) else int(inputs["inputs_embeds"].shape[2]) // self.kv_heads
+        if not isinstance(past[1], int) or not isinstance(past[3], int):
+            raise VlmoptError(f"{files['decoder']} does not declare its key/value heads and head size (past shape {past}); re-make it with `vlmopt convert`")
+        self.kv_heads, self.head_dim = int(past[1]), int(past[3])
         self.hidden = int(inputs["inputs_embeds"].shape[2])
         self.embeds_dtype = np.float16 if inputs["inputs_embeds"].type == "tensor(float16)" else np.float32
         self.past_dtype = np.float16 if inputs[self.past_names[0]].type == "tensor(float16)" else np.float32
@@ -320,15 +327,102 @@ class OrtParts:
             feed["position_ids"] = position_ids(attention_mask, inputs_embeds.shape[1])
         return feed
 
-    def decode(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One plain decoder call (numpy in and out): logits and the presents. For checks, not for the loop."""
+    def decode(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """The logits of one prefill with no past (numpy in and out, unpadded rows: every contract takes those). For checks."""
         batch = inputs_embeds.shape[0]
-        past = past if past is not None else [self.empty_past(batch) for _ in self.past_names]
-        outputs = self.decoder.run(None, {**self.step_feed(inputs_embeds, attention_mask), **dict(zip(self.past_names, past, strict=True))})
-        return outputs[0], list(outputs[1:])
+        past = {name: self.empty_past(batch) for name in self.past_names}
+        return self.decoder.run(["logits"], {**self.step_feed(inputs_embeds, attention_mask), **past})[0]
+
+    def cache(self, batch: int, capacity: int) -> KvCache:
+        """A fresh KV cache for one generation of `batch` rows and at most `capacity` positions."""
+        return KvCache(self, batch, capacity)
 
     def close(self) -> None:
         self.vision = self.embedding = self.decoder = None
+
+
+class KvCache:
+    """One generation's KV cache, kept in ONNX Runtime's memory with IO binding, in the decoder's own contract
+    (module docstring). Callers speak left padding, as the preprocessor pads; a shared-buffer cache moves each
+    prompt to the left edge of its row and hands logits back in the caller's layout."""
+
+    def __init__(self, parts: OrtParts, batch: int, capacity: int):
+        import onnxruntime as ort
+
+        self.parts, self.capacity = parts, capacity
+        self.binding = parts.decoder.io_binding()
+        length = capacity if parts.shares_buffer else 0
+        self.values = [ort.OrtValue.ortvalue_from_numpy(parts.empty_past(batch, length)) for _ in parts.past_names]
+        self._bind_pasts()
+        self.mask: np.ndarray = np.zeros((batch, 0), np.int64)  # concat: the left-padded mask so far
+        self.lengths = np.zeros(batch, np.int64)  # shared: each row's positions so far
+
+    def _bind_pasts(self) -> None:
+        for name, value in zip(self.parts.past_names, self.values, strict=True):
+            self.binding.bind_ortvalue_input(name, value)
+
+    def _run(self, inputs_embeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        parts, binding = self.parts, self.binding
+        for name, value in parts.step_feed(inputs_embeds, mask).items():
+            binding.bind_cpu_input(name, value)
+        binding.clear_binding_outputs()
+        binding.bind_output("logits", "cpu")  # rebound each step: its shape changes from prefill to decode
+        for name, value in zip(parts.present_names, self.values, strict=True):
+            if parts.shares_buffer:
+                binding.bind_ortvalue_output(name, value)
+            else:
+                binding.bind_output(name, "cpu")
+        parts.decoder.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        if not parts.shares_buffer:
+            self.values = list(outputs[1:])  # this step's presents are the next step's pasts: bound as they are, no copy
+            self._bind_pasts()
+        return outputs[0].numpy()
+
+    def _shared_mask(self) -> np.ndarray:
+        if int(self.lengths.max()) > self.capacity:
+            raise VlmoptError(f"the KV cache holds {self.capacity} positions; this step needs {int(self.lengths.max())}")
+        return (np.arange(int(self.lengths.max()))[None, :] < self.lengths[:, None]).astype(np.int64)
+
+    def prefill(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """The prompt (left-padded rows) into the cache; the logits of every position, left-padded like the input."""
+        if not self.parts.shares_buffer:
+            self.mask = attention_mask.astype(np.int64)
+            return self._run(inputs_embeds, self.mask)
+        width = attention_mask.shape[1]
+        self.lengths = attention_mask.sum(1).astype(np.int64)
+        if not all(attention_mask[row, width - n :].all() for row, n in enumerate(self.lengths)):
+            raise VlmoptError("prompts must be left-padded (zeros only before each row's tokens)")
+        moved = np.zeros_like(inputs_embeds)
+        for row, n in enumerate(self.lengths):
+            moved[row, :n] = inputs_embeds[row, width - n :]
+        logits = self._run(moved, self._shared_mask()[:, :width])
+        back = np.zeros_like(logits)
+        for row, n in enumerate(self.lengths):
+            back[row, width - n :] = logits[row, :n]
+        return back
+
+    def step(self, inputs_embeds: np.ndarray) -> np.ndarray:
+        """New positions after every row's last (one for a batch of several rows in the shared contract); their logits."""
+        new = inputs_embeds.shape[1]
+        if not self.parts.shares_buffer:
+            self.mask = np.concatenate([self.mask, np.ones((len(self.mask), new), np.int64)], axis=1)
+            return self._run(inputs_embeds, self.mask)
+        self.lengths = self.lengths + new
+        return self._run(inputs_embeds, self._shared_mask())
+
+    def keys(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Layer `layer`'s cached keys in the caller's left-padded layout, and the mask of the positions that hold tokens."""
+        keys = self.values[2 * layer].numpy()
+        if not self.parts.shares_buffer:
+            return keys, self.mask.astype(bool)
+        width = int(self.lengths.max())
+        left = np.zeros((*keys.shape[:2], width, keys.shape[3]), keys.dtype)
+        held = np.zeros((len(keys), width), bool)
+        for row, n in enumerate(self.lengths):
+            left[row, :, width - n :] = keys[row, :, :n]
+            held[row, width - n :] = True
+        return left, held
 
 
 class OrtGenerateRunner(GenerateRunner):
@@ -343,52 +437,21 @@ class OrtGenerateRunner(GenerateRunner):
         return self.parts.encode_images(pixel_values)
 
     def generate_impl(self, request: GenerateRequest, on_token: OnToken | None) -> GenerateResult:
-        import onnxruntime as ort
-
         parts, prompt = self.parts, request.prompt
         steps = Steps(request, on_token)
         features = None
         if prompt.pixel_values is not None:
             features = parts.encode_images(prompt.pixel_values)
             steps.image_encode_s = time.perf_counter() - steps.started
-        embeds = parts.embed(prompt.input_ids, features)
-        mask = prompt.attention_mask
-        batch, prompt_length = mask.shape
+        batch, prompt_length = prompt.attention_mask.shape
+        cache = parts.cache(batch, prompt_length + request.max_new_tokens)
         pick = TokenPicker(request.sampling)
-        binding = parts.decoder.io_binding()
-        if parts.shares_buffer:
-            # one buffer per layer, as long as the whole generation, bound as both past and present
-            length = prompt_length + request.max_new_tokens
-            caches = [ort.OrtValue.ortvalue_from_numpy(parts.empty_past(batch, length)) for _ in parts.past_names]
-            for name, value in zip(parts.past_names, caches, strict=True):
-                binding.bind_ortvalue_input(name, value)
-        else:
-            caches = [ort.OrtValue.ortvalue_from_numpy(parts.empty_past(batch)) for _ in parts.past_names]
-            for name, value in zip(parts.past_names, caches, strict=True):
-                binding.bind_ortvalue_input(name, value)
+        logits = cache.prefill(parts.embed(prompt.input_ids, features), prompt.attention_mask)
         while True:
-            for name, value in parts.step_feed(embeds, mask).items():
-                binding.bind_cpu_input(name, value)
-            binding.clear_binding_outputs()
-            binding.bind_output("logits", "cpu")  # rebound each step: its shape changes from prefill to decode
-            for name, value in zip(parts.present_names, caches, strict=True):
-                if parts.shares_buffer:
-                    binding.bind_ortvalue_output(name, value)
-                else:
-                    binding.bind_output(name, "cpu")
-            parts.decoder.run_with_iobinding(binding)
-            outputs = binding.get_outputs()
-            logits = outputs[0].numpy()[:, -1, :].astype(np.float32)
-            if not parts.shares_buffer:
-                # this step's presents are the next step's pasts: bound as they are, no copy
-                caches = list(outputs[1:])
-                for name, value in zip(parts.past_names, caches, strict=True):
-                    binding.bind_ortvalue_input(name, value)
-            tokens = steps.add(pick(steps.suppress(logits)))
+            tokens = steps.add(pick(steps.suppress(logits[:, -1, :].astype(np.float32))))
             if steps.finished:
                 break
-            embeds = parts.embed(tokens[:, None])
-            mask = np.concatenate([mask, np.ones((batch, 1), mask.dtype)], axis=1)
+            logits = cache.step(parts.embed(tokens[:, None]))
         return steps.result()
 
     def close(self) -> None:

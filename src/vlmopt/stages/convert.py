@@ -26,6 +26,7 @@ from vlmopt.workspace import StageOutput
 
 MIN_OPSET, MAX_OPSET = 17, 23
 EXPORTERS = ("auto", "dynamo", "torchscript")
+DECODER_MAKERS = ("auto", "builder", "torch")
 #: protobuf's limit: a larger graph must keep its weights as external data, which only the dynamo path writes
 _SINGLE_FILE_LIMIT = 2**31 - 2**26
 
@@ -44,6 +45,12 @@ class ConvertOptions(StageOptions):
     )
     exporter: str = option(
         "auto", "auto (TorchScript below 2 GB of weights, dynamo above; dynamo for decoders with a KV cache), dynamo or torchscript.", choices=EXPORTERS
+    )
+    decoder: str = option(
+        "auto",
+        "Who makes a generative model's decoder part: builder (onnxruntime-genai's model builder: GroupQueryAttention, "
+        "KV cache updated in place), torch (exported from PyTorch) or auto (builder where it builds the language model, else torch).",
+        choices=DECODER_MAKERS,
     )
     eval_images: str | None = eval_images_option()
     eval_text: str | None = eval_text_option()
@@ -184,10 +191,12 @@ class Convert(Stage):
             raise VlmoptError(f"{family.name} parts export only with the {' or '.join(family.exporters)} exporter; drop --exporter {options.exporter}")
         if options.static and family.generative:
             raise VlmoptError(f"{family.name} parts keep dynamic axes (the decoder's past grows every step); drop --static")
-        towers = family.towers(config, job.parent_dir, monolith=options.monolith)
+        decoder = choose_decoder(options.decoder, family, config)
+        made_by = {"decoder": decoder} if family.decoder_makers else {}
+        towers = family.towers(config, job.parent_dir, monolith=options.monolith, **made_by)
         if options.static:
             towers = [t.with_static_axes(_static_sizes(t, options)) for t in towers]
-        job.state.update(config=config, family=family, wrappable={t.name: t for t in towers})
+        job.state.update(config=config, family=family, wrappable={t.name: t for t in towers}, decoder=decoder)
 
     def verified_towers(self, job: Job) -> dict[str, Tower]:
         return job.state["wrappable"]
@@ -204,16 +213,27 @@ class Convert(Stage):
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         records: dict[str, TowerRecord] = {}
         work: dict[str, dict[str, Any]] = {}
+        preprocessor = family.preprocessor(job.parent_dir) if family.generative else None
+        children_mb = None
         for tower in towers.values():
-            module = tower.wrap(model).eval()
             path = tmp / f"{tower.name}.onnx"
+            if tower.meta.get("maker") == "builder":
+                from vlmopt.genai_builder import build_decoder
+
+                work[tower.name] = build_decoder(model, preprocessor.tokenizer, tower, path, job.say, job.context.debug)
+                children_mb = work[tower.name]["builder_peak_rss_mb"]
+                records[tower.name] = TowerRecord(_unwrapped(tower), path.name, graph.weight_bytes(tmp, path.name))
+                continue
+            module = tower.wrap(model).eval()
             exporter = choose_exporter(options.exporter, module, family.exporters)
             job.say(f"exporting the {tower.name} tower ({exporter} exporter)")
             started = time.perf_counter()
             export_tower(module, tower, path, options.opset, dynamic=not options.static, exporter=exporter, debug=job.context.debug)
             work[tower.name] = {"exporter": exporter, "export_seconds": round(time.perf_counter() - started, 2), "dynamic": not options.static}
             records[tower.name] = TowerRecord(_unwrapped(tower), path.name, graph.weight_bytes(tmp, path.name))
-        record: dict[str, Any] = {"opset": options.opset, "towers": work, "export_memory": export_memory(weights)}
+        record: dict[str, Any] = {"opset": options.opset, "towers": work, "export_memory": export_memory(weights, children_mb)}
+        if family.decoder_makers:
+            record["decoder"] = job.state["decoder"]
         job.say("verifying every tower against PyTorch")
         atol = options.atol if options.atol is not None else family.atol
         threads = job.context.thread_count
@@ -222,7 +242,6 @@ class Convert(Stage):
             from vlmopt.runners.genai import write_runtime_files
             from vlmopt.verification.generation import conversion_checks
 
-            preprocessor = family.preprocessor(job.parent_dir)
             record["runtime"] = write_runtime_files(preprocessor, tmp, records)
             extra = lambda: conversion_checks(model, preprocessor, tmp, records, threads, job.say)  # noqa: E731
         verification = verify_artifacts(
@@ -241,11 +260,35 @@ class Convert(Stage):
         return StageOutput(towers=records, traits=traits, record=record, verification=verification)
 
 
-def export_memory(weight_bytes: int) -> dict[str, Any]:
+def export_memory(weight_bytes: int, builder_mb: float | None = None) -> dict[str, Any]:
     """This process's peak resident memory so far (loading and exporting; a fresh `vlmopt convert` process
-    has done nothing else) against the fp32 weights: the export's memory cost."""
+    has done nothing else) against the fp32 weights: the export's memory cost. With onnxruntime-genai's builder
+    (its own process, `builder_mb` its peak) the ratio is the larger of the two processes'."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"fp32_weights_mb": round(weight_bytes / 2**20, 1), "process_peak_rss_mb": round(peak / 2**20, 1), "ratio": round(peak / max(weight_bytes, 1), 2)}
+    figures = {"fp32_weights_mb": round(weight_bytes / 2**20, 1), "process_peak_rss_mb": round(peak / 2**20, 1)}
+    if builder_mb is not None:
+        figures["builder_peak_rss_mb"] = builder_mb
+        peak = max(peak, builder_mb * 2**20)
+    return {**figures, "ratio": round(peak / max(weight_bytes, 1), 2)}
+
+
+def choose_decoder(requested: str, family: Any, config: Any) -> str:
+    """Who makes the decoder part: `auto` takes the family's first maker that can build this checkpoint
+    (onnxruntime-genai's builder where it is installed and builds the language model), `torch` otherwise."""
+    if not family.decoder_makers:
+        if requested != "auto":
+            raise VlmoptError(f"--decoder {requested} applies to generative models (llava); {family.name} has no decoder part")
+        return "torch"
+    if requested == "torch":
+        return "torch"
+    from vlmopt.genai_builder import unsupported
+
+    reason = unsupported(config.text_config)
+    if reason is None:
+        return "builder"
+    if requested == "builder":
+        raise VlmoptError(f"--decoder builder: {reason}; --decoder torch exports it from PyTorch")
+    return "torch"
 
 
 def _unwrapped(tower: Tower) -> Tower:

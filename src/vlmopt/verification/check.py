@@ -25,7 +25,7 @@ from vlmopt.calibration import sample_count
 from vlmopt.errors import CheckFailed
 from vlmopt.evaluation import EvalData
 from vlmopt.families import Tower
-from vlmopt.inputs import make_inputs, verification_sizes
+from vlmopt.inputs import contract_sizes, make_inputs, verification_sizes
 from vlmopt.records import DataCheck, MetricCheck, OutputCheck, Verification
 from vlmopt.runners.base import Runner
 from vlmopt.verification.compare import agreement, compare_feeds, top1
@@ -114,7 +114,7 @@ def shape_sets(tower: Tower, shapes: list[dict[str, int]], data: EvalData | None
 
 
 def _axes(tower: Tower, shapes: list[dict[str, int]]) -> list[dict[str, int]]:
-    return [{k: v for k, v in s.items() if k in tower.axes} for s in shapes]
+    return [{k: v for k, v in contract_sizes(tower, s).items() if k in tower.axes} for s in shapes]
 
 
 def verify_runners(

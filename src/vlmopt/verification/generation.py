@@ -153,13 +153,17 @@ def _reference_step(model: Any, embeds: Any, mask: Any, cache: Any) -> tuple[Any
 
 
 def _decoder(model: Any, parts: Any, lengths: tuple[int, int] = (7, 23), padding: int = 3) -> DataCheck:
+    """Prefills of two lengths at batch 1 and 2 (the second row left-padded), each followed by decode steps of 1 and
+    3 new positions, through the decoder's own KV cache (`KvCache`). A shared-buffer decoder (GroupQueryAttention)
+    takes several new positions on a past only at batch 1, so at batch 2 its 3-position step is left out."""
     import torch
     from transformers import DynamicCache
 
     text_config = model.config.text_config
     rng = np.random.default_rng(0)
-    scale = float(model.get_input_embeddings().weight.std())
+    scale = float(model.get_input_embeddings().weight.detach().std())
     worst = _Worst()
+    steps = {1: (1, 3), 2: (1,) if parts.shares_buffer else (1, 3)}
     for length in lengths:
         for batch in (1, 2):
             embeds = torch.from_numpy((rng.standard_normal((batch, length, text_config.hidden_size)) * scale).astype(np.float32))
@@ -167,21 +171,26 @@ def _decoder(model: Any, parts: Any, lengths: tuple[int, int] = (7, 23), padding
             if batch == 2:
                 mask[1, :padding] = 0
             reference, cache = _reference_step(model, embeds, mask, DynamicCache(config=text_config))
-            logits, past = parts.decode(embeds.numpy(), mask.numpy())
+            kv = parts.cache(batch, length + sum(steps[batch]))
+            logits = kv.prefill(embeds.numpy(), mask.numpy())
             valid = mask.numpy().astype(bool)
             worst.add("logits", reference.numpy()[valid], logits[valid], {"batch": batch, "sequence": length, "past_sequence": 0})
             worst.feeds += 1
-            for new in (1, 3):
+            for new in steps[batch]:
                 past_length = mask.shape[1]
                 step = torch.from_numpy((rng.standard_normal((batch, new, text_config.hidden_size)) * scale).astype(np.float32))
                 mask = torch.cat([mask, torch.ones(batch, new, dtype=torch.int64)], 1)
                 reference, cache = _reference_step(model, step, mask, cache)
-                logits, past = parts.decode(step.numpy(), mask.numpy(), past)
+                logits = kv.step(step.numpy())
                 where = {"batch": batch, "sequence": new, "past_sequence": past_length}
                 worst.add("logits", reference.numpy(), logits, where)
-                worst.add("present.0.key", cache.layers[0].keys.numpy(), past[0], where)
+                keys, held = kv.keys(0)
+                worst.add("present.0.key", cache.layers[0].keys.numpy().transpose(0, 2, 1, 3)[held], keys.transpose(0, 2, 1, 3)[held], where)
                 worst.feeds += 1
-    return worst.check(f"prefill of {lengths[0]} and {lengths[1]} positions at batch 1 and 2 (left-padded), then decode steps of 1 and 3", 12)
+    left_out = ", 3 only at batch 1 (GroupQueryAttention)" if parts.shares_buffer else ""
+    return worst.check(
+        f"prefill of {lengths[0]} and {lengths[1]} positions at batch 1 and 2 (left-padded), then decode steps of 1 and 3{left_out}", worst.feeds
+    )
 
 
 def _generation(model: Any, preprocessor: Any, runner: Any) -> tuple[list[MetricCheck], list[Any], list[list[int]]]:
@@ -239,7 +248,7 @@ def teacher_forced(reference: Any, candidate: Any, ids: np.ndarray, window: int)
     for start in range(0, len(ids) - window + 1, window):
         chunk = ids[None, start : start + window]
         mask = np.ones_like(chunk)
-        outputs = [_log_softmax(parts.decode(parts.embed(chunk), mask)[0][0, :-1]) for parts in (reference, candidate)]
+        outputs = [_log_softmax(parts.decode(parts.embed(chunk), mask)[0, :-1]) for parts in (reference, candidate)]
         target = chunk[0, 1:]
         agree.append(outputs[0].argmax(-1) == outputs[1].argmax(-1))
         kl.append((np.exp(outputs[0]) * (outputs[0] - outputs[1])).sum(-1))

@@ -4,8 +4,9 @@ Models (built offline by `vlmopt demo-model`, then `export`, `convert` and `quan
   a  CLIP ViT-B/32 vision (random) + the real SmolLM2-135M-Instruct (`--size base --language-model smollm2`)
   b  LLaVA-OneVision-0.5B's sizes, random weights: SigLIP-so400m/14 at 384 px + Qwen2-0.5B (`--size small`)
 Contenders: `hf` (transformers `generate`, SDPA, its KV cache: the reference), `onnx` (fp32 parts through
-vlmopt's ORT loop), `int8` (decoder weight-only int8 MatMulNBits + vision int8) and `int4` (decoder int4
-MatMulNBits + vision int8). int4 is made with the fidelity gates off so its speed is shown; its agreement and
+vlmopt's ORT loop, the decoder from onnxruntime-genai's model builder: GroupQueryAttention, KV cache in place),
+`onnx-torch` (the same with the decoder exported from PyTorch), `int8` (decoder weight-only int8 MatMulNBits +
+vision int8), `int4` (decoder int4 MatMulNBits + vision int8) and `int4-torch` (int4 of the PyTorch-exported decoder). int4 is made with the fidelity gates off so its speed is shown; its agreement and
 perplexity on the real text are printed from the manifest beside it. `llama.cpp` is an anchor outside vlmopt, for
 model a at batch 1 where `llama-cpp-python` is installed: the same SmolLM2 GGUF (Q4_1), text only, on a prompt as
 long as the VLM's prefill.
@@ -47,12 +48,17 @@ MODELS = {
     "a": ("CLIP ViT-B/32 + real SmolLM2-135M", ["--size", "base", "--language-model", "smollm2"]),
     "b": ("LLaVA-OneVision-0.5B sizes (SigLIP-so400m + Qwen2-0.5B), random", ["--size", "small"]),
 }
-#: artifact name -> quantize flags (parts not named stay fp32)
+#: artifact name -> convert flags: `onnx` is convert's default (the decoder from onnxruntime-genai's model builder),
+#: `onnx-torch` the decoder exported from PyTorch, for the comparison of the two makers
+CONVERSIONS = {"onnx": [], "onnx-torch": ["--decoder", "torch", "--name", "onnx-torch"]}
+_INT4 = ["--part", "decoder=int4", "--part", "vision=int8", "--min-token-agreement", "off", "--max-ppl-increase", "off"]
+#: artifact name -> (parent, quantize flags) (parts not named stay fp32)
 VARIANTS = {
-    "int8": ["--part", "decoder=int8", "--part", "vision=int8"],
-    "int4": ["--part", "decoder=int4", "--part", "vision=int8", "--min-token-agreement", "off", "--max-ppl-increase", "off"],
+    "int8": ("onnx", ["--part", "decoder=int8", "--part", "vision=int8"]),
+    "int4": ("onnx", _INT4),
+    "int4-torch": ("onnx-torch", _INT4),
 }
-CONTENDERS = ("hf", "onnx", "int8", "int4", "llama.cpp")
+CONTENDERS = ("hf", "onnx", "onnx-torch", "int8", "int4", "int4-torch", "llama.cpp")
 #: the anchor outside vlmopt: llama.cpp (`llama-cpp-python`, built from source by pip, about 15 minutes here, so
 #: `make install` does not install it) running the same SmolLM2 GGUF, text only, on a prompt of the same length
 ANCHOR = "llama.cpp"
@@ -74,11 +80,13 @@ def prepare(model: str, root: Path, threads: int, contenders: tuple[str, ...] = 
     artifacts = json.loads((model_dir / "vlmopt.json").read_text())["artifacts"] if (model_dir / "vlmopt.json").is_file() else {}
     if "hf" not in artifacts:
         vlmopt("export", source, "-o", model_dir)
-    if "onnx" not in artifacts:
-        vlmopt("convert", model_dir, "--threads", threads)
-    for name, flags in VARIANTS.items():
+    needed = set(contenders) | {VARIANTS[c][0] for c in contenders if c in VARIANTS}
+    for name, flags in CONVERSIONS.items():
+        if name not in artifacts and name in needed:
+            vlmopt("convert", model_dir, *flags, "--threads", threads)
+    for name, (parent, flags) in VARIANTS.items():
         if name not in artifacts and name in contenders:
-            vlmopt("quantize", model_dir, *flags, "--name", name, "--threads", threads)
+            vlmopt("quantize", model_dir, "--from", parent, *flags, "--name", name, "--threads", threads)
     return model_dir
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -34,6 +33,17 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "
 #: the builder's axis names -> vlmopt's (`kv_cache_dim`, the head size, becomes its number)
 AXES = {"batch_size": "batch", "sequence_length": "sequence", "past_sequence_length": "past_sequence", "total_sequence_length": "total_sequence"}
 MODULE = "onnxruntime_genai.models.builder"
+#: runs the builder's module as `python -m` would, then reports the process's own peak RSS (VmHWM: its address
+#: space's high-water mark; getrusage's maxrss would carry the parent's over from spawning)
+_LAUNCHER = """import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+finally:
+    peak = [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")]
+    print("vlmopt-peak-kb", peak[0] if peak else 0, file=sys.stderr)
+"""
+PEAK_MARK = "vlmopt-peak-kb"
 
 
 def builder_version() -> str | None:
@@ -68,23 +78,27 @@ def write_language_model(model: Any, tokenizer: Any, folder: Path) -> None:
     tokenizer.save_pretrained(str(folder))
 
 
-def run_builder(source: Path, output: Path, cache: Path, debug: bool = False) -> tuple[float, float]:
-    """The builder on `source` (fp32, CPU, embeddings excluded) into `output`; its seconds and peak RSS (MB)."""
-    command = [sys.executable, "-m", MODULE, "-i", str(source), "-o", str(output), "-p", "fp32", "-e", "cpu", "-c", str(cache)]
+def run_builder(source: Path, output: Path, cache: Path, debug: bool = False) -> tuple[float, float | None]:
+    """The builder on `source` (fp32, CPU, embeddings excluded) into `output`; its seconds and peak RSS (MB; None
+    where /proc does not tell)."""
+    command = [sys.executable, "-c", _LAUNCHER, MODULE, "-i", str(source), "-o", str(output), "-p", "fp32", "-e", "cpu", "-c", str(cache)]
     command += ["--extra_options", "exclude_embeds=true"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     started = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=not debug, text=True, check=False)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - started
+    if debug:
+        sys.stderr.write(done.stdout + done.stderr)
+    lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+    peaks = [line.split()[1] for line in lines if line.startswith(PEAK_MARK)]
     if done.returncode != 0:
-        lines = [line for line in (done.stderr or "").strip().splitlines() if line.strip()]
+        errors = [line for line in lines if not line.startswith(PEAK_MARK)]
         raise VlmoptError(
-            f"onnxruntime-genai's model builder failed (exit {done.returncode}): {(lines or ['see --debug'])[-1][:300]}; "
+            f"onnxruntime-genai's model builder failed (exit {done.returncode}): {(errors or ['see --debug'])[-1][:300]}; "
             "`vlmopt convert --decoder torch` exports the decoder from PyTorch instead"
         )
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return seconds, (peak if peak > before else before) / 1024
+    peak_kb = int(peaks[-1]) if peaks and peaks[-1].isdigit() else 0
+    return seconds, (peak_kb / 1024 if peak_kb else None)
 
 
 def adopt_graph(built: Path, path: Path, tower: Tower) -> dict[str, int]:
@@ -154,7 +168,7 @@ def build_decoder(model: Any, tokenizer: Any, tower: Tower, path: Path, say: Cal
         "version": builder_version(),
         "options": {"precision": "fp32", "execution_provider": "cpu", "exclude_embeds": True},
         "build_seconds": round(seconds, 2),
-        "builder_peak_rss_mb": round(peak_mb, 1),
+        "builder_peak_rss_mb": None if peak_mb is None else round(peak_mb, 1),
         "past_present_share_buffer": bool(search.get("past_present_share_buffer", True)),
         "fused_operators": {
             op: n for op, n in sorted(counts.items()) if op in ("GroupQueryAttention", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization")

@@ -198,6 +198,9 @@ class Convert(Stage):
             towers = [t.with_static_axes(_static_sizes(t, options)) for t in towers]
         job.state.update(config=config, family=family, wrappable={t.name: t for t in towers}, decoder=decoder)
 
+    def describe(self, artifact: Any) -> list[Any]:
+        return _describe_decoder(artifact)
+
     def verified_towers(self, job: Job) -> dict[str, Tower]:
         return job.state["wrappable"]
 
@@ -260,6 +263,14 @@ class Convert(Stage):
         return StageOutput(towers=records, traits=traits, record=record, verification=verification)
 
 
+def _describe_decoder(artifact: Any) -> list[Any]:
+    made = (artifact.record.get("towers") or {}).get("decoder") or {}
+    if "maker" not in made:
+        return []
+    fused = ", ".join(f"{op} x{n}" for op, n in made.get("fused_operators", {}).items())
+    return [f"decoder made by {made['maker']} {made.get('version')} in {made.get('build_seconds')} s (peak {made.get('builder_peak_rss_mb')} MB): {fused}"]
+
+
 def export_memory(weight_bytes: int, builder_mb: float | None = None) -> dict[str, Any]:
     """This process's peak resident memory so far (loading and exporting; a fresh `vlmopt convert` process
     has done nothing else) against the fp32 weights: the export's memory cost. With onnxruntime-genai's builder
@@ -268,7 +279,7 @@ def export_memory(weight_bytes: int, builder_mb: float | None = None) -> dict[st
     figures = {"fp32_weights_mb": round(weight_bytes / 2**20, 1), "process_peak_rss_mb": round(peak / 2**20, 1)}
     if builder_mb is not None:
         figures["builder_peak_rss_mb"] = builder_mb
-        peak = max(peak, builder_mb * 2**20)
+        peak = max(peak, builder_mb * 2**20)  # two processes, one after the other: the larger is the export's peak
     return {**figures, "ratio": round(peak / max(weight_bytes, 1), 2)}
 
 

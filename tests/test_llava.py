@@ -318,3 +318,40 @@ def test_a_part_mode_that_quantizes_nothing_fails_instead_of_passing_the_fp32_pa
     assert result.exit_code == 1, result.output
     assert "quantized no Gather" in result.stderr
     assert set(manifest(model_dir)["artifacts"]) == {"hf", "onnx"}
+
+
+# -- the builder across the language models the family takes -------------------------------------
+TINY_LANGUAGE_MODELS = {
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),  # q/k/v biases
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_LANGUAGE_MODELS))
+def test_the_builder_makes_and_convert_verifies_the_decoder_of_another_language_model(
+    model_type: str, demo_source: Callable[[str], Path], tmp_path: Path
+) -> None:
+    import torch
+    import transformers
+    from transformers import AutoTokenizer
+
+    config_class, model_class = (getattr(transformers, name) for name in TINY_LANGUAGE_MODELS[model_type])
+    tokenizer = AutoTokenizer.from_pretrained(str(demo_source("llava")))
+    config = config_class(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model_class(config).save_pretrained(str(tmp_path / "lm"))
+    tokenizer.save_pretrained(str(tmp_path / "lm"))
+    built = vlmopt("demo-model", tmp_path / "src", "--family", "llava", "--size", "tiny", "--language-model", tmp_path / "lm")
+    assert built.exit_code == 0, built.stderr
+    vlmopt_json("export", tmp_path / "src", "-o", tmp_path / "model")
+
+    converted = vlmopt_json("convert", tmp_path / "model")
+
+    record, verification = converted["artifact"]["record"], converted["artifact"]["verification"]
+    assert record["decoder"] == "builder" and record["towers"]["decoder"]["fused_operators"]["GroupQueryAttention"] == 2
+    assert verification["passed"]
+    metrics = {m["name"]: m["value"] for m in verification["metrics"]}
+    assert metrics["greedy generation identical to transformers"] == 1.0

@@ -355,3 +355,25 @@ def test_the_builder_makes_and_convert_verifies_the_decoder_of_another_language_
     assert verification["passed"]
     metrics = {m["name"]: m["value"] for m in verification["metrics"]}
     assert metrics["greedy generation identical to transformers"] == 1.0
+
+
+def test_the_conversion_checks_take_the_model_and_keep_no_reference_to_it(llava: Path) -> None:
+    import gc
+    import weakref
+
+    from vlmopt.families.llava import LlavaPreprocessor
+    from vlmopt.hf import load_model
+    from vlmopt.verification.generation import conversion_checks
+    from vlmopt.workspace import ModelDir
+
+    model = load_model(llava / "hf", attn_implementation="eager")
+    alive = weakref.ref(model)
+    holder = {"model": model}
+    del model
+    towers = ModelDir.open(llava).artifact("onnx").towers
+
+    checks, metrics = conversion_checks(holder, LlavaPreprocessor(llava / "hf"), llava / "onnx", towers, 1, lambda line: None)
+
+    gc.collect()
+    assert holder == {} and alive() is None  # no reference kept anywhere: its memory can go before the parts load
+    assert set(checks) == {"vision", "embedding", "decoder"} and metrics[0].value == 1.0

@@ -234,6 +234,7 @@ class Convert(Stage):
             export_tower(module, tower, path, options.opset, dynamic=not options.static, exporter=exporter, debug=job.context.debug)
             work[tower.name] = {"exporter": exporter, "export_seconds": round(time.perf_counter() - started, 2), "dynamic": not options.static}
             records[tower.name] = TowerRecord(_unwrapped(tower), path.name, graph.weight_bytes(tmp, path.name))
+        module = None
         record: dict[str, Any] = {"opset": options.opset, "towers": work, "export_memory": export_memory(weights, children_mb)}
         if family.decoder_makers:
             record["decoder"] = job.state["decoder"]
@@ -246,7 +247,10 @@ class Convert(Stage):
             from vlmopt.verification.generation import conversion_checks
 
             record["runtime"] = write_runtime_files(preprocessor, tmp, records)
-            extra = lambda: conversion_checks(model, preprocessor, tmp, records, threads, job.say)  # noqa: E731
+            extra = lambda: conversion_checks(holder, preprocessor, tmp, records, threads, job.say)  # noqa: E731
+        # the only reference left here: the family's checks take the model out once their references are computed
+        holder = {"model": model}
+        del model
         verification = verify_artifacts(
             job.parent_dir,
             job.parent,
@@ -256,7 +260,7 @@ class Convert(Stage):
             threads=threads,
             sets=lambda tower: shape_sets(tower, _shapes(tower, options), job.state.get("data")),
             data=job.state.get("data"),
-            reference_model=model,
+            reference_model=holder["model"],
             extra=extra,
         )
         traits = job.parent.traits.derive(family=family.name, model_type=config.model_type, precision="fp32", attn_implementation="eager")

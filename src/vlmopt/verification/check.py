@@ -183,15 +183,25 @@ def verify_artifacts(
     reference_model: Any = None,
     extra: ExtraChecks | None = None,
 ) -> Verification:
-    """Compare every tower of `candidate` (an artifact in `candidate_dir`) with `reference`'s, through their runners."""
+    """Compare every tower of `candidate` (an artifact in `candidate_dir`) with `reference`'s, through their runners.
+
+    The reference runners (and `reference_model`) are released before `extra` runs: a family's own checks may load
+    every part at once, and hold what they need of the model themselves."""
     from vlmopt.runners import ArtifactRunners
 
     with (
         ArtifactRunners(reference_dir, reference, threads=threads, model=reference_model) as references,
         ArtifactRunners(candidate_dir, candidate, threads=threads) as candidates,
     ):
+        del reference_model  # the runners hold it now, until released
         towers = {name: record.tower for name, record in candidate.towers.items()}
-        return verify_runners(towers, references.runner, candidates.runner, gates, reference.name, sets=sets, data=data, admits=admits, extra=extra)
+
+        def released_first() -> tuple[dict[str, list[DataCheck]], list[MetricCheck]]:
+            references.close()
+            return extra()
+
+        checks = released_first if extra is not None else None
+        return verify_runners(towers, references.runner, candidates.runner, gates, reference.name, sets=sets, data=data, admits=admits, extra=checks)
 
 
 def _data_check(feed_set: FeedSet, outputs: dict[str, dict[str, Any]]) -> DataCheck:

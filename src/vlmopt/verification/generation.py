@@ -19,6 +19,7 @@ first diverges. Agreement and perplexity increase are the gates (`--min-token-ag
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,69 +75,122 @@ def _first_divergence(a: list[int], b: list[int]) -> int | None:
 
 
 # -- after convert ---------------------------------------------------------------------------------
-def conversion_checks(
-    model: Any, preprocessor: Any, folder: Path, towers: dict[str, Any], threads: int, say: Callable[[str], None]
-) -> tuple[dict[str, list[DataCheck]], list[MetricCheck]]:
-    """The parts in `folder` against transformers' `model` (loaded, fp32): data checks per part and the generation checks."""
-    import torch
+@dataclass
+class _Case:
+    """One check's inputs, transformers' outputs for them, and where it was taken."""
 
+    inputs: dict[str, Any]
+    expected: dict[str, np.ndarray]
+    where: dict[str, int]
+
+
+@dataclass
+class _References:
+    """Everything transformers computed for the checks, kept so the model can go before any part is loaded."""
+
+    vision: list[_Case]
+    embedding: list[_Case]
+    decoder: list[list[_Case]]  # per sequence: its prefill, then its decode steps
+    pairs: list[Any]
+    tokens: list[list[int]]
+
+
+def conversion_checks(
+    holder: dict[str, Any], preprocessor: Any, folder: Path, towers: dict[str, Any], threads: int, say: Callable[[str], None]
+) -> tuple[dict[str, list[DataCheck]], list[MetricCheck]]:
+    """The parts in `folder` against transformers' model (`holder["model"]`, loaded, fp32): data checks per part and
+    the generation checks. Every reference is computed first and the model is then taken out of `holder`, its last
+    reference, so its memory is free before vlmopt's and onnxruntime-genai's sessions load the parts (model a: the
+    whole convert peaked at 2505 MB with the model and the parts loaded together)."""
+    import gc
+
+    from vlmopt.families.base import SHARED, kv_contract
     from vlmopt.runners.generate import OrtGenerateRunner
 
+    shares_buffer = kv_contract(towers["decoder"].tower) == SHARED
+    say("computing transformers' references: image features, embeddings, decoder logits, greedy generations")
+    references = _references(holder.pop("model"), preprocessor, shares_buffer)
+    gc.collect()
     files = {name: record.file for name, record in towers.items()}
-    runner = OrtGenerateRunner(folder, files, threads)
-    parts = runner.parts
     checks: dict[str, list[DataCheck]] = {}
-    with torch.inference_mode():
-        say("checking the vision part against transformers")
-        checks["vision"] = [_vision(model, preprocessor, parts)]
-        say("checking the embedding part against transformers")
-        checks["embedding"] = [_embedding(model, preprocessor, parts)]
-        say("checking the decoder part against transformers (prefill and decode steps)")
-        checks["decoder"] = [_decoder(model, parts)]
-    say(f"greedy generation of {CONVERSION_NEW_TOKENS} tokens on {CONVERSION_PAIRS} image+prompt pairs against transformers' generate")
-    metrics, pairs, expected = _generation(model, preprocessor, runner)
+    with OrtGenerateRunner(folder, files, threads) as runner:
+        parts = runner.parts
+        say("checking the vision, embedding and decoder parts against transformers (prefill and decode steps)")
+        checks["vision"] = [_vision(references.vision, parts)]
+        checks["embedding"] = [_embedding(references.embedding, parts)]
+        checks["decoder"] = [_decoder(references.decoder, parts)]
+        say(f"greedy generation of {CONVERSION_NEW_TOKENS} tokens on {CONVERSION_PAIRS} image+prompt pairs against transformers' generate")
+        metrics = _generation(references, preprocessor, runner)
     # onnxruntime-genai loads every part again: our sessions go first (model a: convert peaked at 3602 MB with both
     # open, 2743 MB this way)
-    runner.close()
-    genai = _genai_generation(preprocessor, folder, threads, pairs, expected)
+    genai = _genai_generation(preprocessor, folder, threads, references.pairs, references.tokens)
     if genai is not None:
         metrics.append(genai)
     return checks, metrics
 
 
-def _vision(model: Any, preprocessor: Any, parts: Any) -> DataCheck:
+def _references(model: Any, preprocessor: Any, shares_buffer: bool) -> _References:
     import torch
 
-    worst = _Worst()
+    from vlmopt.runners.generate import HfGenerateRunner
+
+    with torch.inference_mode():
+        vision, embedding, decoder = _vision_cases(model, preprocessor), _embedding_cases(model, preprocessor), _decoder_cases(model, shares_buffer)
+    pairs = _pairs(preprocessor, CONVERSION_PAIRS)
+    with HfGenerateRunner(model=model) as reference:
+        tokens = [reference.generate(_request(preprocessor, p, CONVERSION_NEW_TOKENS)).tokens[0] for p in pairs]
+    return _References(vision, embedding, decoder, pairs, tokens)
+
+
+def _image_features(model: Any, pixel_values: Any) -> Any:
+    import torch
+
+    found = model.model.get_image_features(pixel_values=pixel_values)
+    rows = found.pooler_output if hasattr(found, "pooler_output") else found
+    return torch.cat(list(rows), 0) if isinstance(rows, tuple | list) else rows.reshape(-1, rows.shape[-1])
+
+
+def _vision_cases(model: Any, preprocessor: Any) -> list[_Case]:
+    import torch
+
+    cases = []
     for count in (1, 2):
         pixels = preprocessor.processor.image_processor([sample_image(i) for i in range(count)], return_tensors="np")["pixel_values"].astype(np.float32)
-        features = model.model.get_image_features(pixel_values=torch.from_numpy(pixels))
-        rows = features.pooler_output if hasattr(features, "pooler_output") else features
-        reference = torch.cat(list(rows), 0).numpy() if isinstance(rows, tuple | list) else rows.reshape(-1, rows.shape[-1]).numpy()
-        worst.add("image_features", reference, parts.encode_images(pixels), {"num_images": count})
+        cases.append(_Case({"pixels": pixels}, {"image_features": _image_features(model, torch.from_numpy(pixels)).numpy()}, {"num_images": count}))
+    return cases
+
+
+def _vision(cases: list[_Case], parts: Any) -> DataCheck:
+    worst = _Worst()
+    for case in cases:
+        worst.add("image_features", case.expected["image_features"], parts.encode_images(case.inputs["pixels"]), case.where)
         worst.feeds += 1
     return worst.check("get_image_features, 1 and 2 drawn images", 3)
 
 
-def _embedding(model: Any, preprocessor: Any, parts: Any) -> DataCheck:
+def _embedding_cases(model: Any, preprocessor: Any) -> list[_Case]:
     import torch
 
-    worst = _Worst()
-    cases = ((1, [0]), (1, [1]), (1, [2]), (2, [1, 1]))  # (batch, images per prompt)
-    for batch, counts in cases:
+    cases = []
+    for batch, counts in ((1, [0]), (1, [1]), (1, [2]), (2, [1, 1])):  # (batch, images per prompt)
         images = [sample_image(10 * row + i) for row, n in enumerate(counts) for i in range(n)]
         prompt = preprocessor([PROMPTS[row] + " and more" * row for row in range(batch)], images, images_per_prompt=counts)
         ids = torch.from_numpy(prompt.input_ids)
         reference = model.get_input_embeddings()(ids)
         features = None
         if images:
-            found = model.model.get_image_features(pixel_values=torch.from_numpy(prompt.pixel_values))
-            rows = found.pooler_output if hasattr(found, "pooler_output") else found
-            features = torch.cat(list(rows), 0) if isinstance(rows, tuple | list) else rows.reshape(-1, rows.shape[-1])
+            features = _image_features(model, torch.from_numpy(prompt.pixel_values))
             mask = (ids == preprocessor.image_token_id).unsqueeze(-1).expand_as(reference)
             reference = reference.masked_scatter(mask, features)
-        candidate = parts.embed(prompt.input_ids, None if features is None else features.numpy())
-        worst.add("inputs_embeds", reference.numpy(), candidate, {"batch": batch, "num_images": len(images)})
+        inputs = {"input_ids": prompt.input_ids, "image_features": None if features is None else features.numpy()}
+        cases.append(_Case(inputs, {"inputs_embeds": reference.numpy()}, {"batch": batch, "num_images": len(images)}))
+    return cases
+
+
+def _embedding(cases: list[_Case], parts: Any) -> DataCheck:
+    worst = _Worst()
+    for case in cases:
+        worst.add("inputs_embeds", case.expected["inputs_embeds"], parts.embed(case.inputs["input_ids"], case.inputs["image_features"]), case.where)
         worst.feeds += 1
     return worst.check("masked_scatter of get_image_features; 0, 1, 2 images at batch 1, 1 image each at batch 2", 5)
 
@@ -152,59 +206,71 @@ def _reference_step(model: Any, embeds: Any, mask: Any, cache: Any) -> tuple[Any
     return model.lm_head(out.last_hidden_state), out.past_key_values
 
 
-def _decoder(model: Any, parts: Any, lengths: tuple[int, int] = (7, 23), padding: int = 3) -> DataCheck:
+DECODER_LENGTHS, DECODER_PADDING = (7, 23), 3
+
+
+def _decoder_cases(model: Any, shares_buffer: bool) -> list[list[_Case]]:
     """Prefills of two lengths at batch 1 and 2 (the second row left-padded), each followed by decode steps of 1 and
-    3 new positions, through the decoder's own KV cache (`KvCache`). A shared-buffer decoder (GroupQueryAttention)
-    takes several new positions on a past only at batch 1, so at batch 2 its 3-position step is left out."""
+    3 new positions. A shared-buffer decoder (GroupQueryAttention) takes several new positions on a past only at
+    batch 1, so at batch 2 its 3-position step is left out."""
     import torch
     from transformers import DynamicCache
 
     text_config = model.config.text_config
     rng = np.random.default_rng(0)
     scale = float(model.get_input_embeddings().weight.detach().std())
-    worst = _Worst()
-    steps = {1: (1, 3), 2: (1,) if parts.shares_buffer else (1, 3)}
-    for length in lengths:
+    steps = {1: (1, 3), 2: (1,) if shares_buffer else (1, 3)}
+    sequences = []
+    for length in DECODER_LENGTHS:
         for batch in (1, 2):
             embeds = torch.from_numpy((rng.standard_normal((batch, length, text_config.hidden_size)) * scale).astype(np.float32))
             mask = torch.ones(batch, length, dtype=torch.int64)
             if batch == 2:
-                mask[1, :padding] = 0
+                mask[1, :DECODER_PADDING] = 0
             reference, cache = _reference_step(model, embeds, mask, DynamicCache(config=text_config))
-            kv = parts.cache(batch, length + sum(steps[batch]))
-            logits = kv.prefill(embeds.numpy(), mask.numpy())
-            valid = mask.numpy().astype(bool)
-            worst.add("logits", reference.numpy()[valid], logits[valid], {"batch": batch, "sequence": length, "past_sequence": 0})
-            worst.feeds += 1
+            inputs = {"embeds": embeds.numpy(), "mask": mask.numpy(), "capacity": length + sum(steps[batch])}
+            cases = [_Case(inputs, {"logits": reference.numpy()}, {"batch": batch, "sequence": length, "past_sequence": 0})]
             for new in steps[batch]:
                 past_length = mask.shape[1]
                 step = torch.from_numpy((rng.standard_normal((batch, new, text_config.hidden_size)) * scale).astype(np.float32))
                 mask = torch.cat([mask, torch.ones(batch, new, dtype=torch.int64)], 1)
                 reference, cache = _reference_step(model, step, mask, cache)
-                logits = kv.step(step.numpy())
-                where = {"batch": batch, "sequence": new, "past_sequence": past_length}
-                worst.add("logits", reference.numpy(), logits, where)
-                keys, held = kv.keys(0)
-                worst.add("present.0.key", cache.layers[0].keys.numpy().transpose(0, 2, 1, 3)[held], keys.transpose(0, 2, 1, 3)[held], where)
-                worst.feeds += 1
+                expected = {"logits": reference.numpy(), "present.0.key": cache.layers[0].keys.numpy().copy()}
+                cases.append(_Case({"embeds": step.numpy()}, expected, {"batch": batch, "sequence": new, "past_sequence": past_length}))
+            sequences.append(cases)
+    return sequences
+
+
+def _decoder(sequences: list[list[_Case]], parts: Any) -> DataCheck:
+    """Each sequence through the decoder's own KV cache (`KvCache`): the prefill's logits at the positions that hold
+    tokens, each step's logits and the first layer's cached keys."""
+    worst = _Worst()
+    for prefill, *steps in sequences:
+        kv = parts.cache(len(prefill.inputs["mask"]), prefill.inputs["capacity"])
+        logits = kv.prefill(prefill.inputs["embeds"], prefill.inputs["mask"])
+        valid = prefill.inputs["mask"].astype(bool)
+        worst.add("logits", prefill.expected["logits"][valid], logits[valid], prefill.where)
+        worst.feeds += 1
+        for step in steps:
+            worst.add("logits", step.expected["logits"], kv.step(step.inputs["embeds"]), step.where)
+            keys, held = kv.keys(0)
+            worst.add("present.0.key", step.expected["present.0.key"].transpose(0, 2, 1, 3)[held], keys.transpose(0, 2, 1, 3)[held], step.where)
+            worst.feeds += 1
     left_out = ", 3 only at batch 1 (GroupQueryAttention)" if parts.shares_buffer else ""
+    lengths = DECODER_LENGTHS
     return worst.check(
         f"prefill of {lengths[0]} and {lengths[1]} positions at batch 1 and 2 (left-padded), then decode steps of 1 and 3{left_out}", worst.feeds
     )
 
 
-def _generation(model: Any, preprocessor: Any, runner: Any) -> tuple[list[MetricCheck], list[Any], list[list[int]]]:
-    """Greedy tokens of vlmopt's ONNX Runtime loop against transformers' generate; with the pairs and the expected tokens."""
-    from vlmopt.runners.generate import HfGenerateRunner
-
-    reference = HfGenerateRunner(model=model)
-    pairs = _pairs(preprocessor, CONVERSION_PAIRS)
-    expected = [reference.generate(_request(preprocessor, p, CONVERSION_NEW_TOKENS)).tokens[0] for p in pairs]
+def _generation(references: _References, preprocessor: Any, runner: Any) -> list[MetricCheck]:
+    """Greedy tokens of vlmopt's ONNX Runtime loop against transformers' generate (computed beforehand)."""
+    pairs, expected = references.pairs, references.tokens
     got = [runner.generate(_request(preprocessor, p, CONVERSION_NEW_TOKENS)).tokens[0] for p in pairs]
     divergences = [_first_divergence(a, b) for a, b in zip(expected, got, strict=True)]
     identical = sum(d is None for d in divergences)
     detail = {"pairs": len(pairs), "new_tokens": CONVERSION_NEW_TOKENS, "first_divergence": divergences, "texts": [preprocessor.decode(t)[:200] for t in got]}
-    metrics = [
+    return [
         MetricCheck(
             GENERATION_IDENTICAL,
             identical / len(pairs),
@@ -214,7 +280,6 @@ def _generation(model: Any, preprocessor: Any, runner: Any) -> tuple[list[Metric
             gate="(every pair must match token for token)",
         )
     ]
-    return metrics, pairs, expected
 
 
 def _genai_generation(preprocessor: Any, folder: Path, threads: int, pairs: list[Any], expected: list[list[int]]) -> MetricCheck | None:

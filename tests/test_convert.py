@@ -128,6 +128,27 @@ def test_dynamo_exporter_also_writes_verified_graphs_with_named_dynamic_axes(exp
     assert inputs == {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"]}
 
 
+def test_the_dynamo_exporter_keeps_no_reference_to_the_weights_it_exported(exported: Callable[[str], Path], tmp_path: Path) -> None:
+    import gc
+    import weakref
+
+    from vlmopt.families import family_for
+    from vlmopt.hf import load_config, load_model
+    from vlmopt.stages.convert import export_tower
+
+    hf_dir = exported("clip") / "hf"
+    config = load_config(hf_dir)
+    vision = next(t for t in family_for(config).towers(config, hf_dir) if t.name == "vision")
+    model = load_model(hf_dir, config=config)
+    weight = weakref.ref(next(model.vision_model.parameters()))
+
+    export_tower(vision.wrap(model).eval(), vision, tmp_path / "vision.onnx", 18, dynamic=True, exporter="dynamo")
+    del model
+    gc.collect()
+
+    assert weight() is None  # the model's memory goes with it (onnxscript's rewrite rules hold the last graph they matched)
+
+
 def test_convert_after_the_source_artifact_changed_is_redone(reexported_clip: Path) -> None:
     report = vlmopt_json("convert", reexported_clip)
 

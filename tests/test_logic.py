@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -169,6 +170,36 @@ def test_verification_fails_when_any_output_exceeds_atol() -> None:
 
     assert raised.value.details["verification"]["passed"] is False
     assert "differs from the reference by 0.001 (> --atol 0.0001)" in raised.value.message
+
+
+def test_verification_runs_the_whole_reference_before_any_candidate_loads() -> None:
+    events: list[str] = []
+
+    class Logged(_FunctionRunner):
+        def __init__(self, side: str, tower: Tower):
+            super().__init__(lambda feed: {"image_embeds": np.ones((len(feed["pixel_values"]), 2), np.float32)})
+            self.side = f"{side} {tower.name}"
+            events.append(f"open {self.side}")
+
+        def close(self) -> None:
+            events.append(f"close {self.side}")
+            super().close()
+
+    def extra() -> tuple[dict, list]:
+        events.append("extra")
+        return {}, []
+
+    towers = {"vision": _embedding_tower(), "text": dataclasses.replace(_embedding_tower(), name="text")}
+    sets = lambda t: shape_sets(t, [{"batch": 1}, {"batch": 2}])  # noqa: E731
+
+    verify_runners(towers, lambda t: Logged("reference", t), lambda t: Logged("candidate", t), Gates(atol=1e-6), "reference", sets=sets, extra=extra)
+
+    # a PyTorch model and its exported parts are never in memory together; a family's checks run in between
+    assert events == [
+        "open reference vision", "close reference vision", "open reference text", "close reference text",
+        "extra",
+        "open candidate vision", "close candidate vision", "open candidate text", "close candidate text",
+    ]  # fmt: skip
 
 
 # -- content digests ----------------------------------------------------------------------------

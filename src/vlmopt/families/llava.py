@@ -101,8 +101,11 @@ class LlavaFamily(Family):
     language_models = ("llama", "mistral", "qwen2")
     #: who can make the decoder part (`convert --decoder`), preferred first
     decoder_makers = ("builder", "torch")
-    #: fp32 logits reach |20| on a real 30-layer model; the exported decoder differs by up to 7.6e-4 there (1.2e-6 relative)
-    atol = 2e-3
+    #: fp32 logits reach |33| on a real 30-layer model (SmolLM2), where fp32 itself is the noise: on an Intel Xeon
+    #: (AVX-512), transformers' own fp32 logits differ from its fp64 ones by 2.1e-3 at 23 positions, more than the ONNX
+    #: decoders do (builder 2.2e-4, exported 5.1e-4), and the exported one differs from the fp32 reference by 2.6e-3.
+    #: A wrong decoder is off by far more (GroupQueryAttention with left padding: 0.59)
+    atol = 5e-3
 
     def model_class(self, config: Any) -> Any:
         from transformers import LlavaForConditionalGeneration

@@ -130,44 +130,80 @@ def verify_runners(
 ) -> Verification:
     """Compare candidate runners with reference runners tower by tower (any backends), on the same inputs.
 
-    `reference(tower)`/`candidate(tower)` open a runner (closed here when the tower is done). `admits`
-    (per tower) drops feeds a candidate cannot take, such as shapes outside a TensorRT engine's profile.
-    `extra()` adds a family's own checks (data checks per tower, metric checks), gated like the rest.
-    Raises `CheckFailed`, the verification in its details, when a gate fails."""
-    sets = sets or (lambda tower: evaluation_sets(tower, data))
+    `reference(tower)`/`candidate(tower)` open a runner (closed here when the tower is done). The reference runs
+    first, on every tower and every input, and its outputs are kept; only then does a candidate load, so the two
+    are never in memory together (a PyTorch model and its exported parts: model a's convert peaked at 2193 MB with
+    both). `admits` (per tower) drops feeds a candidate cannot take, such as shapes outside a TensorRT engine's
+    profile. `extra()` adds a family's own checks (data checks per tower, metric checks), gated like the rest; it
+    runs between the reference and the candidates. Raises `CheckFailed`, the verification in its details, when a
+    gate fails."""
+    chosen = sets or (lambda tower: evaluation_sets(tower, data))
+    plans = {name: _plan(tower, chosen, data, admits.get(name) if admits else None) for name, tower in towers.items()}
+    kept: dict[int, dict[str, np.ndarray]] = {}
+    for name, plan in plans.items():
+        with reference(towers[name]) as ref:
+            for feed in plan.feeds():
+                # copies: a runner may hand back views of buffers it reuses or frees on close (OpenVINO, TensorRT)
+                kept[id(feed)] = {output: np.array(value, copy=True) for output, value in ref.run(feed).items()}
+    more_checks, more_metrics = extra() if extra is not None else ({}, [])
+
+    def expected(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return kept[id(feed)]
+
     checks: dict[str, list[DataCheck]] = {}
     picks: dict[str, tuple[Any, Any, str]] = {}
     metrics: list[MetricCheck] = []
-    for name, tower in towers.items():
-        feed_sets = sets(tower)
-        fits = admits.get(name) if admits else None
-        if fits is not None:
-            feed_sets = [dataclasses.replace(s, feeds=[f for f in s.feeds if fits(f)], where=[]) for s in feed_sets]
-            feed_sets = [s for s in feed_sets if s.feeds]
-            if not feed_sets:
-                raise CheckFailed(f"{name} tower: none of the verification inputs fits the engine's shape profile; widen --max-batch/--max-seq")
-            if not any(s.gated for s in feed_sets):
-                feed_sets = [dataclasses.replace(s, gated=True) for s in feed_sets]
-        with reference(tower) as ref, candidate(tower) as cand:
-            checks[name] = [_data_check(s, compare_feeds(ref.run, cand.run, s.feeds)) for s in feed_sets]
-            probe = _zero_shot_probe(tower, data)
-            if probe is not None and (fits is None or all(fits(f) for f in probe[0])):
-                picks[name] = (_embed(ref.run, probe[0]), _embed(cand.run, probe[0]), probe[1])
-            retrieval = data.for_tower(tower).retrieval if data is not None else None
-            if retrieval is not None and (fits is None or all(fits(f) for f in (*retrieval[0], *retrieval[1]))):
-                metrics.append(_retrieval(ref.run, cand.run, retrieval, gates))
-    metrics = _zero_shot(towers, picks, gates) + metrics
-    if extra is not None:
-        more_checks, more_metrics = extra()
-        for name, found in more_checks.items():
-            checks.setdefault(name, []).extend(found)
-        metrics += more_metrics
+    for name, plan in plans.items():
+        with candidate(towers[name]) as cand:
+            checks[name] = [_data_check(s, compare_feeds(expected, cand.run, s.feeds)) for s in plan.feed_sets]
+            if plan.probe is not None:
+                picks[name] = (_embed(expected, plan.probe[0]), _embed(cand.run, plan.probe[0]), plan.probe[1])
+            if plan.retrieval is not None:
+                metrics.append(_retrieval(expected, cand.run, plan.retrieval, gates))
+    for name, found in more_checks.items():
+        checks.setdefault(name, []).extend(found)
+    metrics = _zero_shot(towers, picks, gates) + metrics + more_metrics
     verification = Verification(reference_name, gates.to_json(), checks, metrics)
     verification.failures = _failures(verification, gates)
     verification.passed = not verification.failures
     if verification.failures:
         raise CheckFailed("; ".join(verification.failures) + "; nothing was written", details={"verification": verification.to_json()})
     return verification
+
+
+@dataclass
+class _Plan:
+    """What one tower is checked on: its feed sets, its zero-shot probe and its retrieval probe, where they apply."""
+
+    feed_sets: list[FeedSet]
+    probe: tuple[list[dict[str, np.ndarray]], str] | None
+    retrieval: tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]] | None
+
+    def feeds(self) -> list[dict[str, np.ndarray]]:
+        every = [feed for s in self.feed_sets for feed in s.feeds]
+        if self.probe is not None:
+            every += self.probe[0]
+        if self.retrieval is not None:
+            every += [*self.retrieval[0], *self.retrieval[1]]
+        return every
+
+
+def _plan(tower: Tower, sets: Callable[[Tower], list[FeedSet]], data: EvalData | None, fits: Admits | None) -> _Plan:
+    feed_sets = sets(tower)
+    if fits is not None:
+        feed_sets = [dataclasses.replace(s, feeds=[f for f in s.feeds if fits(f)], where=[]) for s in feed_sets]
+        feed_sets = [s for s in feed_sets if s.feeds]
+        if not feed_sets:
+            raise CheckFailed(f"{tower.name} tower: none of the verification inputs fits the engine's shape profile; widen --max-batch/--max-seq")
+        if not any(s.gated for s in feed_sets):
+            feed_sets = [dataclasses.replace(s, gated=True) for s in feed_sets]
+    probe = _zero_shot_probe(tower, data)
+    if probe is not None and fits is not None and not all(fits(f) for f in probe[0]):
+        probe = None
+    retrieval = data.for_tower(tower).retrieval if data is not None else None
+    if retrieval is not None and fits is not None and not all(fits(f) for f in (*retrieval[0], *retrieval[1])):
+        retrieval = None
+    return _Plan(feed_sets, probe, retrieval)
 
 
 def verify_artifacts(
@@ -185,8 +221,8 @@ def verify_artifacts(
 ) -> Verification:
     """Compare every tower of `candidate` (an artifact in `candidate_dir`) with `reference`'s, through their runners.
 
-    The reference runners (and `reference_model`) are released before `extra` runs: a family's own checks may load
-    every part at once, and hold what they need of the model themselves."""
+    The reference runners (and `reference_model`) are released once the reference has run, before `extra` and the
+    candidates: a family's own checks may load every part at once, and hold what they need of the model themselves."""
     from vlmopt.runners import ArtifactRunners
 
     with (
@@ -198,10 +234,9 @@ def verify_artifacts(
 
         def released_first() -> tuple[dict[str, list[DataCheck]], list[MetricCheck]]:
             references.close()
-            return extra()
+            return extra() if extra is not None else ({}, [])
 
-        checks = released_first if extra is not None else None
-        return verify_runners(towers, references.runner, candidates.runner, gates, reference.name, sets=sets, data=data, admits=admits, extra=checks)
+        return verify_runners(towers, references.runner, candidates.runner, gates, reference.name, sets=sets, data=data, admits=admits, extra=released_first)
 
 
 def _data_check(feed_set: FeedSet, outputs: dict[str, dict[str, Any]]) -> DataCheck:

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 
 from conftest import manifest, vlmopt, vlmopt_json
@@ -63,6 +64,20 @@ def quantized(tmp_path_factory: pytest.TempPathFactory, llava: Path) -> Path:
 def _axes(path: Path) -> dict[str, list[Any]]:
     model = onnx.load(str(path), load_external_data=False)
     return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in (*model.graph.input, *model.graph.output)}
+
+
+def _decoder_feed(session: Any, batch: int, sequence: int) -> dict[str, np.ndarray]:
+    """A prefill feed for any decoder's contract: random embeddings, a full mask, empty pasts."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    past = inputs[next(n for n in inputs if n.startswith("past_key_values."))].shape
+    feed = {
+        "inputs_embeds": np.random.default_rng(0).standard_normal((batch, sequence, inputs["inputs_embeds"].shape[2])).astype(np.float32),
+        "attention_mask": np.ones((batch, sequence), np.int64),
+    }
+    feed.update({n: np.zeros((batch, past[1], 0, past[3]), np.float32) for n in inputs if n.startswith("past_key_values.")})
+    if "position_ids" in inputs:
+        feed["position_ids"] = np.tile(np.arange(sequence), (batch, 1))
+    return feed
 
 
 def _generate(model_dir: Path, image: Path, *args: object) -> dict[str, Any]:
@@ -174,6 +189,33 @@ def test_a_left_padded_batch_of_two_prompts_generates_what_transformers_generate
         expected, got = hf.generate(request_).tokens, ort.generate(request_).tokens
 
     assert got == expected and len(got) == 2
+
+
+@pytest.mark.parametrize("maker", ["builder", "torch"])
+def test_the_decoder_computes_only_the_last_positions_logits_when_asked(maker: str, request: pytest.FixtureRequest) -> None:
+    model_dir = request.getfixturevalue({"builder": "llava", "torch": "llava_torch"}[maker])
+    session = ort.InferenceSession(str(model_dir / "onnx" / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    feed = _decoder_feed(session, batch=2, sequence=6)
+
+    every = session.run(["logits"], feed)[0]  # logits_to_keep left at its default, 0: what onnxruntime-genai gets
+    last = session.run(["logits"], {**feed, "logits_to_keep": np.array(1, np.int64)})[0]
+
+    assert every.shape[1] == 6 and last.shape[1] == 1
+    np.testing.assert_allclose(last[:, 0], every[:, -1], rtol=0, atol=1e-5)
+
+
+def test_a_prefill_hands_back_each_rows_last_logits_from_a_batch_of_unequal_prompts(llava: Path) -> None:
+    from vlmopt.runners.generate import OrtParts
+
+    parts = OrtParts(llava / "onnx", {"embedding": "embedding.onnx", "decoder": "decoder.onnx"}, threads=1)
+    embeds = np.random.default_rng(1).standard_normal((2, 9, parts.hidden)).astype(np.float32)
+    mask = np.ones((2, 9), np.int64)
+    mask[1, :4] = 0  # the second prompt is 5 positions long, left-padded
+
+    every = parts.cache(2, 12).prefill(embeds, mask)
+    last = parts.cache(2, 12).prefill_last(embeds, mask)
+
+    np.testing.assert_allclose(last, every[:, -1], rtol=0, atol=1e-5)
 
 
 def test_convert_records_the_export_peak_memory_against_the_weights(llava: Path) -> None:

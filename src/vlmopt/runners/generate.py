@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from vlmopt.errors import VlmoptError
+from vlmopt.graph import LOGITS_TO_KEEP
 from vlmopt.inputs import position_ids
 from vlmopt.runners.ort_runner import quiet_cpu_options
 from vlmopt.runners.prompt import Prompt
@@ -298,6 +299,8 @@ class OrtParts:
         if not self.past_names or len(self.past_names) != len(self.present_names):
             raise VlmoptError(f"{files['decoder']} is not a decoder with a KV cache (past_key_values.* -> present.*)")
         self.takes_positions = "position_ids" in inputs
+        #: convert gives the decoder `logits_to_keep` (a prefill computes its last position's logits only)
+        self.keeps_logits = LOGITS_TO_KEEP in inputs
         #: GroupQueryAttention decoders (onnxruntime-genai's builder) take no positions (rotary inside the operator)
         #: and update one shared past/present buffer in place
         self.shares_buffer = not self.takes_positions
@@ -361,10 +364,14 @@ class KvCache:
         for name, value in zip(self.parts.past_names, self.values, strict=True):
             self.binding.bind_ortvalue_input(name, value)
 
-    def _run(self, inputs_embeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def _run(self, inputs_embeds: np.ndarray, mask: np.ndarray, keep: int = 0) -> np.ndarray:
+        """One decoder run on the cache; the logits of the last `keep` positions where the decoder takes
+        `logits_to_keep` (0: every position; bound every run, since a binding outlives the run)."""
         parts, binding = self.parts, self.binding
         for name, value in parts.step_feed(inputs_embeds, mask).items():
             binding.bind_cpu_input(name, value)
+        if parts.keeps_logits:
+            binding.bind_cpu_input(LOGITS_TO_KEEP, np.array(keep, np.int64))
         binding.clear_binding_outputs()
         binding.bind_output("logits", "cpu")  # rebound each step: its shape changes from prefill to decode
         for name, value in zip(parts.present_names, self.values, strict=True):
@@ -389,6 +396,27 @@ class KvCache:
         if not self.parts.shares_buffer:
             self.mask = attention_mask.astype(np.int64)
             return self._run(inputs_embeds, self.mask)
+        logits = self._run(self._moved_left(inputs_embeds, attention_mask), self._shared_mask()[:, : attention_mask.shape[1]])
+        back, width = np.zeros_like(logits), attention_mask.shape[1]
+        for row, n in enumerate(self.lengths):
+            back[row, width - n :] = logits[row, :n]
+        return back
+
+    def prefill_last(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """The prompt into the cache, like `prefill`; only each row's logits at its last position ([batch, vocab]), and
+        only those computed where the decoder takes `logits_to_keep` (rows of unequal length in the shared contract:
+        from the shortest row's last position on)."""
+        width = attention_mask.shape[1]
+        if not self.parts.shares_buffer:
+            self.mask = attention_mask.astype(np.int64)
+            return self._run(inputs_embeds, self.mask, keep=1)[:, -1]
+        moved = self._moved_left(inputs_embeds, attention_mask)
+        logits = self._run(moved, self._shared_mask()[:, :width], keep=width - int(self.lengths.min()) + 1)
+        first = width - logits.shape[1]  # the position of the first row of logits handed back
+        return np.stack([logits[row, n - 1 - first] for row, n in enumerate(self.lengths)])
+
+    def _moved_left(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Each left-padded prompt moved to the left edge of its row (the shared contract), its length kept."""
         width = attention_mask.shape[1]
         self.lengths = attention_mask.sum(1).astype(np.int64)
         if not all(attention_mask[row, width - n :].all() for row, n in enumerate(self.lengths)):
@@ -396,11 +424,7 @@ class KvCache:
         moved = np.zeros_like(inputs_embeds)
         for row, n in enumerate(self.lengths):
             moved[row, :n] = inputs_embeds[row, width - n :]
-        logits = self._run(moved, self._shared_mask()[:, :width])
-        back = np.zeros_like(logits)
-        for row, n in enumerate(self.lengths):
-            back[row, width - n :] = logits[row, :n]
-        return back
+        return moved
 
     def step(self, inputs_embeds: np.ndarray) -> np.ndarray:
         """New positions after every row's last (one for a batch of several rows in the shared contract); their logits."""
@@ -446,12 +470,12 @@ class OrtGenerateRunner(GenerateRunner):
         batch, prompt_length = prompt.attention_mask.shape
         cache = parts.cache(batch, prompt_length + request.max_new_tokens)
         pick = TokenPicker(request.sampling)
-        logits = cache.prefill(parts.embed(prompt.input_ids, features), prompt.attention_mask)
+        logits = cache.prefill_last(parts.embed(prompt.input_ids, features), prompt.attention_mask)
         while True:
-            tokens = steps.add(pick(steps.suppress(logits[:, -1, :].astype(np.float32))))
+            tokens = steps.add(pick(steps.suppress(logits.astype(np.float32))))
             if steps.finished:
                 break
-            logits = cache.step(parts.embed(tokens[:, None]))
+            logits = cache.step(parts.embed(tokens[:, None]))[:, -1, :]
         return steps.result()
 
     def close(self) -> None:

@@ -252,6 +252,9 @@ class Convert(Stage):
             work[tower.name] = {"exporter": exporter, "export_seconds": round(time.perf_counter() - started, 2), "dynamic": not options.static}
             records[tower.name] = TowerRecord(_unwrapped(tower), path.name, graph.weight_bytes(tmp, path.name))
         module = None
+        if family.generative and "decoder" in records:
+            # a prefill asks for its last position's logits only (`logits_to_keep`, as transformers' generate does)
+            work["decoder"]["logits_to_keep"] = graph.add_logits_to_keep(tmp / records["decoder"].file)
         record: dict[str, Any] = {"opset": options.opset, "towers": work, "export_memory": export_memory(weights, children_mb)}
         if family.decoder_makers:
             record["decoder"] = job.state["decoder"]

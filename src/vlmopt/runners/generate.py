@@ -396,8 +396,9 @@ class KvCache:
         if not self.parts.shares_buffer:
             self.mask = attention_mask.astype(np.int64)
             return self._run(inputs_embeds, self.mask)
-        logits = self._run(self._moved_left(inputs_embeds, attention_mask), self._shared_mask()[:, : attention_mask.shape[1]])
-        back, width = np.zeros_like(logits), attention_mask.shape[1]
+        width = attention_mask.shape[1]
+        logits = self._run(self._moved_left(inputs_embeds, attention_mask), self._shared_mask()[:, :width])
+        back = np.zeros_like(logits)
         for row, n in enumerate(self.lengths):
             back[row, width - n :] = logits[row, :n]
         return back

@@ -211,6 +211,17 @@ def test_int8_dynamic_multiplies_every_weight_with_matmulinteger(
     assert counts["DynamicQuantizeLinear"] > 0
 
 
+def test_int8_dynamic_weights_are_7_bit_exactly_where_this_cpus_int8_sums_saturate(variants: tuple[Path, dict[str, Result]]) -> None:
+    from vlmopt.machine import int8_sums_saturate
+
+    model = onnx.load(str(variants[0] / "int8-dynamic" / "vision.onnx"))
+    widest = max(int(np.abs(numpy_helper.to_array(t).astype(np.int32)).max()) for t in model.graph.initializer if t.data_type == TensorProto.INT8)
+    record = manifest(variants[0])["artifacts"]["int8-dynamic"]["record"]["towers"]["vision"]["quantization"]
+
+    assert (widest <= 64) == int8_sums_saturate()
+    assert ("reduce_range" in record) == int8_sums_saturate()
+
+
 def test_int8_dynamic_keeps_the_patch_embedding_conv_float(variants: tuple[Path, dict[str, Result]]) -> None:
     counts = _count(_graph(variants[0], "int8-dynamic", "vision"))
 

@@ -93,7 +93,7 @@ class QuantizeOptions(StageOptions):
     name: str | None = name_option(None, "the mode, int8-static-trt for TensorRT")
     target: str = option("cpu", "cpu, or tensorrt: symmetric INT8 Q/DQ on MatMul/Gemm only, float bias.", choices=TARGETS)
     per_channel: bool = option(True, "INT8 weights with one scale per output channel (default), or one per tensor.", flag="--per-channel/--per-tensor")
-    reduce_range: bool = option(False, "7-bit INT8 weights (for CPUs without VNNI).")
+    reduce_range: bool = option(False, "7-bit INT8 weights (always on for --target cpu where this CPU has no VNNI: its int8 sums saturate).")
     calib_images: str | None = option(None, "int8-static: a folder of jpg/png images for calibration.", path=True, metavar="DIR")
     calib_text: str | None = option(None, "int8-static: a text file, one prompt a line, for calibration.", path=True, metavar="FILE")
     calib_samples: int = option(32, "Most calibration samples per tower (synthetic ones too).", minimum=1)
@@ -236,27 +236,46 @@ def _biased_attention(source: Path) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "Attention" and len(n.input) > 5 and n.input[5]]
 
 
+def _reduce_range(options: QuantizeOptions) -> tuple[bool, str | None]:
+    """7-bit weights where asked, and for the CPU wherever this CPU's int8 sums saturate: verification runs here,
+    and an 8-bit variant that verifies on a VNNI CPU loses accuracy on this one (`machine.int8_sums_saturate`)."""
+    from vlmopt.machine import int8_sums_saturate
+
+    if options.reduce_range:
+        return True, "asked (--reduce-range)"
+    if options.target == "cpu" and int8_sums_saturate():
+        return True, "this CPU has no VNNI: 8-bit weights saturate ONNX Runtime's int16 sums here"
+    return False, None
+
+
 def int8_dynamic(source: Path, destination: Path, options: QuantizeOptions) -> dict[str, Any]:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     op_types = _op_types(options, INT8_DYNAMIC_OPS)
     kept = _biased_attention(source) if "Attention" in op_types else []
+    reduce_range, why = _reduce_range(options)
     with _prepared(source) as prepared:
         quantize_dynamic(
             prepared,
             destination,
             weight_type=QuantType.QInt8,
             per_channel=options.per_channel,
-            reduce_range=options.reduce_range,
+            reduce_range=reduce_range,
             op_types_to_quantize=op_types,
             nodes_to_quantize=options.nodes or None,
             nodes_to_exclude=[*options.exclude_nodes, *kept] or None,
             use_external_data_format=_large(source),
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
-    weights = "int8 per channel" if options.per_channel else "int8 per tensor"
-    return {"op_types": op_types, "weights": weights, "activations": "uint8 (dynamic, per tensor)", "kept_fp32_attention_with_bias": kept}
+    weights = ("int7" if reduce_range else "int8") + (" per channel" if options.per_channel else " per tensor")
+    return {
+        "op_types": op_types,
+        "weights": weights,
+        "activations": "uint8 (dynamic, per tensor)",
+        "kept_fp32_attention_with_bias": kept,
+        **({"reduce_range": why} if reduce_range else {}),
+    }
 
 
 def int8_static(source: Path, destination: Path, options: QuantizeOptions, feeds: list[dict[str, np.ndarray]]) -> dict[str, Any]:
@@ -273,6 +292,7 @@ def int8_static(source: Path, destination: Path, options: QuantizeOptions, feeds
         extra.update(ActivationSymmetric=True, WeightSymmetric=True, QuantizeBias=False)
     if options.calib_method == "percentile":
         extra["CalibPercentile"] = options.percentile
+    reduce_range, why = _reduce_range(options)
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[options.calib_method]
     with _prepared(source) as prepared, tempfile.TemporaryDirectory(prefix="vlmopt-calibration-") as scratch:
         cache = None
@@ -286,7 +306,7 @@ def int8_static(source: Path, destination: Path, options: QuantizeOptions, feeds
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=op_types,
             per_channel=options.per_channel,
-            reduce_range=options.reduce_range,
+            reduce_range=reduce_range,
             activation_type=QuantType.QInt8 if tensorrt else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             nodes_to_quantize=options.nodes or None,
@@ -296,8 +316,15 @@ def int8_static(source: Path, destination: Path, options: QuantizeOptions, feeds
             extra_options=extra,
         )
     activations = "int8 symmetric" if tensorrt else "uint8 asymmetric"
-    weights = "int8 symmetric " + ("per channel" if options.per_channel else "per tensor")
-    return {"op_types": op_types, "format": "QDQ", "weights": weights, "activations": activations, "bias": "fp32" if tensorrt else "int32"}
+    weights = ("int7" if reduce_range else "int8") + " symmetric " + ("per channel" if options.per_channel else "per tensor")
+    return {
+        "op_types": op_types,
+        "format": "QDQ",
+        "weights": weights,
+        "activations": activations,
+        "bias": "fp32" if tensorrt else "int32",
+        **({"reduce_range": why} if reduce_range else {}),
+    }
 
 
 def _entropy_ranges(model: Path, op_types: list[str], feeds: list[dict[str, np.ndarray]], scratch: Path, symmetric: bool) -> Path:

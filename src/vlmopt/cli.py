@@ -600,7 +600,7 @@ def package_command(
     onnx_backend: Annotated[str, typer.Option(help="Triton backend for ONNX artifacts: onnxruntime, or openvino (reads ONNX too).")] = "onnxruntime",
     model_name: Annotated[str | None, typer.Option(help="Prefix of the Triton model names (default: DIR's folder name).")] = None,
     max_batch: Annotated[
-        int | None, typer.Option(help="max_batch_size (default: the largest batch bench measured, else 8; an engine's profile caps it).")
+        int | None, typer.Option(help="max_batch_size (default: an engine's largest profile batch, else the largest batch bench measured, else 8).")
     ] = None,
     max_queue_delay_us: Annotated[int, typer.Option(help="How long the dynamic batcher waits to fill a batch, in microseconds.")] = 500,
     instances: Annotated[int, typer.Option(help="Model instances per tower (instance_group count).")] = 1,

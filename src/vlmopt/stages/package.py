@@ -312,11 +312,11 @@ def _bench_throughput(artifact: Artifact, tower: str) -> dict[int, float]:
 
 
 def _batching(served: Served, options: PackageOptions) -> None:
-    """max_batch_size (--max-batch, else the largest batch bench measured, else 8; an engine's profile caps it) and the
-    preferred batch sizes: the measured batches at which throughput still grew."""
+    """max_batch_size (--max-batch; else an engine's largest profile batch; else the largest batch bench measured, else 8)
+    and the preferred batch sizes: the measured batches at which throughput still grew."""
     measured = _bench_throughput(served.artifact, served.tower)
     cap = served.max_batch if served.serving == "tensorrt" else None
-    wanted = options.max_batch or (max(measured) if measured else None) or DEFAULT_MAX_BATCH
+    wanted = options.max_batch or cap or (max(measured) if measured else None) or DEFAULT_MAX_BATCH
     if cap is not None and options.max_batch is not None and options.max_batch > cap:
         raise VlmoptError(f"--max-batch {options.max_batch} is above the {cap} that engine '{served.artifact.name}' ({served.tower} tower) admits")
     served.max_batch = min(wanted, cap) if cap is not None else wanted
@@ -352,7 +352,7 @@ def _processor(model_dir: ModelDir, served: Served, kind: str) -> Any:
     tokenizer, image_processor = saved_processors(folder)
     found = image_processor if kind == "image" else tokenizer
     if found is None:
-        what = "image processor (preprocessor_config.json)" if kind == "image" else "tokenizer (tokenizer.json or vocab files)"
+        what = "image processor (preprocessor_config.json or processor_config.json)" if kind == "image" else "tokenizer (tokenizer.json or vocab files)"
         raise VlmoptError(
             f"the {served.tower} tower's pre-processing needs the model's {what}, and {folder} has none that loads; re-export from a checkpoint that ships one"
         )
@@ -401,16 +401,17 @@ def _tower_models(model_dir: ModelDir, served: Served, name: str, options: Packa
         mine.benchmark = None
         files["1/artifact.json"] = (json.dumps(mine.to_json(), indent=2) + "\n").encode()
     else:
-        target = triton.PLATFORMS[served.serving]["file"]
+        target = triton.MODEL_FILES[artifact.kind]
         stem = record.file or ""
         for f in artifact.tower_files(served.tower):
             if f.path == stem:
                 files[f"1/{target}"] = folder / f.path
-            elif served.serving == "openvino" and f.path.endswith(".bin"):
+            elif artifact.kind == "openvino" and f.path.endswith(".bin"):
                 files[f"1/{Path(target).with_suffix('.bin')}"] = folder / f.path  # OpenVINO finds the weights by the IR's name
             else:
                 files[f"1/{f.path}"] = folder / f.path  # ONNX external data: the graph names its file
-    config = triton.tower_config(name, served.serving, served.inputs, served.outputs, batching, options.instances, served.device, threads, extra)
+    model_file = None if served.serving == "python" else triton.MODEL_FILES[artifact.kind]
+    config = triton.tower_config(name, served.serving, served.inputs, served.outputs, batching, options.instances, served.device, threads, extra, model_file)
     return _Model(name, triton.render(config), files)
 
 

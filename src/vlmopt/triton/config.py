@@ -38,13 +38,15 @@ DATA_TYPES = {
     "bytes": "TYPE_STRING",
 }
 
-#: how each artifact kind is served natively: Triton's platform (or backend) and the file name under `1/`
+#: how each serving backend is named in a configuration: a platform, or a backend
 PLATFORMS = {
-    "onnxruntime": {"platform": "onnxruntime_onnx", "file": "model.onnx"},
-    "openvino": {"backend": "openvino", "file": "model.xml"},
-    "tensorrt": {"platform": "tensorrt_plan", "file": "model.plan"},
-    "python": {"backend": "python", "file": "model.py"},
+    "onnxruntime": {"platform": "onnxruntime_onnx"},
+    "openvino": {"backend": "openvino"},
+    "tensorrt": {"platform": "tensorrt_plan"},
+    "python": {"backend": "python"},
 }
+#: the model file under `1/` for each artifact kind (Triton's OpenVINO backend reads ONNX files too)
+MODEL_FILES = {"onnx": "model.onnx", "openvino": "model.xml", "tensorrt": "model.plan"}
 
 
 @functools.cache
@@ -132,10 +134,11 @@ def tower_config(
     device: str,
     threads: int | None,
     extra_parameters: dict[str, str] | None = None,
+    model_file: str | None = None,
 ) -> dict[str, Any]:
-    """A tower's model: its platform or backend, its tensors, batching, instances and thread parameters."""
-    platform = PLATFORMS[serving]
-    config: dict[str, Any] = {"name": name, **{k: v for k, v in platform.items() if k in ("platform", "backend")}}
+    """A tower's model: its platform or backend, its tensors, batching, instances and thread parameters, and the
+    file under `1/` it loads (None: the backend's own, `model.py` for python)."""
+    config: dict[str, Any] = {"name": name, **PLATFORMS[serving]}
     batching.apply(config)
     config["input"] = [t.to_config() for t in inputs]
     config["output"] = [t.to_config() for t in outputs]
@@ -143,8 +146,8 @@ def tower_config(
     values = {**thread_parameters(serving, threads), **(extra_parameters or {})}
     if values:
         config["parameters"] = parameters(values)
-    if serving != "python":
-        config["default_model_filename"] = platform["file"]
+    if model_file is not None:
+        config["default_model_filename"] = model_file
     return config
 
 

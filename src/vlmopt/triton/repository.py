@@ -12,11 +12,13 @@ from vlmopt.triton.config import TRITON_IMAGE, TRITON_RELEASE, TRITON_SERVER_VER
 from vlmopt.versions import package_version
 
 #: what the python-backend steps import inside the container, pinned to the versions that made the repository
-_PREPROCESS_PACKAGES = ("transformers", "pillow", "numpy", "tokenizers")
+_PREPROCESS_PACKAGES = ("transformers", "tokenizers", "pillow")
+#: the python-backend stub of this Triton release is built against numpy 1: under numpy 2 it misreads every tensor
+_STUB_NUMPY = "numpy<2"
 
 
 def _pins(names: tuple[str, ...]) -> list[str]:
-    return [f"{name}=={package_version(name)}" if package_version(name) else name for name in names]
+    return [f"{name}=={package_version(name)}" if package_version(name) else name for name in names] + [_STUB_NUMPY]
 
 
 def dockerfile(backend: str) -> str:
@@ -27,7 +29,7 @@ def dockerfile(backend: str) -> str:
         f"FROM {TRITON_IMAGE}",
         "",
         "# the python-backend pre-processing steps run the model's saved image processor and tokenizer",
-        f"RUN pip install --no-cache-dir {' '.join(_pins(_PREPROCESS_PACKAGES))}",
+        "RUN pip install --no-cache-dir " + " ".join(f'"{pin}"' for pin in _pins(_PREPROCESS_PACKAGES)),
     ]
     if backend == "python":
         lines += [
@@ -60,7 +62,7 @@ def readme(out: Path, models: list[Any], entries: list[dict[str, Any]], towers: 
         "",
         "```sh",
         f"docker run --rm -p 8000:8000 -p 8001:8001 -p 8002:8002 -v $PWD:/models {TRITON_IMAGE} \\",
-        "  sh -c 'pip install --no-cache-dir " + " ".join(_pins(_PREPROCESS_PACKAGES)) + " && tritonserver --model-repository=/models'",
+        "  sh -c 'pip install --no-cache-dir " + " ".join(f'"{pin}"' for pin in _pins(_PREPROCESS_PACKAGES)) + " && tritonserver --model-repository=/models'",
         "```",
         "",
         "or build the image the `Dockerfile` here describes (`docker build -t my-triton-models . && docker run --rm -p 8000:8000 my-triton-models`).",

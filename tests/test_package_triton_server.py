@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -73,6 +74,7 @@ class TritonServer:
     """A tritonserver process on a repository, on free loopback ports; stopped on exit."""
 
     def __init__(self, repository: Path, workdir: Path):
+        self.repository = repository
         if not (SERVER_DIST / "bin" / "tritonserver").is_file():
             pytest.fail(f"no tritonserver at {SERVER_DIST}: run `make install` (it installs nvidia-pytriton into {TRITON_HOME})")
         self.http_port = free_port()
@@ -224,3 +226,16 @@ def test_an_unreadable_image_fails_its_own_request_and_the_server_keeps_serving(
 
     served = client.infer("clip_vision", [raw_input("image", [IMAGES[0].read_bytes()])]).as_numpy("image_embeds")
     assert served.shape == (1, 16)
+
+
+def test_the_readmes_curl_request_is_answered_with_the_text_embedding(server: TritonServer, client: Any) -> None:
+    readme = (server.repository / "README.md").read_text()
+    path = re.search(r"curl -s localhost:8000(/v2/models/\S+/infer)", readme).group(1)
+    body = re.search(r"-d '(\{.*\})'", readme).group(1)
+
+    request = urllib.request.Request(f"http://{server.url}{path}", data=body.encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        (output,) = json.loads(response.read())["outputs"]
+
+    expected = client.infer("clip_text", [raw_input("text", [b"a photo of a cat"])]).as_numpy("text_embeds")
+    np.testing.assert_allclose(np.array(output["data"], dtype=np.float32).reshape(output["shape"]), expected, atol=1e-6)

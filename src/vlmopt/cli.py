@@ -625,7 +625,7 @@ def package_command(
     for tower, entry in result.towers.items():
         out.print(f"{escape(tower)}: [bold]{escape(entry['artifact'])}[/] on {escape(entry['serving'])}: {escape(entry['reason'])}", soft_wrap=True)
     if result.skipped:
-        out.print(f"[green]✓[/] {escape(result.path)} is up to date ({escape(result.reason or '')})")
+        out.print(f"[green]✓[/] {escape(result.path)}: {escape(result.reason or '')}")
     else:
         out.print(
             f"[green]✓[/] Triton repository written to [bold]{escape(result.path)}[/]: {escape(', '.join(result.models))}; see its README.md", soft_wrap=True

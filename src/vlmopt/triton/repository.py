@@ -35,7 +35,7 @@ def dockerfile(backend: str) -> str:
         lines += [
             "# --backend python: the towers run through vlmopt's own runner (pass a wheel or a git URL to pip)",
             f"ARG VLMOPT_PACKAGE=vlmopt=={package_version('vlmopt') or '0.1.0'}",
-            f'RUN pip install --no-cache-dir "onnxruntime=={package_version("onnxruntime")}" "${{VLMOPT_PACKAGE}}"',
+            f'RUN pip install --no-cache-dir "onnxruntime=={package_version("onnxruntime")}" "${{VLMOPT_PACKAGE}}" "{_STUB_NUMPY}"',
         ]
     lines += [
         "",

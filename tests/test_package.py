@@ -131,6 +131,36 @@ def test_a_rerun_with_the_same_artifacts_and_options_is_up_to_date(clip: Path, o
     assert snapshot(onnx_repo) == before
 
 
+def test_its_own_untouched_repository_is_remade_without_force_when_the_options_change(clip: Path, tmp_path: Path) -> None:
+    out = tmp_path / "triton"
+    assert vlmopt("package", clip, "--triton", out, "onnx").exit_code == 0
+
+    result = vlmopt("package", clip, "--triton", out, "onnx", "--max-batch", "4")
+
+    assert result.exit_code == 0, result.output
+    assert configs(out)["clip_vision_onnxruntime"].max_batch_size == 4
+
+
+def test_its_own_repository_edited_since_is_not_replaced_without_force(clip: Path, tmp_path: Path) -> None:
+    out = tmp_path / "triton"
+    assert vlmopt("package", clip, "--triton", out, "onnx").exit_code == 0
+    (out / "clip_vision" / "notes.txt").write_text("mine")
+
+    assert_package_refused(clip, out, "onnx", "--max-batch", "4", fragments=("is a non-empty folder", "--force"))
+
+
+def test_a_classifier_returns_its_logits_without_a_normalization_step(converted: Callable[[str], Path], tmp_path: Path) -> None:
+    out = tmp_path / "triton"
+
+    result = vlmopt("package", converted("vit-classifier"), "--triton", out, "onnx", "--model-name", "vit")
+
+    assert result.exit_code == 0, result.output
+    found = configs(out)
+    assert [s.model_name for s in found["vit_vision"].ensemble_scheduling.step] == ["vit_vision_preprocess", "vit_vision_onnxruntime"]
+    assert [(o.name, list(o.dims)) for o in found["vit_vision"].output] == [("logits", [5])]
+    assert "vit_normalize" not in found
+
+
 def test_force_replaces_an_existing_repository(clip: Path, tmp_path: Path) -> None:
     out = tmp_path / "triton"
     out.mkdir()

@@ -208,6 +208,7 @@ def _check_servable(served: Served, options: PackageOptions) -> None:
             f"'{artifact.name}' is one graph of both towers (convert --monolith), whose two batch axes Triton's batcher cannot serve; "
             "package the separate towers (vlmopt convert without --monolith)"
         )
+    served.device = "gpu" if artifact.kind == "tensorrt" else "cpu"
     if options.backend == "python":
         served.serving = "python"
         return
@@ -218,7 +219,6 @@ def _check_servable(served: Served, options: PackageOptions) -> None:
             f"'{artifact.name}' is fused by ONNX Runtime's optimizer (operators of {ops}), which Triton's OpenVINO backend cannot read; "
             "package its unfused parent, or use --onnx-backend onnxruntime"
         )
-    served.device = "gpu" if served.serving == "tensorrt" else "cpu"
 
 
 # -- tensors and batching ----------------------------------------------------------------------------------
@@ -486,7 +486,9 @@ def _plan_models(
 
 
 # -- writing ------------------------------------------------------------------------------------------------
-def _check_output(model_dir: ModelDir, out: Path, force: bool, recorded: bool) -> None:
+def _check_output(model_dir: ModelDir, out: Path, force: bool, ours: bool) -> None:
+    """Refuse an OUT that is (inside) the model directory or an artifact, a file, or a non-empty folder, unless `force`
+    or `ours`: the repository this directory recorded there, untouched since (re-made with other artifacts or options)."""
     home = model_dir.path.resolve()
     target = out.resolve()
     if target == home or any(target == (home / name).resolve() or (home / name).resolve() in target.parents for name in model_dir.load()):
@@ -497,7 +499,7 @@ def _check_output(model_dir: ModelDir, out: Path, force: bool, recorded: bool) -
         raise VlmoptError(f"--triton {out} holds the model directory; choose a new or empty folder")
     if out.exists() and not out.is_dir():
         raise VlmoptError(f"--triton {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force and not recorded:
+    if out.is_dir() and any(out.iterdir()) and not force and not ours:
         raise VlmoptError(f"--triton {out} is a non-empty folder; choose a new or empty one, or add --force to replace it")
 
 
@@ -582,7 +584,8 @@ def package(
         if not force and _up_to_date(recorded, key, out):
             assert recorded is not None
             return PackageResult(path_key, True, recorded["towers"], recorded["models"], [], reason="up to date: the same artifacts and options")
-        _check_output(model_dir, out, force, recorded is not None and out.is_dir())
+        ours = recorded is not None and out.is_dir() and content_digest(file_records(out)) == recorded.get("digest")
+        _check_output(model_dir, out, force, ours)
 
         progress("writing the model configurations")
         models, entries = _plan_models(model_dir, towers, prefix, options, options.threads)

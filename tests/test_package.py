@@ -195,6 +195,15 @@ def test_the_readme_gives_the_server_command_a_curl_request_and_a_client_example
     assert "`pixel_values` FP32 [3, 32, 32]" in readme
 
 
+def test_the_python_api_writes_the_same_repository(clip: Path, tmp_path: Path) -> None:
+    import vlmopt as api
+
+    result = api.package(clip, tmp_path / "triton", "onnx", max_batch=2)
+
+    assert result.towers["text"]["artifact"] == "onnx" and "clip_text" in result.models
+    assert configs(tmp_path / "triton")["clip_text_onnxruntime"].max_batch_size == 2
+
+
 # -- the other flavours, against the schema ---------------------------------------------------------------------
 def test_an_openvino_ir_is_served_by_the_openvino_backend(clip: Path, tmp_path: Path) -> None:
     model_dir = tmp_path / "clip"

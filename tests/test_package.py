@@ -122,6 +122,17 @@ def test_the_repository_is_recorded_in_the_manifest_with_its_files(clip: Path, o
     assert {f["path"] for f in entry["files"]} >= {"clip_vision/config.pbtxt", "clip_vision_onnxruntime/1/model.onnx", "README.md", "Dockerfile"}
 
 
+def test_the_record_survives_a_later_stage_committing_into_the_directory(clip: Path, tmp_path: Path) -> None:
+    model_dir = tmp_path / "clip"
+    shutil.copytree(clip, model_dir)
+    out = tmp_path / "triton"
+    assert vlmopt("package", model_dir, "--triton", out, "onnx").exit_code == 0
+
+    assert vlmopt("optimize", model_dir, "--name", "onnx-opt2").exit_code == 0
+
+    assert str(out.resolve()) in manifest(model_dir)["packages"]
+
+
 def test_a_rerun_with_the_same_artifacts_and_options_is_up_to_date(clip: Path, onnx_repo: Path) -> None:
     before = snapshot(onnx_repo)
 

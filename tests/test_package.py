@@ -347,6 +347,14 @@ def test_a_static_batch_graph_is_refused(static_clip: Path, tmp_path: Path) -> N
     assert_package_refused(static_clip, tmp_path / "triton", "onnx", fragments=("fixed batch of 2", "dynamic batcher"))
 
 
+def test_a_one_graph_monolith_is_refused(exported: Callable[[str], Path], tmp_path: Path) -> None:
+    model_dir = tmp_path / "clip"
+    shutil.copytree(exported("clip"), model_dir)
+    assert vlmopt("convert", model_dir, "--monolith", "--name", "onnx-monolith").exit_code == 0
+
+    assert_package_refused(model_dir, tmp_path / "triton", "onnx-monolith", fragments=("one graph of both towers", "without --monolith"))
+
+
 def test_an_output_inside_an_artifact_is_refused(clip: Path) -> None:
     assert_package_refused(clip, clip / "onnx" / "triton", "onnx", fragments=("one of its artifacts",))
 

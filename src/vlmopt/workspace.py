@@ -407,14 +407,23 @@ class ModelDir:
     def record_recommendation(self, recommendation: Recommendation) -> None:
         write_atomically(self.manifest_path, self._manifest_bytes(self.load(), recommendation=recommendation.to_json()))
 
+    def packages(self) -> dict[str, dict[str, Any]]:
+        """The deployment repositories written from this directory (`vlmopt package`), by their absolute path."""
+        return dict(self._manifest_data().get("packages") or {})
+
+    def record_package(self, path: str, entry: dict[str, Any]) -> None:
+        """Record (or replace) the repository written at `path`; artifacts and recommendation stay as they are."""
+        packages = {**self.packages(), path: entry}
+        write_atomically(self.manifest_path, self._manifest_bytes(self.load(), packages=packages))
+
     def _manifest_data(self) -> dict[str, Any]:
         if not self.manifest_path.exists():
             return {}
         self.load()  # the checks on schema and form
         return json.loads(self.manifest_path.read_bytes())
 
-    def _manifest_bytes(self, artifacts: dict[str, Artifact], recommendation: dict[str, Any] | None = None) -> bytes:
-        """The manifest's bytes; the recorded recommendation is kept unless a new one is given."""
+    def _manifest_bytes(self, artifacts: dict[str, Artifact], recommendation: dict[str, Any] | None = None, packages: dict[str, Any] | None = None) -> bytes:
+        """The manifest's bytes; the recorded recommendation and packages are kept unless new ones are given."""
         from vlmopt import __version__
 
         data = {
@@ -425,6 +434,9 @@ class ModelDir:
         kept = recommendation if recommendation is not None else self._manifest_data().get("recommendation")
         if kept is not None:
             data["recommendation"] = kept
+        packaged = packages if packages is not None else self._manifest_data().get("packages")
+        if packaged:
+            data["packages"] = packaged
         return (json.dumps(data, indent=2, sort_keys=False) + "\n").encode()
 
     def _write_manifest(self, artifacts: dict[str, Artifact]) -> None:
@@ -888,6 +900,8 @@ def manifest_problem(data: dict[str, Any]) -> str | None:
         return f"'artifacts' must be an object, got {_kind(artifacts)}"
     if not isinstance(data.get("recommendation", {}), dict):
         return f"'recommendation' must be an object, got {_kind(data['recommendation'])}"
+    if not isinstance(data.get("packages", {}), dict):
+        return f"'packages' must be an object, got {_kind(data['packages'])}"
     for key, entry in artifacts.items():
         problem = _artifact_problem(key, entry)
         if problem:

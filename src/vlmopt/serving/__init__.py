@@ -132,10 +132,13 @@ def _serve_on_ray(directory: Path, options: ServeOptions, threads: int | None, m
             on_ready({**where, "ray": options.ray or "local", **described})
         stop.wait()
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        # Ray Serve stops routing to the application, lets each replica finish its requests, then stops it
-        serve.delete(APP_NAME)
-        if started:
-            serve.shutdown()
-            ray.shutdown()
+        # Ray Serve stops routing to the application, lets each replica finish its requests, then stops it; a second
+        # SIGTERM meanwhile changes nothing (Ray's own handler, put back after, would exit 15)
+        try:
+            serve.delete(APP_NAME)
+            if started:
+                serve.shutdown()
+                ray.shutdown()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

@@ -221,3 +221,30 @@ def test_serve_refuses_an_unreachable_ray_cluster(benched: Path) -> None:
 def test_serve_refuses_replicas_without_ray(benched: Path) -> None:
     result = vlmopt("serve", benched, "onnx", "--replicas", 2)
     assert result.exit_code == 2 and "--ray" in result.stderr
+
+
+# -- on a Ray cluster ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[str]:
+    """A local Ray head owned by this test process (2 CPUs, loopback, no dashboard): its GCS address."""
+    import ray
+
+    context = ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", object_store_memory=128 * 2**20, namespace="vlmopt-test")
+    try:
+        yield context.address_info["gcs_address"]
+    finally:
+        ray.shutdown()
+
+
+def test_two_replicas_on_a_ray_cluster_both_answer(benched: Path, ray_head: str) -> None:
+    with Server(benched, "onnx", "--ray", ray_head, "--replicas", 2) as running:
+        replicas = set()
+        for i in range(40):
+            status, body, headers = call(running.url, "/v1/embeddings/text", {"texts": [f"request {i}"]})
+            assert status == 200, body
+            replicas.add(headers["x-vlmopt-replica"])
+            if len(replicas) == 2:
+                break
+        assert running.ready["replicas"] == 2
+        assert len(replicas) == 2, replicas
+        assert running.terminate() == 0

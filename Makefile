@@ -10,7 +10,7 @@ DEMO ?= build/clip-cpu
 
 install: $(BIN)/vlmopt
 
-# torch first, pinned: an unpinned torch pulls gigabytes of CUDA wheels. The openvino extra is installed
+# torch first, pinned: an unpinned torch pulls gigabytes of CUDA wheels. The openvino and serve extras are installed
 # too, so the tests of `vlmopt openvino` run here and in CI (they fail, not skip, when CI lacks it).
 $(BIN)/vlmopt: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -13,7 +13,9 @@ servable, no reachable Ray cluster) is a VlmoptError before anything starts.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import os
 import signal
 import socket
@@ -78,7 +80,8 @@ def _connect_ray(address: str | None) -> bool:
     import ray
 
     if address is None:
-        ray.init(
+        ray.init(  # "local": a new instance even where a cluster runs here (`ray start`, RAY_ADDRESS)
+            address="local",
             num_cpus=os.cpu_count() or 1,
             include_dashboard=False,
             object_store_memory=LOCAL_OBJECT_STORE_BYTES,
@@ -122,6 +125,7 @@ def _serve_on_ray(directory: Path, options: ServeOptions, threads: int | None, m
 
     from vlmopt.serving.ray_app import APP_NAME, deployment
 
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its progress lines are not the user's business
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -135,7 +139,8 @@ def _serve_on_ray(directory: Path, options: ServeOptions, threads: int | None, m
         # Ray Serve stops routing to the application, lets each replica finish its requests, then stops it; a second
         # SIGTERM meanwhile changes nothing (Ray's own handler, put back after, would exit 15)
         try:
-            serve.delete(APP_NAME)
+            with contextlib.suppress(Exception):  # nothing to delete when the deployment never started
+                serve.delete(APP_NAME)
             if started:
                 serve.shutdown()
                 ray.shutdown()

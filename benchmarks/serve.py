@@ -35,6 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import numpy as np  # noqa: E402
+from starlette.requests import Request  # noqa: E402  (the plain endpoint's annotation, resolved by FastAPI at import)
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "src" / "vlmopt" / "data" / "images"
@@ -124,7 +125,6 @@ def run_plain_server(model_dir: Path, port: int) -> None:
     import uvicorn
     from fastapi import FastAPI
     from PIL import Image
-    from starlette.requests import Request
 
     from vlmopt.calibration import saved_processors
     from vlmopt.runners import ArtifactRunners
@@ -143,7 +143,7 @@ def run_plain_server(model_dir: Path, port: int) -> None:
         return {"status": "ok"}
 
     @app.post("/v1/embeddings/image")
-    async def embed(request: Request) -> dict[str, Any]:
+    async def embed(request: Request) -> dict[str, Any]:  # the one request type FastAPI hands over as is
         body = await request.json()
         data = base64.b64decode(body["images"][0].partition(",")[2])
         pixels = processor(images=[Image.open(io.BytesIO(data)).convert("RGB")], return_tensors="np")["pixel_values"]

@@ -22,7 +22,7 @@ RUN useradd --create-home --uid 10001 vlmopt
 USER vlmopt
 
 EXPOSE 8000
-# /ready answers 200 once every replica has loaded the model, and 503 while it drains
+# /ready answers 200 once the replica that answers has loaded the model
 HEALTHCHECK --interval=30s --timeout=5s --start-period=180s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=4)"]
 # SIGTERM (docker stop) lets the requests in flight finish, refuses new ones and exits 0

@@ -170,7 +170,6 @@ class ServeApp:
         self.service, self.options, self.model_name = service, options, model_name
         self.metrics = Metrics()
         self.admission = Admission(options.max_queue, self.metrics.queue_depth)
-        self.draining = False
         self.batchers: dict[str, Batcher] = {}
         self._generation = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmopt-generate")
         self._created = int(time.time())
@@ -470,8 +469,6 @@ class ServeApp:
 
         @app.get("/ready")
         async def ready() -> JSONResponse:
-            if self.draining:
-                return JSONResponse({"status": "draining"}, status_code=503)
             return JSONResponse({"status": "ready", "model": self.model_name, **self.service.describe()})
 
         @app.get("/metrics")

@@ -38,7 +38,11 @@ class Server:
         if not line:
             self.stop()
             raise AssertionError(f"vlmopt serve did not start (exit {self.process.returncode}): {self.process.stderr.read()[-3000:]}")  # type: ignore[union-attr]
-        self.ready = json.loads(line)
+        try:
+            self.ready = json.loads(line)
+        except ValueError:
+            self.stop()  # a server whose ready line is not JSON must not outlive the test
+            raise AssertionError(f"vlmopt serve printed {line!r}, not one JSON line") from None
         return self
 
     @property

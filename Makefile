@@ -6,17 +6,17 @@ TORCH_VERSION ?= 2.13.0
 RECIPE ?= examples/recipes/clip-cpu.yaml
 DEMO ?= build/clip-cpu
 
-.PHONY: install demo test bench bench-models bench-fidelity bench-vlm bench-gpu lint clean
+.PHONY: install demo test bench bench-models bench-fidelity bench-vlm bench-serve bench-gpu lint clean
 
 install: $(BIN)/vlmopt
 
-# torch first, pinned: an unpinned torch pulls gigabytes of CUDA wheels. The openvino extra is installed
-# too, so the tests of `vlmopt openvino` run here and in CI (they fail, not skip, when CI lacks it).
+# torch first, pinned: an unpinned torch pulls gigabytes of CUDA wheels. The openvino and serve extras are installed
+# too, so the tests of `vlmopt openvino` and `vlmopt serve` run here and in CI (they fail, not skip, when CI lacks them).
 $(BIN)/vlmopt: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install --quiet -e ".[dev,openvino,llava,triton]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,openvino,llava,triton,serve]"
 	# a real Triton server for the `vlmopt package` tests: nvidia-pytriton bundles tritonserver 2.51 (python backend, CPU).
 	# --no-deps and a folder of its own: it pins numpy<2, and the python-backend stub it runs needs numpy 1 (built against it)
 	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(VENV)/triton nvidia-pytriton==0.7.0 numpy==1.26.4
@@ -50,6 +50,11 @@ bench-fidelity: bench-models
 VLM_MODELS ?= a,b
 bench-vlm: install
 	$(BIN)/python benchmarks/vlm.py --models $(VLM_MODELS)
+
+# `vlmopt serve` under load on loopback (base CLIP vision int8 at concurrency 1, 8, 32; against --max-batch 1 and a
+# plain FastAPI endpoint; the tiny LLaVA's streamed chat at concurrency 4)
+bench-serve: install
+	$(BIN)/python benchmarks/serve.py
 
 bench-gpu: install
 	$(BIN)/python benchmarks/gpu.py

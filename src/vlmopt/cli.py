@@ -630,6 +630,59 @@ def package_command(
         out.print(
             f"[green]✓[/] Triton repository written to [bold]{escape(result.path)}[/]: {escape(', '.join(result.models))}; see its README.md", soft_wrap=True
         )
+# -- serve ---------------------------------------------------------------------------------
+def _serve_command() -> Callable[..., Any]:
+    """`vlmopt serve`, its flags made from `ServeOptions` as a stage's are from its options."""
+    from vlmopt import options as opts
+    from vlmopt.serving.options import ServeOptions
+
+    kind = inspect.Parameter.KEYWORD_ONLY
+    params = [inspect.Parameter("directory", kind, annotation=DirArg)]
+    params += [inspect.Parameter(n, kind, annotation=a, default=d) for n, a, d in opts.cli_parameters(ServeOptions)]
+    params += [
+        inspect.Parameter("threads", kind, annotation=ThreadsOpt, default=None),
+        inspect.Parameter("as_json", kind, annotation=JsonOpt, default=False),
+        inspect.Parameter("debug", kind, annotation=DebugOpt, default=False),
+    ]
+
+    def body(**values: Any) -> None:
+        from vlmopt.serving import serve
+        from vlmopt.stage import RunContext
+
+        directory, threads, as_json, _ = (values.pop(k) for k in ("directory", "threads", "as_json", "debug"))
+        RunContext(threads=threads)  # the one thread rule
+        options = opts.from_cli(ServeOptions, values)
+
+        def ready(where: dict[str, Any]) -> None:
+            if as_json:  # one line, as soon as it answers: a supervisor reads it while the server runs
+                sys.stdout.write(json.dumps({"ok": True, **where}, default=str) + "\n")
+                sys.stdout.flush()
+                return
+            towers = where.get("towers")
+            what = (
+                "; ".join(f"{t}: {s['artifact']} ({s['backend']}, {s['reason']})" for t, s in towers.items())
+                if towers
+                else f"{where.get('artifact')} ({where.get('backend')})"
+            )
+            out.print(f"[green]✓[/] serving {escape(where['model'])} on {where['url']} - {escape(what)}", soft_wrap=True)
+            sys.stdout.flush()
+
+        serve(directory, options, threads=threads, on_ready=ready)
+
+    body.__name__ = "serve"
+    body.__doc__ = (
+        "Serve a model directory over HTTP: embeddings and zero-shot scores for encoders, OpenAI-style chat completions for generative models.\n\n"
+        "Dynamic batching, a bounded queue (503 with Retry-After), request limits, /health, /ready and Prometheus /metrics; SIGTERM drains and exits 0.\n"
+        "Serves bench's recommendation per tower unless an artifact is named. Loopback unless --host says otherwise.\n"
+        "Example: vlmopt serve build/clip --port 8000\n"
+        "Example: vlmopt serve build/clip --ray auto --replicas 2"
+    )
+    body.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    body.__annotations__ = {p.name: p.annotation for p in params}
+    return command(body)
+
+
+app.command("serve")(_serve_command())
 
 
 # -- demo-model ----------------------------------------------------------------------------

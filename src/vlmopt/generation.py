@@ -99,6 +99,119 @@ def open_runner(model_dir: ModelDir, artifact: Artifact, backend: str, preproces
     return OrtGenerateRunner(folder, {name: record.file or "" for name, record in artifact.towers.items()}, threads)
 
 
+class StopGeneration(Exception):
+    """Raised by an `on_text` listener to end a generation early (a stop string seen): the text so far is the result."""
+
+
+class Generator:
+    """A generative artifact opened once (its processor and a backend runner) for many generations.
+
+    `vlmopt generate` makes one for a single call; `vlmopt serve` keeps one for its lifetime. A context manager
+    that releases the runner."""
+
+    def __init__(self, directory: str | os.PathLike[str], artifact: str = "", backend: str = "auto", threads: int | None = None):
+        model_dir = ModelDir.open(directory)
+        name = artifact or ("onnx" if "onnx" in model_dir.load() else "hf")
+        self.artifact = model_dir.artifact(name)
+        family = _family(model_dir, self.artifact)
+        self.backend = _backend(self.artifact, backend)
+        # the checkpoint's own processor: the copy convert writes beside the parts is for runtimes without a model directory
+        self.preprocessor = family.preprocessor(model_dir.checkpoint_folder(self.artifact))
+        self._open = lambda: open_runner(model_dir, self.artifact, self.backend, self.preprocessor, threads)
+        self.runner: Any = None
+
+    def __enter__(self) -> Generator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def load(self) -> Generator:
+        """Load the backend now (otherwise the first generation does)."""
+        if self.runner is None:
+            self.runner = self._open()
+        return self
+
+    def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
+            self.runner = None
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+        """A conversation (`role`, and `content` as text or a list of {"type": "text"|"image"} parts) through the
+        model's chat template, ending with the assistant's turn; image parts become the model's image marker."""
+        processor = self.preprocessor.processor
+        if not self.preprocessor.has_chat_template:
+            raise VlmoptError("this model has no chat template; it cannot take a conversation")
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def prompt(self, text: str, images: list[Any], chat: bool = True, max_new_tokens: int = 1) -> Any:
+        """The prepared prompt; refused when it and `max_new_tokens` do not fit the model's positions."""
+        prompt = self.preprocessor(text, images, chat=chat)
+        length = int(prompt.input_ids.shape[1])
+        limit = self.preprocessor.max_positions
+        if length + max_new_tokens > limit:
+            raise VlmoptError(
+                f"the prompt ({length} tokens) plus {max_new_tokens} new tokens exceeds the model's {limit} positions; "
+                f"ask for at most {max(limit - length, 0)} new tokens"
+            )
+        return prompt
+
+    def generate(self, prompt: Any, max_new_tokens: int, sampling: Any, on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """Generate from a prepared prompt (batch of one); `on_text` hears the text as it grows and may raise
+        StopGeneration to end it there (finish reason "stop")."""
+        import time
+
+        from vlmopt.runners.generate import GenerateRequest
+
+        request = GenerateRequest(prompt, max_new_tokens, self.preprocessor.eos_token_ids, self.preprocessor.pad_token_id, sampling)
+        streamed: list[int] = []
+        shown = [""]
+        started = time.perf_counter()
+        stamps: list[float] = []
+
+        def on_token(tokens: Any) -> None:
+            if not len(tokens):
+                return
+            stamps.append(time.perf_counter())
+            streamed.append(int(tokens[0]))
+            if on_text is None:
+                return
+            text = self.preprocessor.decode(streamed)
+            if text.startswith(shown[0]) and not text.endswith("\ufffd"):  # a partial character waits for its next byte
+                on_text(text[len(shown[0]) :])
+                shown[0] = text
+
+        self.load()
+        try:
+            result = self.runner.generate(request, on_token)
+        except StopGeneration:
+            first, last = stamps[0], stamps[-1]
+            tokens, finish = streamed, "stop"
+            timings = {
+                "image_encode_s": None,
+                "ttft_s": first - started,
+                "decode_tokens_per_s": (len(stamps) - 1) / (last - first) if len(stamps) > 1 and last > first else None,
+                "total_s": last - started,
+            }
+        else:
+            tokens, finish, timings = result.tokens[0], result.finish_reasons[0], result.to_json()["timings"]
+            text = self.preprocessor.decode(tokens)
+            if on_text is not None and text.startswith(shown[0]) and text != shown[0]:
+                on_text(text[len(shown[0]) :])
+        return {
+            "artifact": self.artifact.name,
+            "backend": self.backend,
+            "prompt_tokens": int(prompt.input_ids.shape[1]),
+            "images": prompt.num_images,
+            "sampling": request.sampling.to_json(),
+            "tokens": tokens,
+            "text": self.preprocessor.decode(tokens) if finish != "stop" else shown[0],
+            "finish_reason": finish,
+            "timings": timings,
+        }
+
+
 def generate(
     directory: str | os.PathLike[str], options: GenerateOptions, threads: int | None = None, on_text: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
@@ -106,59 +219,10 @@ def generate(
 
     Returns the artifact, backend, prompt length, new tokens, text, why it stopped and the timings. Raises
     VlmoptError (exit 2) for bad input before any model is loaded."""
-    from vlmopt.runners.generate import GenerateRequest, Sampling
+    from vlmopt.runners.generate import Sampling
 
     options.validate()
-    model_dir = ModelDir.open(directory)
-    known = model_dir.load()
-    name = options.artifact or ("onnx" if "onnx" in known else "hf")
-    artifact = model_dir.artifact(name)
-    family = _family(model_dir, artifact)
-    backend = _backend(artifact, options.backend)
-    images = load_images(options.image)
-    # the checkpoint's own processor: the copy convert writes beside the parts is for runtimes without a model directory
-    preprocessor = family.preprocessor(model_dir.checkpoint_folder(artifact))
-    prompt = preprocessor(options.prompt or "", images, chat=not options.raw_prompt)
-    length = int(prompt.input_ids.shape[1])
-    if length + options.max_new_tokens > preprocessor.max_positions:
-        raise VlmoptError(
-            f"the prompt ({length} tokens) plus --max-new-tokens {options.max_new_tokens} exceeds the model's {preprocessor.max_positions} positions; "
-            f"ask for at most {max(preprocessor.max_positions - length, 0)} new tokens"
-        )
-    request = GenerateRequest(
-        prompt,
-        options.max_new_tokens,
-        preprocessor.eos_token_ids,
-        preprocessor.pad_token_id,
-        Sampling(options.temperature, options.top_p, options.seed),
-    )
-    streamed: list[int] = []
-    shown = [""]
-
-    def on_token(tokens: Any) -> None:
-        if on_text is None or not len(tokens):
-            return
-        streamed.append(int(tokens[0]))
-        text = preprocessor.decode(streamed)
-        if text.startswith(shown[0]) and not text.endswith("\ufffd"):  # a partial character waits for its next byte
-            on_text(text[len(shown[0]) :])
-            shown[0] = text
-
-    with open_runner(model_dir, artifact, backend, preprocessor, threads) as runner:
-        result = runner.generate(request, on_token)
-    tokens = result.tokens[0]
-    text = preprocessor.decode(tokens)
-    if on_text is not None and text.startswith(shown[0]) and text != shown[0]:
-        on_text(text[len(shown[0]) :])
-    timings = result.to_json()["timings"]
-    return {
-        "artifact": artifact.name,
-        "backend": backend,
-        "prompt_tokens": length,
-        "images": len(images),
-        "sampling": request.sampling.to_json(),
-        "tokens": tokens,
-        "text": text,
-        "finish_reason": result.finish_reasons[0],
-        "timings": timings,
-    }
+    with Generator(directory, options.artifact, options.backend, threads) as generator:
+        images = load_images(options.image)
+        prompt = generator.prompt(options.prompt or "", images, chat=not options.raw_prompt, max_new_tokens=options.max_new_tokens)
+        return generator.generate(prompt, options.max_new_tokens, Sampling(options.temperature, options.top_p, options.seed), on_text)

@@ -160,6 +160,10 @@ class Family:
     exporters: tuple[str, ...] = ("dynamo", "torchscript")
     #: who can make its decoder part (`convert --decoder`), preferred first; () for a family without one
     decoder_makers: tuple[str, ...] = ()
+    #: zero-shot scores from the two towers' normalized embeddings (`vlmopt serve`): "softmax" over the labels
+    #: (CLIP) or "sigmoid" per label (SigLIP), scaled by the checkpoint's exp(`logit_scale`) (plus `logit_bias`);
+    #: None for a family without an image and a text tower
+    zero_shot: str | None = None
 
     def model_class(self, config: Any) -> Any:
         from transformers import AutoModel

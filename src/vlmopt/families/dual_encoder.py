@@ -61,6 +61,7 @@ class ZeroShotLogits(nn.Module):
 
 class DualEncoderFamily(Family):
     supports_monolith = True
+    zero_shot = "softmax"
     #: the text tower takes an attention mask
     text_attention_mask: bool = True
     #: attribute names of the projections on the full model, or None where there are none
@@ -160,6 +161,7 @@ class SiglipFamily(DualEncoderFamily):
     summary = "SigLIP dual encoder: vision tower (attention-pool head) -> image_embeds, text tower -> text_embeds"
     text_attention_mask = False
     atol = 2e-4
+    zero_shot = "sigmoid"
     #: ONNX Runtime's CLIP attention fusion fuses every SigLIP text layer; its BERT one none (tiny model, 2/2 vs 0/2)
     text_optimizer_type = "clip"
 

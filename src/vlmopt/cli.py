@@ -630,6 +630,8 @@ def package_command(
         out.print(
             f"[green]✓[/] Triton repository written to [bold]{escape(result.path)}[/]: {escape(', '.join(result.models))}; see its README.md", soft_wrap=True
         )
+
+
 # -- serve ---------------------------------------------------------------------------------
 def _serve_command() -> Callable[..., Any]:
     """`vlmopt serve`, its flags made from `ServeOptions` as a stage's are from its options."""

@@ -89,14 +89,17 @@ def open_runner(model_dir: ModelDir, artifact: Artifact, backend: str, preproces
     if backend == "transformers":
         from vlmopt.runners.generate import HfGenerateRunner
 
-        return HfGenerateRunner(folder, threads)
+        return HfGenerateRunner(folder, threads, family=preprocessor.family)
     if backend == "onnxruntime-genai":
         from vlmopt.runners.genai import GenaiGenerateRunner
 
-        return GenaiGenerateRunner(folder, preprocessor.image_seq_length, threads)
+        if preprocessor.contract.genai_model_type is None:
+            raise VlmoptError(f"onnxruntime-genai has no model type that runs {preprocessor.family.name} models; use --backend onnxruntime (vlmopt's loop)")
+
+        return GenaiGenerateRunner(folder, preprocessor.image_token_id, threads)
     from vlmopt.runners.generate import OrtGenerateRunner
 
-    return OrtGenerateRunner(folder, {name: record.file or "" for name, record in artifact.towers.items()}, threads)
+    return OrtGenerateRunner(folder, {name: record.file or "" for name, record in artifact.towers.items()}, threads, preprocessor.contract)
 
 
 def generate(

@@ -145,6 +145,10 @@ class GenerativeFamily(Family):
         rows = found.pooler_output if hasattr(found, "pooler_output") else found
         return torch.cat(list(rows), 0) if isinstance(rows, tuple | list) else rows.reshape(-1, rows.shape[-1])
 
+    def generate_inputs(self, pixel_values: Any, vision_inputs: dict[str, Any]) -> dict[str, Any]:
+        """What transformers' `generate` takes for the vision part's inputs (torch tensors, as the prompt holds them)."""
+        return {PIXEL_VALUES: pixel_values, **vision_inputs}
+
     # -- the towers --------------------------------------------------------------------------------------------
     def check_config(self, config: Any) -> None:
         text_type = getattr(self.text_config(config), "model_type", None)
@@ -224,11 +228,11 @@ class VlmPreprocessor:
     default_image_token = "<image>"
 
     def __init__(self, folder: Path, family: GenerativeFamily):
-        from transformers import AutoConfig, AutoProcessor
+        from transformers import AutoConfig
 
         self.family = family
         try:
-            self.processor = AutoProcessor.from_pretrained(str(folder), local_files_only=True)
+            self.processor = self.load_processor(folder)
             config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
         except Exception as exc:
             raise VlmoptError(f"cannot load the processor saved in {folder}: {(str(exc).splitlines() or [''])[0][:200]}") from exc
@@ -243,6 +247,11 @@ class VlmPreprocessor:
         self.eos_token_ids = _token_ids(getattr(text, "eos_token_id", None)) or _token_ids(self.tokenizer.eos_token_id)
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0)
+
+    def load_processor(self, folder: Path) -> Any:
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(str(folder), local_files_only=True)
 
     @property
     def contract(self) -> GenerativeContract:

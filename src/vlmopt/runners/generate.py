@@ -271,8 +271,8 @@ class HfGenerateRunner(GenerateRunner):
             "streamer": Stream(),
         }
         if prompt.pixel_values is not None:
-            kwargs[PIXEL_VALUES] = torch.from_numpy(prompt.pixel_values)
-            kwargs.update({name: torch.from_numpy(value) for name, value in prompt.vision_inputs.items()})
+            extra = {name: torch.from_numpy(value) for name, value in prompt.vision_inputs.items()}
+            kwargs.update(self.family.generate_inputs(torch.from_numpy(prompt.pixel_values), extra))
         if request.sampling.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:

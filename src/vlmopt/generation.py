@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from vlmopt.errors import VlmoptError
@@ -57,19 +58,20 @@ def _family(model_dir: ModelDir, artifact: Artifact) -> Any:
     return family
 
 
-def load_images(paths: list[str]) -> list[Any]:
-    from PIL import Image, UnidentifiedImageError
+def load_images(paths: list[str]) -> tuple[list[Any], list[str]]:
+    """The images as 8-bit RGB (`vlmopt.calibration.read_image`: over Pillow's pixel limit or unreadable: refused), and
+    a note per image converted from another mode (grayscale, CMYK, 16-bit, ...)."""
+    from vlmopt.calibration import read_image
 
-    images = []
+    images, conversions = [], []
     for path in paths:
-        try:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        except FileNotFoundError:
-            raise VlmoptError(f"image {path} does not exist") from None
-        except (UnidentifiedImageError, OSError) as exc:
-            raise VlmoptError(f"cannot read image {path}: {(str(exc).splitlines() or [''])[0][:200]}") from None
-    return images
+        if not Path(path).is_file():
+            raise VlmoptError(f"image {path} does not exist")
+        image, converted = read_image(Path(path), "the")
+        images.append(image)
+        if converted:
+            conversions.append(f"{path}: {converted}")
+    return images, conversions
 
 
 def _backend(artifact: Artifact, requested: str) -> str:
@@ -118,7 +120,7 @@ def generate(
     artifact = model_dir.artifact(name)
     family = _family(model_dir, artifact)
     backend = _backend(artifact, options.backend)
-    images = load_images(options.image)
+    images, conversions = load_images(options.image)
     # the checkpoint's own processor: the copy convert writes beside the parts is for runtimes without a model directory
     preprocessor = family.preprocessor(model_dir.checkpoint_folder(artifact))
     prompt = preprocessor(options.prompt or "", images, chat=not options.raw_prompt)
@@ -159,6 +161,7 @@ def generate(
         "backend": backend,
         "prompt_tokens": length,
         "images": len(images),
+        "image_conversions": conversions,
         "sampling": request.sampling.to_json(),
         "tokens": tokens,
         "text": text,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from conftest import assert_refused, manifest, vlmopt, vlmopt_json
+from conftest import assert_bad_input, assert_refused, manifest, vlmopt, vlmopt_json
 from vlmopt.samples import sample_image
 
 PARTS = {"vision": "vision.onnx", "embedding": "embedding.onnx", "decoder": "decoder.onnx"}
@@ -109,11 +110,12 @@ def test_quantize_parts_decoder_int4_and_vision_int8_records_token_agreement_and
         "quantize", model_dir, "--part", "decoder=int4", "--part", "vision=int8",
         "--min-token-agreement", "off", "--max-ppl-increase", "off", "--min-cosine", "off",
     )  # fmt: skip
-    artifact = manifest(model_dir)["artifacts"][made["artifact"]]
+    name = made["artifact"]["name"]
+    artifact = manifest(model_dir)["artifacts"][name]
     metrics = {m["name"] for m in artifact["verification"]["metrics"]}
 
     assert {"teacher-forced next-token top-1 agreement", "perplexity increase", "greedy exact-match rate"} <= metrics
-    result = vlmopt_json("generate", model_dir, made["artifact"], "--image", image_file, "--prompt", "Describe.", "--max-new-tokens", 4)
+    result = vlmopt_json("generate", model_dir, name, "--image", image_file, "--prompt", "Describe.", "--max-new-tokens", 4)
     assert len(result["tokens"]) >= 1
 
 
@@ -126,3 +128,23 @@ def test_an_idefics3_checkpoint_generates_with_transformers_through_the_same_fam
 
     assert manifest(tmp_path / "model")["artifacts"]["hf"]["traits"]["family"] == "smolvlm"
     assert result["backend"] == "transformers" and len(result["tokens"]) >= 1
+
+
+# -- bad input -------------------------------------------------------------------------------------
+def test_more_images_than_the_prompt_has_image_markers_is_refused(smolvlm: Path, image_file: Path) -> None:
+    assert_refused(
+        smolvlm, "generate", "--image", image_file, "--image", image_file, "--prompt", "<image> Describe.", fragments=("1 <image> marker", "2 image")
+    )
+
+
+def test_a_checkpoint_whose_image_token_is_outside_its_text_vocabulary_is_refused(demo_source: Callable[[str], Path], tmp_path: Path) -> None:
+    source = tmp_path / "disagreeing"
+    shutil.copytree(demo_source("smolvlm"), source)
+    config = json.loads((source / "config.json").read_text())
+    config["image_token_id"] = config["text_config"]["vocab_size"] + 5
+    (source / "config.json").write_text(json.dumps(config))
+
+    result = vlmopt("export", source, "-o", tmp_path / "out")
+
+    assert_bad_input(result, "image token id", "vocabulary", "disagree")
+    assert not (tmp_path / "out").exists()

@@ -28,31 +28,12 @@ def vision_config(size: str) -> dict[str, Any]:
 
 
 def text_config(size: str, vocab_size: int) -> dict[str, Any]:
+    """The tiny llava demo's Llama with room for the tiles' tokens, or SmolVLM-256M-Instruct's (SmolLM2-135M's sizes)."""
+    from vlmopt.demo_llava import text_config as llava_text_config
+
     if size == "tiny":
-        return {
-            "model_type": "llama",
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "num_hidden_layers": 2,
-            "vocab_size": vocab_size,
-            "max_position_embeddings": 1024,
-            "tie_word_embeddings": False,
-        }
-    return {  # HuggingFaceTB/SmolVLM-256M-Instruct's text model
-        "model_type": "llama",
-        "hidden_size": 576,
-        "intermediate_size": 1536,
-        "num_attention_heads": 9,
-        "num_key_value_heads": 3,
-        "num_hidden_layers": 30,
-        "vocab_size": 49280,
-        "max_position_embeddings": 8192,
-        "rope_theta": 100000.0,
-        "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": False,
-    }
+        return {**llava_text_config("tiny", vocab_size), "max_position_embeddings": 1024}
+    return {**llava_text_config("base", 49280), "tie_word_embeddings": False}
 
 
 def build_smolvlm(dest: Path, size: str, seed: int = 0, model_type: str = "smolvlm") -> dict[str, Any]:
@@ -84,8 +65,9 @@ def build_smolvlm(dest: Path, size: str, seed: int = 0, model_type: str = "smolv
         (Idefics3Config, Idefics3ForConditionalGeneration) if model_type == "idefics3" else (SmolVLMConfig, SmolVLMForConditionalGeneration)
     )
     config = config_class(vision_config=vision, text_config=text, scale_factor=scale, image_token_id=token, tie_word_embeddings=False)
+    family = SmolVlmFamily()
     for name in ("pad", "eos", "bos"):
-        setattr(SmolVlmFamily().text_config(config), f"{name}_token_id", getattr(tokenizer, f"{name}_token_id"))
+        setattr(family.text_config(config), f"{name}_token_id", getattr(tokenizer, f"{name}_token_id"))
     model = model_class(config).eval()
     generation = model.generation_config
     generation.eos_token_id, generation.pad_token_id, generation.bos_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id

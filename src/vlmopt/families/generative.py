@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from vlmopt.errors import VlmoptError
-from vlmopt.families.base import CONCAT, SHARED, Family, TensorSpec, TextVocab, Tower, text_vocab
+from vlmopt.families.base import CONCAT, SHARED, Family, TensorSpec, TextVocab, Tower, image_input, text_vocab
 
 #: the parts' names: also onnxruntime-genai's names for the sections of `genai_config.json`
 VISION, EMBEDDING, DECODER = "vision", "embedding", "decoder"
@@ -116,6 +116,10 @@ class GenerativeFamily(Family):
     preprocessor; it overrides a reference method only where its model is not laid out as transformers' LLaVA is."""
 
     contract: GenerativeContract = GenerativeContract()
+    #: what turns prompts and images into a `Prompt` (a `VlmPreprocessor` subclass, made with the folder and the family)
+    preprocessor_class: Any = None
+    #: the vision part's torch wrapper, made from the loaded model: pixel_values -> image_features rows
+    vision_wrapper: Any = None
     exporters = ("dynamo",)
     #: who can make the decoder part (`convert --decoder`), preferred first
     decoder_makers = ("builder", "torch")
@@ -151,17 +155,36 @@ class GenerativeFamily(Family):
 
     # -- the towers --------------------------------------------------------------------------------------------
     def check_config(self, config: Any) -> None:
-        text_type = getattr(self.text_config(config), "model_type", None)
+        text = self.text_config(config)
+        text_type = getattr(text, "model_type", None)
         if text_type not in self.language_models:
             raise VlmoptError(f"language model '{text_type}' is not supported by {self.name}; supported: {', '.join(self.language_models)}")
+        token = self.image_token(config)
+        if not 0 <= token < text.vocab_size:
+            raise VlmoptError(
+                f"the config's image token id {token} is outside its text model's vocabulary of {text.vocab_size}; the vision and text configs disagree"
+            )
 
     def image_token(self, config: Any) -> int:
         """The id of the placeholder token the image rows replace."""
         return int(config.image_token_id)
 
     def vision_tower(self, config: Any) -> Tower:
-        """The vision part's tower (pixel_values and `contract.vision_inputs` -> image_features rows)."""
-        raise NotImplementedError
+        """The vision part's tower: pixel_values [num_images, C, H, W] -> image_features [num_images * tokens per image, hidden]
+        through `vision_wrapper`. A family whose vision part takes more (`contract.vision_inputs`) overrides it."""
+        vision, per_image = config.vision_config, self.image_tokens_per_image(config)
+        return Tower(
+            name=self.contract.vision.name,
+            inputs=(image_input(vision, "num_images"),),
+            outputs=(TensorSpec(IMAGE_FEATURES, ("num_image_tokens", self.text_config(config).hidden_size)),),
+            wrap=self.vision_wrapper,
+            num_heads=vision.num_attention_heads,
+            hidden_size=vision.hidden_size,
+            optimizer_model_type="clip",
+            bench_sizes={"num_images": 1},
+            meta={"part": self.contract.vision.name, "image_seq_length": per_image, "quantize": {"fp16": "fp16", "int8": "int8-dynamic"}},
+            derived_axes={"num_image_tokens": f"num_images * {per_image}"},
+        )
 
     def image_tokens_per_image(self, config: Any) -> int:
         """Image rows per image (or per tile, for families that split images): what dummy inputs put in the prompt."""
@@ -219,6 +242,9 @@ class GenerativeFamily(Family):
     def tower_config(self, config: Any, tower: str) -> Any:
         return self.text_config(config) if tower == self.contract.decoder.name else config
 
+    def preprocessor(self, folder: Path) -> VlmPreprocessor:
+        return self.preprocessor_class(folder, self)
+
 
 class VlmPreprocessor:
     """The checkpoint's own processor (chat template, image-token expansion, image preprocessing), run once before any
@@ -242,6 +268,8 @@ class VlmPreprocessor:
         self.tokenizer = self.processor.tokenizer
         self.image_token = getattr(self.processor, "image_token", None) or self.default_image_token
         self.image_token_id = family.image_token(config)
+        #: image tokens per image (per tile, for families that split images)
+        self.image_seq_length = family.image_tokens_per_image(config)
         text = family.text_config(config)
         self.max_positions = int(text.max_position_embeddings)
         self.eos_token_ids = _token_ids(getattr(text, "eos_token_id", None)) or _token_ids(self.tokenizer.eos_token_id)

@@ -23,8 +23,7 @@ import torch
 from torch import nn
 
 from vlmopt.errors import VlmoptError
-from vlmopt.families.base import TensorSpec, Tower, image_input
-from vlmopt.families.generative import IMAGE_FEATURES, GenerativeContract, GenerativeFamily, VlmPreprocessor
+from vlmopt.families.generative import GenerativeContract, GenerativeFamily, VlmPreprocessor
 
 IMAGE_TOKEN = "<image>"
 #: vision towers whose output layout is known: extra (class) tokens before the patch tokens
@@ -66,11 +65,29 @@ class VisionFeatures(nn.Module):
         return features.reshape(-1, features.shape[-1])
 
 
+class LlavaPreprocessor(VlmPreprocessor):
+    """The checkpoint's own processor; every image takes `image_seq_length` tokens."""
+
+    def __init__(self, folder: Path, family: LlavaFamily | None = None):
+        super().__init__(folder, family or LlavaFamily())
+
+    def expected_image_tokens(self, num_images: int, pixel_values: Any, vision_inputs: dict[str, Any]) -> int:
+        return num_images * self.image_seq_length
+
+    def image_token_mismatch(self, found: int, num_images: int, expected: int) -> str:
+        return (
+            f"the prompt holds {found} image tokens for {num_images} image(s) of {self.image_seq_length} tokens each; "
+            f"write {self.image_token} once per image and no image tokens otherwise"
+        )
+
+
 class LlavaFamily(GenerativeFamily):
     name = "llava"
     model_types = ("llava",)
     summary = "LLaVA-style VLM (llama, mistral or qwen2 language model): vision -> image_features, embedding -> inputs_embeds, decoder with KV cache -> logits"
     contract = GenerativeContract(genai_model_type="phi3v")
+    vision_wrapper = VisionFeatures
+    preprocessor_class = LlavaPreprocessor
     language_models = ("llama", "mistral", "qwen2")
     #: fp32 logits reach |33| on a real 30-layer model (SmolLM2), where fp32 itself is the noise: on an Intel Xeon
     #: (AVX-512), transformers' own fp32 logits differ from its fp64 ones by 2.1e-3 at 23 positions, more than the ONNX
@@ -94,38 +111,3 @@ class LlavaFamily(GenerativeFamily):
 
     def image_tokens_per_image(self, config: Any) -> int:
         return image_seq_length(config)
-
-    def vision_tower(self, config: Any) -> Tower:
-        vision, per_image = config.vision_config, image_seq_length(config)
-        return Tower(
-            name=self.contract.vision.name,
-            inputs=(image_input(vision, "num_images"),),
-            outputs=(TensorSpec(IMAGE_FEATURES, ("num_image_tokens", self.text_config(config).hidden_size)),),
-            wrap=VisionFeatures,
-            num_heads=vision.num_attention_heads,
-            hidden_size=vision.hidden_size,
-            optimizer_model_type="clip",
-            bench_sizes={"num_images": 1},
-            meta={"part": self.contract.vision.name, "image_seq_length": per_image, "quantize": {"fp16": "fp16", "int8": "int8-dynamic"}},
-            derived_axes={"num_image_tokens": f"num_images * {per_image}"},
-        )
-
-    def preprocessor(self, folder: Path) -> LlavaPreprocessor:
-        return LlavaPreprocessor(folder, self)
-
-
-class LlavaPreprocessor(VlmPreprocessor):
-    """The checkpoint's own processor; every image takes `image_seq_length` tokens."""
-
-    def __init__(self, folder: Path, family: LlavaFamily | None = None):
-        super().__init__(folder, family or LlavaFamily())
-        self.image_seq_length = image_seq_length(self.config)
-
-    def expected_image_tokens(self, num_images: int, pixel_values: Any, vision_inputs: dict[str, Any]) -> int:
-        return num_images * self.image_seq_length
-
-    def image_token_mismatch(self, found: int, num_images: int, expected: int) -> str:
-        return (
-            f"the prompt holds {found} image tokens for {num_images} image(s) of {self.image_seq_length} tokens each; "
-            f"write {self.image_token} once per image and no image tokens otherwise"
-        )

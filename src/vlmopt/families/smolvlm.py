@@ -22,8 +22,7 @@ import numpy as np
 from torch import nn
 
 from vlmopt.errors import VlmoptError
-from vlmopt.families.base import TensorSpec, Tower, image_input
-from vlmopt.families.generative import IMAGE_FEATURES, PIXEL_VALUES, GenerativeContract, GenerativeFamily, VlmPreprocessor
+from vlmopt.families.generative import PIXEL_VALUES, GenerativeContract, GenerativeFamily, VlmPreprocessor
 
 
 def image_seq_len(config: Any) -> int:
@@ -45,67 +44,11 @@ class VisionFeatures(nn.Module):
         return features.reshape(-1, features.shape[-1])
 
 
-class SmolVlmFamily(GenerativeFamily):
-    name = "smolvlm"
-    model_types = ("smolvlm", "idefics3")
-    summary = "SmolVLM / Idefics3 (llama language model): image tiles -> vision (pixel-shuffle connector) -> image_features, embedding, decoder with KV cache"
-    contract = GenerativeContract()
-    language_models = ("llama",)
-    #: as LLaVA's: fp32 noise of a deep decoder's logits (`LlavaFamily.atol`)
-    atol = 5e-3
-
-    def model_class(self, config: Any) -> Any:
-        from transformers import Idefics3ForConditionalGeneration, SmolVLMForConditionalGeneration
-
-        return Idefics3ForConditionalGeneration if config.model_type == "idefics3" else SmolVLMForConditionalGeneration
-
-    def check_config(self, config: Any) -> None:
-        super().check_config(config)
-        vision, text = config.vision_config, self.text_config(config)
-        side = vision.image_size // vision.patch_size
-        if side % config.scale_factor:
-            raise VlmoptError(f"the vision tower's {side}x{side} patch grid does not divide by the pixel shuffle's scale_factor {config.scale_factor}")
-        if config.image_token_id >= text.vocab_size:
-            raise VlmoptError(f"the image token id {config.image_token_id} is outside the text model's vocabulary of {text.vocab_size}")
-
-    def language_model(self, model: Any) -> Any:
-        return model.model.text_model
-
-    def image_features(self, model: Any, pixel_values: Any, **vision_inputs: Any) -> Any:
-        """transformers takes [batch, tiles, C, S, S]: the flat tiles are one row of tiles."""
-        return super().image_features(model, pixel_values[None], **vision_inputs)
-
-    def generate_inputs(self, pixel_values: Any, vision_inputs: dict[str, Any]) -> dict[str, Any]:
-        return {PIXEL_VALUES: pixel_values[None], **vision_inputs}
-
-    def image_tokens_per_image(self, config: Any) -> int:
-        return image_seq_len(config)
-
-    def vision_tower(self, config: Any) -> Tower:
-        vision, per_tile = config.vision_config, image_seq_len(config)
-        return Tower(
-            name=self.contract.vision.name,
-            inputs=(image_input(vision, "num_images"),),
-            outputs=(TensorSpec(IMAGE_FEATURES, ("num_image_tokens", self.text_config(config).hidden_size)),),
-            wrap=VisionFeatures,
-            num_heads=vision.num_attention_heads,
-            hidden_size=vision.hidden_size,
-            optimizer_model_type="clip",
-            bench_sizes={"num_images": 1},
-            meta={"part": self.contract.vision.name, "image_seq_length": per_tile, "quantize": {"fp16": "fp16", "int8": "int8-dynamic"}},
-            derived_axes={"num_image_tokens": f"num_images * {per_tile}"},
-        )
-
-    def preprocessor(self, folder: Path) -> SmolVlmPreprocessor:
-        return SmolVlmPreprocessor(folder, self)
-
-
 class SmolVlmPreprocessor(VlmPreprocessor):
     """The checkpoint's processor; an image takes `image_seq_len` tokens per tile, its tiles counted from the pixels."""
 
     def __init__(self, folder: Path, family: SmolVlmFamily | None = None):
         super().__init__(folder, family or SmolVlmFamily())
-        self.image_seq_length = image_seq_len(self.config)
         self.tile = int(self.config.vision_config.image_size)
 
     def load_processor(self, folder: Path) -> Any:
@@ -147,3 +90,40 @@ class SmolVlmPreprocessor(VlmPreprocessor):
             nested.append(images[start : start + count])
             start += count
         return nested
+
+
+class SmolVlmFamily(GenerativeFamily):
+    name = "smolvlm"
+    model_types = ("smolvlm", "idefics3")
+    summary = "SmolVLM / Idefics3 (llama language model): image tiles -> vision (pixel-shuffle connector) -> image_features, embedding, decoder with KV cache"
+    contract = GenerativeContract()
+    vision_wrapper = VisionFeatures
+    preprocessor_class = SmolVlmPreprocessor
+    language_models = ("llama",)
+    #: as LLaVA's: fp32 noise of a deep decoder's logits (`LlavaFamily.atol`)
+    atol = 5e-3
+
+    def model_class(self, config: Any) -> Any:
+        from transformers import Idefics3ForConditionalGeneration, SmolVLMForConditionalGeneration
+
+        return Idefics3ForConditionalGeneration if config.model_type == "idefics3" else SmolVLMForConditionalGeneration
+
+    def check_config(self, config: Any) -> None:
+        super().check_config(config)
+        vision = config.vision_config
+        side = vision.image_size // vision.patch_size
+        if side % config.scale_factor:
+            raise VlmoptError(f"the vision tower's {side}x{side} patch grid does not divide by the pixel shuffle's scale_factor {config.scale_factor}")
+
+    def language_model(self, model: Any) -> Any:
+        return model.model.text_model
+
+    def image_features(self, model: Any, pixel_values: Any, **vision_inputs: Any) -> Any:
+        """transformers takes [batch, tiles, C, S, S]: the flat tiles are one row of tiles."""
+        return super().image_features(model, pixel_values[None], **vision_inputs)
+
+    def generate_inputs(self, pixel_values: Any, vision_inputs: dict[str, Any]) -> dict[str, Any]:
+        return {PIXEL_VALUES: pixel_values[None], **vision_inputs}
+
+    def image_tokens_per_image(self, config: Any) -> int:
+        return image_seq_len(config)

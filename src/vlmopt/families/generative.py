@@ -9,8 +9,9 @@ onnxruntime-genai's builder gives each model a class that overrides a few method
 verification (`vlmopt.verification.generation`), `genai_config.json` (`vlmopt.runners.genai`), the builder
 (`vlmopt.genai_builder`) and `convert` read this declaration; they name no part and no Hugging Face attribute.
 
-A decoder-only VLM whose language model is one of `KvCacheLayout`'s is then one family file: its vision tower
-(`vision_tower`), its preprocessor's image-token count, a registration line and a demo model.
+A decoder-only VLM whose language model is one of `KvCacheLayout`'s is then one family file: its vision part's
+wrapper (`vision_wrapper`), the image tokens per image (`image_tokens_per_image`), its preprocessor's image-token
+count (`VlmPreprocessor.expected_image_tokens`), a registration line and a demo model (`vlmopt.families.smolvlm`).
 
 The embedding part merges the image rows inside its graph (`MergedEmbedding`): measured against transformers'
 `masked_scatter` both ways give 0.0 difference with 0, 1 and 2 images, and both cost under 0.12 ms a call (noise
@@ -112,8 +113,8 @@ class Prompt:
 class GenerativeFamily(Family):
     """A family whose parts generate text: the contract, the reference's Hugging Face paths, the towers and the preprocessor.
 
-    A subclass declares `contract`, `language_models`, `vision_tower` (the vision part's wrapper and sizes) and its
-    preprocessor; it overrides a reference method only where its model is not laid out as transformers' LLaVA is."""
+    A subclass declares `contract`, `language_models`, `vision_wrapper`, `image_tokens_per_image` and its
+    `preprocessor_class`; it overrides a reference method only where its model is not laid out as transformers' LLaVA is."""
 
     contract: GenerativeContract = GenerativeContract()
     #: what turns prompts and images into a `Prompt` (a `VlmPreprocessor` subclass, made with the folder and the family)

@@ -53,32 +53,51 @@ class CalibrationData:
 def read_images(folder: Path, option: str, limit: int) -> list:
     """Up to `limit` images of `folder` (sorted by name) as RGB, every one checked: unreadable or oversized files are
     refused by name. `option` names the flag the folder came from, for the messages."""
-    from PIL import Image, UnidentifiedImageError
-
     if not folder.is_dir():
         raise VlmoptError(f"{option} {folder} is not a folder")
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise VlmoptError(f"{option} {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); add some or drop the option")
     what = "calibration" if option.startswith("--calib") else "evaluation"
-    images = []
-    for path in files[:limit]:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(path) as image:
-                    width, height = image.size
-                    if width * height > MAX_IMAGE_PIXELS:
-                        raise VlmoptError(
-                            f"{what} image {path} is {width}x{height} pixels, above the {MAX_IMAGE_PIXELS / 1e6:.0f} MP limit "
-                            "(decompression-bomb guard); resize it or remove it"
-                        )
-                    images.append(image.convert("RGB"))
-        except VlmoptError:
-            raise
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-            raise VlmoptError(f"{what} image {path} cannot be read ({str(exc).splitlines()[0][:120]}); fix or remove it") from exc
-    return images
+    return [read_image(path, what)[0] for path in files[:limit]]
+
+
+def read_image(path: Path, what: str) -> tuple[object, str | None]:
+    """One image as 8-bit RGB, refused (VlmoptError, naming `what` image and the path) when it cannot be read or is over
+    the pixel limit; and how it was converted, where its mode was not RGB: grayscale, palette, CMYK and alpha images
+    through Pillow's conversion, 16-bit ones scaled to 8 bits (Pillow's own conversion clips them to white)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise VlmoptError(
+                        f"{what} image {path} is {width}x{height} pixels, above the {MAX_IMAGE_PIXELS / 1e6:.0f} MP limit "
+                        "(decompression-bomb guard); resize it or remove it"
+                    )
+                mode = image.mode
+                if mode == "RGB":
+                    return image.convert("RGB"), None
+                if mode.startswith("I"):  # 16-bit (or 32-bit integer) grayscale
+                    values = np.asarray(image, dtype=np.float64)
+                    top = 65535.0 if values.max() > 255 else 255.0
+                    gray = Image.fromarray(np.clip(np.round(values / top * 255), 0, 255).astype(np.uint8))
+                    return gray.convert("RGB"), f"{mode} -> RGB (scaled to 8 bits)"
+                if mode == "F":
+                    raise VlmoptError(f"{what} image {path} holds floating-point pixels (mode F); save it as an 8-bit RGB or grayscale image")
+                return image.convert("RGB"), f"{mode} -> RGB"
+    except VlmoptError:
+        raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        found = str(exc).split("(")[1].split(")")[0] if "(" in str(exc) else "too many pixels"
+        raise VlmoptError(
+            f"{what} image {path} has {found}, above the {MAX_IMAGE_PIXELS / 1e6:.0f} MP limit (Pillow's decompression-bomb guard); resize it"
+        ) from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise VlmoptError(f"{what} image {path} cannot be read ({str(exc).splitlines()[0][:120]}); fix or remove it") from exc
 
 
 def process_images(images: list, processor: object, processor_dir: Path) -> np.ndarray:

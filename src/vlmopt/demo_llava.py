@@ -272,14 +272,15 @@ def build_llava(dest: Path, size: str, seed: int = 0, language_model: str | None
         projector_hidden_act="gelu",
         tie_word_embeddings=bool(text.get("tie_word_embeddings", False)),
     )
+    family = LlavaFamily()
     for name in ("pad", "eos", "bos"):
-        setattr(config.text_config, f"{name}_token_id", getattr(tokenizer, f"{name}_token_id"))
+        setattr(family.text_config(config), f"{name}_token_id", getattr(tokenizer, f"{name}_token_id"))
     model = LlavaForConditionalGeneration(config).eval()
     if lm is not None:
         # the real language model: its decoder and head; the new rows (`<image>`, padding) are the mean embedding
         lm.resize_token_embeddings(text["vocab_size"], mean_resizing=True)
-        model.model.language_model.load_state_dict(lm.model.state_dict(), strict=True)
-        model.lm_head.weight.data.copy_(lm.get_output_embeddings().weight.data)
+        family.language_model(model).load_state_dict(lm.get_decoder().state_dict(), strict=True)
+        family.lm_head(model).weight.data.copy_(lm.get_output_embeddings().weight.data)
     generation = model.generation_config
     generation.eos_token_id, generation.pad_token_id, generation.bos_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id
     generation.do_sample = False

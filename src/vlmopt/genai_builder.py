@@ -5,8 +5,8 @@ Mistral and Qwen2 decoders from Hugging Face weights with ONNX Runtime's fused o
 (rotary embedding inside, one KV buffer per layer updated in place), SkipSimplifiedLayerNormalization, one
 QKV MatMul. With `exclude_embeds=true` it takes `inputs_embeds`: the decoder part of a VLM.
 
-It reads a causal-LM checkpoint folder. vlmopt writes the loaded VLM's language model and head into a scratch
-folder as one (the same tensors, saved in shards), runs the builder in a process of its own (so its memory is
+It reads a causal-LM checkpoint folder. vlmopt writes the loaded VLM's language model and head (found where the
+family's generative contract says, `vlmopt.families.generative`) into a scratch folder as one (the same tensors, saved in shards), runs the builder in a process of its own (so its memory is
 its own; its peak is recorded), and renames the graph to the part's file with vlmopt's axis names. The
 builder's command line is fixed here; nothing a user typed reaches it but the checkpoint's own folder.
 """
@@ -62,17 +62,18 @@ def unsupported(text_config: Any) -> str | None:
     return None
 
 
-def write_language_model(model: Any, tokenizer: Any, folder: Path) -> None:
-    """The VLM's language model and head as a causal-LM checkpoint folder (config, safetensors shards, tokenizer)."""
+def write_language_model(family: Any, model: Any, tokenizer: Any, folder: Path) -> None:
+    """The VLM's language model and head (where `family` says they are) as a causal-LM checkpoint folder (config,
+    safetensors shards, tokenizer)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    config = copy.deepcopy(model.config.text_config)
+    config = copy.deepcopy(family.text_config(model.config))
     config.architectures = [ARCHITECTURES[config.model_type]]
     with torch.device("meta"):
         causal = AutoModelForCausalLM.from_config(config)
-    causal.model = model.model.language_model
-    causal.lm_head = model.lm_head
+    setattr(causal, causal.base_model_prefix, family.language_model(model))
+    causal.set_output_embeddings(family.lm_head(model))
     # shards bound the bytes serialised at once (safetensors copies a shard's tensors to write it)
     causal.save_pretrained(str(folder), max_shard_size="200MB")
     tokenizer.save_pretrained(str(folder))
@@ -148,13 +149,14 @@ def adopt_graph(built: Path, path: Path, tower: Tower) -> dict[str, int]:
     return counts
 
 
-def build_decoder(model: Any, tokenizer: Any, tower: Tower, path: Path, say: Callable[[str], None], debug: bool = False) -> dict[str, Any]:
-    """The decoder part at `path`, made by onnxruntime-genai's builder from `model`'s language model; what it did."""
+def build_decoder(family: Any, model: Any, tokenizer: Any, tower: Tower, path: Path, say: Callable[[str], None], debug: bool = False) -> dict[str, Any]:
+    """The decoder part at `path`, made by onnxruntime-genai's builder from `model`'s language model (`family`'s
+    generative contract says where it is); what it did."""
     scratch = path.parent / ".builder"
     scratch.mkdir()
     try:
         say("writing the language model as a causal-LM checkpoint for onnxruntime-genai's builder")
-        write_language_model(model, tokenizer, scratch / "checkpoint")
+        write_language_model(family, model, tokenizer, scratch / "checkpoint")
         say(f"building the decoder with onnxruntime-genai {builder_version()}'s model builder (fp32, GroupQueryAttention)")
         seconds, peak_mb = run_builder(scratch / "checkpoint", scratch / "built", scratch / "cache", debug)
         search = json.loads((scratch / "built" / "genai_config.json").read_text()).get("search", {})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from vlmopt.errors import VlmoptError
@@ -57,19 +58,20 @@ def _family(model_dir: ModelDir, artifact: Artifact) -> Any:
     return family
 
 
-def load_images(paths: list[str]) -> list[Any]:
-    from PIL import Image, UnidentifiedImageError
+def load_images(paths: list[str]) -> tuple[list[Any], list[str]]:
+    """The images as 8-bit RGB (`vlmopt.calibration.read_image`: over Pillow's pixel limit or unreadable: refused), and
+    a note per image converted from another mode (grayscale, CMYK, 16-bit, ...)."""
+    from vlmopt.calibration import read_image
 
-    images = []
+    images, conversions = [], []
     for path in paths:
-        try:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        except FileNotFoundError:
-            raise VlmoptError(f"image {path} does not exist") from None
-        except (UnidentifiedImageError, OSError) as exc:
-            raise VlmoptError(f"cannot read image {path}: {(str(exc).splitlines() or [''])[0][:200]}") from None
-    return images
+        if not Path(path).is_file():
+            raise VlmoptError(f"image {path} does not exist")
+        image, converted = read_image(Path(path), "the")
+        images.append(image)
+        if converted:
+            conversions.append(f"{path}: {converted}")
+    return images, conversions
 
 
 def _backend(artifact: Artifact, requested: str) -> str:
@@ -89,14 +91,17 @@ def open_runner(model_dir: ModelDir, artifact: Artifact, backend: str, preproces
     if backend == "transformers":
         from vlmopt.runners.generate import HfGenerateRunner
 
-        return HfGenerateRunner(folder, threads)
+        return HfGenerateRunner(folder, threads, family=preprocessor.family)
     if backend == "onnxruntime-genai":
         from vlmopt.runners.genai import GenaiGenerateRunner
 
-        return GenaiGenerateRunner(folder, preprocessor.image_seq_length, threads)
+        if preprocessor.contract.genai_model_type is None:
+            raise VlmoptError(f"onnxruntime-genai has no model type that runs {preprocessor.family.name} models; use --backend onnxruntime (vlmopt's loop)")
+
+        return GenaiGenerateRunner(folder, preprocessor.image_token_id, threads)
     from vlmopt.runners.generate import OrtGenerateRunner
 
-    return OrtGenerateRunner(folder, {name: record.file or "" for name, record in artifact.towers.items()}, threads)
+    return OrtGenerateRunner(folder, {name: record.file or "" for name, record in artifact.towers.items()}, threads, preprocessor.contract)
 
 
 class StopGeneration(Exception):
@@ -223,6 +228,7 @@ def generate(
 
     options.validate()
     with Generator(directory, options.artifact, options.backend, threads) as generator:
-        images = load_images(options.image)
+        images, conversions = load_images(options.image)
         prompt = generator.prompt(options.prompt or "", images, chat=not options.raw_prompt, max_new_tokens=options.max_new_tokens)
-        return generator.generate(prompt, options.max_new_tokens, Sampling(options.temperature, options.top_p, options.seed), on_text)
+        result = generator.generate(prompt, options.max_new_tokens, Sampling(options.temperature, options.top_p, options.seed), on_text)
+    return {**result, "image_conversions": conversions}

@@ -20,9 +20,10 @@ def all_families() -> tuple[Family, ...]:
     from vlmopt.families.bert import BertStyleFamily
     from vlmopt.families.dual_encoder import ClipFamily, SiglipFamily
     from vlmopt.families.llava import LlavaFamily
+    from vlmopt.families.smolvlm import SmolVlmFamily
     from vlmopt.families.vit import VitFamily
 
-    return (ClipFamily(), SiglipFamily(), VitFamily(), BertStyleFamily(), LlavaFamily())
+    return (ClipFamily(), SiglipFamily(), VitFamily(), BertStyleFamily(), LlavaFamily(), SmolVlmFamily())
 
 
 def family_named(name: str | None) -> Family | None:

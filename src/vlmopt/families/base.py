@@ -154,8 +154,8 @@ class Family:
     #: verification tolerance (max abs diff) between PyTorch and the fp32 export
     atol: float = 1e-4
     supports_monolith: bool = False
-    #: its parts generate text (`vlmopt generate`); an encoder family's do not
-    generative: bool = False
+    #: a generative family's contract (`vlmopt.families.generative.GenerativeContract`); None for an encoder family
+    contract: Any = None
     #: the ONNX exporters its towers can go through (a decoder with a KV cache needs the dynamo exporter)
     exporters: tuple[str, ...] = ("dynamo", "torchscript")
     #: who can make its decoder part (`convert --decoder`), preferred first; () for a family without one
@@ -173,8 +173,13 @@ class Family:
     #: where structured pruning finds MLPs and attention heads (None: the family cannot be pruned)
     prune_layout: PruneLayout | None = None
 
-    def towers(self, config: Any, hf_dir: Path | None = None, monolith: bool = False) -> list[Tower]:
-        """The towers of this checkpoint; a generative family (`decoder_makers`) also takes `decoder=` (who makes its decoder)."""
+    @property
+    def generative(self) -> bool:
+        """Its parts generate text (`vlmopt generate`); an encoder family's do not."""
+        return self.contract is not None
+
+    def towers(self, config: Any, hf_dir: Path | None = None, monolith: bool = False, decoder: str = "torch") -> list[Tower]:
+        """The towers of this checkpoint; `decoder` says who makes a generative family's decoder (`decoder_makers`)."""
         raise NotImplementedError
 
     def pruning(self, config: Any) -> PruneLayout | None:

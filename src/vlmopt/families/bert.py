@@ -97,7 +97,7 @@ class BertStyleFamily(Family):
     def pruning(self, config: Any) -> PruneLayout | None:
         return self.prune_layout if config.model_type in ("bert", "roberta", "xlm-roberta", "electra") else None
 
-    def towers(self, config: Any, hf_dir: Path | None = None, monolith: bool = False) -> list[Tower]:
+    def towers(self, config: Any, hf_dir: Path | None = None, monolith: bool = False, decoder: str = "torch") -> list[Tower]:
         pooling, normalize, source = sentence_transformers_pooling(hf_dir)
         with_token_types = self.token_types[config.model_type]
         inputs = [

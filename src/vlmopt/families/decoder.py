@@ -1,4 +1,4 @@
-"""Decoders with a KV cache: the interface generated from a text config, and the wrapper that exports one merged graph.
+"""The torch wrappers of a generative model's embedding and decoder parts. Decoders with a KV cache: the interface generated from a text config, and the wrapper that exports one merged graph.
 
 What Optimum's `OnnxConfigWithPast` does for its exporters, in vlmopt's vocabulary: `KvCacheLayout` holds
 the few sizes that decide a decoder's interface (layers, key/value heads, head size, hidden size, vocabulary,
@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from vlmopt.families.base import CONCAT, TensorSpec, TextVocab, Tower, text_vocab
@@ -144,3 +145,25 @@ class CausalLmWithPast(nn.Module):
         for layer in cache.layers:
             present += [layer.keys, layer.values]
         return (self.lm_head(out.last_hidden_state), *present)
+
+
+class MergedEmbedding(nn.Module):
+    """input_ids + image_features -> inputs_embeds, image rows written in order at the image-token positions.
+
+    Takes 0 image rows too (decode steps, text-only prompts): a zero row is appended so the gather always
+    reads something, and positions that are not image tokens keep their token embedding."""
+
+    def __init__(self, embed_tokens: nn.Module, token: int):
+        super().__init__()
+        self.embed_tokens = embed_tokens
+        self.image_token = token
+
+    def forward(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        embeds = self.embed_tokens(input_ids)
+        is_image = input_ids == self.image_token
+        flat = is_image.reshape(-1)
+        count = image_features.shape[0]
+        index = torch.cumsum(flat.to(torch.int64), dim=0) - 1
+        index = torch.where(flat, torch.clamp(index, max=count), torch.full_like(index, count))
+        rows = torch.cat([image_features.to(embeds.dtype), image_features.new_zeros((1, image_features.shape[1]))], dim=0)
+        return torch.where(is_image.unsqueeze(-1), rows[index].reshape(embeds.shape), embeds)

@@ -86,7 +86,7 @@ class DualEncoderFamily(Family):
             return (ids,)
         return (ids, TensorSpec("attention_mask", (vocab_batch, "sequence"), "int64", "attention_mask"))
 
-    def towers(self, config: Any, hf_dir: Path | None = None, monolith: bool = False) -> list[Tower]:
+    def towers(self, config: Any, hf_dir: Path | None = None, monolith: bool = False, decoder: str = "torch") -> list[Tower]:
         vision_cfg, text_cfg = config.vision_config, config.text_config
         image_dim, text_dim = self.embedding_dims(config)
         vocab = text_vocab(text_cfg)

@@ -51,7 +51,7 @@ class VitFamily(Family):
 
         return AutoModelForImageClassification if is_classifier(config) else AutoModel
 
-    def towers(self, config: Any, hf_dir: Path | None = None, monolith: bool = False) -> list[Tower]:
+    def towers(self, config: Any, hf_dir: Path | None = None, monolith: bool = False, decoder: str = "torch") -> list[Tower]:
         if is_classifier(config):
             output = TensorSpec("logits", ("batch", config.num_labels))
             wrap = ClassificationLogits

@@ -118,8 +118,8 @@ class ArtifactRunners:
             from vlmopt.hf import load_model
 
             self._model = load_model(self.folder, config=config, family=family, attn_implementation=self.attn_implementation)
-        made_by = {"decoder": tower.meta.get("maker", "torch")} if family.decoder_makers else {}  # the wrapper of the candidate's contract
-        full = {t.name: t for t in family.towers(config, self.folder, monolith=tower.name == "model", **made_by)}
+        maker = tower.meta.get("maker", "torch")  # the wrapper of the candidate's contract
+        full = {t.name: t for t in family.towers(config, self.folder, monolith=tower.name == "model", decoder=maker)}
         import torch
 
         dtype = getattr(torch, self.torch_dtype)

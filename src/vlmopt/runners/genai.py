@@ -1,12 +1,13 @@
 """onnxruntime-genai (PyPI `onnxruntime-genai`, tested with 0.18) as a generation backend for three-part artifacts.
 
-onnxruntime-genai has no `llava` model type ("Unsupported model_type in config.json: llava"). Its multimodal
-pipeline is generic for the types whose vision state is the plain one, `phi3v` and `gemma3`: vision
-(pixel_values) -> image_features, embedding (input_ids, image_features) -> inputs_embeds, then the decoder.
-What is type-specific there is the *processor* (phi3v's HD crops, gemma3's 256 `<image_soft_token>`), which
-cannot serve llava. So `genai_config.json` declares `phi3v`, and the runner does not use genai's processor:
-it feeds the ids (image tokens already expanded by the model's own processor) and the pixels through
-`generator.set_inputs`, with `num_image_tokens`, without which the pipeline silently runs no vision part.
+`genai_config.json` declares the model type the family's generative contract names (`genai_model_type`; a family
+genai runs none of gets no config). Its multimodal pipeline is generic for the types whose vision state is the
+plain one, `phi3v` and `gemma3`: vision (pixel_values) -> image_features, embedding (input_ids, image_features)
+-> inputs_embeds, then the decoder. What is type-specific there is the *processor* (phi3v's HD crops, gemma3's
+256 `<image_soft_token>`), which cannot serve llava, whose contract declares `phi3v` (genai has no `llava`). So
+the runner does not use genai's processor: it feeds the ids (image tokens already expanded by the model's own
+processor) and the pixels through `generator.set_inputs`, with `num_image_tokens` (the prompt's image tokens),
+without which the pipeline silently runs no vision part.
 Its multimodal pipeline generates one sequence at a time. This leans on genai internals (the generic vision
 state of phi3v, that extra input), so the artifact records the genai version it was checked with.
 """
@@ -20,49 +21,53 @@ from typing import Any
 import numpy as np
 
 from vlmopt.errors import VlmoptError
+from vlmopt.families.generative import ATTENTION_MASK, IMAGE_FEATURES, INPUT_IDS, INPUTS_EMBEDS, LOGITS, PIXEL_VALUES, POSITION_IDS
 from vlmopt.runners.generate import GenerateRequest, GenerateResult, GenerateRunner, OnToken, Steps
 from vlmopt.versions import package_version
 
 CONFIG_NAME = "genai_config.json"
-#: the onnxruntime-genai model type whose generic multimodal pipeline runs llava's parts
-MODEL_TYPE = "phi3v"
 
 
 def genai_version() -> str | None:
     return package_version("onnxruntime-genai")
 
 
-def write_genai_config(folder: Path, towers: dict[str, Any], preprocessor: Any) -> dict[str, Any]:
-    """genai_config.json for the artifact in `folder` (its `vision`, `embedding` and `decoder` towers); what it declares.
+def write_genai_config(folder: Path, towers: dict[str, Any], preprocessor: Any) -> dict[str, Any] | None:
+    """genai_config.json for the artifact in `folder` (the towers of the family's contract, sections named after its
+    parts); what it declares. None, and no file, where onnxruntime-genai runs no model type of the family.
 
     The decoder's contract is read from its interface: with position_ids it is a Concat-KV graph (torch export,
     past and present separate), without it onnxruntime-genai's own GroupQueryAttention graph (one shared buffer)."""
-    decoder = towers["decoder"]
+    contract = preprocessor.contract
+    model_type = contract.genai_model_type
+    if model_type is None:
+        return None
+    decoder = towers[contract.decoder.name]
     interface = decoder.tower
     layout = interface.meta.get("kv_cache") or {}
     inputs = {spec.name for spec in interface.inputs}
-    position_ids = "position_ids" in inputs
+    position_ids = POSITION_IDS in inputs
     # threads: ONNX Runtime's default (the runner overlays --threads); string entries are session config entries:
     # threads that spin between runs slow whatever else runs on shared cores
     session = {"log_id": "vlmopt", "session.intra_op.allow_spinning": "0"}
     decoder_inputs = {
-        "inputs_embeds": "inputs_embeds",
-        "attention_mask": "attention_mask",
+        "inputs_embeds": INPUTS_EMBEDS,
+        "attention_mask": ATTENTION_MASK,
         "past_key_names": "past_key_values.%d.key",
         "past_value_names": "past_key_values.%d.value",
-        **({"position_ids": "position_ids"} if position_ids else {}),
+        **({"position_ids": POSITION_IDS} if position_ids else {}),
     }
     vocab = interface.vocab
     eos = preprocessor.eos_token_ids
     config = {
         "model": {
-            "type": MODEL_TYPE,
+            "type": model_type,
             "bos_token_id": vocab.bos_token_id if vocab and vocab.bos_token_id is not None else preprocessor.pad_token_id,
             "eos_token_id": eos if len(eos) != 1 else eos[0],
             "pad_token_id": preprocessor.pad_token_id,
             "vocab_size": layout["vocab_size"],
             "context_length": layout["max_positions"],
-            "decoder": {
+            contract.decoder.name: {
                 "filename": decoder.file,
                 "session_options": session,
                 "head_size": layout["head_dim"],
@@ -71,19 +76,19 @@ def write_genai_config(folder: Path, towers: dict[str, Any], preprocessor: Any) 
                 "num_hidden_layers": layout["num_layers"],
                 "num_key_value_heads": layout["kv_heads"],
                 "inputs": decoder_inputs,
-                "outputs": {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
+                "outputs": {"logits": LOGITS, "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
             },
-            "embedding": {
-                "filename": towers["embedding"].file,
+            contract.embedding.name: {
+                "filename": towers[contract.embedding.name].file,
                 "session_options": session,
-                "inputs": {"input_ids": "input_ids", "image_features": "image_features"},
-                "outputs": {"inputs_embeds": "inputs_embeds"},
+                "inputs": {"input_ids": INPUT_IDS, "image_features": IMAGE_FEATURES},
+                "outputs": {"inputs_embeds": INPUTS_EMBEDS},
             },
-            "vision": {
-                "filename": towers["vision"].file,
+            contract.vision.name: {
+                "filename": towers[contract.vision.name].file,
                 "session_options": session,
-                "inputs": {"pixel_values": "pixel_values"},
-                "outputs": {"image_features": "image_features"},
+                "inputs": {"pixel_values": PIXEL_VALUES},
+                "outputs": {"image_features": IMAGE_FEATURES},
             },
         },
         "search": {
@@ -100,7 +105,7 @@ def write_genai_config(folder: Path, towers: dict[str, Any], preprocessor: Any) 
         },
     }
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    return {"file": CONFIG_NAME, "model_type": MODEL_TYPE, "past_present_share_buffer": not position_ids, "written_with_genai": genai_version()}
+    return {"file": CONFIG_NAME, "model_type": model_type, "past_present_share_buffer": not position_ids, "written_with_genai": genai_version()}
 
 
 def write_runtime_files(preprocessor: Any, folder: Path, towers: dict[str, Any]) -> dict[str, Any]:
@@ -114,7 +119,7 @@ class GenaiGenerateRunner(GenerateRunner):
     backend = "onnxruntime-genai"
     max_batch = 1
 
-    def __init__(self, folder: Path, image_seq_length: int, threads: int | None = None):
+    def __init__(self, folder: Path, image_token_id: int, threads: int | None = None):
         try:
             import onnxruntime_genai as og
         except ImportError:
@@ -122,12 +127,13 @@ class GenaiGenerateRunner(GenerateRunner):
         if not (folder / CONFIG_NAME).is_file():
             raise VlmoptError(f"{folder} has no {CONFIG_NAME}; re-make it with `vlmopt convert` to run it under onnxruntime-genai")
         self.og = og
-        self.image_seq_length = image_seq_length
+        self.image_token_id = image_token_id
         try:
             config = og.Config(str(folder))
             if threads:
                 options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
-                parts = {part: {"session_options": options} for part in ("decoder", "embedding", "vision")}
+                sections = json.loads((folder / CONFIG_NAME).read_text())["model"]
+                parts = {part: {"session_options": options} for part, value in sections.items() if isinstance(value, dict) and "filename" in value}
                 config.overlay(json.dumps({"model": parts}))
             self.model = og.Model(config)
         except Exception as exc:
@@ -145,10 +151,12 @@ class GenaiGenerateRunner(GenerateRunner):
         params.set_search_options(**search)
         generator = og.Generator(self.model, params)
         inputs = og.NamedTensors()
-        inputs["input_ids"] = prompt.input_ids.astype(np.int32)
+        inputs[INPUT_IDS] = prompt.input_ids.astype(np.int32)
         if prompt.pixel_values is not None:
-            inputs["pixel_values"] = prompt.pixel_values.astype(np.float32)
-            inputs["num_image_tokens"] = np.array([prompt.num_images * self.image_seq_length], dtype=np.int64)
+            inputs[PIXEL_VALUES] = prompt.pixel_values.astype(np.float32)
+            for name, value in prompt.vision_inputs.items():
+                inputs[name] = value
+            inputs["num_image_tokens"] = np.array([int((prompt.input_ids == self.image_token_id).sum())], dtype=np.int64)
         steps = Steps(request, on_token)
         generator.set_inputs(inputs)  # vision, embedding and the decoder's prefill
         while not generator.is_done():

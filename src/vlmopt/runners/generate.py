@@ -5,8 +5,9 @@ Every backend takes the same `GenerateRequest`, made once by the family's prepro
 image tokens expanded, pixels), so all of them see identical ids. `generate` checks the request and
 keeps the timings; a backend writes only `generate_impl`, as tower runners write `run_impl`.
 
-The ONNX Runtime loop runs the three parts of the genai contract (vision -> image_features, embedding
--> inputs_embeds, decoder with a KV cache). It keeps the cache in ONNX Runtime's memory with IO binding
+The ONNX Runtime loop runs the three parts of the family's generative contract
+(`vlmopt.families.generative.GenerativeContract`: vision -> image_features, embedding -> inputs_embeds, decoder with
+a KV cache), by the names the contract gives them; transformers' reference reads its Hugging Face paths from the family. It keeps the cache in ONNX Runtime's memory with IO binding
 (`KvCache`), in the decoder's own contract:
   * concat (a decoder exported from PyTorch): each step's `present` outputs are bound as the next step's
     `past` inputs, with no copy through numpy (the graph's Concat still copies inside); left padding;
@@ -30,10 +31,22 @@ from typing import Any
 import numpy as np
 
 from vlmopt.errors import VlmoptError
+from vlmopt.families.generative import (
+    ATTENTION_MASK,
+    IMAGE_FEATURES,
+    INPUT_IDS,
+    INPUTS_EMBEDS,
+    LOGITS,
+    PIXEL_VALUES,
+    POSITION_IDS,
+    POSITIONS_1D,
+    SELF_ATTENTION,
+    GenerativeContract,
+    Prompt,
+)
 from vlmopt.graph import LOGITS_TO_KEEP
 from vlmopt.inputs import position_ids
 from vlmopt.runners.ort_runner import quiet_cpu_options
-from vlmopt.runners.prompt import Prompt
 
 #: called after each step with the new token of every sequence
 OnToken = Callable[[np.ndarray], None]
@@ -189,7 +202,7 @@ class GenerateRunner(ABC):
     @abstractmethod
     def generate_impl(self, request: GenerateRequest, on_token: OnToken | None) -> GenerateResult: ...
 
-    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray | None:
+    def encode_images(self, pixel_values: np.ndarray, vision_inputs: dict[str, np.ndarray] | None = None) -> np.ndarray | None:
         """The image features alone (the benchmark's image-encode latency); None where the backend cannot run them alone."""
         return None
 
@@ -209,22 +222,23 @@ class HfGenerateRunner(GenerateRunner):
 
     backend = "transformers"
 
-    def __init__(self, folder: Path | None = None, threads: int | None = None, attn_implementation: str = "sdpa", model: Any = None):
+    def __init__(self, folder: Path | None = None, threads: int | None = None, attn_implementation: str = "sdpa", model: Any = None, family: Any = None):
         import torch
 
+        from vlmopt.families import family_for
         from vlmopt.hf import load_model
 
         if threads:
             torch.set_num_threads(threads)
         self.model = model if model is not None else load_model(Path(folder or "."), attn_implementation=attn_implementation)
+        self.family = family if family is not None else family_for(self.model.config)
 
-    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+    def encode_images(self, pixel_values: np.ndarray, vision_inputs: dict[str, np.ndarray] | None = None) -> np.ndarray:
         import torch
 
+        extra = {name: torch.from_numpy(value) for name, value in (vision_inputs or {}).items()}
         with torch.inference_mode():
-            features = self.model.model.get_image_features(pixel_values=torch.from_numpy(pixel_values))
-        rows = features.pooler_output if hasattr(features, "pooler_output") else features
-        return torch.cat(list(rows), 0).numpy() if isinstance(rows, tuple | list) else rows.reshape(-1, rows.shape[-1]).numpy()
+            return self.family.image_features(self.model, torch.from_numpy(pixel_values), **extra).numpy()
 
     def generate_impl(self, request: GenerateRequest, on_token: OnToken | None) -> GenerateResult:
         import torch
@@ -257,7 +271,8 @@ class HfGenerateRunner(GenerateRunner):
             "streamer": Stream(),
         }
         if prompt.pixel_values is not None:
-            kwargs["pixel_values"] = torch.from_numpy(prompt.pixel_values)
+            extra = {name: torch.from_numpy(value) for name, value in prompt.vision_inputs.items()}
+            kwargs.update(self.family.generate_inputs(torch.from_numpy(prompt.pixel_values), extra))
         if request.sampling.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
@@ -284,21 +299,29 @@ def ort_session(path: Path, threads: int | None) -> Any:
 
 
 class OrtParts:
-    """The vision, embedding and decoder sessions of one artifact, and what each step needs from them."""
+    """The vision, embedding and decoder sessions of one artifact (named by the family's `contract`), and what each step needs from them."""
 
-    def __init__(self, folder: Path, files: dict[str, str], threads: int | None = None):
-        missing = [part for part in ("embedding", "decoder") if part not in files]
+    def __init__(self, folder: Path, files: dict[str, str], threads: int | None = None, contract: GenerativeContract | None = None):
+        contract = contract or GenerativeContract()
+        if contract.positions != POSITIONS_1D or contract.cache != SELF_ATTENTION:
+            raise VlmoptError(
+                f"vlmopt's ONNX Runtime loop runs 1-D positions and a self-attention cache, not {contract.positions} positions "
+                f"with a {contract.cache} cache; generate with --backend transformers"
+            )
+        self.contract = contract
+        vision, embedding, decoder = (part.name for part in contract.parts)
+        missing = [part for part in (embedding, decoder) if part not in files]
         if missing:
-            raise VlmoptError(f"{folder} has no {' and no '.join(missing)} part; generation needs embedding and decoder parts")
-        self.vision = ort_session(folder / files["vision"], threads) if "vision" in files else None
-        self.embedding = ort_session(folder / files["embedding"], threads)
-        self.decoder = ort_session(folder / files["decoder"], threads)
+            raise VlmoptError(f"{folder} has no {' and no '.join(missing)} part; generation needs {embedding} and {decoder} parts")
+        self.vision = ort_session(folder / files[vision], threads) if vision in files else None
+        self.embedding = ort_session(folder / files[embedding], threads)
+        self.decoder = ort_session(folder / files[decoder], threads)
         inputs = {i.name: i for i in self.decoder.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
         self.present_names = [o.name for o in self.decoder.get_outputs() if o.name.startswith("present.")]
         if not self.past_names or len(self.past_names) != len(self.present_names):
-            raise VlmoptError(f"{files['decoder']} is not a decoder with a KV cache (past_key_values.* -> present.*)")
-        self.takes_positions = "position_ids" in inputs
+            raise VlmoptError(f"{files[decoder]} is not a decoder with a KV cache (past_key_values.* -> present.*)")
+        self.takes_positions = POSITION_IDS in inputs
         #: convert gives the decoder `logits_to_keep` (a prefill computes its last position's logits only)
         self.keeps_logits = LOGITS_TO_KEEP in inputs
         #: GroupQueryAttention decoders (onnxruntime-genai's builder) take no positions (rotary inside the operator)
@@ -306,35 +329,36 @@ class OrtParts:
         self.shares_buffer = not self.takes_positions
         past = inputs[self.past_names[0]].shape
         if not isinstance(past[1], int) or not isinstance(past[3], int):
-            raise VlmoptError(f"{files['decoder']} does not declare its key/value heads and head size (past shape {past}); re-make it with `vlmopt convert`")
+            raise VlmoptError(f"{files[decoder]} does not declare its key/value heads and head size (past shape {past}); re-make it with `vlmopt convert`")
         self.kv_heads, self.head_dim = int(past[1]), int(past[3])
-        self.hidden = int(inputs["inputs_embeds"].shape[2])
-        self.embeds_dtype = np.float16 if inputs["inputs_embeds"].type == "tensor(float16)" else np.float32
+        self.hidden = int(inputs[INPUTS_EMBEDS].shape[2])
+        self.embeds_dtype = np.float16 if inputs[INPUTS_EMBEDS].type == "tensor(float16)" else np.float32
         self.past_dtype = np.float16 if inputs[self.past_names[0]].type == "tensor(float16)" else np.float32
 
-    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+    def encode_images(self, pixel_values: np.ndarray, vision_inputs: dict[str, np.ndarray] | None = None) -> np.ndarray:
         if self.vision is None:
-            raise VlmoptError("this artifact has no vision part")
-        return self.vision.run(["image_features"], {"pixel_values": pixel_values.astype(np.float32)})[0]
+            raise VlmoptError(f"this artifact has no {self.contract.vision.name} part")
+        feed = {PIXEL_VALUES: pixel_values.astype(np.float32), **(vision_inputs or {})}
+        return self.vision.run([IMAGE_FEATURES], feed)[0]
 
     def embed(self, input_ids: np.ndarray, image_features: np.ndarray | None = None) -> np.ndarray:
         features = np.zeros((0, self.hidden), np.float32) if image_features is None else image_features
-        return self.embedding.run(["inputs_embeds"], {"input_ids": input_ids.astype(np.int64), "image_features": features})[0]
+        return self.embedding.run([INPUTS_EMBEDS], {INPUT_IDS: input_ids.astype(np.int64), IMAGE_FEATURES: features})[0]
 
     def empty_past(self, batch: int, length: int = 0) -> np.ndarray:
         return np.zeros((batch, self.kv_heads, length, self.head_dim), self.past_dtype)
 
     def step_feed(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
-        feed = {"inputs_embeds": np.ascontiguousarray(inputs_embeds.astype(self.embeds_dtype)), "attention_mask": np.ascontiguousarray(attention_mask)}
+        feed = {INPUTS_EMBEDS: np.ascontiguousarray(inputs_embeds.astype(self.embeds_dtype)), ATTENTION_MASK: np.ascontiguousarray(attention_mask)}
         if self.takes_positions:
-            feed["position_ids"] = position_ids(attention_mask, inputs_embeds.shape[1])
+            feed[POSITION_IDS] = position_ids(attention_mask, inputs_embeds.shape[1])
         return feed
 
     def decode(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """The logits of one prefill with no past (numpy in and out, unpadded rows: every contract takes those). For checks."""
         batch = inputs_embeds.shape[0]
         past = {name: self.empty_past(batch) for name in self.past_names}
-        return self.decoder.run(["logits"], {**self.step_feed(inputs_embeds, attention_mask), **past})[0]
+        return self.decoder.run([LOGITS], {**self.step_feed(inputs_embeds, attention_mask), **past})[0]
 
     def cache(self, batch: int, capacity: int) -> KvCache:
         """A fresh KV cache for one generation of `batch` rows and at most `capacity` positions."""
@@ -373,7 +397,7 @@ class KvCache:
         if parts.keeps_logits:
             binding.bind_cpu_input(LOGITS_TO_KEEP, np.array(keep, np.int64))
         binding.clear_binding_outputs()
-        binding.bind_output("logits", "cpu")  # rebound each step: its shape changes from prefill to decode
+        binding.bind_output(LOGITS, "cpu")  # rebound each step: its shape changes from prefill to decode
         for name, value in zip(parts.present_names, self.values, strict=True):
             if parts.shares_buffer:
                 binding.bind_ortvalue_output(name, value)
@@ -455,18 +479,18 @@ class OrtGenerateRunner(GenerateRunner):
 
     backend = "onnxruntime"
 
-    def __init__(self, folder: Path, files: dict[str, str], threads: int | None = None):
-        self.parts = OrtParts(folder, files, threads)
+    def __init__(self, folder: Path, files: dict[str, str], threads: int | None = None, contract: GenerativeContract | None = None):
+        self.parts = OrtParts(folder, files, threads, contract)
 
-    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
-        return self.parts.encode_images(pixel_values)
+    def encode_images(self, pixel_values: np.ndarray, vision_inputs: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        return self.parts.encode_images(pixel_values, vision_inputs)
 
     def generate_impl(self, request: GenerateRequest, on_token: OnToken | None) -> GenerateResult:
         parts, prompt = self.parts, request.prompt
         steps = Steps(request, on_token)
         features = None
         if prompt.pixel_values is not None:
-            features = parts.encode_images(prompt.pixel_values)
+            features = parts.encode_images(prompt.pixel_values, prompt.vision_inputs)
             steps.image_encode_s = time.perf_counter() - steps.started
         batch, prompt_length = prompt.attention_mask.shape
         cache = parts.cache(batch, prompt_length + request.max_new_tokens)

@@ -209,11 +209,10 @@ class Convert(Stage):
         if options.static and family.generative:
             raise VlmoptError(f"{family.name} parts keep dynamic axes (the decoder's past grows every step); drop --static")
         decoder = choose_decoder(options.decoder, family, config)
-        made_by = {"decoder": decoder} if family.decoder_makers else {}
-        towers = family.towers(config, job.parent_dir, monolith=options.monolith, **made_by)
+        towers = family.towers(config, job.parent_dir, monolith=options.monolith, decoder=decoder)
         if options.static:
             towers = [t.with_static_axes(_static_sizes(t, options)) for t in towers]
-        job.state.update(config=config, family=family, wrappable={t.name: t for t in towers}, decoder=decoder)
+        job.state.update(config=config, family=family, wrappable={t.name: t for t in towers}, decoder_maker=decoder)
 
     def describe(self, artifact: Any) -> list[Any]:
         return _describe_decoder(artifact)
@@ -240,7 +239,7 @@ class Convert(Stage):
             if tower.meta.get("maker") == "builder":
                 from vlmopt.genai_builder import build_decoder
 
-                work[tower.name] = build_decoder(model, preprocessor.tokenizer, tower, path, job.say, job.context.debug)
+                work[tower.name] = build_decoder(family, model, preprocessor.tokenizer, tower, path, job.say, job.context.debug)
                 children_mb = work[tower.name]["builder_peak_rss_mb"]
                 records[tower.name] = TowerRecord(_unwrapped(tower), path.name, graph.weight_bytes(tmp, path.name))
                 continue
@@ -252,12 +251,13 @@ class Convert(Stage):
             work[tower.name] = {"exporter": exporter, "export_seconds": round(time.perf_counter() - started, 2), "dynamic": not options.static}
             records[tower.name] = TowerRecord(_unwrapped(tower), path.name, graph.weight_bytes(tmp, path.name))
         module = None
-        if family.generative and "decoder" in records:
+        decoder_part = family.contract.decoder.name if family.generative else None
+        if decoder_part in records:
             # a prefill asks for its last position's logits only (`logits_to_keep`, as transformers' generate does)
-            work["decoder"]["logits_to_keep"] = graph.add_logits_to_keep(tmp / records["decoder"].file)
+            work[decoder_part]["logits_to_keep"] = graph.add_logits_to_keep(tmp / records[decoder_part].file)
         record: dict[str, Any] = {"opset": options.opset, "towers": work, "export_memory": export_memory(weights, children_mb)}
-        if family.decoder_makers:
-            record["decoder"] = job.state["decoder"]
+        if decoder_part is not None and family.decoder_makers:
+            record[decoder_part] = job.state["decoder_maker"]
         job.say("verifying every tower against PyTorch")
         atol = options.atol if options.atol is not None else family.atol
         threads = job.context.thread_count
@@ -288,7 +288,12 @@ class Convert(Stage):
 
 
 def _describe_decoder(artifact: Any) -> list[Any]:
-    made = (artifact.record.get("towers") or {}).get("decoder") or {}
+    from vlmopt.families import family_named
+
+    family = family_named(artifact.traits.family)
+    if family is None or not family.generative:
+        return []
+    made = (artifact.record.get("towers") or {}).get(family.contract.decoder.name) or {}
     if "maker" not in made:
         return []
     fused = ", ".join(f"{op} x{n}" for op, n in made.get("fused_operators", {}).items())
@@ -310,15 +315,17 @@ def export_memory(weight_bytes: int, builder_mb: float | None = None) -> dict[st
 def choose_decoder(requested: str, family: Any, config: Any) -> str:
     """Who makes the decoder part: `auto` takes the family's first maker that can build this checkpoint
     (onnxruntime-genai's builder where it is installed and builds the language model), `torch` otherwise."""
+    from vlmopt.families import generative_families
+
     if not family.decoder_makers:
         if requested != "auto":
-            raise VlmoptError(f"--decoder {requested} applies to generative models (llava); {family.name} has no decoder part")
+            raise VlmoptError(f"--decoder {requested} applies to generative models ({', '.join(generative_families())}); {family.name} has no decoder part")
         return "torch"
     if requested == "torch":
         return "torch"
     from vlmopt.genai_builder import unsupported
 
-    reason = unsupported(config.text_config)
+    reason = unsupported(family.text_config(config))
     if reason is None:
         return "builder"
     if requested == "builder":

@@ -1,7 +1,10 @@
 """Verification of generative artifacts (vision, embedding and decoder parts with a KV cache).
 
+Every part name, tensor name and Hugging Face path comes from the family's generative contract
+(`vlmopt.families.generative`), reached through the preprocessor the family made (`preprocessor.family`).
+
 After `convert` (fp32 parts against transformers itself, not against vlmopt's wrappers):
-  * vision: image_features against `get_image_features`, 1 and 2 images;
+  * vision: image_features against the family's reference image features (transformers' own), 1 and 2 images;
   * embedding: inputs_embeds against transformers' `masked_scatter` merge, 0, 1 and 2 images, batch 1 and 2;
   * decoder: logits (and the first layer's present key) against the language model and head run by
     transformers with its own mask code and `DynamicCache`: prompts of two lengths at batch 1 and 2 (left
@@ -25,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from vlmopt.families.generative import IMAGE_FEATURES, INPUTS_EMBEDS, LOGITS
 from vlmopt.records import DataCheck, MetricCheck, OutputCheck
 from vlmopt.samples import PROMPTS, TEXT_SOURCE, sample_image, text_tokens
 from vlmopt.verification.compare import compare
@@ -107,18 +111,19 @@ def conversion_checks(
     from vlmopt.families.base import SHARED, kv_contract
     from vlmopt.runners.generate import OrtGenerateRunner
 
-    shares_buffer = kv_contract(towers["decoder"].tower) == SHARED
+    contract = preprocessor.contract
+    shares_buffer = kv_contract(towers[contract.decoder.name].tower) == SHARED
     say("computing transformers' references: image features, embeddings, decoder logits, greedy generations")
     references = _references(holder.pop("model"), preprocessor, shares_buffer)
     gc.collect()
     files = {name: record.file for name, record in towers.items()}
     checks: dict[str, list[DataCheck]] = {}
-    with OrtGenerateRunner(folder, files, threads) as runner:
+    with OrtGenerateRunner(folder, files, threads, contract) as runner:
         parts = runner.parts
-        say("checking the vision, embedding and decoder parts against transformers (prefill and decode steps)")
-        checks["vision"] = [_vision(references.vision, parts)]
-        checks["embedding"] = [_embedding(references.embedding, parts)]
-        checks["decoder"] = [_decoder(references.decoder, parts)]
+        say(f"checking the {', '.join(contract.part_names)} parts against transformers (prefill and decode steps)")
+        checks[contract.vision.name] = [_vision(references.vision, parts)]
+        checks[contract.embedding.name] = [_embedding(references.embedding, parts)]
+        checks[contract.decoder.name] = [_decoder(references.decoder, parts)]
         say(f"greedy generation of {CONVERSION_NEW_TOKENS} tokens on {CONVERSION_PAIRS} image+prompt pairs against transformers' generate")
         metrics = _generation(references, preprocessor, runner)
     # onnxruntime-genai loads every part again: our sessions go first (model a: convert peaked at 3602 MB with both
@@ -134,38 +139,39 @@ def _references(model: Any, preprocessor: Any, shares_buffer: bool) -> _Referenc
 
     from vlmopt.runners.generate import HfGenerateRunner
 
+    family = preprocessor.family
     with torch.inference_mode():
-        vision, embedding, decoder = _vision_cases(model, preprocessor), _embedding_cases(model, preprocessor), _decoder_cases(model, shares_buffer)
+        vision, embedding = _vision_cases(model, preprocessor), _embedding_cases(model, preprocessor)
+        decoder = _decoder_cases(model, family, shares_buffer)
     pairs = _pairs(preprocessor, CONVERSION_PAIRS)
-    with HfGenerateRunner(model=model) as reference:
+    with HfGenerateRunner(model=model, family=family) as reference:
         tokens = [reference.generate(_request(preprocessor, p, CONVERSION_NEW_TOKENS)).tokens[0] for p in pairs]
     return _References(vision, embedding, decoder, pairs, tokens)
 
 
-def _image_features(model: Any, pixel_values: Any) -> Any:
+def _image_features(model: Any, preprocessor: Any, pixel_values: np.ndarray, vision_inputs: dict[str, np.ndarray]) -> Any:
+    """transformers' image features, found where the family says."""
     import torch
 
-    found = model.model.get_image_features(pixel_values=pixel_values)
-    rows = found.pooler_output if hasattr(found, "pooler_output") else found
-    return torch.cat(list(rows), 0) if isinstance(rows, tuple | list) else rows.reshape(-1, rows.shape[-1])
+    extra = {name: torch.from_numpy(value) for name, value in vision_inputs.items()}
+    return preprocessor.family.image_features(model, torch.from_numpy(pixel_values), **extra)
 
 
 def _vision_cases(model: Any, preprocessor: Any) -> list[_Case]:
-    import torch
-
     cases = []
     for count in (1, 2):
-        pixels = preprocessor.processor.image_processor([sample_image(i) for i in range(count)], return_tensors="np")["pixel_values"].astype(np.float32)
-        cases.append(_Case({"pixels": pixels}, {"image_features": _image_features(model, torch.from_numpy(pixels)).numpy()}, {"num_images": count}))
+        pixels, extra = preprocessor.images([sample_image(i) for i in range(count)])
+        expected = {IMAGE_FEATURES: _image_features(model, preprocessor, pixels, extra).numpy()}
+        cases.append(_Case({"pixels": pixels, "vision_inputs": extra}, expected, {"num_images": count}))
     return cases
 
 
 def _vision(cases: list[_Case], parts: Any) -> DataCheck:
     worst = _Worst()
     for case in cases:
-        worst.add("image_features", case.expected["image_features"], parts.encode_images(case.inputs["pixels"]), case.where)
+        worst.add(IMAGE_FEATURES, case.expected[IMAGE_FEATURES], parts.encode_images(case.inputs["pixels"], case.inputs["vision_inputs"]), case.where)
         worst.feeds += 1
-    return worst.check("get_image_features, 1 and 2 drawn images", 3)
+    return worst.check("the family's reference image features (transformers'), 1 and 2 drawn images", 3)
 
 
 def _embedding_cases(model: Any, preprocessor: Any) -> list[_Case]:
@@ -176,49 +182,49 @@ def _embedding_cases(model: Any, preprocessor: Any) -> list[_Case]:
         images = [sample_image(10 * row + i) for row, n in enumerate(counts) for i in range(n)]
         prompt = preprocessor([PROMPTS[row] + " and more" * row for row in range(batch)], images, images_per_prompt=counts)
         ids = torch.from_numpy(prompt.input_ids)
-        reference = model.get_input_embeddings()(ids)
+        reference = preprocessor.family.input_embeddings(model)(ids)
         features = None
         if images:
-            features = _image_features(model, torch.from_numpy(prompt.pixel_values))
+            features = _image_features(model, preprocessor, prompt.pixel_values, prompt.vision_inputs)
             mask = (ids == preprocessor.image_token_id).unsqueeze(-1).expand_as(reference)
             reference = reference.masked_scatter(mask, features)
         inputs = {"input_ids": prompt.input_ids, "image_features": None if features is None else features.numpy()}
-        cases.append(_Case(inputs, {"inputs_embeds": reference.numpy()}, {"batch": batch, "num_images": len(images)}))
+        cases.append(_Case(inputs, {INPUTS_EMBEDS: reference.numpy()}, {"batch": batch, "num_images": len(images)}))
     return cases
 
 
 def _embedding(cases: list[_Case], parts: Any) -> DataCheck:
     worst = _Worst()
     for case in cases:
-        worst.add("inputs_embeds", case.expected["inputs_embeds"], parts.embed(case.inputs["input_ids"], case.inputs["image_features"]), case.where)
+        worst.add(INPUTS_EMBEDS, case.expected[INPUTS_EMBEDS], parts.embed(case.inputs["input_ids"], case.inputs["image_features"]), case.where)
         worst.feeds += 1
-    return worst.check("masked_scatter of get_image_features; 0, 1, 2 images at batch 1, 1 image each at batch 2", 5)
+    return worst.check("masked_scatter of the reference image features; 0, 1, 2 images at batch 1, 1 image each at batch 2", 5)
 
 
-def _reference_step(model: Any, embeds: Any, mask: Any, cache: Any) -> tuple[Any, Any]:
-    """transformers' own path: a 2-D mask, its positions, its DynamicCache, then the head."""
+def _reference_step(model: Any, family: Any, embeds: Any, mask: Any, cache: Any) -> tuple[Any, Any]:
+    """transformers' own path: a 2-D mask, its positions, its DynamicCache, then the head (where the family says they are)."""
     import torch
 
     from vlmopt.inputs import position_ids
 
     positions = torch.from_numpy(position_ids(mask.numpy(), embeds.shape[1]))
-    out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
-    return model.lm_head(out.last_hidden_state), out.past_key_values
+    out = family.language_model(model)(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    return family.lm_head(model)(out.last_hidden_state), out.past_key_values
 
 
 DECODER_LENGTHS, DECODER_PADDING = (7, 23), 3
 
 
-def _decoder_cases(model: Any, shares_buffer: bool) -> list[list[_Case]]:
+def _decoder_cases(model: Any, family: Any, shares_buffer: bool) -> list[list[_Case]]:
     """Prefills of two lengths at batch 1 and 2 (the second row left-padded), each followed by decode steps of 1 and
     3 new positions. A shared-buffer decoder (GroupQueryAttention) takes several new positions on a past only at
     batch 1, so at batch 2 its 3-position step is left out."""
     import torch
     from transformers import DynamicCache
 
-    text_config = model.config.text_config
+    text_config = family.text_config(model.config)
     rng = np.random.default_rng(0)
-    scale = float(model.get_input_embeddings().weight.detach().std())
+    scale = float(family.input_embeddings(model).weight.detach().std())
     steps = {1: (1, 3), 2: (1,) if shares_buffer else (1, 3)}
     sequences = []
     for length in DECODER_LENGTHS:
@@ -227,15 +233,15 @@ def _decoder_cases(model: Any, shares_buffer: bool) -> list[list[_Case]]:
             mask = torch.ones(batch, length, dtype=torch.int64)
             if batch == 2:
                 mask[1, :DECODER_PADDING] = 0
-            reference, cache = _reference_step(model, embeds, mask, DynamicCache(config=text_config))
+            reference, cache = _reference_step(model, family, embeds, mask, DynamicCache(config=text_config))
             inputs = {"embeds": embeds.numpy(), "mask": mask.numpy(), "capacity": length + sum(steps[batch])}
-            cases = [_Case(inputs, {"logits": reference.numpy()}, {"batch": batch, "sequence": length, "past_sequence": 0})]
+            cases = [_Case(inputs, {LOGITS: reference.numpy()}, {"batch": batch, "sequence": length, "past_sequence": 0})]
             for new in steps[batch]:
                 past_length = mask.shape[1]
                 step = torch.from_numpy((rng.standard_normal((batch, new, text_config.hidden_size)) * scale).astype(np.float32))
                 mask = torch.cat([mask, torch.ones(batch, new, dtype=torch.int64)], 1)
-                reference, cache = _reference_step(model, step, mask, cache)
-                expected = {"logits": reference.numpy(), "present.0.key": cache.layers[0].keys.numpy().copy()}
+                reference, cache = _reference_step(model, family, step, mask, cache)
+                expected = {LOGITS: reference.numpy(), "present.0.key": cache.layers[0].keys.numpy().copy()}
                 cases.append(_Case({"embeds": step.numpy()}, expected, {"batch": batch, "sequence": new, "past_sequence": past_length}))
             sequences.append(cases)
     return sequences
@@ -249,10 +255,10 @@ def _decoder(sequences: list[list[_Case]], parts: Any) -> DataCheck:
         kv = parts.cache(len(prefill.inputs["mask"]), prefill.inputs["capacity"])
         logits = kv.prefill(prefill.inputs["embeds"], prefill.inputs["mask"])
         valid = prefill.inputs["mask"].astype(bool)
-        worst.add("logits", prefill.expected["logits"][valid], logits[valid], prefill.where)
+        worst.add(LOGITS, prefill.expected[LOGITS][valid], logits[valid], prefill.where)
         worst.feeds += 1
         for step in steps:
-            worst.add("logits", step.expected["logits"], kv.step(step.inputs["embeds"]), step.where)
+            worst.add(LOGITS, step.expected[LOGITS], kv.step(step.inputs["embeds"]), step.where)
             keys, held = kv.keys(0)
             worst.add("present.0.key", step.expected["present.0.key"].transpose(0, 2, 1, 3)[held], keys.transpose(0, 2, 1, 3)[held], step.where)
             worst.feeds += 1
@@ -283,16 +289,16 @@ def _generation(references: _References, preprocessor: Any, runner: Any) -> list
 
 
 def _genai_generation(preprocessor: Any, folder: Path, threads: int, pairs: list[Any], expected: list[list[int]]) -> MetricCheck | None:
-    """The same pairs through onnxruntime-genai, where it is installed: recorded (an optional runtime), not gated."""
+    """The same pairs through onnxruntime-genai, where it is installed and runs the family: recorded (an optional runtime), not gated."""
     from vlmopt.errors import VlmoptError
     from vlmopt.runners.genai import GenaiGenerateRunner, genai_version
 
     version = genai_version()
-    if version is None:
+    if version is None or preprocessor.contract.genai_model_type is None:
         return None
     data = f"{len(pairs)} image+prompt pairs x {CONVERSION_NEW_TOKENS} new tokens, onnxruntime-genai {version}"
     try:
-        with GenaiGenerateRunner(folder, preprocessor.image_seq_length, threads) as genai:
+        with GenaiGenerateRunner(folder, preprocessor.image_token_id, threads) as genai:
             got = [genai.generate(_request(preprocessor, p, CONVERSION_NEW_TOKENS)).tokens[0] for p in pairs]
     except (VlmoptError, RuntimeError) as exc:
         return MetricCheck(GENAI_IDENTICAL, 0.0, data, detail={"error": str(exc).splitlines()[0][:300], "version": version})
@@ -342,7 +348,8 @@ def variant_checks(
     reference_files = {name: record.file for name, record in reference.towers.items()}
     ids, identity = text_tokens(preprocessor.tokenizer, TEXT_TOKENS)
     window = min(WINDOW, preprocessor.max_positions, len(ids))
-    with OrtGenerateRunner(reference_dir, reference_files, threads) as fp32, OrtGenerateRunner(folder, files, threads) as variant:
+    contract = preprocessor.contract
+    with OrtGenerateRunner(reference_dir, reference_files, threads, contract) as fp32, OrtGenerateRunner(folder, files, threads, contract) as variant:
         say(f"teacher-forced next-token agreement and perplexity over {len(ids)} tokens of {TEXT_SOURCE}")
         scores = teacher_forced(fp32.parts, variant.parts, ids, window)
         say(f"greedy generation of {VARIANT_NEW_TOKENS} tokens on {VARIANT_PAIRS} image+prompt pairs, fp32 against the variant")
@@ -355,8 +362,8 @@ def variant_checks(
             matched.append(float(np.mean([x == y for x, y in zip(a, b, strict=False)])))
         cosine = None
         if pairs and pairs[0].pixel_values is not None:
-            a, b = fp32.encode_images(pairs[0].pixel_values), variant.encode_images(pairs[0].pixel_values)
-            cosine = float(compare("image_features", a, b).cosine_min)
+            a, b = (runner.encode_images(pairs[0].pixel_values, pairs[0].vision_inputs) for runner in (fp32, variant))
+            cosine = float(compare(IMAGE_FEATURES, a, b).cosine_min)
     text = f"{scores['positions']} positions of {TEXT_SOURCE}, windows of {window}"
     detail = {**scores, "text": identity}
     greedy = {"pairs": len(pairs), "new_tokens": VARIANT_NEW_TOKENS, "first_divergence": divergences, "token_match_rate": float(np.mean(matched))}

@@ -588,8 +588,10 @@ app.command("generate")(_generate_command())
 @command
 def demo_model(
     directory: Annotated[Path, typer.Argument(help="Where to write the Hugging Face model folder.", show_default=False)],
-    family: Annotated[str, typer.Option(help="clip, siglip, vit, vit-classifier, bert or llava.")] = "clip",
-    size: Annotated[str, typer.Option(help="tiny (tests) or base (real sizes: CLIP ViT-B/32, ...); llava also small (LLaVA-OneVision-0.5B's sizes).")] = "tiny",
+    family: Annotated[str, typer.Option(help="clip, siglip, vit, vit-classifier, bert, llava or gemma3.")] = "clip",
+    size: Annotated[
+        str, typer.Option(help="tiny (tests) or base (real sizes: CLIP ViT-B/32, ...); llava also small (LLaVA-OneVision-0.5B's sizes); gemma3 tiny only.")
+    ] = "tiny",
     seed: Annotated[int, typer.Option(help="Random seed for the weights.")] = 0,
     language_model: Annotated[
         str | None,

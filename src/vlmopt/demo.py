@@ -13,10 +13,12 @@ from typing import Any
 
 from vlmopt.errors import VlmoptError
 
-DEMO_FAMILIES = ("clip", "siglip", "vit", "vit-classifier", "bert", "llava")
+DEMO_FAMILIES = ("clip", "siglip", "vit", "vit-classifier", "bert", "llava", "gemma3")
 SIZES = ("tiny", "base")
 #: llava also has `small` (LLaVA-OneVision-0.5B's sizes); see `vlmopt.demo_llava`
 LLAVA_SIZES = ("tiny", "base", "small")
+#: gemma3 has `tiny` only; see `vlmopt.demo_gemma3`
+GEMMA3_SIZES = ("tiny",)
 
 _TINY = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
 _TINY_IMAGE = {"image_size": 32, "patch_size": 8}
@@ -210,7 +212,7 @@ def build_demo_model(dest: str | Path, family: str = "clip", size: str = "tiny",
 
     if family not in DEMO_FAMILIES:
         raise VlmoptError(f"unknown demo family '{family}'; choose one of {', '.join(DEMO_FAMILIES)}")
-    sizes = LLAVA_SIZES if family == "llava" else SIZES
+    sizes = {"llava": LLAVA_SIZES, "gemma3": GEMMA3_SIZES}.get(family, SIZES)
     if size not in sizes:
         raise VlmoptError(f"unknown demo size '{size}' for {family}; choose one of {', '.join(sizes)}")
     if language_model and family != "llava":
@@ -222,6 +224,11 @@ def build_demo_model(dest: str | Path, family: str = "clip", size: str = "tiny",
         from vlmopt.demo_llava import build_llava
 
         build_llava(dest, size, seed, language_model)
+        return dest
+    if family == "gemma3":
+        from vlmopt.demo_gemma3 import build_gemma3
+
+        build_gemma3(dest, size, seed)
         return dest
     torch.manual_seed(seed)
     builders = {

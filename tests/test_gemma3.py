@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import assert_bad_input, leftovers, manifest, snapshot, vlmopt, vlmopt_json
+from conftest import assert_bad_input, assert_refused, manifest, vlmopt, vlmopt_json
 from vlmopt.samples import sample_image
 
 PARTS = {"vision": "vision.onnx", "embedding": "embedding.onnx", "decoder": "decoder.onnx"}
@@ -29,16 +29,16 @@ def gemma3(converted: Callable[[str], Path]) -> Path:
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory: pytest.TempPathFactory, gemma3: Path) -> Path:
     """int4 decoder and int8 vision (gates off: random weights agree by chance only)."""
-    model_dir = tmp_path_factory.mktemp("gemma3-quantized") / "gemma3"
-    shutil.copytree(gemma3, model_dir)
-    vlmopt_json("quantize", model_dir, "--part", "decoder=int4", "--part", "vision=int8", "--min-token-agreement", "off", "--max-ppl-increase", "off")
+    model_dir = Path(shutil.copytree(gemma3, tmp_path_factory.mktemp("gemma3-quantized") / "gemma3"))
+    gates_off = ("--min-token-agreement", "off", "--max-ppl-increase", "off")
+    vlmopt_json("quantize", model_dir, "--part", "decoder=int4", "--part", "vision=int8", *gates_off)
     return model_dir
 
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("gemma3-images") / "picture.png"
-    sample_image(3).save(path)
+    """A square picture: one image, no crops."""
+    sample_image(3).save(path := tmp_path_factory.mktemp("gemma3-images") / "picture.png")
     return path
 
 
@@ -51,16 +51,6 @@ def _preprocessor(model_dir: Path) -> Any:
 def _axes(path: Path) -> dict[str, list[Any]]:
     model = onnx.load(str(path), load_external_data=False)
     return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in (*model.graph.input, *model.graph.output)}
-
-
-def _refused(model_dir: Path, *args: object, fragments: tuple[str, ...] = ()) -> None:
-    before = snapshot(model_dir)
-
-    result = vlmopt(*args)
-
-    assert_bad_input(result, *fragments)
-    assert snapshot(model_dir) == before
-    assert leftovers(model_dir) == []
 
 
 # -- convert ---------------------------------------------------------------------------------------
@@ -175,21 +165,21 @@ def test_part_modes_quantize_the_decoder_to_int4_and_vision_to_int8_verified_by_
 
 # -- bad input -------------------------------------------------------------------------------------
 def test_more_images_than_the_prompt_marks_is_refused(gemma3: Path, image: Path) -> None:
-    _refused(gemma3, "generate", gemma3, "--image", image, "--image", image, "--prompt", f"{MARKER} Describe it.", fragments=("2 image(s)", MARKER))
+    assert_refused(gemma3, "generate", "--image", image, "--image", image, "--prompt", f"{MARKER} Describe it.", fragments=("2 image(s)", MARKER))
 
 
 def test_an_image_marker_without_an_image_is_refused(gemma3: Path) -> None:
-    _refused(gemma3, "generate", gemma3, "--prompt", f"{MARKER} Describe it.", fragments=("0 image(s)",))
+    assert_refused(gemma3, "generate", "--prompt", f"{MARKER} Describe it.", fragments=("0 image(s)",))
 
 
 def test_image_tokens_typed_into_the_prompt_are_refused(gemma3: Path, image: Path) -> None:
-    _refused(gemma3, "generate", gemma3, "--image", image, "--prompt", "Describe <image_soft_token> it.", fragments=("image tokens", "16 per image"))
+    assert_refused(gemma3, "generate", "--image", image, "--prompt", "Describe <image_soft_token> it.", fragments=("image tokens", "16 per image"))
 
 
 def test_the_builders_decoder_is_refused_for_gemma3(exported: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]) -> None:
     model_dir = copy_model_dir(exported("gemma3"))
 
-    _refused(model_dir, "convert", model_dir, "--decoder", "builder", fragments=("--decoder builder", "gemma3_text"))
+    assert_refused(model_dir, "convert", "--decoder", "builder", fragments=("--decoder builder", "gemma3_text"))
 
 
 def _edited_source(demo_source: Callable[[str], Path], tmp_path: Path, file: str, edit: Callable[[dict[str, Any]], None]) -> Path:
@@ -215,4 +205,4 @@ def test_a_processor_that_expands_images_to_another_token_count_than_the_config_
     model_dir = tmp_path / "model"
     vlmopt_json("export", source, "-o", model_dir)
 
-    _refused(model_dir, "convert", model_dir, fragments=("9 tokens", "mm_tokens_per_image=16"))
+    assert_refused(model_dir, "convert", fragments=("9 tokens", "mm_tokens_per_image=16"))

@@ -44,25 +44,10 @@ _CORPUS = (
 
 def tiny_tokenizer(vocab_size: int) -> Any:
     """A byte-level BPE tokenizer with Gemma's specials (turns, image markers, the image soft token) and its chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from vlmopt.demo_llava import byte_level_tokenizer
 
-    specials = [PAD, EOS, BOS, START_OF_TURN, END_OF_TURN, BOI, EOI, IMAGE_SOFT_TOKEN]
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator([_CORPUS] * 20, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        unk_token=PAD,
-        extra_special_tokens={"image_token": IMAGE_SOFT_TOKEN, "boi_token": BOI, "eoi_token": EOI},
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    extra = {"start_of_turn": START_OF_TURN, "end_of_turn": END_OF_TURN, "boi_token": BOI, "eoi_token": EOI, "image_token": IMAGE_SOFT_TOKEN}
+    return byte_level_tokenizer(vocab_size, BOS, EOS, PAD, extra, CHAT_TEMPLATE, _CORPUS)
 
 
 def build_gemma3(dest: Path, size: str, seed: int = 0) -> dict[str, Any]:

@@ -29,12 +29,11 @@ import torch
 from torch import nn
 
 from vlmopt.errors import VlmoptError
-from vlmopt.families.base import TensorSpec, Tower, image_input
+from vlmopt.families.base import Tower
 from vlmopt.families.decoder import CausalLmWithPast
 from vlmopt.families.generative import (
     ATTENTION_MASK,
     DECODER,
-    IMAGE_FEATURES,
     INPUTS_EMBEDS,
     LOGITS,
     POSITION_IDS,
@@ -150,19 +149,7 @@ class Gemma3Family(GenerativeFamily):
         return int(config.mm_tokens_per_image)
 
     def vision_tower(self, config: Any) -> Tower:
-        vision, per_image = config.vision_config, self.image_tokens_per_image(config)
-        return Tower(
-            name=self.contract.vision.name,
-            inputs=(image_input(vision, "num_images"),),
-            outputs=(TensorSpec(IMAGE_FEATURES, ("num_image_tokens", self.text_config(config).hidden_size)),),
-            wrap=Gemma3VisionFeatures,
-            num_heads=vision.num_attention_heads,
-            hidden_size=vision.hidden_size,
-            optimizer_model_type="clip",
-            bench_sizes={"num_images": 1},
-            meta={"part": self.contract.vision.name, "image_seq_length": per_image, "quantize": {"fp16": "fp16", "int8": "int8-dynamic"}},
-            derived_axes={"num_image_tokens": f"num_images * {per_image}"},
-        )
+        return self.fixed_size_vision_tower(config, Gemma3VisionFeatures)
 
     def decoder_module(self, model: Any, maker: str) -> Any:
         return Gemma3LmWithPast(self.language_model(model), self.lm_head(model), self.text_config(model.config))

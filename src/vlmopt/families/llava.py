@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from vlmopt.errors import VlmoptError
-from vlmopt.families.base import TensorSpec, Tower, image_input
-from vlmopt.families.generative import IMAGE_FEATURES, GenerativeContract, GenerativeFamily, VlmPreprocessor
+from vlmopt.families.base import Tower
+from vlmopt.families.generative import GenerativeContract, GenerativeFamily, VlmPreprocessor
 
 IMAGE_TOKEN = "<image>"
 #: vision towers whose output layout is known: extra (class) tokens before the patch tokens
@@ -96,19 +96,7 @@ class LlavaFamily(GenerativeFamily):
         return image_seq_length(config)
 
     def vision_tower(self, config: Any) -> Tower:
-        vision, per_image = config.vision_config, image_seq_length(config)
-        return Tower(
-            name=self.contract.vision.name,
-            inputs=(image_input(vision, "num_images"),),
-            outputs=(TensorSpec(IMAGE_FEATURES, ("num_image_tokens", self.text_config(config).hidden_size)),),
-            wrap=VisionFeatures,
-            num_heads=vision.num_attention_heads,
-            hidden_size=vision.hidden_size,
-            optimizer_model_type="clip",
-            bench_sizes={"num_images": 1},
-            meta={"part": self.contract.vision.name, "image_seq_length": per_image, "quantize": {"fp16": "fp16", "int8": "int8-dynamic"}},
-            derived_axes={"num_image_tokens": f"num_images * {per_image}"},
-        )
+        return self.fixed_size_vision_tower(config, VisionFeatures)
 
     def preprocessor(self, folder: Path) -> LlavaPreprocessor:
         return LlavaPreprocessor(folder, self)

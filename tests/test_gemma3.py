@@ -138,6 +138,23 @@ def test_images_of_two_shapes_two_prompts_and_an_unequal_batch_generate_what_tra
             assert ort.generate(request(prompt)).tokens == hf.generate(request(prompt)).tokens
 
 
+def test_an_image_token_the_model_generates_is_embedded_as_a_token(gemma3: Path) -> None:
+    import torch
+
+    from vlmopt.families.gemma3 import Gemma3Family
+    from vlmopt.hf import load_model
+    from vlmopt.runners.generate import OrtParts
+
+    token = _preprocessor(gemma3).image_token_id
+    ids = np.array([[5, token, 6]], np.int64)  # a decode step's ids: no image rows to write
+    with torch.inference_mode():
+        expected = Gemma3Family().input_embeddings(load_model(gemma3 / "hf"))(torch.from_numpy(ids)).numpy()
+
+    got = OrtParts(gemma3 / "onnx", PARTS, threads=1).embed(ids)
+
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+
+
 # -- generate and quantize -------------------------------------------------------------------------
 def test_generate_from_hf_and_from_onnx_gives_the_same_greedy_tokens(gemma3: Path, image: Path) -> None:
     def run(artifact: str) -> dict[str, Any]:
@@ -174,6 +191,13 @@ def test_an_image_marker_without_an_image_is_refused(gemma3: Path) -> None:
 
 def test_image_tokens_typed_into_the_prompt_are_refused(gemma3: Path, image: Path) -> None:
     assert_refused(gemma3, "generate", "--image", image, "--prompt", "Describe <image_soft_token> it.", fragments=("image tokens", "16 per image"))
+
+
+def test_generating_under_onnxruntime_genai_which_feeds_no_token_type_ids_is_refused(gemma3: Path, image: Path) -> None:
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is an optional runtime (pip install onnxruntime-genai)")
+
+    args = ("--backend", "onnxruntime-genai", "--image", image, "--prompt", "Describe it.")
+    assert_refused(gemma3, "generate", "onnx", *args, fragments=("token_type_ids", "--backend onnxruntime"))
 
 
 def test_the_builders_decoder_is_refused_for_gemma3(exported: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]) -> None:

@@ -692,12 +692,12 @@ app.command("serve")(_serve_command())
 @command
 def demo_model(
     directory: Annotated[Path, typer.Argument(help="Where to write the Hugging Face model folder.", show_default=False)],
-    family: Annotated[str, typer.Option(help="clip, siglip, vit, vit-classifier, bert, llava, smolvlm or idefics3.")] = "clip",
+    family: Annotated[str, typer.Option(help="clip, siglip, vit, vit-classifier, bert, llava, smolvlm, idefics3 or gemma3.")] = "clip",
     size: Annotated[
         str,
         typer.Option(
             help="tiny (tests) or base (real sizes: CLIP ViT-B/32, ...); llava also small (LLaVA-OneVision-0.5B's sizes); "
-            "smolvlm and idefics3: tiny or 256m (SmolVLM-256M's sizes)."
+            "smolvlm and idefics3: tiny or 256m (SmolVLM-256M's sizes); gemma3 tiny only."
         ),
     ] = "tiny",
     seed: Annotated[int, typer.Option(help="Random seed for the weights.")] = 0,

@@ -13,12 +13,14 @@ from typing import Any
 
 from vlmopt.errors import VlmoptError
 
-DEMO_FAMILIES = ("clip", "siglip", "vit", "vit-classifier", "bert", "llava", "smolvlm", "idefics3")
+DEMO_FAMILIES = ("clip", "siglip", "vit", "vit-classifier", "bert", "llava", "smolvlm", "idefics3", "gemma3")
 SIZES = ("tiny", "base")
 #: llava also has `small` (LLaVA-OneVision-0.5B's sizes); see `vlmopt.demo_llava`
 LLAVA_SIZES = ("tiny", "base", "small")
 #: smolvlm and idefics3 have `256m` (SmolVLM-256M's sizes) instead of `base`; see `vlmopt.demo_smolvlm`
 SMOLVLM_SIZES = ("tiny", "256m")
+#: gemma3 has `tiny` only; see `vlmopt.demo_gemma3`
+GEMMA3_SIZES = ("tiny",)
 
 _TINY = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
 _TINY_IMAGE = {"image_size": 32, "patch_size": 8}
@@ -212,7 +214,7 @@ def build_demo_model(dest: str | Path, family: str = "clip", size: str = "tiny",
 
     if family not in DEMO_FAMILIES:
         raise VlmoptError(f"unknown demo family '{family}'; choose one of {', '.join(DEMO_FAMILIES)}")
-    sizes = {"llava": LLAVA_SIZES, "smolvlm": SMOLVLM_SIZES, "idefics3": SMOLVLM_SIZES}.get(family, SIZES)
+    sizes = {"llava": LLAVA_SIZES, "smolvlm": SMOLVLM_SIZES, "idefics3": SMOLVLM_SIZES, "gemma3": GEMMA3_SIZES}.get(family, SIZES)
     if size not in sizes:
         raise VlmoptError(f"unknown demo size '{size}' for {family}; choose one of {', '.join(sizes)}")
     if language_model and family != "llava":
@@ -229,6 +231,11 @@ def build_demo_model(dest: str | Path, family: str = "clip", size: str = "tiny",
         from vlmopt.demo_smolvlm import build_smolvlm
 
         build_smolvlm(dest, size, seed, model_type=family)
+        return dest
+    if family == "gemma3":
+        from vlmopt.demo_gemma3 import build_gemma3
+
+        build_gemma3(dest, size, seed)
         return dest
     torch.manual_seed(seed)
     builders = {

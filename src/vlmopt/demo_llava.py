@@ -66,27 +66,26 @@ def _pad(n: int, multiple: int = 64) -> int:
     return (n + multiple - 1) // multiple * multiple
 
 
-def tiny_tokenizer(vocab_size: int) -> Any:
-    """A working byte-level BPE tokenizer with ChatML specials and `<image>`, trained here in a fraction of a second."""
+def byte_level_tokenizer(vocab_size: int, bos: str, eos: str, pad: str, extra: dict[str, str], chat_template: str, corpus: str = _CORPUS) -> Any:
+    """A working byte-level BPE tokenizer, trained on `corpus` in a fraction of a second: `bos`, `eos`, `pad` (also the
+    unknown token) and the `extra` named special tokens first, and `chat_template`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN]
+    specials = list(dict.fromkeys([pad, bos, eos, *extra.values()]))
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator([_CORPUS] * 20, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
-    )
-    fast.chat_template = image_chat_template(None)
+    tokenizer.train_from_iterator([corpus] * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=pad, extra_special_tokens=extra)
+    fast.chat_template = chat_template
     return fast
+
+
+def tiny_tokenizer(vocab_size: int) -> Any:
+    """A working byte-level BPE tokenizer with ChatML specials and `<image>`."""
+    return byte_level_tokenizer(vocab_size, "<|im_start|>", "<|im_end|>", "<|endoftext|>", {"image_token": IMAGE_TOKEN}, image_chat_template(None))
 
 
 def vision_config(size: str) -> dict[str, Any]:

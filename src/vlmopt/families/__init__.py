@@ -19,11 +19,12 @@ __all__ = ["Family", "TensorSpec", "TextVocab", "Tower", "all_families", "family
 def all_families() -> tuple[Family, ...]:
     from vlmopt.families.bert import BertStyleFamily
     from vlmopt.families.dual_encoder import ClipFamily, SiglipFamily
+    from vlmopt.families.gemma3 import Gemma3Family
     from vlmopt.families.llava import LlavaFamily
     from vlmopt.families.smolvlm import SmolVlmFamily
     from vlmopt.families.vit import VitFamily
 
-    return (ClipFamily(), SiglipFamily(), VitFamily(), BertStyleFamily(), LlavaFamily(), SmolVlmFamily())
+    return (ClipFamily(), SiglipFamily(), VitFamily(), BertStyleFamily(), LlavaFamily(), SmolVlmFamily(), Gemma3Family())
 
 
 def family_named(name: str | None) -> Family | None:

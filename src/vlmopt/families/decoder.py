@@ -58,13 +58,16 @@ class KvCacheLayout:
     def present_names(self) -> list[str]:
         return [name.format(i=i) for i in range(self.num_layers) for name in (PRESENT_KEY, PRESENT_VALUE)]
 
-    def inputs(self, position_ids: bool = True) -> tuple[TensorSpec, ...]:
+    def inputs(self, position_ids: bool = True, extra: tuple[TensorSpec, ...] = ()) -> tuple[TensorSpec, ...]:
+        """The decoder's inputs; `extra` (a family's per-position inputs, `GenerativeContract.decoder_inputs`) go
+        after the positions and before the pasts."""
         specs = [
             TensorSpec("inputs_embeds", ("batch", "sequence", self.hidden_size), "float32", "inputs_embeds"),
             TensorSpec("attention_mask", ("batch", "total_sequence"), "int64", "decoder_attention_mask"),
         ]
         if position_ids:
             specs.append(TensorSpec("position_ids", ("batch", "sequence"), "int64", "position_ids"))
+        specs += extra
         cache = ("batch", self.kv_heads, "past_sequence", self.head_dim)
         for i in range(self.num_layers):
             specs += [TensorSpec(PAST_KEY.format(i=i), cache, "float32", "past_key"), TensorSpec(PAST_VALUE.format(i=i), cache, "float32", "past_value")]
@@ -77,14 +80,14 @@ class KvCacheLayout:
             specs += [TensorSpec(PRESENT_KEY.format(i=i), cache), TensorSpec(PRESENT_VALUE.format(i=i), cache)]
         return tuple(specs)
 
-    def tower(self, wrap: Any, config: Any, meta: dict[str, Any] | None = None, contract: str = CONCAT) -> Tower:
+    def tower(self, wrap: Any, config: Any, meta: dict[str, Any] | None = None, contract: str = CONCAT, extra: tuple[TensorSpec, ...] = ()) -> Tower:
         """The `decoder` tower: inputs_embeds + mask (+ positions) + past -> logits + present, in `contract`:
         CONCAT (a graph exported from PyTorch: position_ids, present = past + new) or SHARED (GroupQueryAttention,
         as onnxruntime-genai's builder makes it: rotary positions inside the operator, one past/present buffer)."""
         vocab = text_vocab(config)
         return Tower(
             name="decoder",
-            inputs=self.inputs(position_ids=contract == CONCAT),
+            inputs=self.inputs(position_ids=contract == CONCAT, extra=extra),
             outputs=self.outputs(),
             wrap=wrap,
             vocab=TextVocab(**{**vocab.to_json(), "max_length": self.max_positions}),
@@ -137,9 +140,14 @@ class CausalLmWithPast(nn.Module):
             past = rest
             position_ids = (torch.cumsum(attention_mask, 1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
         cache = DynamicCache(config=self.text_config)
+        mask = additive_mask(attention_mask, inputs_embeds.shape[1], past[0].shape[2], inputs_embeds.dtype)
+        return self.run(inputs_embeds, mask, position_ids, cache, past)
+
+    def run(self, inputs_embeds: Any, mask: Any, position_ids: Any, cache: Any, past: tuple[Any, ...]) -> tuple[Any, ...]:
+        """The language model and head on a ready mask (a 4-D additive mask, or one per layer type) with `cache`
+        filled from the flat pasts; (logits, *present)."""
         for i in range(self.num_layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
-        mask = additive_mask(attention_mask, inputs_embeds.shape[1], past[0].shape[2], inputs_embeds.dtype)
         out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True)
         present: list[Any] = []
         for layer in cache.layers:
@@ -151,7 +159,8 @@ class MergedEmbedding(nn.Module):
     """input_ids + image_features -> inputs_embeds, image rows written in order at the image-token positions.
 
     Takes 0 image rows too (decode steps, text-only prompts): a zero row is appended so the gather always
-    reads something, and positions that are not image tokens keep their token embedding."""
+    reads something, and positions that are not image tokens keep their token embedding, as do image tokens past
+    the last row (an image token the model generated: transformers embeds it as a token)."""
 
     def __init__(self, embed_tokens: nn.Module, token: int):
         super().__init__()
@@ -164,6 +173,7 @@ class MergedEmbedding(nn.Module):
         flat = is_image.reshape(-1)
         count = image_features.shape[0]
         index = torch.cumsum(flat.to(torch.int64), dim=0) - 1
-        index = torch.where(flat, torch.clamp(index, max=count), torch.full_like(index, count))
+        has_row = flat & (index < count)
+        index = torch.where(has_row, index, torch.full_like(index, count))
         rows = torch.cat([image_features.to(embeds.dtype), image_features.new_zeros((1, image_features.shape[1]))], dim=0)
-        return torch.where(is_image.unsqueeze(-1), rows[index].reshape(embeds.shape), embeds)
+        return torch.where(has_row.reshape(is_image.shape).unsqueeze(-1), rows[index].reshape(embeds.shape), embeds)

@@ -17,7 +17,8 @@ The embedding part merges the image rows inside its graph (`MergedEmbedding`): m
 `masked_scatter` both ways give 0.0 difference with 0, 1 and 2 images, and both cost under 0.12 ms a call (noise
 next to a 25 to 200 ms decoder step); only the inside merge is the contract onnxruntime-genai runs, so the same
 parts run under it, under vlmopt's own loop and any ONNX runtime without host-side scatter code. The graph cannot
-notice a wrong number of image rows (it clamps), so the preprocessor checks the count before anything runs.
+notice a wrong number of image rows (image tokens past the last row keep their token embedding, as a generated
+image token must), so the preprocessor checks the count before anything runs.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ PIXEL_VALUES, IMAGE_FEATURES, INPUT_IDS, INPUTS_EMBEDS, ATTENTION_MASK, POSITION
     "position_ids",
     "logits",
 )
+#: a decoder input per prompt position: 1 on image tokens, 0 elsewhere (Gemma 3: each image attends to itself both ways)
+TOKEN_TYPE_IDS = "token_type_ids"
 #: position schemes: one position per token (1-D, from the mask), or Qwen2-VL's three axes (temporal, height, width)
 POSITIONS_1D, POSITIONS_MROPE = "1d", "mrope"
 #: cache layouts: the decoder's self-attention only, or also a cross-attention cache over the image (encoder-decoder
@@ -68,6 +71,10 @@ class GenerativeContract:
 
     `vision_inputs`: what the vision part takes beside `pixel_values` (Qwen2.5-VL's `image_grid_thw`, a patch
     attention mask); the preprocessor puts them in `Prompt.vision_inputs` under these names.
+    `decoder_inputs`: int64 inputs of the decoder beside its embeddings, one value per position ([batch, sequence]):
+    the processor's values over the prompt, 0 for every generated token (Gemma 3's `token_type_ids`, which make each
+    image's tokens attend to each other both ways at prefill, as transformers' generate passes them at its first step
+    only); the preprocessor puts them in `Prompt.decoder_inputs` under these names.
     `genai_model_type`: the model type `genai_config.json` declares, None where onnxruntime-genai runs none of
     this family (vlmopt's loop is then its only ONNX generation backend)."""
 
@@ -76,6 +83,7 @@ class GenerativeContract:
     decoder: Part = Part(DECODER, (INPUTS_EMBEDS, ATTENTION_MASK, POSITION_IDS, "past_key_values.*"), (LOGITS, "present.*"))
     positions: str = POSITIONS_1D
     vision_inputs: tuple[str, ...] = ()
+    decoder_inputs: tuple[str, ...] = ()
     cache: str = SELF_ATTENTION
     genai_model_type: str | None = None
 
@@ -92,6 +100,7 @@ class GenerativeContract:
             "parts": [part.to_json() for part in self.parts],
             "positions": self.positions,
             "vision_inputs": list(self.vision_inputs),
+            "decoder_inputs": list(self.decoder_inputs),
             "cache": self.cache,
             "genai_model_type": self.genai_model_type,
         }
@@ -99,8 +108,9 @@ class GenerativeContract:
 
 @dataclass
 class Prompt:
-    """Token ids with the image tokens expanded, the attention mask (left padding), the pixels and the vision part's
-    other inputs (`GenerativeContract.vision_inputs`): identical for every backend."""
+    """Token ids with the image tokens expanded, the attention mask (left padding), the pixels, the vision part's
+    other inputs (`GenerativeContract.vision_inputs`) and the decoder's per-position ones over the prompt
+    (`GenerativeContract.decoder_inputs`): identical for every backend."""
 
     input_ids: np.ndarray
     attention_mask: np.ndarray
@@ -108,6 +118,7 @@ class Prompt:
     text: list[str]
     num_images: int
     vision_inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    decoder_inputs: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class GenerativeFamily(Family):
@@ -191,6 +202,24 @@ class GenerativeFamily(Family):
         """Image rows per image (or per tile, for families that split images): what dummy inputs put in the prompt."""
         raise NotImplementedError
 
+    def fixed_size_vision_tower(self, config: Any, wrap: Any) -> Tower:
+        """A vision part for images of the vision config's size, each giving `image_tokens_per_image` rows
+        (pixel_values [num_images, C, H, W] -> image_features [num_images * rows, hidden]); `wrap` makes its torch
+        module from the model. LLaVA's and Gemma 3's."""
+        vision, per_image = config.vision_config, self.image_tokens_per_image(config)
+        return Tower(
+            name=self.contract.vision.name,
+            inputs=(image_input(vision, "num_images"),),
+            outputs=(TensorSpec(IMAGE_FEATURES, ("num_image_tokens", self.text_config(config).hidden_size)),),
+            wrap=wrap,
+            num_heads=vision.num_attention_heads,
+            hidden_size=vision.hidden_size,
+            optimizer_model_type="clip",
+            bench_sizes={"num_images": 1},
+            meta={"part": self.contract.vision.name, "image_seq_length": per_image, "quantize": {"fp16": "fp16", "int8": "int8-dynamic"}},
+            derived_axes={"num_image_tokens": f"num_images * {per_image}"},
+        )
+
     def towers(self, config: Any, hf_dir: Path | None = None, monolith: bool = False, decoder: str = "torch") -> list[Tower]:
         """The three parts; `decoder` says who makes the decoder: "torch" (exported, CONCAT cache) or "builder"
         (onnxruntime-genai's model builder, `vlmopt.genai_builder`: GroupQueryAttention, SHARED cache)."""
@@ -224,11 +253,13 @@ class GenerativeFamily(Family):
         )
 
     def decoder_tower(self, config: Any, maker: str) -> Tower:
-        from vlmopt.families.decoder import CausalLmWithPast, KvCacheLayout
+        from vlmopt.families.decoder import KvCacheLayout
 
         text = self.text_config(config)
+        # the contract's per-position inputs: their dummy values are 0 (the token_type_ids role), as on a decode step
+        extra = tuple(TensorSpec(name, ("batch", "sequence"), "int64", "token_type_ids") for name in self.contract.decoder_inputs)
         return KvCacheLayout.of(text).tower(
-            lambda model: CausalLmWithPast(self.language_model(model), self.lm_head(model), self.text_config(model.config), takes_positions=maker == "torch"),
+            lambda model: self.decoder_module(model, maker),
             text,
             meta={
                 "part": self.contract.decoder.name,
@@ -238,7 +269,15 @@ class GenerativeFamily(Family):
                 "quantize": {"int8": "int8-weights", "int4": "int4"},
             },
             contract=SHARED if maker == "builder" else CONCAT,
+            extra=extra,
         )
+
+    def decoder_module(self, model: Any, maker: str) -> Any:
+        """The torch module the decoder tower wraps (`CausalLmWithPast`); a family whose decoder takes more than
+        embeddings, mask, positions and pasts (`contract.decoder_inputs`) returns its own."""
+        from vlmopt.families.decoder import CausalLmWithPast
+
+        return CausalLmWithPast(self.language_model(model), self.lm_head(model), self.text_config(model.config), takes_positions=maker == "torch")
 
     def tower_config(self, config: Any, tower: str) -> Any:
         return self.text_config(config) if tower == self.contract.decoder.name else config
@@ -346,14 +385,33 @@ class VlmPreprocessor:
         images = list(images or [])
         counts = images_per_prompt or ([len(images)] if len(prompts) == 1 else [len(images) // len(prompts)] * len(prompts))
         texts = [self.render(p, n, chat) for p, n in zip(prompts, counts, strict=True)]
-        encoded = self.processor(images=self._nested(images, counts) if images else None, text=texts, return_tensors="np", padding=True, padding_side="left")
+        encoded = self.processor(
+            images=self._nested(images, counts) if images else None, text=texts, return_tensors="np", padding=True, padding_side="left", **self.call_options()
+        )
         ids = encoded[INPUT_IDS].astype(np.int64)
         pixels, extra = self.image_inputs(encoded) if images else (None, {})
         found = int((ids == self.image_token_id).sum())
         expected = self.expected_image_tokens(len(images), pixels, extra) if images else 0
         if found != expected:
             raise VlmoptError(self.image_token_mismatch(found, len(images), expected))
-        return Prompt(ids, encoded[ATTENTION_MASK].astype(np.int64), pixels, texts, len(images), extra)
+        return Prompt(ids, encoded[ATTENTION_MASK].astype(np.int64), pixels, texts, len(images), extra, self.decoder_inputs(encoded, ids))
+
+    def decoder_inputs(self, encoded: Any, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """The contract's per-position decoder inputs over the prompt, from the processor's output."""
+        found = {}
+        for name in self.contract.decoder_inputs:
+            value = encoded.get(name)
+            if value is None or np.shape(value) != input_ids.shape:
+                raise VlmoptError(
+                    f"the {self.family.name} processor gave no {name} for the prompt; its decoder needs them (re-export the checkpoint with its own processor)"
+                )
+            found[name] = np.asarray(value).astype(np.int64)
+        return found
+
+    def call_options(self) -> dict[str, Any]:
+        """Options the processor call needs beside the text and images (a family's processor may default an option
+        over the one its checkpoint saved)."""
+        return {}
 
     def _nested(self, images: list[Any], counts: list[int]) -> list[Any]:
         """The images as the processor takes them for a batch of prompts (a flat list, as LLaVA's takes them)."""

@@ -113,6 +113,25 @@ def write_runtime_files(preprocessor: Any, folder: Path, towers: dict[str, Any])
     return {"processor_files": preprocessor.save(folder), "genai_config": write_genai_config(folder, towers, preprocessor)}
 
 
+def unfed_decoder_inputs(folder: Path) -> list[str]:
+    """The decoder graph's inputs that genai_config.json does not name (so onnxruntime-genai would not feed them),
+    other than the optional `logits_to_keep`."""
+    import onnx
+
+    from vlmopt.graph import LOGITS_TO_KEEP
+
+    sections = json.loads((folder / CONFIG_NAME).read_text())["model"].values()
+    section = next(part for part in sections if isinstance(part, dict) and "past_key_names" in part.get("inputs", {}))
+    named = [str(name) for name in section.get("inputs", {}).values()]
+    graph = onnx.load(str(folder / section["filename"]), load_external_data=False).graph
+    initializers = {tensor.name for tensor in graph.initializer}
+
+    def fed(name: str) -> bool:
+        return any(name == pattern or ("%d" in pattern and name.startswith(pattern.split("%d")[0])) for pattern in named)
+
+    return [i.name for i in graph.input if i.name != LOGITS_TO_KEEP and i.name not in initializers and not fed(i.name)]
+
+
 class GenaiGenerateRunner(GenerateRunner):
     """onnxruntime-genai's multimodal pipeline over the artifact's parts, one sequence at a time."""
 
@@ -128,6 +147,12 @@ class GenaiGenerateRunner(GenerateRunner):
             raise VlmoptError(f"{folder} has no {CONFIG_NAME}; re-make it with `vlmopt convert` to run it under onnxruntime-genai")
         self.og = og
         self.image_token_id = image_token_id
+        unfed = unfed_decoder_inputs(folder)
+        if unfed:
+            raise VlmoptError(
+                f"onnxruntime-genai {genai_version()} feeds the decoder no {', '.join(unfed)}, which this model's decoder takes; "
+                "generate with --backend onnxruntime (vlmopt's own loop)"
+            )
         try:
             config = og.Config(str(folder))
             if threads:

@@ -273,6 +273,7 @@ class HfGenerateRunner(GenerateRunner):
         if prompt.pixel_values is not None:
             extra = {name: torch.from_numpy(value) for name, value in prompt.vision_inputs.items()}
             kwargs.update(self.family.generate_inputs(torch.from_numpy(prompt.pixel_values), extra))
+        kwargs.update({name: torch.from_numpy(value) for name, value in prompt.decoder_inputs.items()})
         if request.sampling.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
@@ -322,6 +323,8 @@ class OrtParts:
         if not self.past_names or len(self.past_names) != len(self.present_names):
             raise VlmoptError(f"{files[decoder]} is not a decoder with a KV cache (past_key_values.* -> present.*)")
         self.takes_positions = POSITION_IDS in inputs
+        #: the contract's per-position decoder inputs this graph takes: the prompt's values at prefill, 0 afterwards
+        self.position_inputs = [name for name in contract.decoder_inputs if name in inputs]
         #: convert gives the decoder `logits_to_keep` (a prefill computes its last position's logits only)
         self.keeps_logits = LOGITS_TO_KEEP in inputs
         #: GroupQueryAttention decoders (onnxruntime-genai's builder) take no positions (rotary inside the operator)
@@ -348,17 +351,21 @@ class OrtParts:
     def empty_past(self, batch: int, length: int = 0) -> np.ndarray:
         return np.zeros((batch, self.kv_heads, length, self.head_dim), self.past_dtype)
 
-    def step_feed(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+    def step_feed(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """One decoder run's inputs; `extra`: the contract's per-position decoder inputs for these positions (0 where absent)."""
         feed = {INPUTS_EMBEDS: np.ascontiguousarray(inputs_embeds.astype(self.embeds_dtype)), ATTENTION_MASK: np.ascontiguousarray(attention_mask)}
         if self.takes_positions:
             feed[POSITION_IDS] = position_ids(attention_mask, inputs_embeds.shape[1])
+        for name in self.position_inputs:
+            given = (extra or {}).get(name)
+            feed[name] = np.zeros(inputs_embeds.shape[:2], np.int64) if given is None else np.ascontiguousarray(given.astype(np.int64))
         return feed
 
-    def decode(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    def decode(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """The logits of one prefill with no past (numpy in and out, unpadded rows: every contract takes those). For checks."""
         batch = inputs_embeds.shape[0]
         past = {name: self.empty_past(batch) for name in self.past_names}
-        return self.decoder.run([LOGITS], {**self.step_feed(inputs_embeds, attention_mask), **past})[0]
+        return self.decoder.run([LOGITS], {**self.step_feed(inputs_embeds, attention_mask, extra), **past})[0]
 
     def cache(self, batch: int, capacity: int) -> KvCache:
         """A fresh KV cache for one generation of `batch` rows and at most `capacity` positions."""
@@ -388,11 +395,11 @@ class KvCache:
         for name, value in zip(self.parts.past_names, self.values, strict=True):
             self.binding.bind_ortvalue_input(name, value)
 
-    def _run(self, inputs_embeds: np.ndarray, mask: np.ndarray, keep: int = 0) -> np.ndarray:
+    def _run(self, inputs_embeds: np.ndarray, mask: np.ndarray, keep: int = 0, extra: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """One decoder run on the cache; the logits of the last `keep` positions where the decoder takes
         `logits_to_keep` (0: every position; bound every run, since a binding outlives the run)."""
         parts, binding = self.parts, self.binding
-        for name, value in parts.step_feed(inputs_embeds, mask).items():
+        for name, value in parts.step_feed(inputs_embeds, mask, extra).items():
             binding.bind_cpu_input(name, value)
         if parts.keeps_logits:
             binding.bind_cpu_input(LOGITS_TO_KEEP, np.array(keep, np.int64))
@@ -415,28 +422,31 @@ class KvCache:
             raise VlmoptError(f"the KV cache holds {self.capacity} positions; this step needs {int(self.lengths.max())}")
         return (np.arange(int(self.lengths.max()))[None, :] < self.lengths[:, None]).astype(np.int64)
 
-    def prefill(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """The prompt (left-padded rows) into the cache; the logits of every position, left-padded like the input."""
+    def prefill(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """The prompt (left-padded rows) into the cache; the logits of every position, left-padded like the input.
+        `extra`: the contract's per-position decoder inputs over the prompt."""
         if not self.parts.shares_buffer:
             self.mask = attention_mask.astype(np.int64)
-            return self._run(inputs_embeds, self.mask)
+            return self._run(inputs_embeds, self.mask, extra=extra)
         width = attention_mask.shape[1]
-        logits = self._run(self._moved_left(inputs_embeds, attention_mask), self._shared_mask()[:, :width])
+        moved = self._moved_left(inputs_embeds, attention_mask)
+        logits = self._run(moved, self._shared_mask()[:, :width], extra=self._extra_moved_left(extra, attention_mask))
         back = np.zeros_like(logits)
         for row, n in enumerate(self.lengths):
             back[row, width - n :] = logits[row, :n]
         return back
 
-    def prefill_last(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    def prefill_last(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """The prompt into the cache, like `prefill`; only each row's logits at its last position ([batch, vocab]), and
         only those computed where the decoder takes `logits_to_keep` (rows of unequal length in the shared contract:
         from the shortest row's last position on)."""
         width = attention_mask.shape[1]
         if not self.parts.shares_buffer:
             self.mask = attention_mask.astype(np.int64)
-            return self._run(inputs_embeds, self.mask, keep=1)[:, -1]
+            return self._run(inputs_embeds, self.mask, keep=1, extra=extra)[:, -1]
         moved = self._moved_left(inputs_embeds, attention_mask)
-        logits = self._run(moved, self._shared_mask()[:, :width], keep=width - int(self.lengths.min()) + 1)
+        keep = width - int(self.lengths.min()) + 1
+        logits = self._run(moved, self._shared_mask()[:, :width], keep=keep, extra=self._extra_moved_left(extra, attention_mask))
         first = width - logits.shape[1]  # the position of the first row of logits handed back
         return np.stack([logits[row, n - 1 - first] for row, n in enumerate(self.lengths)])
 
@@ -449,6 +459,17 @@ class KvCache:
         moved = np.zeros_like(inputs_embeds)
         for row, n in enumerate(self.lengths):
             moved[row, :n] = inputs_embeds[row, width - n :]
+        return moved
+
+    def _extra_moved_left(self, extra: dict[str, np.ndarray] | None, attention_mask: np.ndarray) -> dict[str, np.ndarray] | None:
+        """Per-position decoder inputs moved as `_moved_left` moves the prompt (after it has set the lengths)."""
+        if not extra:
+            return extra
+        width = attention_mask.shape[1]
+        moved = {name: np.zeros_like(value) for name, value in extra.items()}
+        for row, n in enumerate(self.lengths):
+            for name, value in extra.items():
+                moved[name][row, :n] = value[row, width - n :]
         return moved
 
     def step(self, inputs_embeds: np.ndarray) -> np.ndarray:
@@ -495,7 +516,7 @@ class OrtGenerateRunner(GenerateRunner):
         batch, prompt_length = prompt.attention_mask.shape
         cache = parts.cache(batch, prompt_length + request.max_new_tokens)
         pick = TokenPicker(request.sampling)
-        logits = cache.prefill_last(parts.embed(prompt.input_ids, features), prompt.attention_mask)
+        logits = cache.prefill_last(parts.embed(prompt.input_ids, features), prompt.attention_mask, prompt.decoder_inputs)
         while True:
             tokens = steps.add(pick(steps.suppress(logits.astype(np.float32))))
             if steps.finished:

@@ -6,7 +6,7 @@ Every part name, tensor name and Hugging Face path comes from the family's gener
 After `convert` (fp32 parts against transformers itself, not against vlmopt's wrappers):
   * vision: image_features against the family's reference image features (transformers' own), 1 and 2 images;
   * embedding: inputs_embeds against transformers' `masked_scatter` merge, 0, 1 and 2 images, batch 1 and 2;
-  * decoder: logits (and the first layer's present key) against the language model and head run by
+  * decoder: logits (and the present key of the first layer that keeps every position) against the language model and head run by
     transformers with its own mask code and `DynamicCache`: prompts of two lengths at batch 1 and 2 (left
     padding), then decode steps of 1 and 3 tokens on those pasts (pasts of four different lengths);
   * generation: greedy decoding through vlmopt's ONNX Runtime loop, token for token against transformers'
@@ -241,7 +241,9 @@ def _decoder_cases(model: Any, family: Any, shares_buffer: bool) -> list[list[_C
                 step = torch.from_numpy((rng.standard_normal((batch, new, text_config.hidden_size)) * scale).astype(np.float32))
                 mask = torch.cat([mask, torch.ones(batch, new, dtype=torch.int64)], 1)
                 reference, cache = _reference_step(model, family, step, mask, cache)
-                expected = {LOGITS: reference.numpy(), "present.0.key": cache.layers[0].keys.numpy().copy()}
+                # the first layer whose reference cache holds every position (a sliding-window layer keeps its window only)
+                layer = next(i for i, held in enumerate(cache.layers) if held.keys.shape[2] == mask.shape[1])
+                expected = {LOGITS: reference.numpy(), f"present.{layer}.key": cache.layers[layer].keys.numpy().copy()}
                 cases.append(_Case({"embeds": step.numpy()}, expected, {"batch": batch, "sequence": new, "past_sequence": past_length}))
             sequences.append(cases)
     return sequences
@@ -259,8 +261,9 @@ def _decoder(sequences: list[list[_Case]], parts: Any) -> DataCheck:
         worst.feeds += 1
         for step in steps:
             worst.add(LOGITS, step.expected[LOGITS], kv.step(step.inputs["embeds"]), step.where)
-            keys, held = kv.keys(0)
-            worst.add("present.0.key", step.expected["present.0.key"].transpose(0, 2, 1, 3)[held], keys.transpose(0, 2, 1, 3)[held], step.where)
+            name = next(key for key in step.expected if key != LOGITS)
+            keys, held = kv.keys(int(name.split(".")[1]))
+            worst.add(name, step.expected[name].transpose(0, 2, 1, 3)[held], keys.transpose(0, 2, 1, 3)[held], step.where)
             worst.feeds += 1
     left_out = ", 3 only at batch 1 (GroupQueryAttention)" if parts.shares_buffer else ""
     lengths = DECODER_LENGTHS

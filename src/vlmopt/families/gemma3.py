@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from vlmopt.errors import VlmoptError
-from vlmopt.families.base import Tower
 from vlmopt.families.decoder import CausalLmWithPast
 from vlmopt.families.generative import (
     ATTENTION_MASK,
@@ -120,6 +119,7 @@ class Gemma3Family(GenerativeFamily):
     #: onnxruntime-genai's builder makes causal-only GroupQueryAttention: it cannot attend within an image both ways
     decoder_makers = ("torch",)
     language_models = ("gemma3_text",)
+    vision_wrapper = Gemma3VisionFeatures
     atol = 5e-3
 
     def model_class(self, config: Any) -> Any:
@@ -147,9 +147,6 @@ class Gemma3Family(GenerativeFamily):
 
     def image_tokens_per_image(self, config: Any) -> int:
         return int(config.mm_tokens_per_image)
-
-    def vision_tower(self, config: Any) -> Tower:
-        return self.fixed_size_vision_tower(config, Gemma3VisionFeatures)
 
     def decoder_module(self, model: Any, maker: str) -> Any:
         return Gemma3LmWithPast(self.language_model(model), self.lm_head(model), self.text_config(model.config))

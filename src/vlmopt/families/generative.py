@@ -202,24 +202,6 @@ class GenerativeFamily(Family):
         """Image rows per image (or per tile, for families that split images): what dummy inputs put in the prompt."""
         raise NotImplementedError
 
-    def fixed_size_vision_tower(self, config: Any, wrap: Any) -> Tower:
-        """A vision part for images of the vision config's size, each giving `image_tokens_per_image` rows
-        (pixel_values [num_images, C, H, W] -> image_features [num_images * rows, hidden]); `wrap` makes its torch
-        module from the model. LLaVA's and Gemma 3's."""
-        vision, per_image = config.vision_config, self.image_tokens_per_image(config)
-        return Tower(
-            name=self.contract.vision.name,
-            inputs=(image_input(vision, "num_images"),),
-            outputs=(TensorSpec(IMAGE_FEATURES, ("num_image_tokens", self.text_config(config).hidden_size)),),
-            wrap=wrap,
-            num_heads=vision.num_attention_heads,
-            hidden_size=vision.hidden_size,
-            optimizer_model_type="clip",
-            bench_sizes={"num_images": 1},
-            meta={"part": self.contract.vision.name, "image_seq_length": per_image, "quantize": {"fp16": "fp16", "int8": "int8-dynamic"}},
-            derived_axes={"num_image_tokens": f"num_images * {per_image}"},
-        )
-
     def towers(self, config: Any, hf_dir: Path | None = None, monolith: bool = False, decoder: str = "torch") -> list[Tower]:
         """The three parts; `decoder` says who makes the decoder: "torch" (exported, CONCAT cache) or "builder"
         (onnxruntime-genai's model builder, `vlmopt.genai_builder`: GroupQueryAttention, SHARED cache)."""

@@ -588,7 +588,13 @@ app.command("generate")(_generate_command())
 @command
 def demo_model(
     directory: Annotated[Path, typer.Argument(help="Where to write the Hugging Face model folder.", show_default=False)],
-    family: Annotated[str, typer.Option(help="clip, siglip, vit, vit-classifier, bert or llava.")] = "clip",
+    family: Annotated[
+        str,
+        typer.Option(
+            help="clip, siglip; vision backbones vit, dinov2, dinov2-registers, deit, beit, swin, convnext (each also as NAME-classifier); "
+            "text encoders bert, xlm-roberta, deberta-v2, modernbert; llava."
+        ),
+    ] = "clip",
     size: Annotated[str, typer.Option(help="tiny (tests) or base (real sizes: CLIP ViT-B/32, ...); llava also small (LLaVA-OneVision-0.5B's sizes).")] = "tiny",
     seed: Annotated[int, typer.Option(help="Random seed for the weights.")] = 0,
     language_model: Annotated[

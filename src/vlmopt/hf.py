@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmopt.errors import VlmoptError
-from vlmopt.families import Family, family_for
+from vlmopt.families import Family, check_config_fields, family_for
 from vlmopt.workspace import require_utf8_path
 
 #: SOURCE prefix that always means a hub id, even where a local folder has the same first component
@@ -102,13 +102,19 @@ def load_config(source: str | Path, revision: str | None = None, trust_remote_co
     builtin = _builtin_model_type(name, local, revision, trust_remote_code)
     trust = trust_remote_code and not builtin
     try:
-        return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust, local_files_only=local)
+        config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust, local_files_only=local)
     except Exception as exc:
         if "trust_remote_code" in str(exc):
             raise VlmoptError(
                 f"{source} needs its own Python code to load (auto_map in config.json); vlmopt runs a checkpoint's code only with --trust-remote-code"
             ) from exc
         raise VlmoptError(f"cannot read a model config from {source}: {_first_line(exc)}") from exc
+    if builtin:
+        from transformers import PretrainedConfig
+
+        declared, _ = PretrainedConfig.get_config_dict(name, revision=revision, local_files_only=local)
+        check_config_fields(config, declared, str(source))
+    return config
 
 
 def _check_weight_files(path: Path) -> None:

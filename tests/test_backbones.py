@@ -32,8 +32,10 @@ BACKBONES: dict[str, tuple[str, tuple[str, ...]]] = {
     "deberta-v2": ("deberta-v2", ("sentence_embedding",)),
     "modernbert": ("modernbert", ("sentence_embedding",)),
 }
-#: families whose attention blocks ONNX Runtime's optimizer fuses, every layer; the others fuse none (README says why)
-FUSES_ATTENTION = {"dinov2", "dinov2-registers", "deit", "xlm-roberta", "deit-classifier", "dinov2-classifier"}
+#: families whose attention blocks ONNX Runtime's optimizer fuses in every layer (DINOv2's once its layer scale is folded
+#: into the output projection); with registers every layer but the first, whose input is the token Concat; the others none
+FUSES_ATTENTION = {"dinov2", "deit", "xlm-roberta", "deit-classifier", "dinov2-classifier"}
+FUSES_ALL_BUT_THE_FIRST = {"dinov2-registers"}
 CLASSIFIERS = [name for name, (_, outputs) in BACKBONES.items() if outputs == ("logits",)]
 QUICK_BENCH = ("--batch", "2", "--iterations", "2", "--warmup", "0")
 
@@ -53,7 +55,7 @@ def staged(tmp_path_factory: pytest.TempPathFactory, exported: Callable[[str], P
         reports = {
             "convert": vlmopt_json("convert", model_dir),
             "optimize": vlmopt_json("optimize", model_dir),
-            "quantize": vlmopt_json("quantize", model_dir, "--mode", "int8-dynamic", "--from", "onnx-opt"),
+            "quantize": vlmopt_json("quantize", model_dir, "--mode", "int8-dynamic", "--from", "onnx-opt", "--fallback"),
             "openvino": vlmopt_json("openvino", model_dir),
         }
         reports["bench"] = vlmopt_json("bench", model_dir, *QUICK_BENCH)
@@ -100,7 +102,8 @@ def test_optimize_records_the_attention_it_fused_in_every_backbone(family: str, 
 
     assert artifact["verification"]["passed"] is True
     assert recorded["attention_layers"] > 0 or family == "convnext"
-    assert fused == (recorded["attention_layers"] if family in FUSES_ATTENTION else 0)
+    layers = recorded["attention_layers"]
+    assert fused == (layers if family in FUSES_ATTENTION else layers - 1 if family in FUSES_ALL_BUT_THE_FIRST else 0)
 
 
 @pytest.mark.parametrize("family", BACKBONES)
@@ -142,7 +145,14 @@ def test_classifier_variants_record_top1_class_agreement_on_the_built_in_photos(
 # -- a config that lacks what its family needs -----------------------------------------------------
 @pytest.mark.parametrize(
     ("family", "field"),
-    [("dinov2", "patch_size"), ("dinov2-registers", "num_register_tokens"), ("swin", "window_size"), ("convnext", "hidden_sizes"), ("deberta-v2", "vocab_size"), ("modernbert", "max_position_embeddings")],
+    [
+        ("dinov2", "patch_size"),
+        ("dinov2-registers", "num_register_tokens"),
+        ("swin", "window_size"),
+        ("convnext", "hidden_sizes"),
+        ("deberta-v2", "vocab_size"),
+        ("modernbert", "max_position_embeddings"),
+    ],
 )
 def test_export_refuses_a_config_without_a_field_its_family_needs_naming_it(
     family: str, field: str, demo_source: Callable[[str], Path], tmp_path: Path
@@ -168,3 +178,27 @@ def test_export_refuses_a_config_whose_field_is_null(demo_source: Callable[[str]
     (source / "config.json").write_text(json.dumps(config))
 
     assert_bad_input(vlmopt("export", source, "-o", tmp_path / "model"), "'image_size'", "deit")
+
+
+# -- DINOv2: the processor's input size ------------------------------------------------------------
+@pytest.mark.parametrize("family", ["dinov2", "dinov2-registers"])
+def test_dinov2_takes_the_size_its_processor_crops_with_the_outputs_transformers_computes_at_it(family: str, demo_source: Callable[[str], Path]) -> None:
+    import torch
+
+    from vlmopt.families import family_for
+    from vlmopt.hf import load_model
+
+    folder = demo_source(family)
+    untouched, prepared = load_model(folder), load_model(folder)
+    (tower,) = family_for(prepared.config).towers(prepared.config, folder)
+    crop = json.loads((folder / "preprocessor_config.json").read_text())["crop_size"]["height"]
+    pixels = torch.randn(2, 3, crop, crop, generator=torch.Generator().manual_seed(0))
+
+    with torch.no_grad():
+        expected = untouched(pixel_values=pixels)
+        pooled, dense = tower.wrap(prepared)(pixels)
+
+    assert tower.inputs[0].shape == ("batch", 3, crop, crop)
+    assert crop != untouched.config.image_size
+    torch.testing.assert_close(pooled, expected.pooler_output)
+    torch.testing.assert_close(dense, expected.last_hidden_state)

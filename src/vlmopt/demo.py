@@ -204,7 +204,13 @@ def _vision_backbone(name: str, size: str, classifier: bool) -> tuple[Any, Any]:
     declared: dict[str, tuple[str, str, str, dict[str, Any], dict[str, Any]]] = {
         "vit": ("ViTConfig", "ViTModel", "ViTForImageClassification", tiny, real_vit),  # google/vit-base-patch16-224
         # facebook/dinov2-base: position embeddings for 518 px, interpolated to the 224 px its processor crops (tiny: 48 -> 32)
-        "dinov2": ("Dinov2Config", "Dinov2Model", "Dinov2ForImageClassification", {**tiny, "image_size": 48}, {**real_vit, "image_size": 518, "patch_size": 14}),
+        "dinov2": (
+            "Dinov2Config",
+            "Dinov2Model",
+            "Dinov2ForImageClassification",
+            {**tiny, "image_size": 48},
+            {**real_vit, "image_size": 518, "patch_size": 14},
+        ),
         # facebook/dinov2-with-registers-base
         "dinov2-registers": (
             "Dinov2WithRegistersConfig",
@@ -260,20 +266,65 @@ def _text_encoder(name: str, size: str) -> tuple[Any, Any]:
     declared: dict[str, tuple[str, str, dict[str, Any], dict[str, Any]]] = {
         "bert": ("BertConfig", "BertModel", tiny, {**real, "vocab_size": 30522}),  # bert-base-uncased
         # FacebookAI/xlm-roberta-base: positions start after the padding index
-        "xlm-roberta": ("XLMRobertaConfig", "XLMRobertaModel", {**tiny, "max_position_embeddings": 66, "pad_token_id": 1}, {**real, "vocab_size": 250002, "max_position_embeddings": 514, "pad_token_id": 1}),
+        "xlm-roberta": (
+            "XLMRobertaConfig",
+            "XLMRobertaModel",
+            {**tiny, "max_position_embeddings": 66, "pad_token_id": 1},
+            {**real, "vocab_size": 250002, "max_position_embeddings": 514, "pad_token_id": 1},
+        ),
         # microsoft/deberta-v3-base: relative positions in log buckets, no absolute positions, no token types
         "deberta-v2": (
             "DebertaV2Config",
             "DebertaV2Model",
-            {**tiny, "relative_attention": True, "position_buckets": 16, "max_relative_positions": -1, "pos_att_type": ["p2c", "c2p"], "position_biased_input": False, "type_vocab_size": 0, "norm_rel_ebd": "layer_norm", "share_att_key": True},
-            {**real, "vocab_size": 128100, "max_position_embeddings": 512, "relative_attention": True, "position_buckets": 256, "max_relative_positions": -1, "pos_att_type": ["p2c", "c2p"], "position_biased_input": False, "type_vocab_size": 0, "norm_rel_ebd": "layer_norm", "share_att_key": True},
+            {
+                **tiny,
+                "relative_attention": True,
+                "position_buckets": 16,
+                "max_relative_positions": -1,
+                "pos_att_type": ["p2c", "c2p"],
+                "position_biased_input": False,
+                "type_vocab_size": 0,
+                "norm_rel_ebd": "layer_norm",
+                "share_att_key": True,
+            },
+            {
+                **real,
+                "vocab_size": 128100,
+                "max_position_embeddings": 512,
+                "relative_attention": True,
+                "position_buckets": 256,
+                "max_relative_positions": -1,
+                "pos_att_type": ["p2c", "c2p"],
+                "position_biased_input": False,
+                "type_vocab_size": 0,
+                "norm_rel_ebd": "layer_norm",
+                "share_att_key": True,
+            },
         ),
         # answerdotai/ModernBERT-base: every third layer global, the others a sliding window (tiny: 16 of 64 positions)
         "modernbert": (
             "ModernBertConfig",
             "ModernBertModel",
-            {**tiny, "num_hidden_layers": 3, "global_attn_every_n_layers": 3, "local_attention": 16, "pad_token_id": 3, "bos_token_id": 1, "eos_token_id": 2, "cls_token_id": 1, "sep_token_id": 2},
-            {**real, "intermediate_size": 1152, "num_hidden_layers": 22, "vocab_size": 50368, "max_position_embeddings": 8192, "global_attn_every_n_layers": 3, "local_attention": 128},
+            {
+                **tiny,
+                "num_hidden_layers": 3,
+                "global_attn_every_n_layers": 3,
+                "local_attention": 16,
+                "pad_token_id": 3,
+                "bos_token_id": 1,
+                "eos_token_id": 2,
+                "cls_token_id": 1,
+                "sep_token_id": 2,
+            },
+            {
+                **real,
+                "intermediate_size": 1152,
+                "num_hidden_layers": 22,
+                "vocab_size": 50368,
+                "max_position_embeddings": 8192,
+                "global_attn_every_n_layers": 3,
+                "local_attention": 128,
+            },
         ),
         # nomic-ai/nomic-embed-text-v1.5: rotary positions, SwiGLU MLP, post-norm blocks
         "nomic-bert": ("NomicBertConfig", "NomicBertModel", tiny, {**real, "vocab_size": 30528, "max_position_embeddings": 2048}),

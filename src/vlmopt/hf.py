@@ -149,10 +149,13 @@ def load_model(
         _check_weight_files(Path(name))
     trust = _trust(name, local, revision, trust_remote_code)
     kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust, "use_safetensors": True, "dtype": torch.float32, "local_files_only": local}
+    model_class = family.model_class(config)
+    if attn_implementation == "sdpa" and not _supports_sdpa(model_class, config):
+        attn_implementation = "eager"  # DeBERTa-v2, ConvNeXt: transformers has no SDPA path, eager is their fastest
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model, info = family.model_class(config).from_pretrained(name, config=config, output_loading_info=True, **kwargs)
+        model, info = model_class.from_pretrained(name, config=config, output_loading_info=True, **kwargs)
     except VlmoptError:
         raise
     except Exception as exc:
@@ -164,6 +167,16 @@ def load_model(
             f"weights in {source} do not match its config: {len(missing)} tensors missing (e.g. {shown}); the checkpoint is incomplete or corrupt"
         )
     return model.eval()
+
+
+def _supports_sdpa(model_class: Any, config: Any) -> bool:
+    """Whether transformers has an SDPA attention path for the class `model_class` (an auto class: what it picks) loads."""
+    mapping = getattr(model_class, "_model_mapping", None)
+    try:
+        concrete = mapping[type(config)] if mapping is not None else model_class
+    except KeyError:
+        return True
+    return bool(getattr(concrete, "_supports_sdpa", True))
 
 
 def placeholder_tokenizer(tokenizer: object) -> bool:

@@ -12,7 +12,7 @@ from typing import Any
 from vlmopt.errors import VlmoptError
 from vlmopt.families.base import Family, TensorSpec, TextVocab, Tower
 
-__all__ = ["Family", "TensorSpec", "TextVocab", "Tower", "all_families", "check_config_fields", "family_for", "family_named", "generative_families", "supported_model_types"]
+__all__ = ["Family", "TensorSpec", "TextVocab", "Tower", "all_families", "family_for", "family_named", "generative_families", "supported_model_types"]
 
 
 @cache

@@ -90,7 +90,7 @@ def test_backbone_converts_to_its_declared_outputs_verified_against_pytorch(fami
     artifact = manifest(model_dir)["artifacts"]["onnx"]
 
     assert artifact["verification"]["passed"] is True
-    assert [o["name"] for o in artifact["towers"][_tower(family)]["tower"]["outputs"]] == list(BACKBONES[family][1])
+    assert [o["name"] for o in artifact["towers"][_tower(family)]["outputs"]] == list(BACKBONES[family][1])
 
 
 @pytest.mark.parametrize("family", BACKBONES)
@@ -112,7 +112,7 @@ def test_int8_dynamic_quantization_of_every_backbone_passes_its_gate(family: str
     artifact = reports["quantize"]["artifact"]
 
     assert artifact["verification"]["passed"] is True
-    assert artifact["traits"]["precision"] == "int8"
+    assert artifact["traits"]["precision"] == "int8-dynamic"
 
 
 @pytest.mark.parametrize("family", BACKBONES)

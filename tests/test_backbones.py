@@ -31,6 +31,7 @@ BACKBONES: dict[str, tuple[str, tuple[str, ...]]] = {
     "xlm-roberta": ("bert", ("sentence_embedding",)),
     "deberta-v2": ("deberta-v2", ("sentence_embedding",)),
     "modernbert": ("modernbert", ("sentence_embedding",)),
+    "nomic-bert": ("nomic-bert", ("sentence_embedding",)),
 }
 #: families whose attention blocks ONNX Runtime's optimizer fuses in every layer (DINOv2's once its layer scale is folded
 #: into the output projection); with registers every layer but the first, whose input is the token Concat; the others none

@@ -592,7 +592,7 @@ def demo_model(
         str,
         typer.Option(
             help="clip, siglip; vision backbones vit, dinov2, dinov2-registers, deit, beit, swin, convnext (each also as NAME-classifier); "
-            "text encoders bert, xlm-roberta, deberta-v2, modernbert; llava."
+            "text encoders bert, xlm-roberta, deberta-v2, modernbert, nomic-bert; llava."
         ),
     ] = "clip",
     size: Annotated[str, typer.Option(help="tiny (tests) or base (real sizes: CLIP ViT-B/32, ...); llava also small (LLaVA-OneVision-0.5B's sizes).")] = "tiny",

@@ -101,7 +101,7 @@ class SentenceEncoderFamily(Family):
     def takes_token_types(self, config: Any) -> bool:
         return self.token_types[config.model_type]
 
-    def towers(self, config: Any, hf_dir: Path | None = None, monolith: bool = False) -> list[Tower]:
+    def towers(self, config: Any, hf_dir: Path | None = None, monolith: bool = False, decoder: str = "torch") -> list[Tower]:
         pooling, normalize, source = sentence_transformers_pooling(hf_dir)
         with_token_types = self.takes_token_types(config)
         inputs = [

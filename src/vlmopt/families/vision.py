@@ -104,7 +104,7 @@ class VisionBackboneFamily(Family):
         size = config.image_size
         return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
-    def towers(self, config: Any, hf_dir: Path | None = None, monolith: bool = False) -> list[Tower]:
+    def towers(self, config: Any, hf_dir: Path | None = None, monolith: bool = False, decoder: str = "torch") -> list[Tower]:
         height, width = self.image_size(config, hf_dir)
         classifier = self.classifier_architecture(config) is not None
         if classifier:

@@ -692,7 +692,13 @@ app.command("serve")(_serve_command())
 @command
 def demo_model(
     directory: Annotated[Path, typer.Argument(help="Where to write the Hugging Face model folder.", show_default=False)],
-    family: Annotated[str, typer.Option(help="clip, siglip, vit, vit-classifier, bert, llava, smolvlm, idefics3 or gemma3.")] = "clip",
+    family: Annotated[
+        str,
+        typer.Option(
+            help="clip, siglip; vision backbones vit, dinov2, dinov2-registers, deit, beit, swin, convnext (each also as NAME-classifier); "
+            "text encoders bert, xlm-roberta, deberta-v2, modernbert, nomic-bert; generative llava, smolvlm, idefics3, gemma3."
+        ),
+    ] = "clip",
     size: Annotated[
         str,
         typer.Option(

@@ -13,7 +13,19 @@ from typing import Any
 
 from vlmopt.errors import VlmoptError
 
-DEMO_FAMILIES = ("clip", "siglip", "vit", "vit-classifier", "bert", "llava", "smolvlm", "idefics3", "gemma3")
+#: vision backbones: a feature extractor, and `<name>-classifier` an image classifier (`*ForImageClassification`)
+VISION_BACKBONES = ("vit", "dinov2", "dinov2-registers", "deit", "beit", "swin", "convnext")
+TEXT_ENCODERS = ("bert", "xlm-roberta", "deberta-v2", "modernbert", "nomic-bert")
+DEMO_FAMILIES = (
+    "clip",
+    "siglip",
+    *(f"{name}{kind}" for name in VISION_BACKBONES for kind in ("", "-classifier")),
+    *TEXT_ENCODERS,
+    "llava",
+    "smolvlm",
+    "idefics3",
+    "gemma3",
+)
 SIZES = ("tiny", "base")
 #: llava also has `small` (LLaVA-OneVision-0.5B's sizes); see `vlmopt.demo_llava`
 LLAVA_SIZES = ("tiny", "base", "small")
@@ -188,22 +200,145 @@ def _siglip(size: str) -> tuple[Any, Any]:
     return SiglipModel(SiglipConfig(text_config=text, vision_config=vision)), None
 
 
-def _vit(size: str, classifier: bool) -> tuple[Any, Any]:
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil, ViTModel
+def _vision_backbone(name: str, size: str, classifier: bool) -> tuple[Any, Any]:
+    """A vision backbone at its real size (`base`: the checkpoint named below) or tiny, with the image processor its
+    real checkpoints ship."""
+    import transformers
 
-    dims = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12, "image_size": 224, "patch_size": 16}
-    config = ViTConfig(**(dims if size == "base" else {**_TINY, **_TINY_IMAGE}), num_labels=1000 if size == "base" else 5)
-    model = ViTForImageClassification(config) if classifier else ViTModel(config)
-    image = config.image_size
-    return model, ViTImageProcessorPil(size={"height": image, "width": image})
+    tiny = {**_TINY, **_TINY_IMAGE}
+    real_vit = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12, "image_size": 224, "patch_size": 16}
+    # (config class, model class, classifier class, tiny config, base config)
+    declared: dict[str, tuple[str, str, str, dict[str, Any], dict[str, Any]]] = {
+        "vit": ("ViTConfig", "ViTModel", "ViTForImageClassification", tiny, real_vit),  # google/vit-base-patch16-224
+        # facebook/dinov2-base: position embeddings for 518 px, interpolated to the 224 px its processor crops (tiny: 48 -> 32)
+        "dinov2": (
+            "Dinov2Config",
+            "Dinov2Model",
+            "Dinov2ForImageClassification",
+            {**tiny, "image_size": 48},
+            {**real_vit, "image_size": 518, "patch_size": 14},
+        ),
+        # facebook/dinov2-with-registers-base
+        "dinov2-registers": (
+            "Dinov2WithRegistersConfig",
+            "Dinov2WithRegistersModel",
+            "Dinov2WithRegistersForImageClassification",
+            {**tiny, "image_size": 48, "num_register_tokens": 4},
+            {**real_vit, "image_size": 518, "patch_size": 14, "num_register_tokens": 4},
+        ),
+        # facebook/deit-base-distilled-patch16-224: its classifiers average a class and a distillation head
+        "deit": ("DeiTConfig", "DeiTModel", "DeiTForImageClassificationWithTeacher", tiny, real_vit),
+        # microsoft/beit-base-patch16-224: relative position bias per layer, layer scale, mean pooling
+        "beit": (
+            "BeitConfig",
+            "BeitModel",
+            "BeitForImageClassification",
+            {**tiny, "use_relative_position_bias": True, "use_absolute_position_embeddings": False, "layer_scale_init_value": 0.1},
+            {**real_vit, "use_relative_position_bias": True, "use_absolute_position_embeddings": False, "layer_scale_init_value": 0.1},
+        ),
+        # microsoft/swin-tiny-patch4-window7-224 (Swin-T)
+        "swin": (
+            "SwinConfig",
+            "SwinModel",
+            "SwinForImageClassification",
+            {"image_size": 32, "patch_size": 2, "embed_dim": 16, "depths": [1, 1], "num_heads": [2, 4], "window_size": 4},
+            {"image_size": 224, "patch_size": 4, "embed_dim": 96, "depths": [2, 2, 6, 2], "num_heads": [3, 6, 12, 24], "window_size": 7},
+        ),
+        # facebook/convnext-tiny-224 (ConvNeXt-T)
+        "convnext": (
+            "ConvNextConfig",
+            "ConvNextModel",
+            "ConvNextForImageClassification",
+            {"image_size": 32, "patch_size": 4, "num_stages": 2, "hidden_sizes": [16, 32], "depths": [1, 1]},
+            {"image_size": 224, "patch_size": 4, "hidden_sizes": [96, 192, 384, 768], "depths": [3, 3, 9, 3]},
+        ),
+    }
+    config_class, model_class, classifier_class, tiny_dims, base_dims = declared[name]
+    config = getattr(transformers, config_class)(**(base_dims if size == "base" else tiny_dims), num_labels=1000 if size == "base" else 5)
+    model = getattr(transformers, classifier_class if classifier else model_class)(config)
+    crop = (224 if size == "base" else 32) if name.startswith("dinov2") else config.image_size
+    if name.startswith("dinov2"):  # BitImageProcessor, as facebook/dinov2-* ship: resize the short side, then crop
+        processor = transformers.BitImageProcessorPil(size={"shortest_edge": crop * 8 // 7}, crop_size={"height": crop, "width": crop})
+    else:
+        processor = transformers.ViTImageProcessorPil(size={"height": crop, "width": crop})
+    return model, processor
 
 
-def _bert(size: str) -> tuple[Any, Any]:
-    from transformers import BertConfig, BertModel
+def _text_encoder(name: str, size: str) -> tuple[Any, Any]:
+    """A text encoder at its real size (`base`: the checkpoint named below) or tiny; no tokenizer (synthetic verification)."""
+    import transformers
 
-    dims = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12, "vocab_size": 30522}
-    config = BertConfig(**(dims if size == "base" else {**_TINY, "vocab_size": 1024, "max_position_embeddings": 64}))
-    return BertModel(config), None
+    tiny = {**_TINY, "vocab_size": 1024, "max_position_embeddings": 64}
+    real = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12}
+    declared: dict[str, tuple[str, str, dict[str, Any], dict[str, Any]]] = {
+        "bert": ("BertConfig", "BertModel", tiny, {**real, "vocab_size": 30522}),  # bert-base-uncased
+        # FacebookAI/xlm-roberta-base: positions start after the padding index
+        "xlm-roberta": (
+            "XLMRobertaConfig",
+            "XLMRobertaModel",
+            {**tiny, "max_position_embeddings": 66, "pad_token_id": 1},
+            {**real, "vocab_size": 250002, "max_position_embeddings": 514, "pad_token_id": 1},
+        ),
+        # microsoft/deberta-v3-base: relative positions in log buckets, no absolute positions, no token types
+        "deberta-v2": (
+            "DebertaV2Config",
+            "DebertaV2Model",
+            {
+                **tiny,
+                "relative_attention": True,
+                "position_buckets": 16,
+                "max_relative_positions": -1,
+                "pos_att_type": ["p2c", "c2p"],
+                "position_biased_input": False,
+                "type_vocab_size": 0,
+                "norm_rel_ebd": "layer_norm",
+                "share_att_key": True,
+            },
+            {
+                **real,
+                "vocab_size": 128100,
+                "max_position_embeddings": 512,
+                "relative_attention": True,
+                "position_buckets": 256,
+                "max_relative_positions": -1,
+                "pos_att_type": ["p2c", "c2p"],
+                "position_biased_input": False,
+                "type_vocab_size": 0,
+                "norm_rel_ebd": "layer_norm",
+                "share_att_key": True,
+            },
+        ),
+        # answerdotai/ModernBERT-base: every third layer global, the others a sliding window (tiny: 16 of 64 positions)
+        "modernbert": (
+            "ModernBertConfig",
+            "ModernBertModel",
+            {
+                **tiny,
+                "num_hidden_layers": 3,
+                "global_attn_every_n_layers": 3,
+                "local_attention": 16,
+                "pad_token_id": 3,
+                "bos_token_id": 1,
+                "eos_token_id": 2,
+                "cls_token_id": 1,
+                "sep_token_id": 2,
+            },
+            {
+                **real,
+                "intermediate_size": 1152,
+                "num_hidden_layers": 22,
+                "vocab_size": 50368,
+                "max_position_embeddings": 8192,
+                "global_attn_every_n_layers": 3,
+                "local_attention": 128,
+            },
+        ),
+        # nomic-ai/nomic-embed-text-v1.5: rotary positions, SwiGLU MLP, post-norm blocks
+        "nomic-bert": ("NomicBertConfig", "NomicBertModel", tiny, {**real, "vocab_size": 30528, "max_position_embeddings": 2048}),
+    }
+    config_class, model_class, tiny_dims, base_dims = declared[name]
+    config = getattr(transformers, config_class)(**(base_dims if size == "base" else tiny_dims))
+    return getattr(transformers, model_class)(config), None
 
 
 def build_demo_model(dest: str | Path, family: str = "clip", size: str = "tiny", seed: int = 0, language_model: str | None = None) -> Path:
@@ -238,14 +373,12 @@ def build_demo_model(dest: str | Path, family: str = "clip", size: str = "tiny",
         build_gemma3(dest, size, seed)
         return dest
     torch.manual_seed(seed)
-    builders = {
-        "clip": lambda: _clip(size),
-        "siglip": lambda: _siglip(size),
-        "vit": lambda: _vit(size, classifier=False),
-        "vit-classifier": lambda: _vit(size, classifier=True),
-        "bert": lambda: _bert(size),
-    }
-    model, processor = builders[family]()
+    if family in ("clip", "siglip"):
+        model, processor = _clip(size) if family == "clip" else _siglip(size)
+    elif family in TEXT_ENCODERS:
+        model, processor = _text_encoder(family, size)
+    else:
+        model, processor = _vision_backbone(family.removesuffix("-classifier"), size, classifier=family.endswith("-classifier"))
     dest.mkdir(parents=True, exist_ok=True)
     model.eval().save_pretrained(dest)
     if processor is not None:

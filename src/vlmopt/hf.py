@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmopt.errors import VlmoptError
-from vlmopt.families import Family, family_for
+from vlmopt.families import Family, check_config_fields, family_for
 from vlmopt.workspace import require_utf8_path
 
 #: SOURCE prefix that always means a hub id, even where a local folder has the same first component
@@ -102,13 +102,19 @@ def load_config(source: str | Path, revision: str | None = None, trust_remote_co
     builtin = _builtin_model_type(name, local, revision, trust_remote_code)
     trust = trust_remote_code and not builtin
     try:
-        return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust, local_files_only=local)
+        config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust, local_files_only=local)
     except Exception as exc:
         if "trust_remote_code" in str(exc):
             raise VlmoptError(
                 f"{source} needs its own Python code to load (auto_map in config.json); vlmopt runs a checkpoint's code only with --trust-remote-code"
             ) from exc
         raise VlmoptError(f"cannot read a model config from {source}: {_first_line(exc)}") from exc
+    if builtin:
+        from transformers import PretrainedConfig
+
+        declared, _ = PretrainedConfig.get_config_dict(name, revision=revision, local_files_only=local)
+        check_config_fields(config, declared, str(source))
+    return config
 
 
 def _check_weight_files(path: Path) -> None:
@@ -143,10 +149,13 @@ def load_model(
         _check_weight_files(Path(name))
     trust = _trust(name, local, revision, trust_remote_code)
     kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust, "use_safetensors": True, "dtype": torch.float32, "local_files_only": local}
+    model_class = family.model_class(config)
+    if attn_implementation == "sdpa" and not _supports_sdpa(model_class, config):
+        attn_implementation = "eager"  # DeBERTa-v2, ConvNeXt: transformers has no SDPA path, eager is their fastest
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model, info = family.model_class(config).from_pretrained(name, config=config, output_loading_info=True, **kwargs)
+        model, info = model_class.from_pretrained(name, config=config, output_loading_info=True, **kwargs)
     except VlmoptError:
         raise
     except Exception as exc:
@@ -158,6 +167,16 @@ def load_model(
             f"weights in {source} do not match its config: {len(missing)} tensors missing (e.g. {shown}); the checkpoint is incomplete or corrupt"
         )
     return model.eval()
+
+
+def _supports_sdpa(model_class: Any, config: Any) -> bool:
+    """Whether transformers has an SDPA attention path for the class `model_class` (an auto class: what it picks) loads."""
+    mapping = getattr(model_class, "_model_mapping", None)
+    try:
+        concrete = mapping[type(config)] if mapping is not None else model_class
+    except KeyError:
+        return True
+    return bool(getattr(concrete, "_supports_sdpa", True))
 
 
 def placeholder_tokenizer(tokenizer: object) -> bool:

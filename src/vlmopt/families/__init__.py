@@ -17,14 +17,31 @@ __all__ = ["Family", "TensorSpec", "TextVocab", "Tower", "all_families", "family
 
 @cache
 def all_families() -> tuple[Family, ...]:
-    from vlmopt.families.bert import BertStyleFamily
+    from vlmopt.families.backbones import BeitFamily, ConvNextFamily, DeitFamily, Dinov2Family, SwinFamily
+    from vlmopt.families.bert import BertStyleFamily, DebertaV2Family, ModernBertFamily, NomicBertFamily
     from vlmopt.families.dual_encoder import ClipFamily, SiglipFamily
     from vlmopt.families.gemma3 import Gemma3Family
     from vlmopt.families.llava import LlavaFamily
     from vlmopt.families.smolvlm import SmolVlmFamily
     from vlmopt.families.vit import VitFamily
 
-    return (ClipFamily(), SiglipFamily(), VitFamily(), BertStyleFamily(), LlavaFamily(), SmolVlmFamily(), Gemma3Family())
+    return (
+        ClipFamily(),
+        SiglipFamily(),
+        VitFamily(),
+        Dinov2Family(),
+        DeitFamily(),
+        BeitFamily(),
+        SwinFamily(),
+        ConvNextFamily(),
+        BertStyleFamily(),
+        DebertaV2Family(),
+        ModernBertFamily(),
+        NomicBertFamily(),
+        LlavaFamily(),
+        SmolVlmFamily(),
+        Gemma3Family(),
+    )
 
 
 def family_named(name: str | None) -> Family | None:
@@ -46,5 +63,25 @@ def family_for(config: Any) -> Family:
     for family in all_families():
         if model_type in family.model_types:
             family.check_config(config)
+            check_config_fields(config)
             return family
     raise VlmoptError(f"unsupported architecture '{model_type}'; vlmopt supports: {', '.join(supported_model_types())}")
+
+
+def check_config_fields(config: Any, declared: dict[str, Any] | None = None, where: str = "the checkpoint") -> None:
+    """Refuse a config that lacks a key its family sizes the towers from (`Family.required_fields`), naming the key.
+
+    `declared` is the config.json as written, where the caller read it: a key absent there is lacking even though
+    transformers filled in its class default. Without it, a key that is absent or null on `config` is lacking."""
+    model_type = getattr(config, "model_type", None)
+    family = next((f for f in all_families() if model_type in f.model_types), None)
+    if family is None:
+        return
+    for field in family.required_fields(config):
+        key, *aliases = field.split("|")
+        written = declared is None or any(declared.get(name) is not None for name in (key, *aliases))
+        if not written or getattr(config, key, None) is None:
+            raise VlmoptError(
+                f"the config.json of {where} has no '{key}', which the {family.name} family sizes its towers from; "
+                f"add it (the value the weights were trained with) or export a complete checkpoint"
+            )

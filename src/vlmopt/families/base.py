@@ -193,6 +193,11 @@ class Family:
     def check_config(self, config: Any) -> None:
         """Refuse (VlmoptError) a checkpoint of this family that vlmopt cannot convert, saying what it supports."""
 
+    def required_fields(self, config: Any) -> tuple[str, ...]:
+        """The config.json keys this family sizes its towers from. A checkpoint whose config lacks one is refused,
+        naming it: transformers would fill in its class default, and the weights would not fit or the graph be misshapen."""
+        return ()
+
     # -- generative families --------------------------------------------------------------------
     def preprocessor(self, folder: Path) -> Any:
         """What turns a prompt and images into the ids, mask and pixels every generation backend takes

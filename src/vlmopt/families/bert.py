@@ -82,24 +82,28 @@ def sentence_transformers_pooling(hf_dir: Path | None) -> tuple[str, bool, str]:
     return pooling, normalize, "sentence-transformers modules.json"
 
 
-class BertStyleFamily(Family):
-    name = "bert"
-    #: model types and whether their forward takes token_type_ids
-    token_types = {"bert": True, "roberta": False, "xlm-roberta": False, "distilbert": False, "mpnet": False, "electra": True}
-    model_types = tuple(token_types)
-    summary = "BERT-style text encoders (bert, roberta, xlm-roberta, distilbert, mpnet, electra): text tower -> sentence_embedding"
-    atol = 2e-4
-    #: BERT's block layout (bert, roberta, xlm-roberta, electra); distilbert and mpnet name theirs differently
-    prune_layout = PruneLayout(
-        mlp=("intermediate.dense", "output.dense"), attention=("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense")
-    )
+class SentenceEncoderFamily(Family):
+    """A text encoder exported as a sentence-embedding model (its checkpoint's pooling). Subclasses declare."""
 
-    def pruning(self, config: Any) -> PruneLayout | None:
-        return self.prune_layout if config.model_type in ("bert", "roberta", "xlm-roberta", "electra") else None
+    #: model types and whether their forward takes token_type_ids
+    token_types: dict[str, bool] = {}
+    #: model types whose position ids start after the padding index (RoBERTa-style), so fewer positions are usable
+    offset_positions: tuple[str, ...] = ()
+    #: ONNX Runtime optimizer model type (its attention fusion matches BERT's blocks)
+    optimizer_model_type: str = "bert"
+    #: config.json keys the tower is sized from
+    config_fields: tuple[str, ...] = ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings")
+    atol = 2e-4
+
+    def required_fields(self, config: Any) -> tuple[str, ...]:
+        return self.config_fields
+
+    def takes_token_types(self, config: Any) -> bool:
+        return self.token_types[config.model_type]
 
     def towers(self, config: Any, hf_dir: Path | None = None, monolith: bool = False, decoder: str = "torch") -> list[Tower]:
         pooling, normalize, source = sentence_transformers_pooling(hf_dir)
-        with_token_types = self.token_types[config.model_type]
+        with_token_types = self.takes_token_types(config)
         inputs = [
             TensorSpec("input_ids", ("batch", "sequence"), "int64", "input_ids"),
             TensorSpec("attention_mask", ("batch", "sequence"), "int64", "attention_mask"),
@@ -107,8 +111,7 @@ class BertStyleFamily(Family):
         if with_token_types:
             inputs.append(TensorSpec("token_type_ids", ("batch", "sequence"), "int64", "token_type_ids"))
         vocab = text_vocab(config)
-        # RoBERTa-style position ids start after the padding index, so fewer positions are usable.
-        offset = (config.pad_token_id or 0) + 1 if config.model_type in ("roberta", "xlm-roberta", "mpnet") else 0
+        offset = (config.pad_token_id or 0) + 1 if config.model_type in self.offset_positions else 0
         vocab = type(vocab)(**{**vocab.to_json(), "max_length": config.max_position_embeddings - offset})
         return [
             Tower(
@@ -119,8 +122,53 @@ class BertStyleFamily(Family):
                 vocab=vocab,
                 num_heads=config.num_attention_heads,
                 hidden_size=config.hidden_size,
-                optimizer_model_type="bert",
+                optimizer_model_type=self.optimizer_model_type,
                 bench_sizes={"sequence": min(128, vocab.max_length)},
                 meta={"pooling": pooling, "normalize": normalize, "pooling_source": source},
             )
         ]
+
+
+class BertStyleFamily(SentenceEncoderFamily):
+    name = "bert"
+    token_types = {"bert": True, "roberta": False, "xlm-roberta": False, "distilbert": False, "mpnet": False, "electra": True}
+    model_types = tuple(token_types)
+    offset_positions = ("roberta", "xlm-roberta", "mpnet")
+    summary = "BERT-style text encoders (bert, roberta, xlm-roberta, distilbert, mpnet, electra): text tower -> sentence_embedding"
+    #: BERT's block layout (bert, roberta, xlm-roberta, electra); distilbert and mpnet name theirs differently
+    prune_layout = PruneLayout(
+        mlp=("intermediate.dense", "output.dense"), attention=("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense")
+    )
+
+    def required_fields(self, config: Any) -> tuple[str, ...]:
+        # DistilBERT's config.json names them its own way (transformers maps them)
+        return ("vocab_size", "dim", "n_heads", "n_layers", "max_position_embeddings") if config.model_type == "distilbert" else self.config_fields
+
+    def pruning(self, config: Any) -> PruneLayout | None:
+        return self.prune_layout if config.model_type in ("bert", "roberta", "xlm-roberta", "electra") else None
+
+
+class DebertaV2Family(SentenceEncoderFamily):
+    name = "deberta-v2"
+    model_types = ("deberta-v2",)
+    summary = "DeBERTa-v2/v3 text encoders (disentangled relative-position attention): text tower -> sentence_embedding"
+    # DeBERTa's attention adds content-to-position and position-to-content scores: no ORT fusion matches it
+
+    def takes_token_types(self, config: Any) -> bool:
+        return bool(getattr(config, "type_vocab_size", 0))  # v3 checkpoints have no token type embeddings
+
+
+class ModernBertFamily(SentenceEncoderFamily):
+    name = "modernbert"
+    model_types = ("modernbert",)
+    summary = "ModernBERT text encoders (rotary positions, alternating local/global attention, GeGLU): text tower -> sentence_embedding"
+    token_types = {"modernbert": False}
+
+
+class NomicBertFamily(SentenceEncoderFamily):
+    name = "nomic-bert"
+    model_types = ("nomic_bert",)
+    summary = "Nomic-BERT rotary text encoders (nomic-embed-text): text tower -> sentence_embedding"
+    token_types = {"nomic_bert": True}
+    # the original checkpoints' config.json names the sizes GPT-2's way; transformers reads either
+    config_fields = ("vocab_size", "hidden_size|n_embd", "num_attention_heads|n_head", "num_hidden_layers|n_layer", "max_position_embeddings|n_positions")

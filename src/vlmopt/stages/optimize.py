@@ -106,6 +106,62 @@ def _attention_branch_second(model: Any) -> int:
     return swapped
 
 
+def _fold_layer_scale(model: Any) -> int:
+    """Fold a constant per-channel scale that follows a Linear into the Linear: `(x W + b) * g = x (W g) + b g`.
+
+    DINOv2's layer scale sits between the attention output projection and the residual Add, where ONNX Runtime's
+    attention fusion expects the Add; folded, its blocks fuse like ViT's. The scaled weight and bias are new
+    initializers (the exporter shares equal tensors between layers through Identity nodes), and only a Linear whose
+    output feeds the Mul alone is folded. Returns how many were folded."""
+    from onnx import numpy_helper
+
+    initializers = {init.name: init for init in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    uses: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    graph_outputs = {value.name for value in model.graph.output}
+
+    def constant(name: str) -> Any:
+        while name not in initializers:
+            node = producers.get(name)
+            if node is None or node.op_type != "Identity":
+                return None
+            name = node.input[0]
+        return numpy_helper.to_array(initializers[name])
+
+    folded = []
+    for mul in model.graph.node:
+        if mul.op_type != "Mul" or len(mul.input) != 2:
+            continue
+        scale_at = next((i for i, name in enumerate(mul.input) if constant(name) is not None), None)
+        if scale_at is None:
+            continue
+        scale, linear_out = constant(mul.input[scale_at]), mul.input[1 - scale_at]
+        add = producers.get(linear_out)
+        if add is None or add.op_type != "Add" or uses.get(linear_out) != 1 or linear_out in graph_outputs:
+            continue
+        bias_at = next((i for i, name in enumerate(add.input) if constant(name) is not None), None)
+        matmul = producers.get(add.input[1 - bias_at]) if bias_at is not None else None
+        if matmul is None or matmul.op_type != "MatMul" or constant(matmul.input[1]) is None:
+            continue
+        bias, weight = constant(add.input[bias_at]), constant(matmul.input[1])
+        if scale.ndim != 1 or bias.shape != scale.shape or weight.ndim != 2 or weight.shape[1] != scale.shape[0]:
+            continue
+        if uses.get(matmul.output[0]) != 1:
+            continue
+        for node, index, value in ((matmul, 1, weight * scale), (add, bias_at, bias * scale)):
+            name = f"{mul.name or mul.output[0]}/folded_{'weight' if node is matmul else 'bias'}"
+            model.graph.initializer.append(numpy_helper.from_array(value.astype(weight.dtype), name))
+            node.input[index] = name
+        add.output[0] = mul.output[0]
+        folded.append(mul)
+    for mul in folded:
+        model.graph.node.remove(mul)
+    return len(folded)
+
+
 def _rename(model: Any, renames: dict[str, str]) -> None:
     for node in model.graph.node:
         node.input[:] = [renames.get(name, name) for name in node.input]
@@ -124,6 +180,7 @@ def optimize_graph(model: Any, tower: Tower, model_type: str, attention: bool, d
     from onnxruntime.transformers.optimizer import optimize_model
 
     if model_type in _ADDITIVE_MASK_BY_NAME and attention:
+        _fold_layer_scale(model)
         _attention_branch_second(model)
     mask = _shared_additive_mask(model) if model_type in _ADDITIVE_MASK_BY_NAME and attention else None
     if mask is not None:

@@ -6,7 +6,8 @@ tokenizer and image processor, plus the user's `--eval-images`/`--eval-text`) an
 inputs at three shapes. The gates apply to the real figures; the synthetic ones are reported beside them,
 and gated only for a tower the model has no tokenizer or image processor for (the record says so).
 Task metrics: for dual encoders the zero-shot top-1 agreement (real photos against captions, each side
-through its own tower), for text encoders the retrieval top-1 agreement (queries ranked over passages).
+through its own tower), for text encoders the retrieval top-1 agreement (queries ranked over passages),
+for image classifiers the top-1 class agreement on the photos.
 Gates (`Gates`) fail the stage with `CheckFailed`, which `ModelDir.produce` turns into "nothing
 committed". Any backend: the runners come from `vlmopt.runners.ArtifactRunners`.
 """
@@ -34,6 +35,7 @@ from vlmopt.verification.compare import agreement, compare_feeds, top1
 ZERO_SHOT_IMAGES, ZERO_SHOT_PROMPTS = 16, 16
 ZERO_SHOT = "zero-shot top-1 agreement"
 RETRIEVAL = "retrieval top-1 agreement"
+CLASSIFICATION = "classification top-1 agreement"
 
 Admits = Callable[[dict[str, np.ndarray]], bool]
 #: a family's own checks run with a verification: (data checks per tower, metric checks)
@@ -160,6 +162,8 @@ def verify_runners(
                 picks[name] = (_embed(expected, plan.probe[0]), _embed(cand.run, plan.probe[0]), plan.probe[1])
             if plan.retrieval is not None:
                 metrics.append(_retrieval(expected, cand.run, plan.retrieval, gates))
+            if plan.classify is not None:
+                metrics.append(_classification(expected, cand.run, plan.classify, gates))
     for name, found in more_checks.items():
         checks.setdefault(name, []).extend(found)
     metrics = _zero_shot(towers, picks, gates) + metrics + more_metrics
@@ -178,11 +182,14 @@ class _Plan:
     feed_sets: list[FeedSet]
     probe: tuple[list[dict[str, np.ndarray]], str] | None
     retrieval: tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]] | None
+    classify: tuple[list[dict[str, np.ndarray]], str] | None = None
 
     def feeds(self) -> list[dict[str, np.ndarray]]:
         every = [feed for s in self.feed_sets for feed in s.feeds]
         if self.probe is not None:
             every += self.probe[0]
+        if self.classify is not None:
+            every += self.classify[0]
         if self.retrieval is not None:
             every += [*self.retrieval[0], *self.retrieval[1]]
         return every
@@ -203,7 +210,10 @@ def _plan(tower: Tower, sets: Callable[[Tower], list[FeedSet]], data: EvalData |
     retrieval = data.for_tower(tower).retrieval if data is not None else None
     if retrieval is not None and fits is not None and not all(fits(f) for f in (*retrieval[0], *retrieval[1])):
         retrieval = None
-    return _Plan(feed_sets, probe, retrieval)
+    classify = _classification_probe(tower, data)
+    if classify is not None and fits is not None and not all(fits(f) for f in classify[0]):
+        classify = None
+    return _Plan(feed_sets, probe, retrieval, classify)
 
 
 def verify_artifacts(
@@ -308,6 +318,31 @@ def _retrieval(
     detail = {"queries": len(ref_top1), "passages": sample_count(passages), "reference_correct": float(np.mean(ref_top1 == np.arange(len(ref_top1))))}
     data = f"{len(ref_top1)} queries x {detail['passages']} passages (built-in, real)"
     return MetricCheck(RETRIEVAL, agreement(ref_top1, cand_top1), data, gates.min_agreement, detail=detail)
+
+
+# -- classification agreement (image classifiers) ---------------------------------------------------
+def _classification_probe(tower: Tower, data: EvalData | None) -> tuple[list[dict[str, np.ndarray]], str] | None:
+    """An image classifier's photos (every real set: the built-in photos and the user's), else synthetic images."""
+    if [spec.role for spec in tower.inputs] != ["image"] or [spec.name for spec in tower.outputs] != ["logits"]:
+        return None
+    real = data.for_tower(tower).real if data is not None else []
+    if real:
+        return [feed for s in real for feed in s.feeds], " + ".join(s.source for s in real)
+    return [make_inputs(tower, {"batch": ZERO_SHOT_IMAGES}, seed=7)], "synthetic images"
+
+
+def _classification(
+    reference: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+    candidate: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+    probe: tuple[list[dict[str, np.ndarray]], str],
+    gates: Gates,
+) -> MetricCheck:
+    """The fraction of images whose top-1 class is the reference's."""
+    feeds, origin = probe
+    ref_logits, cand_logits = _embed(reference, feeds), _embed(candidate, feeds)
+    detail = {"images": len(ref_logits), "classes": int(ref_logits.shape[1])}
+    data = f"{len(ref_logits)} images ({origin}) x {detail['classes']} classes"
+    return MetricCheck(CLASSIFICATION, agreement(np.argmax(ref_logits, axis=1), np.argmax(cand_logits, axis=1)), data, gates.min_agreement, detail=detail)
 
 
 def _zero_shot(towers: dict[str, Tower], picks: dict[str, tuple[Any, Any, str]], gates: Gates) -> list[MetricCheck]:

@@ -139,17 +139,34 @@ def test_auto_scores_every_method_on_the_gate_text_and_records_which_it_chose_an
 
 
 # -- mixed precision ----------------------------------------------------------------------------------
+def test_keeping_every_matrix_at_int8_gives_the_int8_graphs_logits(llava: Path) -> None:
+    from vlmopt.quantization.fallback import Splicer
+
+    model = onnx.load(str(llava / "onnx" / "decoder.onnx"))
+    del model.graph.value_info[:]
+    settings = int4.Settings(threads=1)
+    q4, q8 = int4.rtn(model, settings), int4.rtn(model, settings, bits=8)
+    splicer = Splicer(model, q4)
+    embedding, reference = _sessions(llava, model)
+    ids = np.random.default_rng(0).integers(5, 400, 64)
+
+    mixed = int4.Int8Keeper(splicer, q8).revert(splicer.candidates)
+
+    assert _logit_error(embedding, reference, mixed, ids) == pytest.approx(_logit_error(embedding, reference, q8, ids), abs=1e-7)
+    assert _logit_error(embedding, reference, mixed, ids) < _logit_error(embedding, reference, q4, ids) / 4
+
+
 def test_fallback_keeps_the_fewest_matrices_at_int8_until_the_token_gates_pass(llava: Path, copy_model_dir: Callable[[Path], Path]) -> None:
     model_dir = copy_model_dir(llava)
-    # the tiny random decoder's int4 loses more than 1 % perplexity; int8 for every matrix keeps it within
-    result = vlmopt_json("quantize", model_dir, "--part", "decoder=int4", "--fallback", "--min-token-agreement", "off", "--max-ppl-increase", "0.01")
+    # the tiny random decoder agrees on about 0.85 of the positions in int4 and 0.98 in int8: a gate of 0.9 needs some int8
+    result = vlmopt_json("quantize", model_dir, "--part", "decoder=int4", "--fallback", "--min-token-agreement", "0.9", "--max-ppl-increase", "off")
 
     artifact = manifest(model_dir)["artifacts"]["decoder-int4"]
     info = artifact["record"]["fallback"]["towers"]["decoder"]
     decoder = onnx.load(str(model_dir / "decoder-int4" / "decoder.onnx"), load_external_data=False)
     bits = [next(a.i for a in n.attribute if a.name == "bits") for n in decoder.graph.node if n.op_type == "MatMulNBits"]
     assert result["ok"] and artifact["verification"]["passed"]
-    assert info["fully_int4"]["ppl_increase"] > 0.01 >= info["reached"]["ppl_increase"]
+    assert info["fully_int4"]["top1_agreement"] < 0.9 <= info["reached"]["top1_agreement"]
     assert 1 <= len(info["kept"]) == bits.count(8) and bits.count(4) == info["quantized_layers"] - len(info["kept"])
     assert all(k["precision"] == "int8" and "cost_ms" in k for k in info["kept"])
     assert info["speed"]["int4_tokens_per_s"] and info["speed"]["mixed_tokens_per_s"]

@@ -493,6 +493,10 @@ def auto(
 
 
 # -- mixed precision -----------------------------------------------------------------------------
+#: appended to the names of the int8 weights a mixed graph takes in
+INT8_SUFFIX = "__int8"
+
+
 class Int8Keeper:
     """The int4 graph with chosen matrices at 8-bit MatMulNBits instead, as `fallback.search` edits graphs
     (`quantized`, `candidates`, `revert(kept)`): nodes are swapped by the output they write, which every
@@ -514,8 +518,15 @@ class Int8Keeper:
             if donor is None:
                 nodes.append(node)
                 continue
-            nodes.append(copy.deepcopy(donor))
-            inits += [self.q8_init[i] for i in donor.input if i in self.q8_init]
+            # both quantizers name a weight's scales alike (`<weight>_scales`): the int8 ones get names of their own
+            twin = copy.deepcopy(donor)
+            twin.input[:] = [f"{i}{INT8_SUFFIX}" if i in self.q8_init else i for i in donor.input]
+            nodes.append(twin)
+            for name in donor.input:
+                if name in self.q8_init:
+                    tensor = copy.deepcopy(self.q8_init[name])
+                    tensor.name = f"{name}{INT8_SUFFIX}"
+                    inits.append(tensor)
         del model.graph.node[:]
         model.graph.node.extend(nodes)
         have = {t.name for t in model.graph.initializer}

@@ -571,8 +571,9 @@ class Quantize(Stage):
             job.state["calibration_data"] = load_calibration(job.model_dir, chosen, options.calib_images, options.calib_text, options.calib_samples)
         job.state["calibration"] = {}
         if options.fallback:
-            for name in job.towers:
-                options.budget(name, quantizable_layers(job.parent_file(name), mode_op_types(options)))
+            # with --part, --fallback applies to the decoders' int4 MatMuls only
+            for name in job.state["decoders"] if options.part else job.towers:
+                options.budget(name, quantizable_layers(job.parent_file(name), ["MatMul"] if options.part else mode_op_types(options)))
 
     def make_tower(self, job: Job, tower: str, tmp: Path) -> Made:
         options: QuantizeOptions = job.options

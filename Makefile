@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 RECIPE ?= examples/recipes/clip-cpu.yaml
 DEMO ?= build/clip-cpu
 
-.PHONY: install demo test bench bench-models bench-fidelity bench-vlm bench-serve bench-gpu lint clean
+.PHONY: install demo test bench bench-models bench-fidelity bench-vlm bench-serve bench-int4 bench-gpu lint clean
 
 install: $(BIN)/vlmopt
 
@@ -55,6 +55,14 @@ bench-vlm: install
 # plain FastAPI endpoint; the tiny LLaVA's streamed chat at concurrency 4)
 bench-serve: install
 	$(BIN)/python benchmarks/serve.py
+
+# A real decoder's int4 by method (rtn, gptq, hqq, awq): agreement, perplexity and decode tokens/s in one run (model a,
+# built here once: CLIP ViT-B/32 random + the real SmolLM2-135M)
+INT4_MODEL ?= build/smol
+bench-int4: install
+	test -f $(INT4_MODEL)/onnx/decoder.onnx || ($(BIN)/vlmopt demo-model $(INT4_MODEL)-src --family llava --size base --language-model smollm2 \
+		&& $(BIN)/vlmopt export $(INT4_MODEL)-src -o $(INT4_MODEL) && $(BIN)/vlmopt convert $(INT4_MODEL))
+	$(BIN)/python benchmarks/int4_methods.py --model-dir $(INT4_MODEL)
 
 bench-gpu: install
 	$(BIN)/python benchmarks/gpu.py

@@ -807,7 +807,7 @@ def info(
     if as_json:
         listing: dict[str, Any] = {
             "path": str(model_dir.path),
-            "artifacts": [{**e.artifact.to_json(), "size": e.artifact.size, "status": e.status} for e in entries],
+            "artifacts": [{**e.artifact.to_json(), "size": e.artifact.size, "status": e.status, "verdict": _verified(e.artifact)} for e in entries],
         }
         if recommendation is not None:
             listing["recommendation"] = {
@@ -852,15 +852,7 @@ def info(
 
 def _verified(artifact: Any) -> str:
     verification = artifact.verification
-    if verification is None:
-        return ""
-    if verification.gates.get("min_cosine") is not None or verification.gates.get("atol") is None:
-        worst = verification.worst_cosine()
-        detail = f" (cosine min {worst:.4f})" if worst is not None else ""
-    else:
-        worst = verification.worst_abs_diff()
-        detail = f" (max |diff| {worst:.1e})" if worst is not None else ""
-    return ("passed" if verification.passed else "FAILED") + detail
+    return "" if verification is None else verification.verdict()
 
 
 def _best_speedup(artifact: Any) -> str:

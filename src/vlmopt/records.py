@@ -152,6 +152,23 @@ class MetricCheck:
         return self.value >= self.threshold if self.higher_is_better else self.value <= self.threshold
 
 
+#: the options that gate a generative variant's token figures
+TOKEN_GATES = ("--min-token-agreement", "--max-ppl-increase")
+_TOKEN_LABELS = {"--min-token-agreement": "top-1 agreement", "--max-ppl-increase": "perplexity"}
+
+
+def _token_text(metric: MetricCheck) -> str:
+    """`top-1 agreement 0.6750, not gated` / `perplexity +33.4% > +5.0%, FAILED`."""
+    percent = metric.gate == "--max-ppl-increase"
+    value = f"{metric.value:+.1%}" if percent else f"{metric.value:.4f}"
+    label = _TOKEN_LABELS.get(metric.gate or "", metric.name)
+    if metric.threshold is None:
+        return f"{label} {value}, not gated"
+    limit = f"{metric.threshold:+.1%}" if percent else f"{metric.threshold:g}"
+    sign = ("<=" if metric.passed else ">") if percent else (">=" if metric.passed else "<")
+    return f"{label} {value} {sign} {limit}" + ("" if metric.passed else ", FAILED")
+
+
 @dataclass
 class Verification:
     """How an artifact compared with its reference (PyTorch, or its parent) before it was committed."""
@@ -176,6 +193,25 @@ class Verification:
 
     def metric(self, name: str) -> MetricCheck | None:
         return next((m for m in self.metrics if m.name == name), None)
+
+    def token_metrics(self) -> list[MetricCheck]:
+        """A generative variant's token figures (agreement, perplexity increase), gated or not."""
+        return [m for m in self.metrics if m.gate in TOKEN_GATES]
+
+    def verdict(self) -> str:
+        """One line: passed or FAILED, then each token figure and whether it was gated, then the worst cosine (or max
+        |diff| where only an atol gate applies). A variant whose token gates were off does not pass on the cosine of
+        parts it left unchanged without saying so."""
+        details = [_token_text(m) for m in self.token_metrics()]
+        if self.gates.get("min_cosine") is not None or self.gates.get("atol") is None:
+            worst = self.worst_cosine()
+            if worst is not None:
+                details.append(f"cosine min {worst:.4f}")
+        else:
+            worst = self.worst_abs_diff()
+            if worst is not None:
+                details.append(f"max |diff| {worst:.1e}")
+        return ("passed" if self.passed else "FAILED") + (f" ({'; '.join(details)})" if details else "")
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -366,6 +366,13 @@ def _artifact_rows(entries: list[Any], bench: dict[str, Any] | None) -> list[dic
                 "worst_cosine": verification.worst_cosine() if verification else None,
                 "verified_against": verification.reference if verification else None,
                 "verified": None if verification is None else verification.passed,
+                "verdict": None if verification is None else verification.verdict(),
+                "token_metrics": {
+                    m.name: {"value": m.value, "threshold": m.threshold, "gated": m.threshold is not None, "passed": m.passed}
+                    for m in verification.token_metrics()
+                }
+                if verification
+                else {},
                 "tower_cosines": _tower_cosines(a),
                 "best_speedup": max(speedups) if speedups and a.name != REFERENCE else None,
                 "worst_speedup": min(speedups) if speedups and a.name != REFERENCE else None,
@@ -452,8 +459,8 @@ def render_markdown(
     lines += [
         "### Artifacts",
         "",
-        "| artifact | kind | from | size MB | size vs hf | worst cosine | per tower | verified against | speed-up | status |",
-        "|---|---|---|---:|---:|---:|---|---|---:|---|",
+        "| artifact | kind | from | size MB | size vs hf | worst cosine | per tower | verified against | verification | speed-up | status |",
+        "|---|---|---|---:|---:|---:|---|---|---|---:|---|",
     ]
     for r in rows:
         towers = ", ".join(f"{t} {c:.6f}" for t, c in r["tower_cosines"].items())
@@ -465,9 +472,14 @@ def render_markdown(
         status = "ok" if r["status"] == "ok" else "⚠️ " + _md(r["status"])
         lines.append(
             f"| `{r['name']}` | {_kind_text(r)} | {r['parent'] or ''} | {r['size_mb']:.1f} | {share} | {worst} | {towers} | "
-            f"{_md(r['verified_against'] or '')} | {speed} | {status} |"
+            f"{_md(r['verified_against'] or '')} | {_md(r['verdict'] or '')} | {speed} | {status} |"
         )
-    lines += ["", "Worst cosine: the lowest row cosine of any gated output in the artifact's verification against its parent (or PyTorch).", ""]
+    lines += [
+        "",
+        "Worst cosine: the lowest row cosine of any gated output in the artifact's verification against its parent (or PyTorch). "
+        "Verification: passed or failed, with a generative variant's token figures and whether each was gated.",
+        "",
+    ]
 
     if bench is not None:
         lines += _speedup_table(bench, [r["name"] for r in rows])

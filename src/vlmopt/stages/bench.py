@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.markup import escape
 
 from vlmopt import options as opts
 from vlmopt.errors import CheckFailed, VlmoptError
@@ -316,7 +317,7 @@ def write_report(model_dir: ModelDir, report: dict[str, Any], annotate: Callable
         f"# vlmopt bench — {model_dir.path.name}\n\n{report['created']} · {report['machine']['cpu']} · "
         f"{settings['threads']} threads · warm-up {settings['warmup']} · "
         f"{amount}\n\n" + markdown_table(report["rows"]) + "\nSpeed-up and cosine are against the PyTorch reference (`hf`) measured in the same run; "
-        "Δ peak RSS is the resident-memory rise while loading and running the artifact.\n"
+        "Δ peak RSS is the resident-memory rise while loading and running the artifact.\n" + _verification_markdown(report)
     )
     if report.get("recommendation"):
         md += "\n" + recommendation_markdown(Recommendation.from_json(report["recommendation"]))
@@ -500,6 +501,8 @@ class Bench(Stage):
             lines.append(recommendation_table(Recommendation.from_json(report["recommendation"])))
         for skip in report.get("not_measured", []):
             lines.append(f"[yellow]not measured:[/] {skip['artifact']} {skip['tower']} at batch {skip['batch']}: {skip['reason']}")
+        for name, verdict in (report.get("verification") or {}).items():
+            lines.append(f"verification of {name}: {escape(verdict)}")
         if report.get("files"):
             lines.append(f"reports: {', '.join(report['files'])}")
         return lines
@@ -674,7 +677,23 @@ def measure(model_dir: ModelDir, options: BenchOptions, names: list[str], all_ar
         "device": _device_name(options.device),
         "rows": rows,
         "not_measured": not_measured,
+        "verification": recorded_verification({n: all_artifacts[n] for n in names if n in all_artifacts}),
     }
+
+
+def recorded_verification(artifacts: dict[str, Any]) -> dict[str, str]:
+    """Each measured artifact's own verification, as `info` shows it: a speed-up is read beside what the artifact was
+    held to (a generative variant's token figures, gated or not, which the bench's cosine against PyTorch does not show)."""
+    return {name: a.verification.verdict() for name, a in artifacts.items() if a.verification is not None}
+
+
+def _verification_markdown(report: dict[str, Any]) -> str:
+    recorded = report.get("verification") or {}
+    if not recorded:
+        return ""
+    lines = ["", "Recorded verification of each artifact (its own stage's check against its parent):", ""]
+    lines += [f"- `{name}`: {verdict}" for name, verdict in recorded.items()]
+    return "\n".join(lines) + "\n"
 
 
 def _measure_tower(

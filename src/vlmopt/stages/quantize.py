@@ -43,6 +43,7 @@ from vlmopt.options import (
     source_option,
 )
 from vlmopt.quantization.fallback import check_budget
+from vlmopt.quantization.int4 import DATA_AWARE, KEEP_PRECISIONS, METHODS
 from vlmopt.quiet import quiet_onnxruntime_tools
 from vlmopt.records import TowerRecord, Traits, Verification
 from vlmopt.runners import OrtRunner
@@ -114,6 +115,15 @@ class QuantizeOptions(StageOptions):
     fallback_budget: str | None = option(
         None, "--fallback: most layers kept in fp32 per tower, a count (12) or a share of the quantized layers (25%).", metavar="N|P%"
     )
+    method: str = option(
+        "rtn",
+        "--part decoder=int4: how the int4 weights are chosen: rtn, gptq (calibrated), hqq, awq (NNCF, calibrated) or auto "
+        "(each, scored on the gate's text; the best that passes).",
+        choices=METHODS,
+    )
+    fallback_precision: str = option(
+        "int8", "--part decoder=int4 --fallback: what the kept matrices become, int8 (8-bit MatMulNBits) or fp32.", choices=KEEP_PRECISIONS
+    )
     min_cosine: float | None = min_cosine_option(0.99)
     min_agreement: float | None = min_agreement_option(None)
     # measured on SmolLM2-135M (README): weight-only int8 0.955 and +0.7 %, int4 0.67 and +33 %
@@ -151,8 +161,15 @@ class QuantizeOptions(StageOptions):
                 raise VlmoptError("--mode sets one mode for every tower and --part one per part; use one of them")
             if self.target != "cpu":
                 raise VlmoptError("--part makes CPU variants; drop --target")
-            if self.fallback:
-                raise VlmoptError("--fallback keeps encoder layers in fp32 under --mode; a --part variant is gated on token agreement and perplexity instead")
+            if self.fallback and "int4" not in self.parts.values():
+                raise VlmoptError("--fallback with --part keeps the most sensitive matrices of a decoder=int4 part at int8 or fp32; name one")
+        decoder_int4 = bool(self.part) and "int4" in self.parts.values()
+        if self.method != "rtn" and not decoder_int4:
+            raise VlmoptError(f"--method {self.method} chooses a decoder's int4 weights; use it with --part decoder=int4")
+        if self.fallback_precision != "int8" and not (decoder_int4 and self.fallback):
+            raise VlmoptError("--fallback-precision applies to --part decoder=int4 --fallback")
+        if decoder_int4 and (self.calib_text or self.calib_images) and self.mode != "int8-static" and (self.calib_images or self.method not in DATA_AWARE):
+            raise VlmoptError(f"--method {self.method} reads no calibration data; --calib-text calibrates --method {', '.join(DATA_AWARE)} (text only)")
         if self.mode == "bf16":
             raise VlmoptError(
                 "--mode bf16 is not available: ONNX Runtime's CPU provider has no bf16 MatMul/Add kernels, so a bf16 graph "
@@ -160,7 +177,7 @@ class QuantizeOptions(StageOptions):
             )
         if self.target == "tensorrt" and self.mode not in ("int8-static", "fp16"):
             raise VlmoptError(f"--target tensorrt applies to int8-static and fp16; {self.mode} makes ONNX Runtime-only operators")
-        if self.mode != "int8-static" and (self.calib_images or self.calib_text or self.calib_method != "minmax"):
+        if self.mode != "int8-static" and (self.calib_images or (self.calib_text and not decoder_int4) or self.calib_method != "minmax"):
             raise VlmoptError(
                 "--calib-images, --calib-text and --calib-method calibrate int8-static; drop them for "
                 + self.mode
@@ -575,13 +592,15 @@ class Quantize(Stage):
         options: QuantizeOptions = job.options
         modes = tower_modes(options, job.towers)
         job.state["modes"] = modes
+        self._prepare_decoders(job, modes)
         if "int8-static" in modes.values():
             chosen = {name: tower for name, tower in job.towers.items() if modes[name] == "int8-static"}
             job.state["calibration_data"] = load_calibration(job.model_dir, chosen, options.calib_images, options.calib_text, options.calib_samples)
         job.state["calibration"] = {}
         if options.fallback:
-            for name in job.towers:
-                options.budget(name, quantizable_layers(job.parent_file(name), mode_op_types(options)))
+            # with --part, --fallback applies to the decoders' int4 MatMuls only
+            for name in job.state["decoders"] if options.part else job.towers:
+                options.budget(name, quantizable_layers(job.parent_file(name), ["MatMul"] if options.part else mode_op_types(options)))
 
     def make_tower(self, job: Job, tower: str, tmp: Path) -> Made:
         options: QuantizeOptions = job.options
@@ -598,6 +617,8 @@ class Quantize(Stage):
                 details = int8_dynamic(source, destination, options)
             elif mode == "int8-static":
                 details = int8_static(source, destination, options, self._calibration(job, tower))
+            elif mode == "int4" and tower in job.state["decoders"]:
+                details = self._decoder_int4(job, tower, source, destination)
             elif mode in ("int4", "int8-weights"):
                 details = weight_only(source, destination, options, bits=WEIGHT_BITS[mode])
             elif mode == "gather-int4":
@@ -627,9 +648,12 @@ class Quantize(Stage):
         try:
             verification = self.verify(job, tmp, towers)
         except CheckFailed as failed:
-            if options.part or options.mode not in FALLBACK_MODES or "verification" not in failed.details:
+            if options.part and options.fallback and _token_gates_failed(failed):
+                verification = self._decoder_fallback(job, tmp, made, failed)
+            elif options.part or options.mode not in FALLBACK_MODES or "verification" not in failed.details:
                 raise
-            verification = self._accuracy_aware(job, tmp, made, failed)
+            else:
+                verification = self._accuracy_aware(job, tmp, made, failed)
         record = self.record(job, made)
         if copied:
             record["runtime_files"] = copied
@@ -718,6 +742,166 @@ class Quantize(Stage):
         job.say("verifying the variant with its fp32 layers")
         return self.verify(job, tmp, {name: m.tower for name, m in made.items()})
 
+    # -- a decoder's int4: methods and mixed precision (vlmopt.quantization.int4) --------------------
+    def _prepare_decoders(self, job: Job, modes: dict[str, str]) -> None:
+        """Which int4 parts are decoders (a KV cache), the methods' bad input refused, and the calibration text read."""
+        from vlmopt.families.base import kv_contract
+
+        options: QuantizeOptions = job.options
+        decoders = [name for name, mode in modes.items() if mode == "int4" and kv_contract(job.towers[name]) is not None]
+        job.state["decoders"] = decoders
+        job.state["decoder_int4"] = {}
+        if not options.part or (options.method == "rtn" and not options.fallback):
+            return
+        others = [name for name, mode in modes.items() if mode in ("int4", "gather-int4") and name not in decoders]
+        if others or not decoders:
+            what = "--fallback" if options.method == "rtn" else f"--method {options.method}"
+            raise VlmoptError(
+                f"{what} applies to a decoder's MatMuls (a part with a KV cache); the {', '.join(others) or 'named'} part "
+                f"is not one (only rtn quantizes it); drop {what} or name --part decoder=int4"
+            )
+        if options.method in DATA_AWARE:
+            from vlmopt.quantization import int4
+
+            job.state["calib_text"] = int4.calibration_text(self._preprocessor(job).tokenizer, options.calib_text, options.calib_samples)
+
+    def _preprocessor(self, job: Job) -> Any:
+        from vlmopt.families import family_named
+
+        family = family_named(job.parent.traits.family)
+        return family.preprocessor(job.model_dir.checkpoint_folder(job.parent))
+
+    def _part_producing(self, job: Job, output: str) -> str:
+        found = next((name for name, record in job.parent.towers.items() if any(o.name == output for o in record.tower.outputs)), None)
+        if found is None:
+            raise VlmoptError(f"'{job.parent.name}' has no part that makes {output}; a decoder's int4 methods need one to embed text")
+        return found
+
+    def _decoder_int4(self, job: Job, tower: str, source: Path, destination: Path) -> dict[str, Any]:
+        """The decoder as int4 MatMulNBits by --method; with --method auto or --fallback the tools to score it are kept."""
+        from vlmopt.quantization import int4
+        from vlmopt.runners.generate import ort_session
+
+        options: QuantizeOptions = job.options
+        threads = job.context.thread_count
+        fp32 = _fp32_graph(source)
+        exclude = list(options.exclude_nodes)
+        if options.nodes:  # MatMulNBitsQuantizer adds `nodes_to_include` to the op types instead of restricting to them
+            exclude += [n.name for n in int4.weight_matmuls(fp32) if n.name not in options.nodes]
+        settings = int4.Settings(options.block_size, options.symmetric, options.accuracy_level, exclude, threads)
+        details: dict[str, Any] = {"op_types": ["MatMul"], "accuracy_level": options.accuracy_level}
+        if options.method == "rtn" and not options.fallback:
+            quantized = int4.rtn(fp32, settings)
+            details.update(method="rtn", weights=int4.describe("rtn", settings))
+            graph.save(quantized, destination)
+            return details
+        embedding = ort_session(job.parent_file(self._part_producing(job, "inputs_embeds")), threads)
+        reference = ort_session(source, threads)
+        feeds = None
+        if options.method in DATA_AWARE:
+            calib = job.state["calib_text"]
+            job.say(f"calibration: {len(calib.windows)} windows of {int4.CALIB_WINDOW} tokens of {calib.source}")
+            feeds = int4.decoder_feeds(embedding, reference, calib.windows)
+            details["calibration"] = calib.to_json()
+        scorer = None
+        if options.method == "auto" or options.fallback:
+            from vlmopt.samples import text_tokens
+            from vlmopt.verification.generation import TEXT_TOKENS, WINDOW
+
+            preprocessor = self._preprocessor(job)
+            ids, _ = text_tokens(preprocessor.tokenizer, TEXT_TOKENS)
+            job.say("scoring on the gate's text: the fp32 decoder's next tokens and perplexity")
+            scorer = int4.TokenScorer(embedding, reference, ids, min(WINDOW, preprocessor.max_positions, len(ids)), threads)
+        del embedding, reference
+        gates = (options.min_token_agreement, options.max_ppl_increase)
+        if options.method == "auto":
+            quantized, choice = int4.auto(fp32, settings, feeds or [], scorer, gates, job.say)
+            details["auto"] = {"chosen": choice.method, "why": choice.why, "tried": choice.tried, "data": "the gate's text (its token gates)"}
+            method = choice.method
+        else:
+            method = options.method
+            job.say(f"int4 by {method}: the {tower} part")
+            quantized = int4.quantize(method, fp32, settings, feeds, job.say)
+        details.update(method=method, weights=int4.describe(method, settings))
+        graph.save(quantized, destination)
+        if options.fallback:
+            job.state["decoder_int4"][tower] = {"fp32": fp32, "quantized": quantized, "scorer": scorer, "settings": settings, "method": method}
+        return details
+
+    def _decoder_fallback(self, job: Job, tmp: Path, made: dict[str, Made], failed: CheckFailed) -> Verification:
+        """Mixed precision: the decoder's matrices ranked by sensitivity, the fewest of them kept at int8 (or fp32)
+        until both token gates pass on the gate's text, then the whole variant verified again."""
+        from vlmopt.quantization import fallback, int4
+
+        options: QuantizeOptions = job.options
+        threads = job.context.thread_count
+        gates = (options.min_token_agreement, options.max_ppl_increase)
+        record: dict[str, Any] = {"needed": True, "keep_precision": options.fallback_precision, "data": "the gate's text (its token gates)", "towers": {}}
+        for tower, state in job.state["decoder_int4"].items():
+            scorer = state["scorer"]
+            job.say(f"ranking the {tower} part's matrices by sensitivity")
+            splicer = fallback.Splicer(state["fp32"], state["quantized"])
+            ranking = fallback.sensitivity(splicer, scorer.feeds, threads)
+            keeper = splicer if options.fallback_precision == "fp32" else int4.Int8Keeper(splicer, int4.rtn(state["fp32"], state["settings"], bits=8))
+            seen: list[dict[str, float]] = []
+
+            def evaluate(model: Any, scorer: Any = scorer, seen: list[dict[str, float]] = seen) -> np.ndarray:
+                scores = scorer(model)
+                seen.append(scores)
+                return np.array([-int4.margin(scores, *gates)])
+
+            budget = options.budget(tower, len(splicer.candidates))
+            job.say(f"searching the fewest matrices of the {tower} part to keep at {options.fallback_precision}")
+            result = fallback.search(keeper, evaluate, 1.0, ranking, max_kept=budget, say=job.say)
+            full = seen[0]  # every evaluation adds one step, the fully int4 graph first
+            if result.passed:
+                best = seen[max(i for i, s in enumerate(result.steps) if s.passed and s.kept == len(result.kept))]
+            else:
+                best = seen[int(np.argmax([s.value for s in result.steps]))]
+            top = _sensitivity_json(splicer, ranking)
+            if not result.passed:
+                raise CheckFailed(
+                    f"the {tower} part: the token gates cannot be reached with up to {budget} of {len(splicer.candidates)} matrices at "
+                    f"{options.fallback_precision}; the best found is top-1 agreement {best['top1_agreement']:.4f}, perplexity "
+                    f"{best['ppl_increase']:+.2%} with {len(result.kept)} kept ({state['method']} int4 alone: {full['top1_agreement']:.4f}, "
+                    f"{full['ppl_increase']:+.2%}); {_sensitivity_line({tower: top})}; nothing was written",
+                    details={**failed.details, "report": {"sensitivity": {tower: top}}, "fallback": {tower: result.to_json()}},
+                )
+            mixed = keeper.revert(result.kept)
+            file = made[tower].tower.file
+            graph.save(mixed, tmp / file)
+            job.say(f"profiling the {tower} part's kept matrices at one position (a decode step)")
+            costs = _decode_costs(state["quantized"], mixed, scorer.feeds[0], result.kept, splicer, threads)
+            record["towers"][tower] = {
+                "method": state["method"],
+                "fully_int4": full,
+                "reached": best,
+                "quantized_layers": len(splicer.candidates),
+                "kept": [
+                    {
+                        "node": n,
+                        "precision": options.fallback_precision,
+                        "sensitivity": dict(result.ranking)[n],
+                        "weights": splicer.weight_size(n),
+                        **costs["layers"].get(n, {}),
+                    }
+                    for n in result.kept
+                ],
+                "speed": {k: v for k, v in costs.items() if k != "layers"},
+                "search": {
+                    "evaluations": result.evaluations,
+                    "seconds": round(result.seconds, 2),
+                    "steps": [[s.kept, round(s.value - 1.0, 6)] for s in result.steps],
+                },
+                "top_sensitive": top[:SENSITIVITY_SHOWN],
+            }
+            made[tower].tower.size = graph.weight_bytes(tmp, file)
+            made[tower].work.update(self._graph_facts(tmp / file))
+            made[tower].work["quantization"]["weights"] += f"; {len(result.kept)} of {len(splicer.candidates)} matrices at {options.fallback_precision}"
+        job.state["fallback"] = record
+        job.say("verifying the variant with its mixed-precision decoder")
+        return self.verify(job, tmp, {name: m.tower for name, m in made.items()})
+
     def _gate_feeds(self, job: Job, tower: str) -> list[dict[str, np.ndarray]]:
         """The feeds the tower's cosine gate is measured on: its real evaluation sets (synthetic where it has none)."""
         from vlmopt.verification.check import evaluation_sets
@@ -769,7 +953,13 @@ class Quantize(Stage):
         for tower, info in (artifact.record.get("calibration") or {}).items():
             label = "[bold yellow]SYNTHETIC[/]" if info["data"] == "synthetic" else "real"
             lines.append(f"calibration of {tower}: {info['samples']} {label} samples, {info['method']}")
+        for tower, work in (artifact.record.get("towers") or {}).items():
+            lines += _decoder_lines(tower, work.get("quantization") or {})
         fallback = artifact.record.get("fallback") or {}
+        if "keep_precision" in fallback:
+            for tower, info in (fallback.get("towers") or {}).items():
+                lines += _decoder_fallback_lines(tower, info)
+            return lines
         for tower, info in (fallback.get("towers") or {}).items():
             kept = info["kept_fp32"]
             speed = info.get("speed", {})
@@ -793,6 +983,90 @@ class Quantize(Stage):
     def describe_report(self, report: dict[str, Any]) -> list[Any]:
         """A failed gate's per-layer sensitivity, as a table per tower."""
         return [_sensitivity_table(tower, rows, set()) for tower, rows in (report.get("sensitivity") or {}).items()]
+
+
+def _decoder_lines(tower: str, details: dict[str, Any]) -> list[str]:
+    """`info`'s lines for a decoder's int4 method: which, why (auto), and the calibration text."""
+    if "method" not in details:
+        return []
+    lines = [f"{tower}: {escape(details.get('weights', ''))}"]
+    auto = details.get("auto")
+    if auto:
+        tried = ", ".join(
+            f"{m} {t['top1_agreement']:.4f} / {t['ppl_increase']:+.2%}" + ("" if t["passed"] else " (fails)")
+            if "error" not in t
+            else f"{m} not run ({t['error'][:80]})"
+            for m, t in auto["tried"].items()
+        )
+        lines.append(f"{tower}: --method auto chose {auto['chosen']}: {escape(auto['why'])}; top-1 agreement / perplexity on the gate's text: {escape(tried)}")
+    calib = details.get("calibration")
+    if calib:
+        lines.append(f"{tower}: calibrated on {calib['windows']} windows of {calib['window']} tokens of {escape(calib['source'])}")
+    return lines
+
+
+def _decoder_fallback_lines(tower: str, info: dict[str, Any]) -> list[Any]:
+    from rich.table import Table
+
+    speed, kept = info["speed"], info["kept"]
+    full, reached = info["fully_int4"], info["reached"]
+    lines: list[Any] = [
+        f"mixed precision of {tower}: {len(kept)} of {info['quantized_layers']} matrices kept at {kept[0]['precision'] if kept else '-'}; "
+        f"top-1 agreement {full['top1_agreement']:.4f} -> {reached['top1_agreement']:.4f}, perplexity {full['ppl_increase']:+.2%} -> "
+        f"{reached['ppl_increase']:+.2%}; decode step (kernel time, one position) {speed['int4_step_ms']:.2f} -> {speed['mixed_step_ms']:.2f} ms "
+        f"({speed['int4_tokens_per_s']} -> {speed['mixed_tokens_per_s']} tokens/s)"
+    ]
+    table = Table(title=f"matrices of {tower} kept out of int4 (relative output error when int4 alone)", title_justify="left")
+    for column in ("matrix", "sensitivity", "weights", "kept at", "int4 ms", "kept ms", "cost ms"):
+        table.add_column(column, justify="left" if column in ("matrix", "kept at") else "right")
+    for row in kept:
+        table.add_row(
+            escape(row["node"]),
+            f"{row['sensitivity']:.4g}",
+            f"{row['weights']:,}",
+            row["precision"],
+            f"{row.get('int4_ms', 0):.3f}",
+            f"{row.get('kept_ms', 0):.3f}",
+            f"{row.get('cost_ms', 0):.3f}",
+        )
+    lines.append(table)
+    return lines
+
+
+def _token_gates_failed(failed: CheckFailed) -> bool:
+    """Whether a failed verification failed on a token gate (agreement or perplexity) and on nothing else."""
+    data = failed.details.get("verification")
+    if not data:
+        return False
+    verification = Verification.from_json(data)
+    metrics = [m for m in verification.metrics if not m.passed]
+    tokens = [m for m in metrics if m.gate in ("--min-token-agreement", "--max-ppl-increase")]
+    outputs = [o for _, o in verification.gated_outputs() if not o.passed]
+    return bool(tokens) and len(tokens) == len(metrics) and not outputs
+
+
+def _decode_costs(int4_graph: Any, mixed: Any, feed: dict[str, np.ndarray], kept: list[str], splicer: Any, threads: int | None) -> dict[str, Any]:
+    """Kernel time of one decode-sized run (one position, no past): each kept matrix in the mixed graph against its int4
+    MatMulNBits, and both graphs' totals as tokens/s (kernel time only; ONNX Runtime's profiler)."""
+    from vlmopt.quantization.fallback import _profile
+
+    one = {k: (v[:, :1] if k in ("inputs_embeds", "attention_mask", "position_ids") else v) for k, v in feed.items()}
+    full, mix = _profile(int4_graph, one, 10, threads), _profile(mixed, one, 10, threads)
+    by_output_full = {n.output[0]: n.name for n in int4_graph.graph.node if n.output}
+    by_output_mix = {n.output[0]: n.name for n in mixed.graph.node if n.output}
+    layers = {}
+    for name in kept:
+        out = splicer.slices[name].outputs[0]
+        before, after = full.get(by_output_full.get(out, ""), 0.0), mix.get(by_output_mix.get(out, ""), 0.0)
+        layers[name] = {"int4_ms": round(before / 1e3, 4), "kept_ms": round(after / 1e3, 4), "cost_ms": round((after - before) / 1e3, 4)}
+    total_full, total_mix = sum(full.values()) / 1e3, sum(mix.values()) / 1e3
+    return {
+        "layers": layers,
+        "int4_step_ms": round(total_full, 3),
+        "mixed_step_ms": round(total_mix, 3),
+        "int4_tokens_per_s": round(1000 / total_full, 1) if total_full else None,
+        "mixed_tokens_per_s": round(1000 / total_mix, 1) if total_mix else None,
+    }
 
 
 def mode_op_types(options: QuantizeOptions) -> list[str]:

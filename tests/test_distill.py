@@ -76,6 +76,16 @@ def test_distillation_raises_the_pruned_students_fidelity_to_its_teacher(student
     assert record["training"]["steps_done"] == 40 and record["distilled_towers"] == ["text"]
 
 
+def test_training_that_only_makes_the_student_worse_writes_the_student_as_it_was(student_dir: Path, training_text: Path) -> None:
+    from safetensors.numpy import load_file
+
+    record = _distill(student_dir, "--data-text", training_text, "--steps", "20", "--lr", "1", "--warmup", "0")["artifact"]["record"]
+
+    pruned, distilled = load_file(student_dir / "hf-pruned" / "model.safetensors"), load_file(student_dir / "hf-distilled" / "model.safetensors")
+    assert record["training"]["best_step"] == 0
+    assert all(np.array_equal(pruned[k], distilled[k]) for k in pruned)
+
+
 def test_the_distilled_checkpoint_reloads_with_from_pretrained_and_converts_like_any_hf_artifact(student_dir: Path, training_text: Path) -> None:
     from transformers import CLIPModel
 

@@ -566,6 +566,8 @@ class Training:
                 scores = self._score(held)
                 state["best_score"] = _score(scores)
                 state["history"].append({"step": 0, "held_out": scores})
+                # the pruned student itself is the best until training beats it on the held-out data
+                best = {k: v.detach().clone() for k, v in trainable.items()}
             last_saved = state["step"]
             started = time.perf_counter()
             seconds_before = state["seconds"]

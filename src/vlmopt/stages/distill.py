@@ -8,6 +8,10 @@ user's data decides early stopping, and the best weights on it are the ones writ
 under `DIR/checkpoints/NAME/` every `--checkpoint-every` steps: a kill or Ctrl-C keeps the last complete one,
 and the same command run again goes on from it; they are removed once the artifact is committed.
 
+Why not torchdistill: its yaml-configured training box owns the data loaders, epochs and checkpoints, where this
+stage needs its own (a batch per (seed, step), atomic resumable checkpoints, a staged commit); the part of it that
+fits, ForwardHookManager for intermediate outputs, is the dozen lines of `_Hidden` here.
+
 The result is saved with `save_pretrained` (it reloads with `from_pretrained`, and every later stage takes it like
 any `hf` artifact), reloaded, and verified against the teacher on the built-in real evaluation data, which training
 never reads; the record holds the student's fidelity before and after.

@@ -108,6 +108,19 @@ def test_the_record_says_what_was_trained_on_and_how(student_dir: Path, training
     assert {"before", "after"} <= set(record["fidelity"]) and "zero-shot top-1 agreement" in record["fidelity"]["after"]["metrics"]
 
 
+def test_a_classifier_learns_its_teachers_logits_through_kl_at_the_temperature(
+    exported: Callable[[str], Path], copy_model_dir: Callable[[Path], Path], training_images: Path
+) -> None:
+    model_dir = copy_model_dir(exported("vit-classifier"))
+    assert vlmopt("prune", model_dir, "--mlp-ratio", "0.5", "--head-ratio", "0.5").exit_code == 0
+
+    record = _distill(model_dir, "--data-images", training_images, "--steps", "10", "--temperature", "3")["artifact"]["record"]
+
+    assert record["towers"]["vision"]["loss"] == "KL at temperature 3"
+    assert record["training"]["history"][-1]["parts"]["vision"] > 0
+    assert "contrastive" not in record
+
+
 def test_checkpoints_are_removed_once_the_artifact_is_committed(student_dir: Path, training_text: Path) -> None:
     _distill(student_dir, "--data-text", training_text, "--steps", "20")
 

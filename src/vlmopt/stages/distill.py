@@ -596,7 +596,7 @@ class Training:
                     if step % options.eval_every == 0 or step == options.steps:
                         scores = self._score(held)
                         score = _score(scores)
-                        state["history"].append({"step": step, "loss": float(loss), "parts": parts, "held_out": scores})
+                        state["history"].append({"step": step, "loss": float(loss.detach()), "parts": parts, "held_out": scores})
                         if score > state["best_score"]:
                             state["best_score"], state["best_step"], state["bad"] = score, step, 0
                             best = {k: v.detach().clone() for k, v in trainable.items()}
@@ -607,7 +607,7 @@ class Training:
                     if step - last_saved >= options.checkpoint_every or state["finished"]:
                         self._save(state, trainable, optimizer, best)
                         last_saved = step
-                    job.say(_progress(state, options, float(loss)))
+                    job.say(_progress(state, options, float(loss.detach())))
             except KeyboardInterrupt:
                 kept = self.checkpoints.complete()
                 where = f"the checkpoint of step {int(kept[-1].name[len(d.CHECKPOINT_PREFIX) :])} is kept" if kept else "no checkpoint was written yet"

@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 RECIPE ?= examples/recipes/clip-cpu.yaml
 DEMO ?= build/clip-cpu
 
-.PHONY: install demo test bench bench-models bench-fidelity bench-vlm bench-serve bench-int4 bench-gpu lint clean
+.PHONY: install demo test bench bench-models bench-fidelity bench-distill bench-vlm bench-serve bench-int4 bench-gpu lint clean
 
 install: $(BIN)/vlmopt
 
@@ -45,6 +45,11 @@ bench-models: install
 
 bench-fidelity: bench-models
 	$(BIN)/python benchmarks/fidelity.py
+
+# Real all-MiniLM-L6-v2 pruned at MLP ratio 0.5, distilled from the original (DISTILL_MINUTES of CPU training), int8
+DISTILL_MINUTES ?= 25
+bench-distill: bench-models
+	$(BIN)/python benchmarks/distill.py --minutes $(DISTILL_MINUTES)
 
 # LLaVA-style generation: PyTorch vs ONNX fp32/int8/int4, models a (CLIP B/32 + SmolLM2) and b (OneVision-0.5B sizes)
 VLM_MODELS ?= a,b

@@ -27,10 +27,10 @@ def reported(recipe_workspace: Path, first_run: dict[str, Any], tmp_path_factory
     return result, output
 
 
-def test_report_writes_the_summary_and_three_plots(reported: tuple[Any, Path]) -> None:
+def test_report_writes_the_summary_and_four_plots(reported: tuple[Any, Path]) -> None:
     _, output = reported
 
-    assert sorted(p.name for p in output.iterdir()) == ["latency.png", "size-vs-fidelity.png", "size-vs-speedup.png", "summary.md"]
+    assert sorted(p.name for p in output.iterdir()) == ["latency.png", "size-vs-fidelity.png", "size-vs-speedup.png", "speedup-vs-fidelity.png", "summary.md"]
     for plot in output.glob("*.png"):
         assert plot.read_bytes()[:8] == PNG and plot.stat().st_size > 10_000
 
@@ -39,7 +39,7 @@ def test_report_plots_are_pictures_of_the_expected_layout(reported: tuple[Any, P
     from PIL import Image
 
     _, output = reported
-    for name in ("latency.png", "size-vs-fidelity.png", "size-vs-speedup.png"):
+    for name in ("latency.png", "size-vs-fidelity.png", "size-vs-speedup.png", "speedup-vs-fidelity.png"):
         width, height = Image.open(output / name).size
         assert width > 1.8 * height, (name, width, height)  # one panel per tower, side by side
 
@@ -91,7 +91,7 @@ def test_report_writes_into_the_model_directorys_reports_by_default(recipe_works
     payload = vlmopt_json("report", model_dir)
 
     assert payload["summary"] == str(model_dir / "reports" / "summary.md")
-    assert set(payload["plots"]) == {"latency", "fidelity", "speedup"}
+    assert set(payload["plots"]) == {"latency", "fidelity", "speedup", "tradeoff"}
     assert all(Path(p).is_file() for p in payload["files"])
 
 

@@ -26,7 +26,7 @@ from vlmopt.stages.bench import REFERENCE, REPORTS, latest_report
 from vlmopt.workspace import Artifact, check_writable, write_atomically
 
 SUMMARY = "summary.md"
-PLOTS = {"latency": "latency.png", "fidelity": "size-vs-fidelity.png", "speedup": "size-vs-speedup.png"}
+PLOTS = {"latency": "latency.png", "fidelity": "size-vs-fidelity.png", "speedup": "size-vs-speedup.png", "tradeoff": "speedup-vs-fidelity.png"}
 #: 1 - cosine is drawn on a log scale; identical outputs are drawn at this floor
 _DISTANCE_FLOOR = 1e-9
 
@@ -291,19 +291,22 @@ def plot_fidelity(figures: dict[str, list[TowerFigures]], bench: dict[str, Any],
     return True
 
 
-def _cosine_axis(ax: Any, distances: list[float]) -> None:
-    """The y axis in cosines (0.99, 0.999, ...) on a log scale of 1 - cosine, closest to PyTorch at the top."""
+def _cosine_axis(ax: Any, distances: list[float], axis: str = "y") -> None:
+    """The y (or x) axis in cosines (0.99, 0.999, ...) on a log scale of 1 - cosine, closest to PyTorch at the top (right)."""
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-    ax.set_yscale("log")
+    scale, limits, which, label_axis = (
+        (ax.set_yscale, ax.set_ylim, ax.yaxis, ax.set_ylabel) if axis == "y" else (ax.set_xscale, ax.set_xlim, ax.xaxis, ax.set_xlabel)
+    )
+    scale("log")
     low = math.floor(math.log10(min(distances)))
     high = math.ceil(math.log10(max(distances)))
     if high - low < 2:
         low, high = low - 1, high + 1
     step = max(1, (high - low) // 6)
-    ax.set_ylim(10.0 ** (high + 0.25), 10.0 ** (low - 0.35))  # inverted: the closest at the top, room for labels
-    ax.yaxis.set_major_locator(FixedLocator([10.0**e for e in range(low, high + 1, step)]))
-    ax.yaxis.set_minor_locator(NullLocator())
+    limits(10.0 ** (high + 0.25), 10.0 ** (low - 0.35))  # inverted: the closest at the top, room for labels
+    which.set_major_locator(FixedLocator([10.0**e for e in range(low, high + 1, step)]))
+    which.set_minor_locator(NullLocator())
 
     def label(value: float, _: Any) -> str:
         if value <= _DISTANCE_FLOOR * 1.001:
@@ -311,8 +314,8 @@ def _cosine_axis(ax: Any, distances: list[float]) -> None:
         nines = round(-math.log10(value))
         return f"{1 - value:.{max(1, nines)}f}" if nines <= 7 else f"1 − 1e-{nines}"
 
-    ax.yaxis.set_major_formatter(FuncFormatter(label))
-    ax.set_ylabel("worst cosine against PyTorch (log scale of 1 − cosine)")
+    which.set_major_formatter(FuncFormatter(label))
+    label_axis("worst cosine against PyTorch (log scale of 1 − cosine)")
 
 
 def plot_speedup(figures: dict[str, list[TowerFigures]], bench: dict[str, Any], name: str, path: Path) -> bool:
@@ -336,6 +339,67 @@ def plot_speedup(figures: dict[str, list[TowerFigures]], bench: dict[str, Any], 
     return True
 
 
+def plot_tradeoff(figures: dict[str, list[TowerFigures]], bench: dict[str, Any], name: str, path: Path) -> bool:
+    """Speed-up against fidelity per tower, the Pareto front (nothing both faster and closer to PyTorch) ringed and drawn:
+    where pruning, distillation and quantization each land between the two."""
+    measured = {t: [f for f in entries if f.speedup is not None and f.cosine is not None] for t, entries in figures.items()}
+    measured = {t: entries for t, entries in measured.items() if entries}
+    if not measured:
+        return False
+    fig, axes = _figure(len(measured))
+    colors = _colors([f.artifact for entries in figures.values() for f in entries])
+    for ax, (tower, entries) in zip(axes, measured.items(), strict=True):
+        distances = [max(1.0 - f.cosine, _DISTANCE_FLOOR) for f in entries]  # type: ignore[operator]
+        speedups = [float(f.speedup) for f in entries]  # type: ignore[arg-type]
+        front = pareto_front(list(zip(distances, speedups, strict=True)), maximize=True)
+        if len(front) > 1:
+            ax.step([distances[i] for i in front], [speedups[i] for i in front], where="pre", linestyle="--", color="0.55", linewidth=1.2, zorder=1)
+        offsets = _label_offsets([-math.log10(x) for x in distances], speedups)
+        for i, f in enumerate(entries):
+            on_front = i in front
+            color = colors[f.artifact]
+            ax.scatter(distances[i], speedups[i], s=80 if on_front else 45, color=color, edgecolors="black" if on_front else "none", linewidths=1.6, zorder=4)
+            ax.annotate(
+                f.artifact + (" *" if on_front else ""),
+                (distances[i], speedups[i]),
+                textcoords="offset points",
+                xytext=(8, offsets[i]),
+                va="center",
+                fontsize=8,
+                color=tuple(0.75 * c for c in color[:3]),
+                zorder=5,
+            )
+        _cosine_axis(ax, distances, axis="x")
+        ax.set_ylim(0, max(speedups) * 1.18)
+        ax.axhline(1.0, color="0.3", linewidth=0.8, linestyle=":")
+        ax.set_ylabel("speed-up against PyTorch (geometric mean over the batches)")
+        ax.set_title(f"{tower} tower", fontsize=10)
+        ax.grid(True, alpha=0.3)
+    _legend(fig, {n: c for n, c in colors.items() if n != REFERENCE}, front=True)
+    fig.suptitle(f"Speed-up against fidelity: * on the Pareto front (nothing is both faster and closer to PyTorch)\n{_subtitle(bench, name)}", fontsize=10)
+    _save(fig, path)
+    return True
+
+
+def artifact_parameters(model_dir: Any, artifact: Artifact) -> int | None:
+    """Parameters of the Hugging Face checkpoint an artifact is (or descends from), counted from its safetensors headers."""
+    from safetensors import safe_open
+
+    folder = model_dir.checkpoint_folder(artifact)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return None
+    total = 0
+    try:
+        for file in files:
+            with safe_open(file, framework="numpy") as weights:
+                for key in weights.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    total += math.prod(weights.get_slice(key).get_shape())
+    except (OSError, ValueError, RuntimeError):
+        return None
+    return total
+
+
 # -- Markdown -------------------------------------------------------------------------------------
 def _tower_cosines(artifact: Artifact) -> dict[str, float]:
     worst: dict[str, float] = {}
@@ -346,7 +410,7 @@ def _tower_cosines(artifact: Artifact) -> dict[str, float]:
     return worst
 
 
-def _artifact_rows(entries: list[Any], bench: dict[str, Any] | None) -> list[dict[str, Any]]:
+def _artifact_rows(entries: list[Any], bench: dict[str, Any] | None, model_dir: Any = None) -> list[dict[str, Any]]:
     hf = next((e.artifact for e in entries if e.artifact.name == REFERENCE), None)
     rows = []
     for entry in entries:
@@ -362,6 +426,7 @@ def _artifact_rows(entries: list[Any], bench: dict[str, Any] | None) -> list[dic
                 "target": a.traits.target,
                 "parent": a.parent,
                 "size_mb": round(a.size / 2**20, 3),
+                "parameters": artifact_parameters(model_dir, a) if model_dir is not None else None,
                 "size_vs_hf": a.size / hf.size if hf is not None and hf.size else None,
                 "worst_cosine": verification.worst_cosine() if verification else None,
                 "verified_against": verification.reference if verification else None,
@@ -415,6 +480,10 @@ def _failures(rows: list[dict[str, Any]], run: dict[str, Any] | None, bench: dic
     return failed, skipped
 
 
+def _millions(count: int | None) -> str:
+    return "" if count is None else f"{count / 1e6:.2f}M" if count >= 10_000 else str(count)
+
+
 def _md(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -459,8 +528,8 @@ def render_markdown(
     lines += [
         "### Artifacts",
         "",
-        "| artifact | kind | from | size MB | size vs hf | worst cosine | per tower | verified against | verification | speed-up | status |",
-        "|---|---|---|---:|---:|---:|---|---|---|---:|---|",
+        "| artifact | kind | from | parameters | size MB | size vs hf | worst cosine | per tower | verified against | verification | speed-up | status |",
+        "|---|---|---|---:|---:|---:|---:|---|---|---|---:|---|",
     ]
     for r in rows:
         towers = ", ".join(f"{t} {c:.6f}" for t, c in r["tower_cosines"].items())
@@ -471,12 +540,14 @@ def render_markdown(
         worst = "" if r["worst_cosine"] is None else f"{r['worst_cosine']:.6f}"
         status = "ok" if r["status"] == "ok" else "⚠️ " + _md(r["status"])
         lines.append(
-            f"| `{r['name']}` | {_kind_text(r)} | {r['parent'] or ''} | {r['size_mb']:.1f} | {share} | {worst} | {towers} | "
+            f"| `{r['name']}` | {_kind_text(r)} | {r['parent'] or ''} | {_millions(r.get('parameters'))} | {r['size_mb']:.1f} | {share} | {worst} | {towers} | "
             f"{_md(r['verified_against'] or '')} | {_md(r['verdict'] or '')} | {speed} | {status} |"
         )
     lines += [
         "",
-        "Worst cosine: the lowest row cosine of any gated output in the artifact's verification against its parent (or PyTorch). "
+        "Parameters: those of the Hugging Face checkpoint the artifact is or was made from (a pruned or distilled one has fewer). "
+        "Worst cosine: the lowest row cosine of any gated output in the artifact's verification against its parent (or PyTorch; "
+        "a distilled checkpoint against its teacher). "
         "Verification: passed or failed, with a generative variant's token figures and whether each was gated.",
         "",
     ]
@@ -501,7 +572,12 @@ def render_markdown(
 
     if plots:
         lines += ["### Plots", "", "Of the artifacts in the latest bench report.", ""]
-        titles = {"latency": "Latency against batch", "fidelity": "Size against fidelity", "speedup": "Size against speed-up"}
+        titles = {
+            "latency": "Latency against batch",
+            "fidelity": "Size against fidelity",
+            "speedup": "Size against speed-up",
+            "tradeoff": "Speed-up against fidelity",
+        }
         for kind, file in plots.items():
             lines.append(f"![{titles[kind]}]({Path(file).name})" if images else f"- {titles[kind]}: `{Path(file).name}`")
         lines.append("")
@@ -554,7 +630,7 @@ def report(directory: str | os.PathLike[str], output: str | os.PathLike[str] | N
     bench_name = Path(bench["files"][0]).name if bench and bench.get("files") else None
     run = read_summary(model_dir.path)
     entries = sorted(entries, key=lambda e: (e.artifact.name != REFERENCE, e.artifact.created, e.artifact.name))
-    rows = _artifact_rows(entries, bench)
+    rows = _artifact_rows(entries, bench, model_dir)
     model = (bench or {}).get("model") or model_identity(model_dir)
     name = str(directory)
 
@@ -568,6 +644,8 @@ def report(directory: str | os.PathLike[str], output: str | os.PathLike[str] | N
             plots["fidelity"] = str(out / PLOTS["fidelity"])
         if plot_speedup(figures, bench, name, out / PLOTS["speedup"]):
             plots["speedup"] = str(out / PLOTS["speedup"])
+        if plot_tradeoff(figures, bench, name, out / PLOTS["tradeoff"]):
+            plots["tradeoff"] = str(out / PLOTS["tradeoff"])
     write_atomically(out / SUMMARY, render_markdown(name, model, rows, bench, bench_name, run, plots, images=True).encode())
     markdown = render_markdown(name, model, rows, bench, bench_name, run, plots, images=False)
     failed, _ = _failures(rows, run, bench)

@@ -52,7 +52,7 @@ SCHEMA_VERSION = 2
 MAX_NAME_LENGTH = 64
 _ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 #: folders of the model directory that are not artifacts
-RESERVED_NAMES = ("reports", "timing-caches")
+RESERVED_NAMES = ("reports", "timing-caches", "checkpoints")
 _TMP_PREFIX = ".tmp-"
 _OLD_PREFIX = ".old-"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

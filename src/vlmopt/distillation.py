@@ -1,0 +1,277 @@
+"""What `vlmopt distill` trains with: the user's unlabeled data, the losses, and crash-safe training checkpoints.
+
+Data: the user's text (one sentence a line) and images (a folder), never the built-in evaluation data, split
+once into a training part and a held-out part (early stopping) by the seed. The batch of a step is a function of
+(seed, step) alone, so a resumed run sees exactly the batches an uninterrupted one would.
+
+Losses, per tower, on what the tower serves (`Tower.outputs[0]`):
+- an embedding: `cosine` (1 - cosine, the default: verification and retrieval judge the direction) or `mse`
+  (relative: divided by the teacher's mean square, so one weight fits every model);
+- logits (a classifier): KL divergence between the softened distributions, times T² (Hinton et al., 2015);
+- hidden states: relative MSE between the outputs of every transformer block, where student and teacher have the
+  same number of blocks of the same width (structured pruning keeps both);
+- dual encoders: KL between the teacher's and the student's image-text similarity logits over the batch, both
+  directions (the contrastive logits the towers are used through), at CLIP's trained logit scale over T.
+
+Checkpoints (`Checkpoints`): a folder per checkpoint (`step-0000100/`: the student's weights, AdamW's state and the
+best weights so far in safetensors, the loop's state in JSON), written under a temporary name and renamed into
+place, so a kill leaves only complete ones; older ones are removed once the new one is in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlmopt.calibration import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, read_lines
+from vlmopt.errors import VlmoptError
+
+#: most lines read from --data-text, and images from --data-images
+MAX_TEXT_SAMPLES = 200_000
+MAX_IMAGE_SAMPLES = 20_000
+#: CLIP's trained logit scale (exp(4.6052)); the contrastive logits are cosine x this / temperature
+CONTRASTIVE_SCALE = 100.0
+CHECKPOINT_PREFIX = "step-"
+_PARTIAL_PREFIX = ".partial-"
+
+
+# -- data ---------------------------------------------------------------------------------------
+@dataclass
+class Split:
+    """Indices of the training part and the held-out part of one kind of data."""
+
+    train: np.ndarray
+    held_out: np.ndarray
+
+
+def split(count: int, holdout: float, seed: int, what: str) -> Split:
+    """A seeded split of `count` samples: round(count x holdout) held out, at least 1 of each part."""
+    if count < 2:
+        raise VlmoptError(f"{what} holds {count} usable sample; distill needs at least 2 (one to train on, one held out to stop early)")
+    order = np.random.default_rng([seed, 1]).permutation(count)
+    held = min(count - 1, max(1, int(round(count * holdout))))
+    return Split(np.sort(order[held:]), np.sort(order[:held]))
+
+
+def batch_indices(train: np.ndarray, batch: int, step: int, seed: int) -> np.ndarray:
+    """The training samples of step `step` (from 0): consecutive slices of a fresh seeded permutation per epoch.
+
+    A function of (seed, step) alone: a resumed run sees the batches an uninterrupted one would."""
+    count = len(train)
+    positions = step * batch + np.arange(batch)
+    epochs, offsets = np.divmod(positions, count)
+    picked = np.empty(batch, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        order = np.random.default_rng([seed, 2, int(epoch)]).permutation(count)
+        picked[epochs == epoch] = order[offsets[epochs == epoch]]
+    return train[picked]
+
+
+def read_text(path: Path) -> list[str]:
+    """The non-blank lines of --data-text (UTF-8); an empty or unreadable file is refused."""
+    return read_lines(path, "--data-text", MAX_TEXT_SAMPLES)
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The images of --data-images, every one opened and checked (unreadable or oversized files are refused by name)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not folder.is_dir():
+        raise VlmoptError(f"--data-images {folder} is not a folder")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)[:MAX_IMAGE_SAMPLES]
+    if not files:
+        raise VlmoptError(f"--data-images {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); add some or drop the option")
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise VlmoptError(f"training image {path} is {width}x{height} pixels, above the {MAX_IMAGE_PIXELS / 1e6:.0f} MP limit; resize or remove it")
+                image.verify()
+        except VlmoptError:
+            raise
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise VlmoptError(f"training image {path} cannot be read ({str(exc).splitlines()[0][:120]}); fix or remove it") from exc
+    return files
+
+
+def load_images(files: list[Path]) -> list[Any]:
+    from PIL import Image
+
+    images = []
+    for path in files:
+        with Image.open(path) as image:
+            images.append(image.convert("RGB"))
+    return images
+
+
+# -- losses -------------------------------------------------------------------------------------
+def embedding_loss(student: Any, teacher: Any, kind: str) -> Any:
+    """1 - cosine (mean over rows), or MSE relative to the teacher's mean square."""
+    import torch
+
+    if kind == "cosine":
+        return (1 - torch.nn.functional.cosine_similarity(student, teacher, dim=-1)).mean()
+    return ((student - teacher) ** 2).mean() / (teacher**2).mean().clamp_min(1e-12)
+
+
+def logits_kl(student: Any, teacher: Any, temperature: float) -> Any:
+    """KL(teacher || student) of the distributions softened by `temperature`, times temperature² (Hinton et al.)."""
+    import torch.nn.functional as F
+
+    return F.kl_div(F.log_softmax(student / temperature, dim=-1), F.log_softmax(teacher / temperature, dim=-1), log_target=True, reduction="batchmean") * (
+        temperature**2
+    )
+
+
+def hidden_loss(student: list[Any], teacher: list[Any], mask: Any | None) -> Any:
+    """Mean over blocks of the MSE between their outputs relative to the teacher's mean square; padding left out."""
+    total = 0.0
+    for s, t in zip(student, teacher, strict=True):
+        if mask is not None and s.dim() == 3 and s.shape[:2] == mask.shape:
+            keep = mask.bool()
+            s, t = s[keep], t[keep]
+        total = total + ((s - t) ** 2).mean() / (t**2).mean().clamp_min(1e-12)
+    return total / max(1, len(student))
+
+
+def contrastive_kl(student_images: Any, student_texts: Any, teacher_images: Any, teacher_texts: Any, temperature: float) -> Any:
+    """KL between the teacher's and the student's image-text similarity logits over the batch, both directions."""
+    import torch.nn.functional as F
+
+    def logits(images: Any, texts: Any) -> Any:
+        return F.normalize(images, dim=-1) @ F.normalize(texts, dim=-1).T * CONTRASTIVE_SCALE
+
+    student, teacher = logits(student_images, student_texts), logits(teacher_images, teacher_texts)
+    return (logits_kl(student, teacher, temperature) + logits_kl(student.T, teacher.T, temperature)) / 2
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+@dataclass
+class Checkpoint:
+    """A complete checkpoint read back: the loop's state, the student's weights, AdamW's state, the best weights."""
+
+    folder: Path
+    state: dict[str, Any]
+    student: dict[str, Any]
+    optimizer: dict[str, Any]
+    best: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def optimizer_tensors(state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A torch optimizer's state dict as flat tensors (safetensors) and the JSON rest (param groups, which keys are scalars)."""
+    import torch
+
+    tensors: dict[str, Any] = {}
+    for index, entry in state_dict["state"].items():
+        for key, value in entry.items():
+            tensors[f"{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return tensors, {"param_groups": state_dict["param_groups"]}
+
+
+def optimizer_state(tensors: dict[str, Any], rest: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+class Checkpoints:
+    """The checkpoints of one training run in `folder`, somewhere under `root` (which holds nothing else of vlmopt's)."""
+
+    def __init__(self, folder: Path, root: Path):
+        self.folder, self.root = folder, root
+
+    def complete(self) -> list[Path]:
+        if not self.folder.is_dir():
+            return []
+        return sorted(p for p in self.folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
+
+    def latest(self) -> Checkpoint | None:
+        """The newest complete checkpoint, or None; partial ones a kill left are removed."""
+        from safetensors.torch import load_file
+
+        for partial in self.folder.glob(f"{_PARTIAL_PREFIX}*") if self.folder.is_dir() else []:
+            shutil.rmtree(partial, ignore_errors=True)
+        found = self.complete()
+        if not found:
+            return None
+        folder = found[-1]
+        try:
+            state = json.loads((folder / "state.json").read_text())
+            optimizer = optimizer_state(load_file(folder / "optimizer.safetensors"), state.pop("optimizer"))
+            best = load_file(folder / "best.safetensors") if (folder / "best.safetensors").is_file() else None
+            return Checkpoint(folder, state, load_file(folder / "student.safetensors"), optimizer, best)
+        except (OSError, ValueError, KeyError) as exc:
+            raise VlmoptError(f"the training checkpoint {folder} cannot be read ({str(exc).splitlines()[0][:160]}); remove it to start over") from exc
+
+    def save(self, state: dict[str, Any], student: dict[str, Any], optimizer: dict[str, Any], best: dict[str, Any] | None) -> Path:
+        """Write a checkpoint of step `state["step"]` completely, then rename it into place and drop the older ones.
+
+        A write that fails (a full disk) removes what it wrote and raises VlmoptError; the last complete checkpoint stays."""
+        from safetensors.torch import save_file
+
+        final = self.folder / f"{CHECKPOINT_PREFIX}{state['step']:07d}"
+        partial = self.folder / f"{_PARTIAL_PREFIX}{state['step']:07d}-{secrets.token_hex(4)}"
+        tensors, rest = optimizer_tensors(optimizer)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            partial.mkdir()
+            save_file({k: v.detach().contiguous() for k, v in student.items()}, partial / "student.safetensors")
+            save_file({k: v.contiguous() for k, v in tensors.items()}, partial / "optimizer.safetensors")
+            if best is not None:
+                save_file({k: v.contiguous() for k, v in best.items()}, partial / "best.safetensors")
+            (partial / "state.json").write_text(json.dumps({**state, "optimizer": rest}, sort_keys=True))
+            for item in partial.iterdir():
+                _fsync(item)
+            _fsync(partial)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            _fsync(self.folder)
+        except Exception as exc:
+            shutil.rmtree(partial, ignore_errors=True)
+            if not isinstance(exc, OSError) and not _is_space_error(exc):
+                raise
+            kept = [p.name for p in self.complete() if p != final]
+            if not kept:
+                self.remove()
+            what = f"the last complete one, {self.folder / kept[-1]}, is kept" if kept else "no earlier checkpoint exists"
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:160]
+            raise VlmoptError(f"cannot write a training checkpoint to {self.folder}: {reason}; {what}; free some space and run again") from exc
+        for older in self.complete():
+            if older != final:
+                shutil.rmtree(older, ignore_errors=True)
+        return final
+
+    def remove(self) -> None:
+        """Remove this run's checkpoints, and the folders above it up to `root` that this leaves empty."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+        folder = self.folder
+        while folder != self.root and self.root in folder.parents:
+            folder = folder.parent
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def _is_space_error(exc: BaseException) -> bool:
+    text = str(exc)
+    return any(words in text for words in ("No space left", "File too large", "Disk quota", "os error 28", "os error 27"))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -30,7 +30,7 @@ import openvino as ov  # noqa: E402
 from vlmopt.quantization.openvino_fallback import FakeQuantizeProbe, sensitivity  # noqa: E402
 
 INT8 = ("--mode", "int8", "--calib-samples", "8")
-GATE = "0.995"
+GATE = "0.98"
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +78,13 @@ def test_fallback_records_the_ranking_the_search_and_the_cost_of_the_kept_layers
 
     scores = [row["sensitivity"] for row in info["top_sensitive"]]
     assert scores == sorted(scores, reverse=True) and scores[0] > 0
-    assert info["rounds"][0]["evaluations"] >= 1
+    assert sum(r["evaluations"] for r in info["rounds"]) >= 1
     assert info["rounds"][0]["steps"][0] == [0, round(info["fully_quantized"]["search"], 6)]
     assert info["speed"]["total_quantized_ms"] > 0 and info["speed"]["total_with_fallback_ms"] > 0 and info["speed"]["total_fp32_ms"] > 0
 
 
 def test_fallback_that_was_not_needed_says_so(converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]) -> None:
-    artifact = vlmopt_json("openvino", copy_model_dir(converted("clip")), *INT8, "--min-cosine", "0.9")["artifact"]
+    artifact = vlmopt_json("openvino", copy_model_dir(converted("clip")), *INT8, "--min-cosine", "0.8")["artifact"]
 
     assert {tower: info["needed"] for tower, info in artifact["record"]["fallback"]["towers"].items()} == {"vision": False, "text": False}
 

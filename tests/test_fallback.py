@@ -1,5 +1,6 @@
-"""Accuracy-aware quantization: a missed gate names the most sensitive layers; --fallback keeps the fewest of them in
-fp32 until the gate passes, ships that graph and records what it kept, the fidelity reached and what each kept layer costs.
+"""Accuracy-aware quantization: a missed gate names the most sensitive layers; the fallback (on by default for the int8
+modes, asked for with --fallback for int4) keeps the fewest of them in fp32 until the gate passes on rows the search did
+not see, ships that graph and records what it kept, the fidelity reached on both halves and what the kept layers cost.
 
 The tiny random-weight CLIP's text tower misses cosine 0.99 in int4 (0.94 on the built-in sentences): a gate it
 can be made to meet by keeping some of its 13 layers in fp32."""
@@ -18,7 +19,7 @@ import onnx
 import pytest
 from click.testing import Result
 
-from conftest import assert_refused, snapshot, vlmopt, vlmopt_json
+from conftest import snapshot, vlmopt, vlmopt_json
 from vlmopt.quantization.fallback import Splicer
 
 INT4 = ("--mode", "int4", "--min-cosine", "0.99")
@@ -29,7 +30,7 @@ def fell_back(tmp_path_factory: pytest.TempPathFactory, converted: Callable[[str
     """(model directory, artifact) of the tiny CLIP in int4 with --fallback."""
     model_dir = tmp_path_factory.mktemp("fallback") / "clip"
     shutil.copytree(converted("clip"), model_dir)
-    return model_dir, vlmopt_json("quantize", model_dir, *INT4, "--fallback")["artifact"]
+    return model_dir, vlmopt_json("quantize", model_dir, *INT4, "--fallback", "--fallback-budget", "0.95")["artifact"]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def missed(tmp_path_factory: pytest.TempPathFactory, converted: Callable[[str], 
 
 
 def _kept(artifact: dict[str, Any]) -> list[str]:
-    return [k["node"] for k in artifact["record"]["fallback"]["towers"]["text"]["kept_fp32"]]
+    return [k["node"] for k in artifact["record"]["fallback"]["towers"]["text"]["kept"]]
 
 
 def _run(path: Path, feed: dict[str, np.ndarray]) -> np.ndarray:
@@ -80,8 +81,8 @@ def test_fallback_keeps_some_layers_in_fp32_until_the_gate_passes(fell_back: tup
     text = artifact["record"]["fallback"]["towers"]["text"]
 
     assert artifact["verification"]["passed"] is True
-    assert text["fully_quantized"] < 0.99 <= text["reached"]
-    assert 0 < len(text["kept_fp32"]) < text["quantized_layers"] == 13
+    assert min(text["fully_quantized"].values()) < 0.99 <= min(text["reached"].values())
+    assert 0 < len(text["kept"]) < text["quantized_layers"] == 13
 
 
 def test_fallback_leaves_a_tower_that_passed_fully_quantized(fell_back: tuple[Path, dict[str, Any]]) -> None:
@@ -117,9 +118,9 @@ def test_the_shipped_graph_is_the_quantizer_run_with_the_kept_layers_excluded(
 def test_fallback_records_the_speed_cost_of_each_kept_layer(fell_back: tuple[Path, dict[str, Any]]) -> None:
     text = fell_back[1]["record"]["fallback"]["towers"]["text"]
 
-    for kept in text["kept_fp32"]:
-        assert {"fp32_ms", "quantized_ms", "cost_ms", "sensitivity"} <= set(kept), kept
-    assert text["speed"]["total_with_fallback_ms"] > 0
+    for kept in text["kept"]:
+        assert {"kept_ms", "quantized_ms", "cost_ms", "sensitivity"} <= set(kept), kept
+    assert text["speed"]["total_with_fallback_ms"] > 0 and text["speed"]["total_fp32_ms"] > 0
 
 
 def test_fallback_that_was_not_needed_says_so(converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]) -> None:
@@ -134,29 +135,40 @@ def test_an_unreachable_gate_exits_1_with_the_best_fidelity_and_how_many_layers_
     model_dir = copy_model_dir(converted("clip"))
     before = snapshot(model_dir)
 
-    result = vlmopt("quantize", model_dir, *INT4, "--fallback", "--fallback-budget", "1")
+    result = vlmopt("quantize", model_dir, *INT4, "--fallback", "--fallback-budget", "0.08")
 
     assert result.exit_code == 1, result.output
-    assert "cannot be reached" in result.stderr
-    best = re.search(r"the best cosine min found is ([0-9.]+), with ([01]) of 13 layers kept in fp32 and the rest int4", result.stderr)
+    assert "cannot be reached within a budget of 1 of 13 layers" in result.stderr
+    best = re.search(r"the best cosine min found is ([0-9.]+), with ([01]) of 13 layers kept and the rest int4", result.stderr)
     assert best is not None, result.stderr
     assert float(best.group(1)) < 0.99
     assert snapshot(model_dir) == before
 
 
-@pytest.mark.parametrize("budget", ["100%", "13", "20"])
-def test_a_fallback_budget_that_leaves_nothing_to_quantize_is_refused(
-    budget: str, converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]
-) -> None:
-    assert_refused(
-        copy_model_dir(converted("clip")),
-        "quantize",
-        *INT4,
-        "--fallback",
-        "--fallback-budget",
-        budget,
-        fragments=("--fallback-budget", "leaves nothing to quantize"),
-    )
+def test_the_search_stops_at_once_when_the_budget_cannot_reach_the_gate(converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]) -> None:
+    result = vlmopt("quantize", copy_model_dir(converted("clip")), *INT4, "--fallback", "--fallback-budget", "0.08", "--json")
+
+    report = json.loads(result.stdout)
+    (step,) = report["fallback"]["towers"]["text"]["rounds"][0]["steps"][1:]
+    assert step[0] == 1
+    assert "no smaller set can pass" in report["error"]
+
+
+def test_the_fallback_records_the_searched_and_the_held_out_figures(fell_back: tuple[Path, dict[str, Any]]) -> None:
+    text = fell_back[1]["record"]["fallback"]["towers"]["text"]
+
+    assert set(text["fully_quantized"]) == set(text["reached"]) == {"search", "held_out"}
+    assert text["reached"]["held_out"] >= 0.99
+    assert text["rounds"][-1]["held_out"] == text["reached"]["held_out"]
+
+
+def test_the_fallback_says_in_one_line_what_it_kept_and_what_it_cost(converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]) -> None:
+    result = vlmopt("quantize", copy_model_dir(converted("clip")), *INT4, "--fallback", "--fallback-budget", "0.95")
+
+    assert result.exit_code == 0, result.output
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("fallback of text:")]
+    assert re.search(r"\d+ of 13 layers kept in fp32, cosine min [0-9.]+ -> [0-9.]+ on the held-out half", line), line
+    assert re.search(r"time per batch [0-9.]+ ms fp32, [0-9.]+ fully int8, [0-9.]+ with the kept layers: [0-9.]+x fp32", line), line
 
 
 # -- the splice itself ---------------------------------------------------------------------------------------

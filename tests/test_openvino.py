@@ -87,14 +87,29 @@ def test_int8_by_nncf_is_verified_and_runs_int8_layers(ov_dir: Path) -> None:
         assert artifact["record"]["towers"][tower]["compression"]["model_type"] == "transformer"
 
 
-def test_int8_without_calibration_data_says_synthetic_in_capitals(converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]) -> None:
+def test_int8_without_calibration_data_calibrates_on_the_built_in_photos_and_prose(
+    converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]
+) -> None:
     model_dir = copy_model_dir(converted("clip"))
 
     result = vlmopt("openvino", model_dir, "--mode", "int8", *FEW, "--name", "ov8")
 
     assert result.exit_code == 0, result.output
+    assert "SYNTHETIC" not in result.stderr
+    calibration = _artifact(model_dir, "ov8")["record"]["calibration"]
+    assert calibration["vision"] == {"data": "real", "source": "built-in photos", "samples": 8}
+    assert calibration["text"] == {"data": "real", "source": "built-in prose", "samples": 8}
+
+
+def test_int8_of_a_tower_without_a_tokenizer_says_synthetic_in_capitals(converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]) -> None:
+    """The demo BERT ships no tokenizer: its text tower can only be calibrated on random inputs, and says so."""
+    model_dir = copy_model_dir(converted("bert"))
+
+    result = vlmopt("openvino", model_dir, "--mode", "int8", *FEW, "--name", "ov8")
+
+    assert result.exit_code == 0, result.output
     assert "SYNTHETIC" in result.stderr
-    assert _artifact(model_dir, "ov8")["record"]["calibration"]["vision"] == {"data": "synthetic", "samples": 8}
+    assert _artifact(model_dir, "ov8")["record"]["calibration"]["text"]["data"] == "synthetic"
 
 
 def test_int8_calibrated_on_prompts_records_real_data(tmp_path: Path, converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]) -> None:
@@ -108,7 +123,7 @@ def test_int8_calibrated_on_prompts_records_real_data(tmp_path: Path, converted:
 
     assert result.exit_code == 0, result.output
     assert "SYNTHETIC" not in result.stderr
-    assert _artifact(model_dir, "openvino-int8")["record"]["calibration"]["text"] == {"data": "real", "samples": 4}
+    assert _artifact(model_dir, "openvino-int8")["record"]["calibration"]["text"] == {"data": "real", "source": f"your text {prompts}", "samples": 4}
 
 
 def test_int8_weight_compression_keeps_activations_float(converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]) -> None:

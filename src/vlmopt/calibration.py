@@ -189,27 +189,85 @@ def data_digest(images: str | None, text: str | None) -> str | None:
     return digest.hexdigest()
 
 
-def load_calibration(model_dir: ModelDir, towers: dict[str, Tower], images: str | None, text: str | None, samples: int) -> CalibrationData:
-    """The user's images and prompts (at most `samples` of each), checked against the towers that will take them."""
+def load_calibration(
+    model_dir: ModelDir, towers: dict[str, Tower], images: str | None, text: str | None, samples: int, builtin: bool = False
+) -> CalibrationData:
+    """The user's images and prompts (at most `samples` of each), checked against the towers that will take them.
+
+    With `builtin`, a role the user gives nothing for is calibrated on vlmopt's own real data through the model's saved
+    processors: the built-in photos, and English prose (`data/perplexity.txt`, which no encoder gate reads, so the
+    gate's sentences are not the calibration's). A model without the processor keeps synthetic inputs for that role."""
     data = CalibrationData()
-    if not images and not text:
+    if not images and not text and not builtin:
         return data
-    hf_dir = _processor_dir(model_dir)
     image_towers = [t for t in towers.values() if [s.role for s in t.inputs] == ["image"]]
     text_towers = [t for t in towers.values() if t.vocab is not None and "image" not in {s.role for s in t.inputs}]
+    if images and not image_towers:
+        raise VlmoptError("--calib-images was given, but this model has no image tower")
+    if text and not text_towers:
+        raise VlmoptError("--calib-text was given, but this model has no text tower")
+    if images or text:
+        hf_dir = _processor_dir(model_dir)
+    else:
+        hf = next((a for a in model_dir.load().values() if a.kind == "hf"), None)
+        if hf is None:
+            return data
+        hf_dir = model_dir.artifact_path(hf.name)
     if images:
-        if not image_towers:
-            raise VlmoptError("--calib-images was given, but this model has no image tower")
         data.pixel_values, data.image_files = load_images(Path(images), hf_dir, samples)
         for tower in image_towers:
             check_fits(tower, {tower.inputs[0].name: data.pixel_values}, f"the image processor in {hf_dir}")
+        data.sources["image"] = f"your images {images}"
+    elif builtin and image_towers:
+        _builtin_images(data, image_towers, hf_dir, samples)
     if text:
-        if not text_towers:
-            raise VlmoptError("--calib-text was given, but this model has no text tower")
         tower = text_towers[0]
         data.text, data.prompts = load_prompts(Path(text), hf_dir, tower, samples)
         check_fits(tower, data.text, f"the tokenizer in {hf_dir}")
+        data.sources["text"] = f"your text {text}"
+    elif builtin and text_towers:
+        _builtin_text(data, text_towers[0], hf_dir, samples)
     return data
+
+
+#: the built-in calibration prose: English paragraphs no encoder verification reads (the decoder perplexity text)
+BUILTIN_TEXT = "perplexity.txt"
+
+
+def _builtin_images(data: CalibrationData, towers: list[Tower], hf_dir: Path, samples: int) -> None:
+    from vlmopt.evaluation import builtin
+
+    try:
+        processor = _image_processor(hf_dir)
+    except VlmoptError:
+        return
+    try:
+        pixels = process_images(read_images(builtin("images"), "built-in images", samples), processor, hf_dir)
+        for tower in towers:
+            check_fits(tower, {tower.inputs[0].name: pixels}, f"the image processor in {hf_dir}")
+    except VlmoptError:
+        return
+    data.pixel_values, data.image_files = pixels, len(pixels)
+    data.sources["image"] = "built-in photos"
+
+
+def _builtin_text(data: CalibrationData, tower: Tower, hf_dir: Path, samples: int) -> None:
+    from vlmopt.evaluation import builtin
+
+    try:
+        tokenizer = _tokenizer(hf_dir)
+        prompts = read_lines(builtin(BUILTIN_TEXT), "built-in", samples)
+        text = encode_text(prompts, tokenizer, hf_dir, tower, "the built-in prose", text_padding(tower))
+        check_fits(tower, text, f"the tokenizer in {hf_dir}")
+    except VlmoptError:
+        return
+    data.text, data.prompts = text, len(prompts)
+    data.sources["text"] = "built-in prose"
+
+
+def calibration_source(tower: Tower, data: CalibrationData) -> str | None:
+    """Where a tower's real calibration samples come from, or None when it has none."""
+    return data.sources.get("image" if tower.inputs[0].role == "image" else "text")
 
 
 def _processor_dir(model_dir: ModelDir) -> Path:
@@ -229,10 +287,12 @@ def calibration_feeds(tower: Tower, data: CalibrationData, samples: int) -> tupl
 
 def synthetic_warning(tower: Tower, samples: int) -> str:
     """What every stage that calibrates says when a tower falls back to random inputs (the user must not miss it)."""
-    flag = "--calib-images DIR" if tower.inputs[0].role == "image" else "--calib-text FILE"
+    image = tower.inputs[0].role == "image"
+    what = "image processor" if image else "tokenizer"
     return (
-        f"the {tower.name} tower is calibrated on SYNTHETIC random inputs ({samples} samples): "
-        f"a fallback that can misplace the int8 ranges; pass {flag} with real data"
+        f"the {tower.name} tower is calibrated on SYNTHETIC random inputs ({samples} samples): the model has no {what} saved with it "
+        f"that makes vlmopt's built-in {'photos' if image else 'text'} into its input, and random inputs can misplace the int8 ranges; "
+        "re-export from a checkpoint that ships one"
     )
 
 

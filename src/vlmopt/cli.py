@@ -272,7 +272,7 @@ def _report_stage(stage: Any, result: Any, as_json: bool) -> None:
     if sizes:
         out.print("size: " + "; ".join(f"{t} {before / 2**20:.1f} MB -> {after / 2**20:.1f} MB ({after / before:.0%})" for t, before, after in sizes))
     for renderable in stage.describe(artifact):
-        out.print(renderable)
+        out.print(renderable, soft_wrap=isinstance(renderable, str))  # a line stays one line, for grep and CI logs
 
 
 def _grouped_outputs(outputs: dict[str, Any]) -> list[tuple[str, Any]]:

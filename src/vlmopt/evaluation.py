@@ -1,7 +1,7 @@
 """Evaluation data: the real samples every verification runs on.
 
 Built in (`vlmopt/data/`, see its README for sources and licences): 88 sentences in 13 languages,
-32 query/passage pairs, 16 class prompts and 10 photos. The user adds their own with
+40 query/passage pairs with 24 hard negatives, 16 class prompts and 10 photos. The user adds their own with
 `--eval-images DIR` and `--eval-text FILE`. Everything goes through the model's own saved tokenizer
 and image processor, so the verification sees what a deployment sees. A tower for which the model has
 no tokenizer or image processor is verified on synthetic inputs only, and the record says why.
@@ -45,8 +45,11 @@ def builtin_captions() -> list[str]:
 
 
 def builtin_retrieval() -> tuple[list[str], list[str]]:
+    """(queries, passages): passage i answers query i; after them come the hard negatives, passages that answer no query
+    (near duplicates of an answer with the fact the query asks for changed, or on a neighbouring topic), so that a
+    variant whose embeddings drift cannot keep every top-1."""
     rows = [json.loads(line) for line in builtin("retrieval.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [r["query"] for r in rows], [r["document"] for r in rows]
+    return [r["query"] for r in rows], [r["document"] for r in rows] + [n for r in rows for n in r.get("negatives", [])]
 
 
 @dataclass

@@ -160,12 +160,22 @@ def load_model(
         raise
     except Exception as exc:
         raise VlmoptError(f"cannot load weights from {source}: {_first_line(exc)}") from exc
-    missing = info.get("missing_keys") or []
+    missing = sorted(info.get("missing_keys") or [])
     if missing:
-        shown = ", ".join(sorted(missing)[:3])
-        raise VlmoptError(
-            f"weights in {source} do not match its config: {len(missing)} tensors missing (e.g. {shown}); the checkpoint is incomplete or corrupt"
-        )
+        unused = unused_parameters(model.eval(), family, config, Path(name) if local else None)
+        needed = [key for key in missing if key not in unused]
+        if needed:
+            shown = ", ".join(needed[:3])
+            raise VlmoptError(
+                f"weights in {source} do not match its config: {len(needed)} tensors that its exported outputs use are missing (e.g. {shown}); "
+                "the checkpoint is incomplete or corrupt"
+            )
+        if (name, tuple(missing)) not in _warned_unused:
+            _warned_unused.add((name, tuple(missing)))
+            log.warning(
+                f"{source} lacks {len(missing)} tensors that no exported output uses ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): "
+                "they are left as initialized and never run"
+            )
     return model.eval()
 
 
@@ -177,6 +187,37 @@ def _supports_sdpa(model_class: Any, config: Any) -> bool:
     except KeyError:
         return True
     return bool(getattr(concrete, "_supports_sdpa", True))
+
+
+#: (checkpoint, missing tensors) already warned about, so one command warns once
+_warned_unused: set[tuple[str, tuple[str, ...]]] = set()
+
+
+def unused_parameters(model: Any, family: Family, config: Any, folder: Path | None) -> set[str]:
+    """The parameters no output of the family's towers depends on: those that get no gradient when every tower's
+    outputs are back-propagated from small synthetic inputs (a BERT's pooler under mean pooling). A generative
+    family's parts are not checked (every tensor counts as used)."""
+    import torch
+
+    from vlmopt.inputs import make_inputs, verification_sizes
+
+    if family.generative:
+        return set()
+    params = dict(model.named_parameters())
+    used: set[str] = set()
+    for tower in family.towers(config, folder):
+        module = tower.wrap(model)
+        model.zero_grad(set_to_none=True)
+        feed = make_inputs(tower, verification_sizes(tower)[0], seed=0)
+        with torch.enable_grad():
+            outputs = module(*[torch.from_numpy(feed[spec.name]) for spec in tower.inputs])
+            outputs = outputs if isinstance(outputs, tuple | list) else (outputs,)
+            total = sum(o.float().sum() for o in outputs if torch.is_tensor(o) and o.is_floating_point() and o.requires_grad)
+            if torch.is_tensor(total):
+                total.backward()
+        used |= {n for n, p in params.items() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return set(params) - used
 
 
 def placeholder_tokenizer(tokenizer: object) -> bool:

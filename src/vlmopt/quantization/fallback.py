@@ -300,41 +300,19 @@ def sensitivity(splicer: Splicer, feeds: list[dict[str, np.ndarray]], threads: i
 
 
 # -- budget ------------------------------------------------------------------------------------------------------
-def parse_budget(text: str | None) -> tuple[float, bool] | None:
-    """`--fallback-budget` as (number, is a share), checked; None when not given."""
-    text = (text or "").strip()
-    if not text:
-        return None
-    share = text.endswith("%")
-    try:
-        number = float(text[:-1]) if share else int(text)
-    except ValueError:
-        raise VlmoptError(f"--fallback-budget takes a count of layers (12) or a share of them (25%), got '{text}'") from None
-    if not number > 0:
-        raise VlmoptError(f"--fallback-budget {text} keeps nothing in fp32: --fallback could not change anything; give at least 1")
-    if share and number >= 100:
-        raise VlmoptError(f"--fallback-budget {text} leaves nothing to quantize; give a share below 100%")
-    return number, share
+def check_budget(fallback: bool, share: float | None) -> None:
+    """The `--fallback-budget` rule both stages share: it bounds the fallback, so it needs one."""
+    if share is not None and not fallback:
+        raise VlmoptError("--fallback-budget bounds the fallback, and --no-fallback turns it off; drop one of them")
 
 
-def check_budget(fallback: bool, text: str | None) -> None:
-    """The `--fallback-budget` rules both stages share: only with --fallback, and a count or share that keeps something."""
-    if text is not None and not fallback:
-        raise VlmoptError("--fallback-budget limits --fallback; add --fallback or drop it")
-    parse_budget(text)
+def layer_budget(share: float | None, layers: int) -> int:
+    """The most layers the fallback may keep out of a tower's `layers` quantized ones: `share` of them (the default
+    budget when None), rounded down, and never all of them (that would be the fp32 graph under another name)."""
+    from vlmopt.options import FALLBACK_BUDGET
 
-
-def layer_budget(text: str | None, tower: str, layers: int) -> int:
-    """The most layers `--fallback` may keep out of a tower's `layers` quantized ones (all but one by default).
-    Raises VlmoptError for a budget that leaves nothing of the tower quantized."""
-    parsed = parse_budget(text)
-    if parsed is None:
-        return max(layers - 1, 0)
-    number, share = parsed
-    count = int(layers * number / 100) if share else int(number)
-    if count >= layers:
-        raise VlmoptError(f"--fallback-budget {text} leaves nothing to quantize: the {tower} tower has {layers} quantizable layers; keep fewer in fp32")
-    return max(count, 1)
+    share = FALLBACK_BUDGET if share is None else share
+    return max(0, min(int(layers * share + 1e-9), layers - 1))
 
 
 # -- search ----------------------------------------------------------------------------------------------------
@@ -359,6 +337,8 @@ class Result:
     steps: list[Step] = field(default_factory=list)
     evaluations: int = 0
     seconds: float = 0.0
+    #: why the search stopped before it found the fewest layers (None: it did not)
+    stopped: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -367,16 +347,21 @@ class Result:
 
 
 def search(
-    splicer: Splicer,
+    splicer: Any,
     evaluate: Callable[[Any], np.ndarray],
     threshold: float,
     ranking: list[tuple[str, float]],
     max_kept: int | None = None,
     full_errors: np.ndarray | None = None,
     say: Callable[[str], None] = lambda message: None,
+    seconds: float | None = None,
 ) -> Result:
-    """The fewest of the ranked nodes to keep in fp32 for min cosine >= `threshold` (errors are 1 - cosine per sample),
-    at most `max_kept`; when none passes, the best value seen and at which count."""
+    """The fewest of the ranked nodes to keep out of int8 for min cosine >= `threshold` (errors are 1 - cosine per
+    sample), at most `max_kept`; when none passes, the best value seen and at which count.
+
+    It stops early where it cannot succeed: the most the budget allows (`max_kept` nodes) is tried first, and when
+    that misses the gate no smaller set is tried. After `seconds` it stops too, with the smallest passing set found
+    so far, or none (`Result.stopped` says why)."""
     started = time.perf_counter()
     full = evaluate(splicer.quantized) if full_errors is None else full_errors
     evaluations = int(full_errors is None)
@@ -386,12 +371,17 @@ def search(
 
     result = Result(value(full) >= threshold, [], value(full), value(full), len(splicer.candidates), ranking)
     result.steps.append(Step(0, value(full), result.passed, "fully quantized"))
-    if result.passed:
-        result.evaluations, result.seconds = evaluations, time.perf_counter() - started
-        return result
     order = [n for n, _ in ranking]
     limit = min(len(order) if max_kept is None else max_kept, len(order))
     cache: dict[int, float] = {0: value(full)}
+
+    def finish(passed: bool, kept: int, stopped: str | None = None) -> Result:
+        result.passed, result.kept, result.value, result.stopped = passed, order[:kept], cache[kept], stopped
+        result.evaluations, result.seconds = evaluations, time.perf_counter() - started
+        return result
+
+    if result.passed:
+        return finish(True, 0)
 
     def passes(k: int, phase: str) -> bool:
         nonlocal evaluations
@@ -399,24 +389,29 @@ def search(
             cache[k] = value(evaluate(splicer.revert(order[:k])))
             evaluations += 1
             result.steps.append(Step(k, cache[k], cache[k] >= threshold, phase))
-            say(f"keeping {k} layers in fp32: cosine min {cache[k]:.5f}")
+            say(f"keeping {k} layers out of int8: cosine min {cache[k]:.5f}")
         return cache[k] >= threshold
 
-    low, high, k = 0, None, 1
-    while k <= limit:
+    def out_of_time() -> bool:
+        return seconds is not None and time.perf_counter() - started > seconds
+
+    if limit == 0:
+        return finish(False, 0, "the budget keeps no layer")
+    if not passes(limit, "budget"):
+        best = max(cache, key=lambda j: cache[j])
+        return finish(False, best, f"the budget's {limit} layers reach {cache[limit]:.6f}, below {threshold:.6f}: no smaller set can pass")
+    low, high, k = 0, limit, 1
+    while k < high:
+        if out_of_time():
+            return finish(True, high, f"stopped after {seconds:g} s")
         if passes(k, "double"):
             high = k
             break
         low = k
-        if k == limit:
-            break
-        k = min(2 * k, limit)
-    if high is None:
-        best = max(cache, key=lambda j: cache[j])
-        result.kept, result.value = order[:best], cache[best]
-        result.evaluations, result.seconds = evaluations, time.perf_counter() - started
-        return result
+        k *= 2
     while high - low > 1:
+        if out_of_time():
+            return finish(True, high, f"stopped after {seconds:g} s")
         middle = (low + high) // 2
         if passes(middle, "bisect"):
             high = middle
@@ -424,7 +419,7 @@ def search(
             low = middle
     kept, reached = order[:high], cache[high]
     for name in reversed(order[:high]):
-        if len(kept) <= 1:
+        if len(kept) <= 1 or out_of_time():
             break
         trial = [n for n in kept if n != name]
         trial_value = value(evaluate(splicer.revert(trial)))
@@ -462,6 +457,7 @@ def layer_costs(splicer: Splicer, kept: Sequence[str], feed: dict[str, np.ndarra
     fully quantized graph (ms, ONNX Runtime's profiler, same feed). A slice node shared by several kept nodes (the
     DynamicQuantizeLinear of q/k/v's common input) is split between them, and counted only when the fallback graph
     no longer runs it. Kernel times on a busy machine are noisy; their order follows the layers' FLOPs."""
+    parent = _profile(splicer.fp32, feed, runs, threads)
     full = _profile(splicer.quantized, feed, runs, threads)
     mixed = _profile(splicer.revert(kept), feed, runs, threads)
     owners: dict[str, int] = {}
@@ -472,5 +468,37 @@ def layer_costs(splicer: Splicer, kept: Sequence[str], feed: dict[str, np.ndarra
     for name in kept:
         quantized = sum(full.get(m.name, 0.0) / owners[m.name] for m in splicer.slices[name].nodes if m.name not in mixed)
         fp32 = mixed.get(name, 0.0)
-        layers[name] = {"fp32_ms": round(fp32 / 1e3, 4), "quantized_ms": round(quantized / 1e3, 4), "cost_ms": round((fp32 - quantized) / 1e3, 4)}
-    return {"layers": layers, "total_quantized_ms": round(sum(full.values()) / 1e3, 3), "total_with_fallback_ms": round(sum(mixed.values()) / 1e3, 3)}
+        layers[name] = {"kept_ms": round(fp32 / 1e3, 4), "quantized_ms": round(quantized / 1e3, 4), "cost_ms": round((fp32 - quantized) / 1e3, 4)}
+    return {
+        "layers": layers,
+        "total_fp32_ms": round(sum(parent.values()) / 1e3, 3),
+        "total_quantized_ms": round(sum(full.values()) / 1e3, 3),
+        "total_with_fallback_ms": round(sum(mixed.values()) / 1e3, 3),
+    }
+
+
+class SpliceBackend:
+    """`vlmopt.quantization.accuracy`'s view of an ONNX Runtime graph: kept layers are spliced back in fp32."""
+
+    tier = "fp32"
+
+    def __init__(self, splicer: Splicer, threads: int | None = None) -> None:
+        self.splicer = splicer
+        self.quantized = splicer.quantized
+        self.candidates = splicer.candidates
+        self.threads = threads
+
+    def revert(self, kept: list[str]) -> Any:
+        return self.splicer.revert(kept)
+
+    def op_type(self, layer: str) -> str:
+        return self.splicer.slices[layer].op_type
+
+    def ranking(self, feeds: list[dict[str, np.ndarray]]) -> list[tuple[str, float]]:
+        return sensitivity(self.splicer, feeds, self.threads)
+
+    def errors(self, reference: list[dict[str, np.ndarray]], feeds: list[dict[str, np.ndarray]]) -> Callable[[Any], np.ndarray]:
+        return cosine_errors(reference, feeds, self.threads)
+
+    def costs(self, model: Any, kept: list[str], feed: dict[str, np.ndarray]) -> dict[str, Any]:
+        return layer_costs(self.splicer, kept, feed, threads=self.threads)

@@ -192,6 +192,23 @@ def _layer_time(layer: str, times: dict[str, tuple[str, float]]) -> float | None
     return sum(found) if found else None
 
 
+def timed(model: Any, feed: dict[str, np.ndarray], compile_model: Callable[[Any], Any], runs: int = 10) -> dict[str, tuple[str, float]]:
+    """{node: (type, median ms)} from OpenVINO's per-layer counters over `runs` (after 2 warm-up runs)."""
+    compiled = compile_model(model)
+    request = compiled.create_infer_request()
+    names = {name for port in compiled.inputs for name in port.get_names()}
+    f = {k: v for k, v in feed.items() if k in names}
+    per: dict[str, list[float]] = {}
+    kinds: dict[str, str] = {}
+    for i in range(2 + runs):
+        request.infer(f)
+        if i >= 2:
+            for info in request.profiling_info:
+                per.setdefault(info.node_name, []).append(info.real_time.total_seconds() * 1e3)
+                kinds[info.node_name] = info.node_type
+    return {k: (kinds[k], float(np.median(v))) for k, v in per.items()}
+
+
 def layer_costs(
     quantized: Any, fallback: Any, kept: list[str], feed: dict[str, np.ndarray], compile_model: Callable[[Any], Any], runs: int = 10
 ) -> dict[str, Any]:
@@ -199,29 +216,54 @@ def layer_costs(
     (ms, OpenVINO's per-layer performance counters, same feed, median of `runs`; `compile_model` must set
     PERF_COUNT), and both models' summed layer times."""
 
-    def timed(model: Any) -> dict[str, tuple[str, float]]:
-        compiled = compile_model(model)
-        request = compiled.create_infer_request()
-        names = {name for port in compiled.inputs for name in port.get_names()}
-        f = {k: v for k, v in feed.items() if k in names}
-        per: dict[str, list[float]] = {}
-        kinds: dict[str, str] = {}
-        for i in range(2 + runs):
-            request.infer(f)
-            if i >= 2:
-                for info in request.profiling_info:
-                    per.setdefault(info.node_name, []).append(info.real_time.total_seconds() * 1e3)
-                    kinds[info.node_name] = info.node_type
-        return {k: (kinds[k], float(np.median(v))) for k, v in per.items()}
-
-    full, mixed = timed(quantized), timed(fallback)
+    full, mixed = timed(quantized, feed, compile_model, runs), timed(fallback, feed, compile_model, runs)
     layers = {}
     for name in kept:
         before, after = _layer_time(name, full), _layer_time(name, mixed)
         if before is not None and after is not None:
-            layers[name] = {"float_ms": round(after, 4), "quantized_ms": round(before, 4), "cost_ms": round(after - before, 4)}
+            layers[name] = {"kept_ms": round(after, 4), "quantized_ms": round(before, 4), "cost_ms": round(after - before, 4)}
     return {
         "layers": layers,
         "total_quantized_ms": round(sum(t for _, t in full.values()), 3),
         "total_with_fallback_ms": round(sum(t for _, t in mixed.values()), 3),
     }
+
+
+class IgnoredScopeBackend:
+    """`vlmopt.quantization.accuracy`'s view of an NNCF int8 model: kept layers go into NNCF's ignored scope and the
+    model is quantized again (`Requantizer`), so the model shipped is the model measured."""
+
+    def __init__(
+        self,
+        quantized: Any,
+        original: Any,
+        quantize: Callable[[list[str]], Any],
+        compile_model: Callable[[Any], Any],
+        profiled: Callable[[Any], Any],
+        tier: str,
+    ) -> None:
+        self.probe = FakeQuantizeProbe(quantized)
+        self.requantizer = Requantizer(quantized, self.probe.candidates, quantize)
+        self.quantized = quantized
+        self.original = original
+        self.candidates = self.probe.candidates
+        self.compile_model = compile_model
+        self.profiled = profiled
+        self.tier = tier
+
+    def revert(self, kept: list[str]) -> Any:
+        return self.requantizer.revert(kept)
+
+    def op_type(self, layer: str) -> str:
+        return self.probe.op_types[layer]
+
+    def ranking(self, feeds: list[dict[str, np.ndarray]]) -> list[tuple[str, float]]:
+        return sensitivity(self.probe, feeds, self.compile_model)
+
+    def errors(self, reference: list[dict[str, np.ndarray]], feeds: list[dict[str, np.ndarray]]) -> Callable[[Any], np.ndarray]:
+        return cosine_errors(reference, feeds, self.compile_model)
+
+    def costs(self, model: Any, kept: list[str], feed: dict[str, np.ndarray]) -> dict[str, Any]:
+        costs = layer_costs(self.quantized, model, kept, feed, self.profiled)
+        costs["total_fp32_ms"] = round(sum(t for _, t in timed(self.original, feed, self.profiled).values()), 3)
+        return costs

@@ -35,21 +35,29 @@ from typing import Any
 import numpy as np
 from rich.markup import escape
 
-from vlmopt.calibration import calibration_feeds, load_calibration, sample_count, synthetic_warning
+from vlmopt.calibration import calibration_feeds, calibration_source, load_calibration, sample_count, synthetic_warning
 from vlmopt.errors import CheckFailed, VlmoptError
 from vlmopt.families import Tower
 from vlmopt.inputs import make_inputs
 from vlmopt.machine import check_openvino_device, require_nncf, require_openvino
 from vlmopt.options import (
+    DEFAULT_MIN_COSINE,
     StageOptions,
+    calib_images_option,
+    calib_samples_option,
+    calib_text_option,
     eval_images_option,
     eval_text_option,
+    fallback_budget_option,
+    fallback_option,
+    fallback_seconds_option,
     min_agreement_option,
     min_cosine_option,
     name_option,
     option,
     source_option,
 )
+from vlmopt.quantization.accuracy import summary
 from vlmopt.quantization.fallback import check_budget
 from vlmopt.records import TowerRecord, Traits, Verification
 from vlmopt.stage import Accepts, Job, Made, Stage, provisional
@@ -93,24 +101,26 @@ class OpenVINOOptions(StageOptions):
     ignored_names: list[str] = option([], "int8/weights: keep these nodes in float (exact names).", separator=None)
     ignored_patterns: list[str] = option([], "int8/weights: keep nodes whose names match these regular expressions in float.", separator=None)
     ignored_types: list[str] = option([], "int8/weights: keep these OpenVINO operation types in float (e.g. Convolution for the patch embedding).")
-    calib_images: str | None = option(None, "int8: a folder of jpg/png images for calibration.", path=True, metavar="DIR")
-    calib_text: str | None = option(None, "int8: a text file, one prompt a line, for calibration.", path=True, metavar="FILE")
-    calib_samples: int = option(64, "int8: calibration samples per tower (NNCF's subset size; synthetic ones too).", minimum=1)
+    calib_images: str | None = calib_images_option("int8")
+    calib_text: str | None = calib_text_option("int8")
+    calib_samples: int = calib_samples_option()
     group_size: int = option(128, "int4-weights: weights per quantization group; -1 for one scale per output channel.", minimum=-1)
     ratio: float = option(1.0, "int4-weights: share of the weights in int4, the rest int8.", minimum=0.0, maximum=1.0, exclusive=("min",))
     symmetric: bool = option(False, "Weight compression: symmetric (no zero point) instead of asymmetric.", flag="--symmetric/--asymmetric")
-    fallback: bool = option(
-        False,
-        "int8: when the cosine gate is missed, keep the fewest most sensitive layers in float (NNCF's ignored scope) until it passes "
-        "(a slower model; cheap with --inference-precision bf16).",
-    )
-    fallback_budget: str | None = option(
-        None, "--fallback: most layers kept in float per tower, a count (12) or a share of the quantized layers (25%).", metavar="N|P%"
-    )
-    min_cosine: float | None = min_cosine_option(0.99)
+    fallback: bool | None = fallback_option("--mode int8")
+    fallback_budget: float | None = fallback_budget_option()
+    fallback_seconds: float = fallback_seconds_option()
+    min_cosine: float | None = min_cosine_option(DEFAULT_MIN_COSINE)
     min_agreement: float | None = min_agreement_option(None)
     eval_images: str | None = eval_images_option()
     eval_text: str | None = eval_text_option()
+
+    @property
+    def accuracy_aware(self) -> bool:
+        """Whether the fallback runs: --fallback/--no-fallback as given, else on for --mode int8 with a cosine gate."""
+        if self.fallback is not None:
+            return self.fallback
+        return self.mode == "int8" and self.min_cosine is not None
 
     @property
     def artifact(self) -> str:
@@ -140,7 +150,9 @@ class OpenVINOOptions(StageOptions):
             raise VlmoptError(f"--symmetric applies to weight compression (int8-weights, int4-weights), not {self.mode}")
         if self.fallback and not int8:
             raise VlmoptError(f"--fallback keeps layers of an NNCF int8 model in float; it applies to --mode int8, not {self.mode}")
-        check_budget(self.fallback, self.fallback_budget)
+        if self.fallback_budget is not None and self.fallback is None and not int8:
+            raise VlmoptError(f"--fallback-budget bounds the fallback of --mode int8, not {self.mode}")
+        check_budget(self.accuracy_aware, self.fallback_budget)
         if self.fallback and self.min_cosine is None:
             raise VlmoptError("--fallback searches for the fewest float layers that meet --min-cosine; give a threshold instead of off")
         if self.group_size == 0:
@@ -401,7 +413,9 @@ class OpenVINO(Stage):
             job.state["ignored"] = {name: Ignored.in_model(options, model) for name, model in job.state["models"].items()}
             check_ignored(options, job.state["ignored"])
         if options.mode == "int8":
-            job.state["calibration_data"] = load_calibration(job.model_dir, job.towers, options.calib_images, options.calib_text, options.calib_samples)
+            job.state["calibration_data"] = load_calibration(
+                job.model_dir, job.towers, options.calib_images, options.calib_text, options.calib_samples, builtin=True
+            )
 
     def make_tower(self, job: Job, tower: str, tmp: Path) -> Made:
         import openvino as ov
@@ -417,7 +431,7 @@ class OpenVINO(Stage):
             if options.mode == "int8":
                 original = model
                 model, details = quantize_int8(original.clone(), samples, options, tower, ignored)
-                if options.fallback:
+                if options.accuracy_aware:
                     model = self._fallback(job, spec, original, model, samples, ignored)
             elif options.mode != "fp32":
                 model, details = compress_weights(model, options, tower, ignored)
@@ -443,62 +457,62 @@ class OpenVINO(Stage):
         return Made(TowerRecord(spec, file, size, engine=meta), work)
 
     def _fallback(self, job: Job, spec: Tower, original: Any, quantized: Any, samples: list[dict[str, np.ndarray]], ignored: Ignored) -> Any:
-        """The fewest most sensitive layers in NNCF's ignored scope for --min-cosine on the gated evaluation data
-        (`vlmopt.quantization.openvino_fallback`); exit 1 with the best found when the budget cannot reach it."""
-        from vlmopt.quantization import fallback
+        """The fewest most sensitive layers in NNCF's ignored scope for --min-cosine on the gated real data, searched on one
+        half and judged on the other (`vlmopt.quantization.accuracy`); exit 1 with the best found when the budget cannot reach it."""
+        from vlmopt.quantization import accuracy
         from vlmopt.quantization import openvino_fallback as ovf
         from vlmopt.runners import OrtRunner
         from vlmopt.runners.openvino_runner import compile_config
         from vlmopt.verification.check import evaluation_sets
 
         options: OpenVINOOptions = job.options
+        assert options.min_cosine is not None
         threads = job.context.thread_count
         meta = {"inference_precision": options.inference_precision, "performance_hint": options.performance_hint}
-        compile_model = ovf.compiler(job.state["core"], options.device, compile_config(meta, threads))
-        feeds = [feed for s in evaluation_sets(spec, job.state.get("data")) if s.gated for feed in s.feeds]
-        with OrtRunner(job.parent_file(spec.name), threads=threads) as parent:
-            reference = [parent.run(feed) for feed in feeds]
-        evaluate = ovf.cosine_errors(reference, feeds, compile_model)
-        full = evaluate(quantized)
-        record: dict[str, Any] = {"needed": bool(1.0 - full.max() < options.min_cosine), "fully_quantized": float(1.0 - full.max())}
-        job.state["fallback"][spec.name] = record
-        if not record["needed"]:
-            return quantized
-        job.say(f"ranking the {spec.name} tower's layers by sensitivity")
-        probe = ovf.FakeQuantizeProbe(quantized)
-        ranking = ovf.sensitivity(probe, feeds, compile_model)
+        core = job.state["core"]
 
         def requantize(kept: list[str]) -> Any:
             scope = Ignored(ignored.names + kept, ignored.patterns, ignored.types)
             return quantize_int8(original.clone(), samples, options, spec.name, scope)[0]
 
-        searcher = ovf.Requantizer(quantized, probe.candidates, requantize)
-        budget = fallback.layer_budget(options.fallback_budget, spec.name, len(probe.candidates))
-        job.say(f"searching the fewest layers of the {spec.name} tower to keep in float")
-        result = fallback.search(searcher, evaluate, options.min_cosine, ranking, max_kept=budget, full_errors=full, say=job.say)
-        top = ", ".join(f"{n} {v:.3g}" for n, v in ranking[:5])
-        if not result.passed:
-            raise CheckFailed(
-                f"{spec.name} tower: --min-cosine {options.min_cosine:g} cannot be reached within a budget of {budget} of {len(probe.candidates)} "
-                f"layers in float; the best cosine min found is {result.value:.6f}, with {len(result.kept)} layers kept in float and the rest int8 "
-                f"(fully int8: {result.full_value:.6f}); most sensitive layers (relative output error when quantized alone): {top}; nothing was written",
-                details={"fallback": {spec.name: result.to_json()}},
+        tier = "float (f32)" if options.inference_precision == "f32" else f"float ({options.inference_precision})"
+        backend = ovf.IgnoredScopeBackend(
+            quantized,
+            original,
+            requantize,
+            ovf.compiler(core, options.device, compile_config(meta, threads)),
+            ovf.compiler(core, options.device, compile_config(meta, threads, profile=True)),
+            tier,
+        )
+        feeds = [feed for s in evaluation_sets(spec, job.state.get("data")) if s.gated for feed in s.feeds]
+        with OrtRunner(job.parent_file(spec.name), threads=threads) as parent:
+            outcome = accuracy.run(
+                spec.name,
+                backend,
+                feeds,
+                lambda feed: {k: np.array(v, copy=True) for k, v in parent.run(feed).items()},
+                options.min_cosine,
+                options.fallback_budget,
+                options.fallback_seconds,
+                job.say,
+                fixed_batch=isinstance(spec.inputs[0].shape[0], int),
+                fixed_sequence=any(isinstance(d, int) for s in spec.inputs if s.role == "input_ids" for d in s.shape[1:]),
             )
-        model = searcher.revert(result.kept)
-        job.say(f"profiling the {spec.name} tower's kept layers")
-        costs = ovf.layer_costs(
-            quantized, model, result.kept, feeds[0], ovf.compiler(job.state["core"], options.device, compile_config(meta, threads, profile=True))
-        )
-        scores = dict(ranking)
-        record.update(
-            reached=result.value,
-            quantized_layers=len(probe.candidates),
-            kept_float=[{"node": n, "op": probe.op_types[n], "sensitivity": scores[n], **costs["layers"].get(n, {})} for n in result.kept],
-            speed={k: v for k, v in costs.items() if k != "layers"} | {"feed": {k: list(v.shape) for k, v in feeds[0].items()}},
-            search={"evaluations": result.evaluations, "seconds": round(result.seconds, 2), "steps": [[s.kept, round(s.value, 6)] for s in result.steps]},
-            top_sensitive=[{"node": n, "op": probe.op_types[n], "sensitivity": round(v, 6)} for n, v in ranking[:15]],
-        )
-        return model
+        state = job.state["fallback"]
+        state.setdefault("gate", {"min_cosine": options.min_cosine, "data": "the gated real data: searched on even rows, judged on odd ones"})
+        state.setdefault("towers", {})[spec.name] = outcome.to_json()
+        state["needed"] = state.get("needed", False) or outcome.needed
+        if not outcome.passed:
+            raise CheckFailed(
+                accuracy.failure(spec.name, outcome, options.min_cosine, "int8")
+                + "; most sensitive layers (relative output error when quantized alone): "
+                + ", ".join(f"{r['node']} {r['sensitivity']:.3g}" for r in outcome.top_sensitive[:5])
+                + "; nothing was written",
+                details={"fallback": dict(state)},
+            )
+        if outcome.needed:
+            job.say(accuracy.summary(spec.name, state["towers"][spec.name]))
+        return outcome.model
 
     def _calibration(self, job: Job, spec: Tower) -> list[dict[str, np.ndarray]]:
         options: OpenVINOOptions = job.options
@@ -506,7 +520,11 @@ class OpenVINO(Stage):
         samples = single_samples(feeds)[: options.calib_samples]
         if origin == "synthetic":
             job.warn(synthetic_warning(spec, len(samples)))
-        job.state["calibration"][spec.name] = {"data": origin, "samples": sample_count(samples)}
+        job.state["calibration"][spec.name] = {
+            "data": origin,
+            "source": calibration_source(spec, job.state["calibration_data"]) or "random inputs",
+            "samples": sample_count(samples),
+        }
         return samples
 
     def verify(self, job: Job, tmp: Path, towers: dict[str, TowerRecord]) -> Verification | None:
@@ -568,19 +586,11 @@ class OpenVINO(Stage):
             requested = artifact.towers[tower].engine.get("inference_precision") if artifact.towers[tower].engine else None
             lines.append(f"ran ({tower}): inference precision {executed['inference_precision']} (asked: {requested}); {escape(compute)}")
         for tower, info in (artifact.record.get("calibration") or {}).items():
-            label = "[bold yellow]SYNTHETIC[/]" if info["data"] == "synthetic" else "real"
+            label = "[bold yellow]SYNTHETIC[/]" if info["data"] == "synthetic" else f"real ({escape(info.get('source', 'real'))})"
             lines.append(f"calibration of {tower}: {info['samples']} {label} samples")
-        for tower, info in (artifact.record.get("fallback") or {}).items():
-            if not info["needed"]:
-                lines.append(f"fallback of {tower}: not needed, the fully int8 model passed its gate (cosine min {info['fully_quantized']:.6f})")
-                continue
-            speed = info["speed"]
-            lines.append(
-                f"fallback of {tower}: {len(info['kept_float'])} of {info['quantized_layers']} layers kept in float, cosine min "
-                f"{info['fully_quantized']:.6f} -> {info['reached']:.6f}; layer time {speed['total_quantized_ms']:.1f} -> "
-                f"{speed['total_with_fallback_ms']:.1f} ms per batch"
-            )
-            for layer in info["kept_float"]:
+        for tower, info in ((artifact.record.get("fallback") or {}).get("towers") or {}).items():
+            lines.append(escape(summary(tower, info)))
+            for layer in info.get("kept", []):
                 cost = f", costs {layer['cost_ms']:+.2f} ms" if "cost_ms" in layer else ""
                 lines.append(f"  kept: {escape(layer['node'])} ({layer['op']}, sensitivity {layer['sensitivity']:.3g}{cost})")
         return lines

@@ -28,12 +28,19 @@ import numpy as np
 from rich.markup import escape
 
 from vlmopt import graph
-from vlmopt.calibration import calibration_feeds, load_calibration, sample_count, synthetic_warning
+from vlmopt.calibration import calibration_feeds, calibration_source, load_calibration, sample_count, synthetic_warning
 from vlmopt.errors import CheckFailed, VlmoptError
 from vlmopt.options import (
+    DEFAULT_MIN_COSINE,
     StageOptions,
+    calib_images_option,
+    calib_samples_option,
+    calib_text_option,
     eval_images_option,
     eval_text_option,
+    fallback_budget_option,
+    fallback_option,
+    fallback_seconds_option,
     max_ppl_increase_option,
     min_agreement_option,
     min_cosine_option,
@@ -42,6 +49,7 @@ from vlmopt.options import (
     option,
     source_option,
 )
+from vlmopt.quantization.accuracy import summary
 from vlmopt.quantization.fallback import check_budget
 from vlmopt.quantization.int4 import DATA_AWARE, KEEP_PRECISIONS, METHODS
 from vlmopt.quiet import quiet_onnxruntime_tools
@@ -65,6 +73,8 @@ QUANTIZED_OPS = {
 }
 #: modes whose graphs a fallback can splice back to fp32 layer by layer
 FALLBACK_MODES = ("int8-dynamic", "int8-static", "int8-weights", "int4")
+#: modes the fallback is on for unless --no-fallback (issue 23): the int8 ones; int4 asks for it
+FALLBACK_DEFAULT_MODES = ("int8-dynamic", "int8-static", "int8-weights")
 #: layers listed in a failure's sensitivity report
 SENSITIVITY_SHOWN = 15
 TARGETS = ("cpu", "tensorrt")
@@ -95,9 +105,9 @@ class QuantizeOptions(StageOptions):
     target: str = option("cpu", "cpu, or tensorrt: symmetric INT8 Q/DQ on MatMul/Gemm only, float bias.", choices=TARGETS)
     per_channel: bool = option(True, "INT8 weights with one scale per output channel (default), or one per tensor.", flag="--per-channel/--per-tensor")
     reduce_range: bool = option(False, "7-bit INT8 weights (always on for --target cpu where this CPU has no VNNI: its int8 sums saturate).")
-    calib_images: str | None = option(None, "int8-static: a folder of jpg/png images for calibration.", path=True, metavar="DIR")
-    calib_text: str | None = option(None, "int8-static: a text file, one prompt a line, for calibration.", path=True, metavar="FILE")
-    calib_samples: int = option(32, "Most calibration samples per tower (synthetic ones too).", minimum=1)
+    calib_images: str | None = calib_images_option("int8-static")
+    calib_text: str | None = calib_text_option("int8-static")
+    calib_samples: int = calib_samples_option()
     calib_method: str = option("minmax", "int8-static range estimation: minmax, entropy or percentile.", choices=CALIBRATION_METHODS)
     percentile: float = option(99.999, "Percentile for --calib-method percentile.", minimum=90.0, maximum=100.0, exclusive=("max",))
     part: list[str] = option(
@@ -111,10 +121,9 @@ class QuantizeOptions(StageOptions):
     nodes: list[str] = option([], "Only quantize these nodes (by name).")
     exclude_nodes: list[str] = option([], "Never quantize these nodes (by name).")
     keep_io_types: bool = option(True, "fp16: keep graph inputs and outputs fp32.", flag="--keep-io-types/--fp16-io")
-    fallback: bool = option(False, "When the gate is missed, keep the fewest most sensitive layers in fp32 until it passes (a slower graph).")
-    fallback_budget: str | None = option(
-        None, "--fallback: most layers kept in fp32 per tower, a count (12) or a share of the quantized layers (25%).", metavar="N|P%"
-    )
+    fallback: bool | None = fallback_option(", ".join(FALLBACK_DEFAULT_MODES))
+    fallback_budget: float | None = fallback_budget_option()
+    fallback_seconds: float = fallback_seconds_option()
     method: str = option(
         "rtn",
         "--part decoder=int4: how the int4 weights are chosen: rtn, gptq (calibrated), hqq, awq (NNCF, calibrated) or auto "
@@ -124,7 +133,7 @@ class QuantizeOptions(StageOptions):
     fallback_precision: str = option(
         "int8", "--part decoder=int4 --fallback: what the kept matrices become, int8 (8-bit MatMulNBits) or fp32.", choices=KEEP_PRECISIONS
     )
-    min_cosine: float | None = min_cosine_option(0.99)
+    min_cosine: float | None = min_cosine_option(DEFAULT_MIN_COSINE)
     min_agreement: float | None = min_agreement_option(None)
     # measured on SmolLM2-135M (README): weight-only int8 0.955 and +0.7 %, int4 0.67 and +33 %
     min_token_agreement: float | None = min_token_agreement_option(0.90)
@@ -189,7 +198,11 @@ class QuantizeOptions(StageOptions):
             raise VlmoptError(f"--per-tensor and --reduce-range apply to int8-dynamic and int8-static, not {self.mode}")
         if self.fallback and self.mode not in FALLBACK_MODES:
             raise VlmoptError(f"--fallback applies to {', '.join(FALLBACK_MODES)}, not {self.mode}")
-        check_budget(self.fallback, self.fallback_budget)
+        if self.fallback_budget is not None and self.fallback is None and not self.accuracy_aware:
+            raise VlmoptError(f"--fallback-budget bounds the fallback, and {self.mode} has none by default; add --fallback or drop it")
+        check_budget(self.accuracy_aware, self.fallback_budget)
+        if self.fallback and self.min_cosine is None:
+            raise VlmoptError("--fallback searches for the fewest layers that meet --min-cosine; give a threshold, or --no-fallback with --min-cosine off")
         if self.mode == "fp16" and self.op_types:
             raise VlmoptError("fp16 converts every op it can; keep some in fp32 with --exclude-op-types or --exclude-nodes instead of --op-types")
         if self.target == "tensorrt" and self.op_types and set(self.op_types) - set(INT8_TENSORRT_OPS):
@@ -199,12 +212,12 @@ class QuantizeOptions(StageOptions):
         if overlap:
             raise VlmoptError(f"{', '.join(sorted(overlap))} is both included and excluded")
 
-    def budget(self, tower: str, layers: int) -> int:
-        """The most layers `--fallback` may keep in fp32 out of a tower's `layers` quantizable ones (all but one by
-        default). Raises VlmoptError for a budget that leaves nothing of the tower quantized."""
-        from vlmopt.quantization.fallback import layer_budget
-
-        return layer_budget(self.fallback_budget, tower, layers)
+    @property
+    def accuracy_aware(self) -> bool:
+        """Whether the fallback runs: --fallback/--no-fallback as given, else on for FALLBACK_DEFAULT_MODES (not for --part)."""
+        if self.fallback is not None:
+            return self.fallback
+        return self.mode in FALLBACK_DEFAULT_MODES and not self.part and self.min_cosine is not None
 
 
 # -- the modes -------------------------------------------------------------------------------
@@ -595,12 +608,10 @@ class Quantize(Stage):
         self._prepare_decoders(job, modes)
         if "int8-static" in modes.values():
             chosen = {name: tower for name, tower in job.towers.items() if modes[name] == "int8-static"}
-            job.state["calibration_data"] = load_calibration(job.model_dir, chosen, options.calib_images, options.calib_text, options.calib_samples)
+            job.state["calibration_data"] = load_calibration(
+                job.model_dir, chosen, options.calib_images, options.calib_text, options.calib_samples, builtin=True
+            )
         job.state["calibration"] = {}
-        if options.fallback:
-            # with --part, --fallback applies to the decoders' int4 MatMuls only
-            for name in job.state["decoders"] if options.part else job.towers:
-                options.budget(name, quantizable_layers(job.parent_file(name), ["MatMul"] if options.part else mode_op_types(options)))
 
     def make_tower(self, job: Job, tower: str, tmp: Path) -> Made:
         options: QuantizeOptions = job.options
@@ -644,7 +655,7 @@ class Quantize(Stage):
         copied = copy_runtime_files(job.parent_dir, job.parent, tmp)  # processor files, genai_config.json: the variant runs where its parent does
         made = {name: self.make_tower(job, name, tmp) for name in job.towers}
         towers = {name: m.tower for name, m in made.items()}
-        job.state["fallback"] = {"needed": False} if options.fallback else None
+        job.state["fallback"] = {"needed": False} if options.accuracy_aware else None
         try:
             verification = self.verify(job, tmp, towers)
         except CheckFailed as failed:
@@ -660,84 +671,67 @@ class Quantize(Stage):
         return StageOutput(towers=towers, traits=self.traits(job, made), record=record, verification=verification)
 
     def _accuracy_aware(self, job: Job, tmp: Path, made: dict[str, Made], failed: CheckFailed) -> Verification:
-        from vlmopt.quantization import fallback
+        """A missed cosine gate: the per-layer sensitivity explains it, and the fallback (on by default for the int8 modes,
+        `vlmopt.quantization.accuracy`) keeps the fewest most sensitive layers in fp32 until it passes."""
+        from vlmopt.quantization import accuracy, fallback
 
         options: QuantizeOptions = job.options
         verification = Verification.from_json(failed.details["verification"])
         missed = [t for t, checks in verification.towers.items() if any(not o.passed for c in checks if c.gated for o in c.outputs.values())]
         threads = job.context.thread_count
-        studies: dict[str, dict[str, Any]] = {}
-        for tower in missed or list(made):
-            job.say(f"ranking the {tower} tower's layers by sensitivity")
-            splicer = fallback.Splicer(_fp32_graph(job.parent_file(tower)), graph.load(tmp / made[tower].tower.file))
-            feeds = self._gate_feeds(job, tower)
-            ranking = fallback.sensitivity(splicer, feeds, threads)
-            studies[tower] = {"splicer": splicer, "feeds": feeds, "ranking": ranking}
-        report = {tower: _sensitivity_json(study["splicer"], study["ranking"]) for tower, study in studies.items()}
-        if not options.fallback or not missed or options.min_cosine is None:
-            hint = "rerun with --fallback to keep the fewest of them in fp32 until the gate passes, or try --mode int8-weights"
-            if options.fallback:
-                hint = "--fallback meets a --min-cosine gate only"
+        backends = {
+            tower: fallback.SpliceBackend(fallback.Splicer(_fp32_graph(job.parent_file(tower)), graph.load(tmp / made[tower].tower.file)), threads)
+            for tower in missed or list(made)
+        }
+        if not options.accuracy_aware or not missed:
+            report = {}
+            for tower, backend in backends.items():
+                job.say(f"ranking the {tower} tower's layers by sensitivity")
+                report[tower] = _sensitivity_json(backend.splicer, backend.ranking(self._gate_feeds(job, tower)))
+            hint = "drop --no-fallback (the fallback is on by default for int8) to keep the fewest of them in fp32, or try --mode int8-weights"
+            if options.mode not in FALLBACK_DEFAULT_MODES:
+                hint = "rerun with --fallback to keep the fewest of them in fp32 until the gate passes, or try --mode int8-weights"
+            if options.accuracy_aware:
+                hint = "the fallback meets a --min-cosine gate only"
             raise CheckFailed(
                 f"{failed.message.removesuffix('; nothing was written')}; {_sensitivity_line(report)}; {hint}; nothing was written",
                 details={**failed.details, "report": {"sensitivity": report}},
             )
-        results = {}
+        assert options.min_cosine is not None
+        outcomes: dict[str, accuracy.TowerFallback] = {}
         for tower in missed:
-            study = studies[tower]
-            splicer, feeds = study["splicer"], study["feeds"]
-            budget = options.budget(tower, len(splicer.candidates))
-            job.say(f"searching the fewest layers of the {tower} tower to keep in fp32")
             with OrtRunner(job.parent_file(tower), threads=threads) as parent:
-                reference = [parent.run(feed) for feed in feeds]
-            evaluate = fallback.cosine_errors(reference, feeds, threads)
-            result = fallback.search(splicer, evaluate, options.min_cosine, study["ranking"], max_kept=budget, say=job.say)
-            results[tower] = result
-            if result.passed:
-                graph.save(splicer.revert(result.kept), tmp / made[tower].tower.file)
-        short = {t: r for t, r in results.items() if not r.passed}
+                outcomes[tower] = accuracy.run(
+                    tower,
+                    backends[tower],
+                    self._gate_feeds(job, tower),
+                    lambda feed, runner=parent: {k: np.array(v, copy=True) for k, v in runner.run(feed).items()},
+                    options.min_cosine,
+                    options.fallback_budget,
+                    options.fallback_seconds,
+                    job.say,
+                    fixed_batch=isinstance(job.towers[tower].inputs[0].shape[0], int),
+                    fixed_sequence=any(isinstance(d, int) for spec in job.towers[tower].inputs if spec.role == "input_ids" for d in spec.shape[1:]),
+                )
+        record: dict[str, Any] = {
+            "needed": any(o.needed for o in outcomes.values()),
+            "gate": {"min_cosine": options.min_cosine, "data": "the gated real data: searched on even rows, judged on odd ones"},
+            "towers": {tower: o.to_json() for tower, o in outcomes.items()},
+        }
+        short = {t: o for t, o in outcomes.items() if not o.passed}
         if short:
-            parts = [
-                f"{t} tower: --min-cosine {options.min_cosine:g} cannot be reached within a budget of {options.budget(t, r.candidates)} of "
-                f"{r.candidates} layers in fp32; the best cosine min found is {r.value:.6f}, with {len(r.kept)} of {r.candidates} layers kept in fp32 "
-                f"and the rest {options.mode} (fully {options.mode}: {r.full_value:.6f})"
-                for t, r in short.items()
-            ]
+            report = {t: o.top_sensitive for t, o in outcomes.items()}
             raise CheckFailed(
-                "; ".join(parts) + f"; {_sensitivity_line(report)}; nothing was written",
-                details={**failed.details, "report": {"sensitivity": report}, "fallback": {t: r.to_json() for t, r in results.items()}},
+                "; ".join(accuracy.failure(t, o, options.min_cosine, options.mode) for t, o in short.items())
+                + f"; {_sensitivity_line(report)}; nothing was written",
+                details={**failed.details, "report": {"sensitivity": report}, "fallback": record},
             )
-        record: dict[str, Any] = {"needed": True, "gate": {"min_cosine": options.min_cosine, "data": "the gated evaluation data"}, "towers": {}}
-        for tower, result in results.items():
-            splicer = studies[tower]["splicer"]
-            job.say(f"profiling the {tower} tower's kept layers")
-            costs = fallback.layer_costs(splicer, result.kept, studies[tower]["feeds"][0], threads=threads) if result.kept else {"layers": {}}
-            feed = studies[tower]["feeds"][0]
-            record["towers"][tower] = {
-                "fully_quantized": result.full_value,
-                "reached": result.value,
-                "quantized_layers": result.candidates,
-                "kept_fp32": [
-                    {
-                        "node": n,
-                        "op": splicer.slices[n].op_type,
-                        "sensitivity": dict(result.ranking)[n],
-                        "weights": splicer.weight_size(n),
-                        **costs["layers"].get(n, {}),
-                    }
-                    for n in result.kept
-                ],
-                "speed": {k: v for k, v in costs.items() if k != "layers"} | {"feed": {k: list(v.shape) for k, v in feed.items()}},
-                "search": {
-                    "evaluations": result.evaluations,
-                    "seconds": round(result.seconds, 2),
-                    "steps": [[s.kept, round(s.value, 6)] for s in result.steps],
-                },
-                "top_sensitive": report[tower][:SENSITIVITY_SHOWN],
-            }
+        for tower, outcome in outcomes.items():
             file = made[tower].tower.file
+            graph.save(outcome.model, tmp / file)
             made[tower].tower.size = graph.weight_bytes(tmp, file)
             made[tower].work.update(self._graph_facts(tmp / file))
+            job.say(accuracy.summary(tower, record["towers"][tower]))
         job.state["fallback"] = record
         job.say("verifying the variant with its fp32 layers")
         return self.verify(job, tmp, {name: m.tower for name, m in made.items()})
@@ -850,7 +844,7 @@ class Quantize(Stage):
                 seen.append(scores)
                 return np.array([-int4.margin(scores, *gates)])
 
-            budget = options.budget(tower, len(splicer.candidates))
+            budget = fallback.layer_budget(options.fallback_budget, len(splicer.candidates))
             job.say(f"searching the fewest matrices of the {tower} part to keep at {options.fallback_precision}")
             result = fallback.search(keeper, evaluate, 1.0, ranking, max_kept=budget, say=job.say)
             full = seen[0]  # every evaluation adds one step, the fully int4 graph first
@@ -915,7 +909,12 @@ class Quantize(Stage):
         samples = sample_count(feeds)
         if origin == "synthetic":
             job.warn(synthetic_warning(spec, samples))
-        job.state["calibration"][tower] = {"data": origin, "samples": samples, "method": options.calib_method}
+        job.state["calibration"][tower] = {
+            "data": origin,
+            "source": calibration_source(spec, job.state["calibration_data"]) or "random inputs",
+            "samples": samples,
+            "method": options.calib_method,
+        }
         return feeds
 
     def verify(self, job: Job, tmp: Path, towers: dict[str, TowerRecord]) -> Verification | None:
@@ -951,7 +950,7 @@ class Quantize(Stage):
             for tower, issue in artifact.traits.tensorrt_issues.items():
                 lines.append(f"TensorRT (strongly typed): {tower} " + ("[green]ready[/]" if issue is None else f"[red]not ready[/]: {escape(issue)}"))
         for tower, info in (artifact.record.get("calibration") or {}).items():
-            label = "[bold yellow]SYNTHETIC[/]" if info["data"] == "synthetic" else "real"
+            label = "[bold yellow]SYNTHETIC[/]" if info["data"] == "synthetic" else f"real ({escape(info.get('source', 'real'))})"
             lines.append(f"calibration of {tower}: {info['samples']} {label} samples, {info['method']}")
         for tower, work in (artifact.record.get("towers") or {}).items():
             lines += _decoder_lines(tower, work.get("quantization") or {})
@@ -961,13 +960,9 @@ class Quantize(Stage):
                 lines += _decoder_fallback_lines(tower, info)
             return lines
         for tower, info in (fallback.get("towers") or {}).items():
-            kept = info["kept_fp32"]
-            speed = info.get("speed", {})
-            lines.append(
-                f"fallback of {tower}: {len(kept)} of {info['quantized_layers']} layers kept in fp32, cosine min {info['fully_quantized']:.6f} -> "
-                f"{info['reached']:.6f}; kernel time {speed.get('total_quantized_ms', 0):.1f} -> {speed.get('total_with_fallback_ms', 0):.1f} ms per batch"
-            )
-            lines.append(_sensitivity_table(tower, info["top_sensitive"], {k["node"]: k for k in kept}))
+            lines.append(escape(summary(tower, info)))
+            if info.get("needed"):
+                lines.append(_sensitivity_table(tower, info["top_sensitive"], {k["node"]: k for k in info["kept"]}))
         if fallback and not fallback.get("needed", True):
             lines.append("fallback: not needed, the fully quantized variant passed its gates")
         return lines
@@ -1115,7 +1110,15 @@ def _sensitivity_table(tower: str, rows: list[dict[str, Any]], kept: dict[str, d
     for rank, row in enumerate(rows[:SENSITIVITY_SHOWN], 1):
         info = kept.get(row["node"]) if isinstance(kept, dict) else None
         cost = f"{info['cost_ms']:.2f}" if info and "cost_ms" in info else ""
-        table.add_row(str(rank), escape(row["node"]), row["op"], f"{row['sensitivity']:.4g}", f"{row['weights']:,}", "yes" if row["node"] in kept else "", cost)
+        table.add_row(
+            str(rank),
+            escape(row["node"]),
+            row["op"],
+            f"{row['sensitivity']:.4g}",
+            f"{row['weights']:,}" if "weights" in row else "",
+            "yes" if row["node"] in kept else "",
+            cost,
+        )
     return table
 
 

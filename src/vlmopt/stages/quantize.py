@@ -844,7 +844,9 @@ class Quantize(Stage):
                 seen.append(scores)
                 return np.array([-int4.margin(scores, *gates)])
 
-            budget = fallback.layer_budget(options.fallback_budget, len(splicer.candidates))
+            # kept matrices stay 8-bit (not fp32) by default: all but one may stay unless --fallback-budget says less
+            share = 1.0 if options.fallback_budget is None else options.fallback_budget
+            budget = fallback.layer_budget(share, len(splicer.candidates))
             job.say(f"searching the fewest matrices of the {tower} part to keep at {options.fallback_precision}")
             result = fallback.search(keeper, evaluate, 1.0, ranking, max_kept=budget, say=job.say)
             full = seen[0]  # every evaluation adds one step, the fully int4 graph first

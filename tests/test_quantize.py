@@ -267,11 +267,13 @@ def test_tensorrt_int8_has_no_int32_dequantization_of_a_quantized_bias(tower: st
 
 
 @pytest.mark.parametrize("tower", CLIP_TOWERS)
-def test_tensorrt_int8_feeds_every_matmul_both_inputs_through_dequantizelinear(tower: str, variants: tuple[Path, dict[str, Result]]) -> None:
+def test_tensorrt_int8_feeds_every_matmul_the_fallback_kept_no_other_way_through_dequantizelinear(tower: str, variants: tuple[Path, dict[str, Result]]) -> None:
     model = _graph(variants[0], "int8-static-trt", tower)
     producers = {out: node for node in model.graph.node for out in node.output}
+    fallback = manifest(variants[0])["artifacts"]["int8-static-trt"]["record"].get("fallback") or {}
+    kept = {k["node"] for k in (fallback.get("towers") or {}).get(tower, {}).get("kept", [])}
 
-    matmuls = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
+    matmuls = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.name not in kept]
     assert matmuls
     for node in matmuls:
         assert [producers[i].op_type for i in node.input[:2]] == ["DequantizeLinear"] * 2, node.name
@@ -471,6 +473,23 @@ def test_entropy_calibration_chooses_other_ranges_than_minmax(variants: tuple[Pa
         return {n.name: float(numpy_helper.to_array(initializers[n.input[1]])) for n in model.graph.node if n.op_type == "QuantizeLinear"}
 
     assert scales("int8-entropy") != scales("int8-static")
+
+
+def test_percentile_calibration_on_the_built_in_data_chooses_other_ranges_than_minmax(
+    variants: tuple[Path, dict[str, Result]], copy_model_dir: Callable[[Path], Path]
+) -> None:
+    model_dir = copy_model_dir(variants[0])
+
+    vlmopt_json(
+        "quantize", model_dir, "--mode", "int8-static", "--calib-method", "percentile", "--percentile", "99.9", "--name", "int8-pct", "--min-cosine", "0.9"
+    )
+
+    def scales(artifact: str) -> dict[str, float]:
+        model = _graph(model_dir, artifact, "text")
+        initializers = {i.name: i for i in model.graph.initializer}
+        return {n.name: float(numpy_helper.to_array(initializers[n.input[1]])) for n in model.graph.node if n.op_type == "QuantizeLinear"}
+
+    assert scales("int8-pct") != scales("int8-static")
 
 
 # -- thresholds: exit 1 and nothing written ---------------------------------------------------------

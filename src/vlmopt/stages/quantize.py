@@ -326,8 +326,8 @@ def int8_static(source: Path, destination: Path, options: QuantizeOptions, feeds
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[options.calib_method]
     with _prepared(source) as prepared, tempfile.TemporaryDirectory(prefix="vlmopt-calibration-") as scratch:
         cache = None
-        if options.calib_method == "entropy":
-            cache = _entropy_ranges(prepared, op_types, feeds, Path(scratch), symmetric=tensorrt)
+        if options.calib_method in ("entropy", "percentile"):
+            cache = _histogram_ranges(prepared, op_types, feeds, Path(scratch), options, symmetric=tensorrt)
         quantize_static(
             prepared,
             destination,
@@ -357,24 +357,31 @@ def int8_static(source: Path, destination: Path, options: QuantizeOptions, feeds
     }
 
 
-def _entropy_ranges(model: Path, op_types: list[str], feeds: list[dict[str, np.ndarray]], scratch: Path, symmetric: bool) -> Path:
-    """KL-divergence (entropy) ranges over a 2048-bin histogram, saved as a calibration cache for `quantize_static`.
+def _histogram_ranges(model: Path, op_types: list[str], feeds: list[dict[str, np.ndarray]], scratch: Path, options: QuantizeOptions, symmetric: bool) -> Path:
+    """Entropy (KL divergence) or percentile ranges over a 2048-bin histogram, saved as a calibration cache for
+    `quantize_static`.
 
     `quantize_static` builds its entropy calibrator with 128 bins and 128 quantized bins, which leaves one
     candidate threshold, the full range: exactly minmax. ONNX Runtime's own calibrator with TensorRT's
-    histogram size (2048 bins) gives real entropy thresholds.
+    histogram size (2048 bins) gives real entropy thresholds. The histograms take one feed at a time: real
+    calibration batches differ in length, and ONNX Runtime's histogram collector stacks everything one
+    `collect_data` call saw into one array (it fails on unequal shapes); its histograms merge across calls.
     """
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, save_tensors_data
 
+    method = CalibrationMethod.Entropy if options.calib_method == "entropy" else CalibrationMethod.Percentile
+    extra: dict[str, Any] = {"num_bins": 2048, "symmetric": symmetric}
+    extra.update({"num_quantized_bins": 128} if method == CalibrationMethod.Entropy else {"percentile": options.percentile})
     calibrator = create_calibrator(
         model,
         op_types,
         augmented_model_path=str(scratch / "augmented.onnx"),
-        calibrate_method=CalibrationMethod.Entropy,
+        calibrate_method=method,
         use_external_data_format=_large(model),
-        extra_options={"num_bins": 2048, "num_quantized_bins": 128, "symmetric": symmetric},
+        extra_options=extra,
     )
-    calibrator.collect_data(_FeedReader(feeds))
+    for feed in feeds:
+        calibrator.collect_data(_FeedReader([feed]))
     ranges = calibrator.compute_data()
     del calibrator
     cache = scratch / "ranges.json"

@@ -159,6 +159,8 @@ class Gemma3Preprocessor(VlmPreprocessor):
     """The checkpoint's `Gemma3Processor`: the user marks an image with `<start_of_image>`, which it expands to
     `mm_tokens_per_image` image tokens; with pan-and-scan an image is the whole picture and its crops, each that many."""
 
+    nested_images = True
+
     def __init__(self, folder: Path, family: Gemma3Family | None = None):
         super().__init__(folder, family or Gemma3Family())
         per_image = int(self.config.mm_tokens_per_image)
@@ -191,11 +193,3 @@ class Gemma3Preprocessor(VlmPreprocessor):
         image_processor = self.processor.image_processor
         saved = {name: getattr(image_processor, name, None) for name in PAN_AND_SCAN}
         return {name: value for name, value in saved.items() if value is not None}
-
-    def _nested(self, images: list[Any], counts: list[int]) -> list[Any]:
-        """Gemma3Processor takes a batch's images as one list per prompt."""
-        nested, start = [], 0
-        for count in counts:
-            nested.append(images[start : start + count])
-            start += count
-        return nested

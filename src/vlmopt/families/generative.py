@@ -274,6 +274,8 @@ class VlmPreprocessor:
 
     #: the marker a user writes where an image goes, where the processor names none
     default_image_token = "<image>"
+    #: the processor takes a batch's images as one list per prompt
+    nested_images = False
 
     def __init__(self, folder: Path, family: GenerativeFamily):
         from transformers import AutoConfig
@@ -396,8 +398,15 @@ class VlmPreprocessor:
         return {}
 
     def _nested(self, images: list[Any], counts: list[int]) -> list[Any]:
-        """The images as the processor takes them for a batch of prompts (a flat list, as LLaVA's takes them)."""
-        return images
+        """The images as the processor takes them for a batch of prompts: a flat list (LLaVA's), or one list per
+        prompt where `nested_images` says so (Idefics3's, Gemma 3's)."""
+        if not self.nested_images:
+            return images
+        nested, start = [], 0
+        for count in counts:
+            nested.append(images[start : start + count])
+            start += count
+        return nested
 
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)

@@ -47,6 +47,8 @@ class VisionFeatures(nn.Module):
 class SmolVlmPreprocessor(VlmPreprocessor):
     """The checkpoint's processor; an image takes `image_seq_len` tokens per tile, its tiles counted from the pixels."""
 
+    nested_images = True
+
     def __init__(self, folder: Path, family: SmolVlmFamily | None = None):
         super().__init__(folder, family or SmolVlmFamily())
         self.tile = int(self.config.vision_config.image_size)
@@ -82,14 +84,6 @@ class SmolVlmPreprocessor(VlmPreprocessor):
             f"the prompt holds {found} image tokens where {num_images} image(s) split into {expected // self.image_seq_length} tiles take {expected}; "
             f"write {self.image_token} once per image and no image tokens otherwise"
         )
-
-    def _nested(self, images: list[Any], counts: list[int]) -> list[Any]:
-        """The images of each prompt in a list of its own, as Idefics3's processor takes a batch."""
-        nested, start = [], 0
-        for count in counts:
-            nested.append(images[start : start + count])
-            start += count
-        return nested
 
 
 class SmolVlmFamily(GenerativeFamily):

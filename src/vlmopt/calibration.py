@@ -50,6 +50,13 @@ class CalibrationData:
         return feed
 
 
+def builtin(name: str) -> Path:
+    """A file of vlmopt's built-in real data (photos, sentences, prose): what evaluation judges on and calibration reads."""
+    from importlib import resources
+
+    return Path(str(resources.files("vlmopt") / "data" / name))
+
+
 def read_images(folder: Path, option: str, limit: int) -> list:
     """Up to `limit` images of `folder` (sorted by name) as RGB, every one checked: unreadable or oversized files are
     refused by name. `option` names the flag the folder came from, for the messages."""
@@ -235,8 +242,6 @@ BUILTIN_TEXT = "perplexity.txt"
 
 
 def _builtin_images(data: CalibrationData, towers: list[Tower], hf_dir: Path, samples: int) -> None:
-    from vlmopt.evaluation import builtin
-
     try:
         processor = _image_processor(hf_dir)
     except VlmoptError:
@@ -252,8 +257,6 @@ def _builtin_images(data: CalibrationData, towers: list[Tower], hf_dir: Path, sa
 
 
 def _builtin_text(data: CalibrationData, tower: Tower, hf_dir: Path, samples: int) -> None:
-    from vlmopt.evaluation import builtin
-
     try:
         tokenizer = _tokenizer(hf_dir)
         prompts = read_lines(builtin(BUILTIN_TEXT), "built-in", samples)

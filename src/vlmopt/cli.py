@@ -28,6 +28,7 @@ from rich.table import Table
 
 from vlmopt import __version__
 from vlmopt.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_INTERNAL, CheckFailed, VlmoptError
+from vlmopt.quiet import quiet_libraries
 from vlmopt.stages import STAGES
 
 try:  # typer >= 0.2x carries its own copy of click
@@ -54,24 +55,6 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks and the
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even when its inputs, options and tool versions are unchanged.")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="Threads for every backend, at least 1 (default: physical cores).")]
 DirArg = Annotated[Path, typer.Argument(help="The model directory (made by `vlmopt export`).", show_default=False)]
-
-
-def _quiet_libraries(debug: bool) -> None:
-    if debug:
-        return
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
 
 
 def _emit_json(payload: dict[str, Any]) -> None:
@@ -134,7 +117,7 @@ def command(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         as_json, debug = kwargs.get("as_json", False), kwargs.get("debug", False)
-        _quiet_libraries(debug)
+        quiet_libraries(debug)
         _route_warnings()
         try:
             return func(*args, **kwargs)

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-from vlmopt.calibration import check_fits, encode_text, process_images, read_images, read_lines, saved_processors, text_padding
+from vlmopt.calibration import builtin, check_fits, encode_text, process_images, read_images, read_lines, saved_processors, text_padding
 from vlmopt.errors import VlmoptError
 from vlmopt.families import Tower
 from vlmopt.workspace import ModelDir
@@ -29,11 +28,6 @@ from vlmopt.workspace import ModelDir
 BATCH = 8
 #: most samples read from the user's --eval-images / --eval-text
 MAX_USER_SAMPLES = 256
-
-
-def builtin(name: str) -> Path:
-    """A file of the built-in evaluation data."""
-    return Path(str(resources.files("vlmopt") / "data" / name))
 
 
 def builtin_sentences() -> list[str]:

@@ -20,11 +20,11 @@ class VlmoptReplica:
     """One replica: the model loaded once, and the FastAPI app Ray Serve's proxy sends requests to."""
 
     def __init__(self, directory: str, options: ServeOptions, threads: int | None, model_name: str):
-        from vlmopt.cli import _quiet_libraries
+        from vlmopt.quiet import quiet_libraries
         from vlmopt.serving.app import ServeApp
         from vlmopt.serving.service import open_service
 
-        _quiet_libraries(False)
+        quiet_libraries(False)
         service = open_service(directory, options.artifact, options.max_batch, options.backend, threads)
         if getattr(service, "generative", False):
             service.load()

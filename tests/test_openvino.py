@@ -76,14 +76,17 @@ def test_fp32_ir_records_that_it_ran_in_f32(ov_dir: Path) -> None:
         assert executed["layers"]["FullyConnected"] == {"f32": executed["layers"]["FullyConnected"]["f32"]}, executed
 
 
-def test_int8_by_nncf_is_verified_and_runs_int8_layers(ov_dir: Path) -> None:
+def test_int8_by_nncf_is_verified_and_runs_int8_layers_except_those_the_fallback_kept_in_float(ov_dir: Path) -> None:
     artifact = _artifact(ov_dir, "openvino-int8")
+    fallback = artifact["record"].get("fallback") or {}
 
     assert artifact["traits"]["precision"] == "int8"
     assert artifact["verification"]["passed"] and artifact["verification"]["gates"]["min_cosine"] == 0.9
     for tower, executed in artifact["record"]["executed"].items():
         kinds = executed["layers"]["FullyConnected"]
-        assert set(kinds) <= {"i8", "u8"}, (tower, kinds)
+        kept = (fallback.get("towers") or {}).get(tower, {}).get("kept", [])
+        assert set(kinds) - {"f32"} <= {"i8", "u8"} and kinds.get("i8", 0) + kinds.get("u8", 0) > 0, (tower, kinds)
+        assert kinds.get("f32", 0) == len(kept), (tower, kinds, kept)
         assert artifact["record"]["towers"][tower]["compression"]["model_type"] == "transformer"
 
 

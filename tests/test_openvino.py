@@ -213,7 +213,8 @@ def test_bench_measures_openvino_artifacts_by_default_with_the_precision_they_ra
     )
     for row in rows:
         assert row["runtime"]["inference_precision"] == "f32", row
-        assert row["cosine_min"] > 0.99, row
+        # the fp32 IR against PyTorch; the int8 one was made to meet the fixture's --min-cosine 0.9 (FEW), and calibrated on the real data, not more
+        assert row["cosine_min"] > (0.99 if row["artifact"] == "openvino" else 0.9), row
 
 
 def test_bench_records_one_recommendation_per_tower_and_batch_in_report_and_manifest(benched: tuple[Path, dict[str, Any]]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import EXAMPLES, assert_bad_input, snapshot, vlmopt, write_recipe
 from vlmopt.errors import VlmoptError
@@ -208,6 +209,9 @@ def test_bench_reads_every_artifact_before_it_and_the_reference(tmp_path: Path) 
 
 @pytest.mark.parametrize("recipe", sorted((EXAMPLES / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_the_shipped_recipes_pass_every_check(recipe: Path, tmp_path: Path) -> None:
+    source = yaml.safe_load(recipe.read_text(encoding="utf-8"))["source"]
+    if source.startswith(".") and not (recipe.parent / source).is_dir():
+        pytest.skip(f"{recipe.name} reads a local checkpoint this machine lacks ({source}; its comment says how to make it)")
     checked = load_recipe(recipe, model_dir=tmp_path / "model")
 
     assert checked.steps[0].stage.name == "export"

@@ -511,21 +511,27 @@ def comparison_table(result: Any) -> Table:
     return table
 
 
+def _directory_command_parameters(options_class: type) -> list[inspect.Parameter]:
+    """A command over a model directory that is not a stage (generate, serve): DIR, its declared options, --threads, --json, --debug."""
+    from vlmopt import options as opts
+
+    kind = inspect.Parameter.KEYWORD_ONLY
+    params = [inspect.Parameter("directory", kind, annotation=DirArg)]
+    params += [inspect.Parameter(n, kind, annotation=a, default=d) for n, a, d in opts.cli_parameters(options_class)]
+    return params + [
+        inspect.Parameter("threads", kind, annotation=ThreadsOpt, default=None),
+        inspect.Parameter("as_json", kind, annotation=JsonOpt, default=False),
+        inspect.Parameter("debug", kind, annotation=DebugOpt, default=False),
+    ]
+
+
 # -- generate ------------------------------------------------------------------------------
 def _generate_command() -> Callable[..., Any]:
     """`vlmopt generate`, its flags made from `GenerateOptions` as a stage's are from its options."""
     from vlmopt import options as opts
     from vlmopt.generation import GenerateOptions
 
-    kind = inspect.Parameter.KEYWORD_ONLY
-    declared = opts.cli_parameters(GenerateOptions)
-    params = [inspect.Parameter("directory", kind, annotation=DirArg)]
-    params += [inspect.Parameter(n, kind, annotation=a, default=d) for n, a, d in declared]
-    params += [
-        inspect.Parameter("threads", kind, annotation=ThreadsOpt, default=None),
-        inspect.Parameter("as_json", kind, annotation=JsonOpt, default=False),
-        inspect.Parameter("debug", kind, annotation=DebugOpt, default=False),
-    ]
+    params = _directory_command_parameters(GenerateOptions)
 
     def body(**values: Any) -> None:
         from vlmopt.generation import generate
@@ -621,14 +627,7 @@ def _serve_command() -> Callable[..., Any]:
     from vlmopt import options as opts
     from vlmopt.serving.options import ServeOptions
 
-    kind = inspect.Parameter.KEYWORD_ONLY
-    params = [inspect.Parameter("directory", kind, annotation=DirArg)]
-    params += [inspect.Parameter(n, kind, annotation=a, default=d) for n, a, d in opts.cli_parameters(ServeOptions)]
-    params += [
-        inspect.Parameter("threads", kind, annotation=ThreadsOpt, default=None),
-        inspect.Parameter("as_json", kind, annotation=JsonOpt, default=False),
-        inspect.Parameter("debug", kind, annotation=DebugOpt, default=False),
-    ]
+    params = _directory_command_parameters(ServeOptions)
 
     def body(**values: Any) -> None:
         from vlmopt.serving import serve

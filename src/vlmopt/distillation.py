@@ -33,6 +33,7 @@ import numpy as np
 
 from vlmopt.calibration import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, read_lines
 from vlmopt.errors import VlmoptError
+from vlmopt.workspace import fsync_path
 
 #: most lines read from --data-text, and images from --data-images
 MAX_TEXT_SAMPLES = 200_000
@@ -233,12 +234,12 @@ class Checkpoints:
                 save_file({k: v.contiguous() for k, v in best.items()}, partial / "best.safetensors")
             (partial / "state.json").write_text(json.dumps({**state, "optimizer": rest}, sort_keys=True))
             for item in partial.iterdir():
-                _fsync(item)
-            _fsync(partial)
+                fsync_path(item)
+            fsync_path(partial)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(partial, final)
-            _fsync(self.folder)
+            fsync_path(self.folder)
         except Exception as exc:
             shutil.rmtree(partial, ignore_errors=True)
             if not isinstance(exc, OSError) and not _is_space_error(exc):
@@ -267,11 +268,3 @@ class Checkpoints:
 def _is_space_error(exc: BaseException) -> bool:
     text = str(exc)
     return any(words in text for words in ("No space left", "File too large", "Disk quota", "os error 28", "os error 27"))
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -206,7 +206,7 @@ def write_atomically(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync(path.parent)
+    fsync_path(path.parent)
 
 
 def check_writable(folder: Path) -> None:
@@ -248,7 +248,8 @@ def _is_own(name: str) -> bool:
     return name in (LOCK_NAME, JOURNAL_NAME) or name.startswith((_TMP_PREFIX, _OLD_PREFIX))
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file or a directory (its entries) to disk: what makes a rename that follows survive a power cut."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -666,7 +667,7 @@ class ModelDir:
         for leftover in (journal["staging"], journal["manifest"]):
             if os.path.lexists(self.path / leftover):
                 _remove(self.path / leftover)
-        _fsync(self.path)
+        fsync_path(self.path)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path / JOURNAL_NAME)
         return committed
@@ -814,9 +815,9 @@ class ModelDir:
             if journal["backup"]:
                 os.replace(final, self.path / journal["backup"])
             os.replace(staging, final)
-            _fsync(self.path)
+            fsync_path(self.path)
             os.replace(staged_manifest, self.manifest_path)
-            _fsync(self.path)
+            fsync_path(self.path)
         except BaseException as exc:
             try:
                 committed: bool | None = self._settle(journal)
@@ -858,9 +859,9 @@ def _seal(folder: Path) -> list[FileRecord]:
                 os.chmod(path, (0o777 if executable else 0o666) & ~mask)
     records = file_records(folder)
     for record in records:
-        _fsync(folder / record.path)
+        fsync_path(folder / record.path)
     for path in reversed(folders):
-        _fsync(path)
+        fsync_path(path)
     return records
 
 

@@ -30,7 +30,7 @@ from vlmopt.families import Tower, family_named
 from vlmopt.records import Choice
 from vlmopt.triton import config as triton
 from vlmopt.versions import package_version
-from vlmopt.workspace import Artifact, FileRecord, ModelDir, content_digest, file_records
+from vlmopt.workspace import Artifact, FileRecord, ModelDir, content_digest, file_records, fsync_path
 
 BACKENDS = ("native", "python")
 #: the Triton backend that serves each artifact kind natively
@@ -522,14 +522,9 @@ def _write(staging: Path, models: list[_Model], extra: dict[str, bytes]) -> None
 def _fsync_tree(folder: Path) -> None:
     for root, _, names in os.walk(folder):
         for name in names:
-            with open(Path(root) / name, "rb") as fh:
-                os.fsync(fh.fileno())
+            fsync_path(Path(root) / name)
     for root, _, _ in os.walk(folder, topdown=False):
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(Path(root))
 
 
 def _swap_in(staging: Path, out: Path) -> None:

@@ -262,6 +262,8 @@ class AnyResPreprocessor(VlmPreprocessor):
     def __init__(self, folder: Path, family: LlavaNextFamily | None = None):
         super().__init__(folder, family or LlavaNextFamily())
         family = self.family
+        #: OneVision's processor takes a batch's images one list per prompt (how it tells a multi-image prompt)
+        self.nested_images = family.shrinks
         config = self.config
         tile = int(config.vision_config.image_size)
         self.tile = tile

@@ -353,7 +353,14 @@ def build_demo_model(dest: str | Path, family: str = "clip", size: str = "tiny",
 
     if family not in DEMO_FAMILIES:
         raise VlmoptError(f"unknown demo family '{family}'; choose one of {', '.join(DEMO_FAMILIES)}")
-    sizes = {"llava": LLAVA_SIZES, "smolvlm": SMOLVLM_SIZES, "idefics3": SMOLVLM_SIZES, "gemma3": GEMMA3_SIZES, "llava_next": LLAVA_NEXT_SIZES, "llava_onevision": LLAVA_NEXT_SIZES}.get(family, SIZES)
+    sizes = {
+        "llava": LLAVA_SIZES,
+        "smolvlm": SMOLVLM_SIZES,
+        "idefics3": SMOLVLM_SIZES,
+        "gemma3": GEMMA3_SIZES,
+        "llava_next": LLAVA_NEXT_SIZES,
+        "llava_onevision": LLAVA_NEXT_SIZES,
+    }.get(family, SIZES)
     if size not in sizes:
         raise VlmoptError(f"unknown demo size '{size}' for {family}; choose one of {', '.join(sizes)}")
     if language_model and family != "llava":

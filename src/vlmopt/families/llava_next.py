@@ -38,7 +38,7 @@ from vlmopt.families.generative import (
     Part,
     VlmPreprocessor,
 )
-from vlmopt.families.llava import VISION_MODELS, image_token_id
+from vlmopt.families.llava import VISION_MODELS, VisionFeatures, image_token_id
 
 #: the vision part's packing inputs: per packed row, the feature rows it sums and their weights
 IMAGE_ROWS, IMAGE_WEIGHTS = "image_rows", "image_weights"
@@ -131,24 +131,18 @@ def _one_tap(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return taps, weights
 
 
-class PackedVisionFeatures(nn.Module):
-    """(tiles, image_rows, image_weights) -> packed image features: the tower at `vision_feature_layer`, the projector,
-    `image_newline` appended as the last row, and each packed row the weighted sum of the rows it names."""
+class PackedVisionFeatures(VisionFeatures):
+    """(tiles, image_rows, image_weights) -> packed image features: LLaVA's tower and projector over the tiles
+    (`vlmopt.families.llava.VisionFeatures`), `image_newline` appended as the last row, and each packed row the
+    weighted sum of the rows it names."""
 
     def __init__(self, model: nn.Module):
-        super().__init__()
-        self.vision_tower = model.model.vision_tower
-        self.projector = model.model.multi_modal_projector
+        super().__init__(model)
         self.image_newline = model.model.image_newline
-        self.layers = model.config.vision_feature_layer
-        self.strategy = model.config.vision_feature_select_strategy
 
     def forward(self, pixel_values: torch.Tensor, image_rows: torch.Tensor, image_weights: torch.Tensor) -> torch.Tensor:
-        hidden = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
-        layers = [self.layers] if isinstance(self.layers, int) else list(self.layers)
-        selected = [hidden[i][:, 1:] if self.strategy == "default" else hidden[i] for i in layers]
-        features = self.projector(torch.cat(selected, dim=-1) if len(selected) > 1 else selected[0])
-        rows = torch.cat([features.reshape(-1, features.shape[-1]), self.image_newline[None].to(features.dtype)], dim=0)
+        features = super().forward(pixel_values)
+        rows = torch.cat([features, self.image_newline[None].to(features.dtype)], dim=0)
         return (rows[image_rows] * image_weights.unsqueeze(-1)).sum(dim=1)
 
 

@@ -25,6 +25,8 @@ DEMO_FAMILIES = (
     "smolvlm",
     "idefics3",
     "gemma3",
+    "llava_next",
+    "llava_onevision",
 )
 SIZES = ("tiny", "base")
 #: llava also has `small` (LLaVA-OneVision-0.5B's sizes); see `vlmopt.demo_llava`
@@ -33,6 +35,8 @@ LLAVA_SIZES = ("tiny", "base", "small")
 SMOLVLM_SIZES = ("tiny", "256m")
 #: gemma3 has `tiny` only; see `vlmopt.demo_gemma3`
 GEMMA3_SIZES = ("tiny",)
+#: llava_next and llava_onevision have `tiny` only; see `vlmopt.demo_llava_next`
+LLAVA_NEXT_SIZES = ("tiny",)
 
 _TINY = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
 _TINY_IMAGE = {"image_size": 32, "patch_size": 8}
@@ -349,7 +353,14 @@ def build_demo_model(dest: str | Path, family: str = "clip", size: str = "tiny",
 
     if family not in DEMO_FAMILIES:
         raise VlmoptError(f"unknown demo family '{family}'; choose one of {', '.join(DEMO_FAMILIES)}")
-    sizes = {"llava": LLAVA_SIZES, "smolvlm": SMOLVLM_SIZES, "idefics3": SMOLVLM_SIZES, "gemma3": GEMMA3_SIZES}.get(family, SIZES)
+    sizes = {
+        "llava": LLAVA_SIZES,
+        "smolvlm": SMOLVLM_SIZES,
+        "idefics3": SMOLVLM_SIZES,
+        "gemma3": GEMMA3_SIZES,
+        "llava_next": LLAVA_NEXT_SIZES,
+        "llava_onevision": LLAVA_NEXT_SIZES,
+    }.get(family, SIZES)
     if size not in sizes:
         raise VlmoptError(f"unknown demo size '{size}' for {family}; choose one of {', '.join(sizes)}")
     if language_model and family != "llava":
@@ -371,6 +382,11 @@ def build_demo_model(dest: str | Path, family: str = "clip", size: str = "tiny",
         from vlmopt.demo_gemma3 import build_gemma3
 
         build_gemma3(dest, size, seed)
+        return dest
+    if family in ("llava_next", "llava_onevision"):
+        from vlmopt.demo_llava_next import build_llava_next
+
+        build_llava_next(dest, size, seed, model_type=family)
         return dest
     torch.manual_seed(seed)
     if family in ("clip", "siglip"):

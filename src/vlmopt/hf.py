@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -254,4 +255,20 @@ def save_processors(source: str | Path, dest: Path, revision: str | None = None,
             saved.append(kind)
         except Exception:
             continue
+    if processor is None and saved:
+        # a processor that cannot load here (LLaVA-OneVision's needs torchvision for its video processor) still has
+        # settings its parts lack (image tokens per tile, aspect ratio): keep them beside the parts, as written
+        settings = _processor_settings(name, revision, local)
+        if settings is not None:
+            shutil.copyfile(settings, dest / "processor_config.json")
     return saved
+
+
+def _processor_settings(name: str, revision: str | None, local: bool) -> str | None:
+    """The checkpoint's processor_config.json, or None where it has none."""
+    from transformers.utils import cached_file
+
+    try:
+        return cached_file(name, "processor_config.json", revision=revision, local_files_only=local, _raise_exceptions_for_missing_entries=False)
+    except Exception:
+        return None

@@ -131,6 +131,12 @@ def make_inputs(tower: Tower, sizes: dict[str, int], seed: int = 0) -> dict[str,
                 feed[spec.name] = text[0] if spec.role == "input_ids" else text[1]
         elif spec.role == "token_type_ids":
             feed[spec.name] = np.zeros(shape, dtype=np.int64)
+        elif spec.role == "feature_rows":
+            # a packing gather (`vlmopt.families.llava_next`): rows of the tiles' features, or the appended row after them
+            rows = sizes.get("num_images", 1) * int(tower.meta["feature_rows_per_tile"])
+            feed[spec.name] = rng.integers(0, rows + 1, shape, dtype=np.int64)
+        elif spec.role == "feature_weights":
+            feed[spec.name] = rng.random(shape, dtype=np.float32)
         elif spec.role == "decoder_attention_mask":
             # a shared-buffer decoder's padding is right-aligned and lives in its cache (`KvCache`): a plain call is unpadded
             shared = kv_contract(tower) == SHARED

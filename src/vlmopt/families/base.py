@@ -18,7 +18,8 @@ class TensorSpec:
     "input_ids", "attention_mask", "token_type_ids"; for generative parts also "image_input_ids"
     (token ids holding runs of the image token), "image_features", "inputs_embeds",
     "decoder_attention_mask" (left-padded, over past and new positions), "position_ids",
-    "past_key" and "past_value". Outputs carry the role "output".
+    "past_key" and "past_value", "feature_rows" and "feature_weights" (a packing gather over image feature rows).
+    Outputs carry the role "output".
     """
 
     name: str

@@ -341,7 +341,9 @@ class OrtParts:
     def encode_images(self, pixel_values: np.ndarray, vision_inputs: dict[str, np.ndarray] | None = None) -> np.ndarray:
         if self.vision is None:
             raise VlmoptError(f"this artifact has no {self.contract.vision.name} part")
-        feed = {PIXEL_VALUES: pixel_values.astype(np.float32), **(vision_inputs or {})}
+        # the part takes what its contract declares; the prompt may also hold the reference's inputs (image sizes)
+        takes = {i.name for i in self.vision.get_inputs()}
+        feed = {PIXEL_VALUES: pixel_values.astype(np.float32), **{name: value for name, value in (vision_inputs or {}).items() if name in takes}}
         return self.vision.run([IMAGE_FEATURES], feed)[0]
 
     def embed(self, input_ids: np.ndarray, image_features: np.ndarray | None = None) -> np.ndarray:

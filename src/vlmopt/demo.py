@@ -25,6 +25,7 @@ DEMO_FAMILIES = (
     "smolvlm",
     "idefics3",
     "gemma3",
+    "qwen2_5_vl",
 )
 SIZES = ("tiny", "base")
 #: llava also has `small` (LLaVA-OneVision-0.5B's sizes); see `vlmopt.demo_llava`
@@ -33,6 +34,8 @@ LLAVA_SIZES = ("tiny", "base", "small")
 SMOLVLM_SIZES = ("tiny", "256m")
 #: gemma3 has `tiny` only; see `vlmopt.demo_gemma3`
 GEMMA3_SIZES = ("tiny",)
+#: qwen2_5_vl has `tiny` and `3b` (Qwen2.5-VL-3B's sizes, for timing); see `vlmopt.demo_qwen2_5_vl`
+QWEN2_5_VL_SIZES = ("tiny", "3b")
 
 _TINY = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
 _TINY_IMAGE = {"image_size": 32, "patch_size": 8}
@@ -349,7 +352,9 @@ def build_demo_model(dest: str | Path, family: str = "clip", size: str = "tiny",
 
     if family not in DEMO_FAMILIES:
         raise VlmoptError(f"unknown demo family '{family}'; choose one of {', '.join(DEMO_FAMILIES)}")
-    sizes = {"llava": LLAVA_SIZES, "smolvlm": SMOLVLM_SIZES, "idefics3": SMOLVLM_SIZES, "gemma3": GEMMA3_SIZES}.get(family, SIZES)
+    sizes = {"llava": LLAVA_SIZES, "smolvlm": SMOLVLM_SIZES, "idefics3": SMOLVLM_SIZES, "gemma3": GEMMA3_SIZES, "qwen2_5_vl": QWEN2_5_VL_SIZES}.get(
+        family, SIZES
+    )
     if size not in sizes:
         raise VlmoptError(f"unknown demo size '{size}' for {family}; choose one of {', '.join(sizes)}")
     if language_model and family != "llava":
@@ -371,6 +376,11 @@ def build_demo_model(dest: str | Path, family: str = "clip", size: str = "tiny",
         from vlmopt.demo_gemma3 import build_gemma3
 
         build_gemma3(dest, size, seed)
+        return dest
+    if family == "qwen2_5_vl":
+        from vlmopt.demo_qwen2_5_vl import build_qwen2_5_vl
+
+        build_qwen2_5_vl(dest, size, seed)
         return dest
     torch.manual_seed(seed)
     if family in ("clip", "siglip"):

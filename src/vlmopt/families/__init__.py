@@ -22,6 +22,7 @@ def all_families() -> tuple[Family, ...]:
     from vlmopt.families.dual_encoder import ClipFamily, SiglipFamily
     from vlmopt.families.gemma3 import Gemma3Family
     from vlmopt.families.llava import LlavaFamily
+    from vlmopt.families.qwen2_5_vl import Qwen2_5_VlFamily
     from vlmopt.families.smolvlm import SmolVlmFamily
     from vlmopt.families.vit import VitFamily
 
@@ -41,6 +42,7 @@ def all_families() -> tuple[Family, ...]:
         LlavaFamily(),
         SmolVlmFamily(),
         Gemma3Family(),
+        Qwen2_5_VlFamily(),
     )
 
 

@@ -140,10 +140,33 @@ def test_generate_runs_the_onnx_parts_through_vlmopts_loop(qwen: Path, image_fil
     assert result["prompt_tokens"] > 21  # the image's 21 tokens and the chat template
 
 
-def test_generate_with_onnxruntime_genai_is_refused_in_one_line(qwen: Path, image_file: Path) -> None:
-    assert_refused(
-        qwen, "generate", "--image", image_file, "--prompt", "Describe.", "--backend", "onnxruntime-genai", fragments=("onnxruntime-genai", "qwen2_5_vl")
-    )
+def test_onnxruntime_genai_generates_what_transformers_generates_on_images_of_different_sizes(qwen: Path, images: list[Any]) -> None:
+    from vlmopt.runners.genai import GenaiGenerateRunner
+    from vlmopt.runners.generate import GenerateRequest, HfGenerateRunner
+
+    preprocessor = _preprocessor(qwen)
+    tall = sample_image(5).resize((150, 260))  # 18x10 patches: rows and columns differ the other way
+    prompts = [preprocessor(text, [image]) for text, image in zip((*PROMPTS, "A cat? Answer briefly."), (*images, tall), strict=True)]
+    requests = [GenerateRequest(p, 16, preprocessor.eos_token_ids, preprocessor.pad_token_id, min_new_tokens=16) for p in prompts]
+    with HfGenerateRunner(qwen / "hf", threads=1) as hf, GenaiGenerateRunner(qwen / "onnx", preprocessor.image_token_id, threads=1) as genai:
+        expected = [hf.generate(r).tokens for r in requests]
+        got = [genai.generate(r).tokens for r in requests]
+
+    assert got == expected
+
+
+def test_convert_records_onnxruntime_genai_generation_identical_to_transformers(qwen: Path) -> None:
+    metrics = {m["name"]: m for m in manifest(qwen)["artifacts"]["onnx"]["verification"]["metrics"]}
+    config = json.loads((qwen / "onnx" / "genai_config.json").read_text())
+
+    assert config["model"]["type"] == "qwen2_5_vl" and "image_grid_thw" in config["model"]["vision"]["inputs"]
+    assert metrics["onnxruntime-genai generation identical to transformers"]["value"] == 1.0
+
+
+def test_generate_with_onnxruntime_genai_runs_the_parts(qwen: Path, image_file: Path) -> None:
+    result = vlmopt_json("generate", qwen, "--image", image_file, "--prompt", "Describe this image.", "--max-new-tokens", 4, "--backend", "onnxruntime-genai")
+
+    assert result["backend"] == "onnxruntime-genai" and 1 <= len(result["tokens"]) <= 4
 
 
 def test_an_image_smaller_than_the_28_px_merge_unit_is_scaled_up_by_the_processor(qwen: Path, tmp_path: Path) -> None:

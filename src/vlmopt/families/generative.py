@@ -184,6 +184,11 @@ class GenerativeFamily(Family):
         (POSITIONS_MROPE: [3, batch, sequence], from the reference's own code); None: 1-D, from the mask."""
         return None
 
+    def genai_entries(self, config: Any) -> dict[str, dict[str, Any]]:
+        """What `genai_config.json` declares beside the parts' files and tensors for this checkpoint: entries of the
+        "model" section and of each part's section (by part name), as onnxruntime-genai's model type reads them."""
+        return {}
+
     # -- the towers --------------------------------------------------------------------------------------------
     def check_config(self, config: Any) -> None:
         text = self.text_config(config)

@@ -23,8 +23,10 @@ config); decode positions follow from the prompt's (`vlmopt.runners.generate.KvC
 transformers' `Qwen2_5_VLProcessor` cannot be made without torchvision (its video processor), which has no CPU wheel
 on PyPI for the torch vlmopt pins: where it cannot load, the preprocessor makes it from the checkpoint's image
 processor and tokenizer with no video processor (images only, as vlmopt generates from images).
-onnxruntime-genai 0.18 has a `qwen2_5_vl` pipeline, but its vision part takes genai's own inputs and its decoder comes
-from genai's builder; vlmopt's loop is this family's ONNX generation backend.
+onnxruntime-genai 0.18's `qwen2_5_vl` pipeline runs the same three parts (`genai_config.json` declares the type, the
+vision part's image_grid_thw and the token ids it finds images by: `genai_entries`); it computes the M-RoPE positions
+itself. The decoder is exported from PyTorch: genai's builder (`qwen2_5_vl_text`) makes GroupQueryAttention, whose
+shared-buffer cache vlmopt's loop runs with 1-D positions only.
 """
 
 from __future__ import annotations
@@ -206,6 +208,7 @@ class Qwen2_5_VlFamily(GenerativeFamily):
         positions=POSITIONS_MROPE,
         vision_inputs=(IMAGE_GRID_THW,),
         reference_inputs=(MM_TOKEN_TYPE_IDS,),
+        genai_model_type="qwen2_5_vl",
     )
     #: onnxruntime-genai's builder makes 1-D rotary GroupQueryAttention: the decoder is exported from PyTorch
     decoder_makers = ("torch",)
@@ -236,6 +239,14 @@ class Qwen2_5_VlFamily(GenerativeFamily):
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         if sections is None or 2 * sum(sections) != head_dim:
             raise VlmoptError(f"the qwen2_5_vl text config's mrope_section {sections} does not split its head size {head_dim} (sum x 2 must equal it)")
+
+    def genai_entries(self, config: Any) -> dict[str, dict[str, Any]]:
+        """onnxruntime-genai's qwen2_5_vl pipeline computes the M-RoPE positions itself: it finds each image by the
+        vision start token and sizes it by image_grid_thw; without these ids it reads Qwen's own (151652, ...)."""
+        vision = config.vision_config
+        tokens = {"image_token_id": config.image_token_id, "video_token_id": config.video_token_id, "vision_start_token_id": config.vision_start_token_id}
+        merge = {"spatial_merge_size": int(vision.spatial_merge_size), "tokens_per_second": float(vision.tokens_per_second)}
+        return {"model": {name: int(value) for name, value in tokens.items()}, self.contract.vision.name: merge}
 
     def image_tokens_per_image(self, config: Any) -> int:
         """The dummy image's token count (`DUMMY_GRID`); a real image's count follows from its grid."""

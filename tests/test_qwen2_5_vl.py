@@ -262,3 +262,17 @@ def test_a_save_pretrained_folder_exports_as_qwen2_5_vl(demo_source: Callable[[s
 
     traits = manifest(tmp_path / "model")["artifacts"]["hf"]["traits"]
     assert made["artifact"]["name"] == "hf" and (traits["family"], traits["model_type"]) == ("qwen2_5_vl", "qwen2_5_vl")
+
+
+def test_the_3b_demo_has_qwen2_5_vl_3bs_sizes_without_being_built() -> None:
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from vlmopt.demo_qwen2_5_vl import QWEN_VOCAB_SIZE, text_config, vision_config
+
+    text = text_config("3b", QWEN_VOCAB_SIZE)
+    config = Qwen2_5_VLConfig(vision_config=vision_config("3b", text["hidden_size"]), text_config=text, tie_word_embeddings=True)
+    with torch.device("meta"):  # shapes only: no memory for 15 GB of weights
+        model = Qwen2_5_VLForConditionalGeneration(config)
+
+    assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == 3.75

@@ -5,13 +5,13 @@
          byte-level BPE tokenizer trained here with Qwen's ChatML and vision tokens, and an image processor that
          keeps images between 56x56 and 224x224 px (4 to 64 image tokens, so images of different sizes take
          different token counts) (tests)
-  3b     Qwen2.5-VL-3B-Instruct's sizes (timing only, 3.8 B parameters: never built by tests): a 32-layer tower
-         (hidden 1280, full attention at blocks 7, 15, 23, 31) and a 36-layer text model (hidden 2048, 16 heads,
-         2 key/value heads), images up to 448x448 px
+  3b     Qwen2.5-VL-3B-Instruct's sizes (timing only: 3.75 B parameters, 15 GB of fp32 weights to build and save, so
+         never built by tests): a 32-layer tower (hidden 1280, full attention at blocks 7, 15, 23, 31) and a 36-layer
+         text model (hidden 2048, 16 heads, 2 key/value heads, tied 151936-row embedding), images up to 448x448 px
 
-The weights are random; the architecture, the processor and the checkpoint layout are transformers' own
-(`Qwen2_5_VLForConditionalGeneration`, `Qwen2_5_VLProcessor`), so `vlmopt export` reads the folder as it reads
-Qwen/Qwen2.5-VL-3B-Instruct saved with `save_pretrained`.
+The weights are random; the architecture and the checkpoint layout are transformers' own
+(`Qwen2_5_VLForConditionalGeneration`, the processor's image processor and tokenizer), so `vlmopt export` reads the
+folder as it reads Qwen/Qwen2.5-VL-3B-Instruct saved with `save_pretrained`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from typing import Any
 from vlmopt.errors import VlmoptError
 
 SIZES = ("tiny", "3b")
+#: Qwen2.5-VL's vocabulary (the 3b demo's embedding and head have its size)
+QWEN_VOCAB_SIZE = 151936
 BOS_PAD, EOS = "<|endoftext|>", "<|im_end|>"
 IM_START = "<|im_start|>"
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
@@ -80,7 +82,8 @@ def build_qwen2_5_vl(dest: Path, size: str, seed: int = 0) -> dict[str, Any]:
         raise VlmoptError(f"unknown qwen2_5_vl demo size '{size}'; choose one of {', '.join(SIZES)}")
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer(512 if size == "tiny" else 2048)
-    vocab_size = (len(tokenizer) + 63) // 64 * 64
+    # 3b: the real vocabulary's size (its head is a large part of a decode step), the tokenizer using its first ids
+    vocab_size = (len(tokenizer) + 63) // 64 * 64 if size == "tiny" else QWEN_VOCAB_SIZE
     text = text_config(size, vocab_size)
     ids = {
         name: tokenizer.convert_tokens_to_ids(token)

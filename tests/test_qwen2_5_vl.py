@@ -169,6 +169,10 @@ def test_generate_with_onnxruntime_genai_runs_the_parts(qwen: Path, image_file: 
     assert result["backend"] == "onnxruntime-genai" and 1 <= len(result["tokens"]) <= 4
 
 
+def test_a_decoder_from_onnxruntime_genais_builder_is_refused_in_one_line(qwen: Path) -> None:
+    assert_refused(qwen, "convert", "--decoder", "builder", "--name", "onnx-builder", fragments=("qwen2_5_vl_text", "--decoder torch"))
+
+
 def test_an_image_smaller_than_the_28_px_merge_unit_is_scaled_up_by_the_processor(qwen: Path, tmp_path: Path) -> None:
     tiny = tmp_path / "tiny.png"
     sample_image(14).resize((12, 9)).save(tiny)

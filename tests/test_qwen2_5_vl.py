@@ -48,7 +48,7 @@ def _greedy(model_dir: Path, prompts: list[str], images: list[Any], new_tokens: 
     from vlmopt.runners.generate import GenerateRequest, HfGenerateRunner, OrtGenerateRunner
 
     preprocessor = _preprocessor(model_dir)
-    prompt = preprocessor(prompts, images, images_per_prompt=[1] * len(prompts) if len(prompts) > 1 else None)
+    prompt = preprocessor(prompts, images, images_per_prompt=[1] * len(prompts) if len(prompts) > 1 and images else None)
     request = GenerateRequest(prompt, new_tokens, preprocessor.eos_token_ids, preprocessor.pad_token_id, min_new_tokens=new_tokens)
     with HfGenerateRunner(model_dir / "hf", threads=1) as hf, OrtGenerateRunner(model_dir / "onnx", PARTS, threads=1, contract=preprocessor.contract) as ort:
         return hf.generate(request).tokens, ort.generate(request).tokens
@@ -129,6 +129,12 @@ def test_greedy_generation_equals_transformers_on_images_of_different_sizes(qwen
 
 def test_a_left_padded_batch_of_two_unequal_prompts_generates_what_transformers_generates(qwen: Path, images: list[Any]) -> None:
     expected, got = _greedy(qwen, list(PROMPTS), images)
+
+    assert got == expected and len(got) == 2
+
+
+def test_a_text_only_batch_of_two_generates_what_transformers_generates(qwen: Path) -> None:
+    expected, got = _greedy(qwen, ["Describe a cat.", "What is a color? Answer briefly, then explain."], [])
 
     assert got == expected and len(got) == 2
 

@@ -143,7 +143,11 @@ def make_inputs(tower: Tower, sizes: dict[str, int], seed: int = 0) -> dict[str,
             feed[spec.name] = np.ones(shape, np.int64) if shared else _left_padded_mask(shape[0], shape[1], rng)
         elif spec.role == "position_ids":
             mask = next(feed[s.name] for s in tower.inputs if s.role == "decoder_attention_mask")
-            feed[spec.name] = position_ids(mask, shape[1])
+            # [batch, sequence], or M-RoPE's [axes, batch, sequence]: text positions, the same on every axis
+            feed[spec.name] = np.ascontiguousarray(np.broadcast_to(position_ids(mask, shape[-1]), shape))
+        elif spec.role == "image_grid_thw":
+            # every image the tower's dummy patch grid (`meta["image_grid"]`), as many patches as `num_patches` holds
+            feed[spec.name] = np.tile(np.asarray(tower.meta["image_grid"], np.int64), (shape[0], 1))
         else:
             raise ValueError(f"no generator for input role '{spec.role}'")
     return feed

@@ -23,6 +23,7 @@ def all_families() -> tuple[Family, ...]:
     from vlmopt.families.gemma3 import Gemma3Family
     from vlmopt.families.llava import LlavaFamily
     from vlmopt.families.llava_next import LlavaNextFamily, LlavaOnevisionFamily
+    from vlmopt.families.qwen2_5_vl import Qwen2_5_VlFamily
     from vlmopt.families.smolvlm import SmolVlmFamily
     from vlmopt.families.vit import VitFamily
 
@@ -44,6 +45,7 @@ def all_families() -> tuple[Family, ...]:
         Gemma3Family(),
         LlavaNextFamily(),
         LlavaOnevisionFamily(),
+        Qwen2_5_VlFamily(),
     )
 
 

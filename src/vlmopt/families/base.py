@@ -17,8 +17,9 @@ class TensorSpec:
     `role` tells the dummy-input generator what to put in an input (`vlmopt.inputs`): "image",
     "input_ids", "attention_mask", "token_type_ids"; for generative parts also "image_input_ids"
     (token ids holding runs of the image token), "image_features", "inputs_embeds",
-    "decoder_attention_mask" (left-padded, over past and new positions), "position_ids",
-    "past_key" and "past_value", "feature_rows" and "feature_weights" (a packing gather over image feature rows).
+    "decoder_attention_mask" (left-padded, over past and new positions), "position_ids" ([batch, sequence], or
+    M-RoPE's [3, batch, sequence]), "image_grid_thw" (each image the tower's `meta["image_grid"]`), "past_key" and
+    "past_value", "feature_rows" and "feature_weights" (a packing gather over image feature rows).
     Outputs carry the role "output".
     """
 

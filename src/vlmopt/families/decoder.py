@@ -58,14 +58,16 @@ class KvCacheLayout:
     def present_names(self) -> list[str]:
         return [name.format(i=i) for i in range(self.num_layers) for name in (PRESENT_KEY, PRESENT_VALUE)]
 
-    def inputs(self, position_ids: bool = True, extra: tuple[TensorSpec, ...] = ()) -> tuple[TensorSpec, ...]:
+    def inputs(self, position_ids: bool = True, extra: tuple[TensorSpec, ...] = (), position_axes: int | None = None) -> tuple[TensorSpec, ...]:
         """The decoder's inputs; `extra` (a family's per-position inputs, `GenerativeContract.decoder_inputs`) go
-        after the positions and before the pasts."""
+        after the positions and before the pasts. `position_axes`: position_ids [axes, batch, sequence] (M-RoPE's 3)."""
         specs = [
             TensorSpec("inputs_embeds", ("batch", "sequence", self.hidden_size), "float32", "inputs_embeds"),
             TensorSpec("attention_mask", ("batch", "total_sequence"), "int64", "decoder_attention_mask"),
         ]
-        if position_ids:
+        if position_ids and position_axes:
+            specs.append(TensorSpec("position_ids", (position_axes, "batch", "sequence"), "int64", "position_ids"))
+        elif position_ids:
             specs.append(TensorSpec("position_ids", ("batch", "sequence"), "int64", "position_ids"))
         specs += extra
         cache = ("batch", self.kv_heads, "past_sequence", self.head_dim)
@@ -80,14 +82,22 @@ class KvCacheLayout:
             specs += [TensorSpec(PRESENT_KEY.format(i=i), cache), TensorSpec(PRESENT_VALUE.format(i=i), cache)]
         return tuple(specs)
 
-    def tower(self, wrap: Any, config: Any, meta: dict[str, Any] | None = None, contract: str = CONCAT, extra: tuple[TensorSpec, ...] = ()) -> Tower:
+    def tower(
+        self,
+        wrap: Any,
+        config: Any,
+        meta: dict[str, Any] | None = None,
+        contract: str = CONCAT,
+        extra: tuple[TensorSpec, ...] = (),
+        position_axes: int | None = None,
+    ) -> Tower:
         """The `decoder` tower: inputs_embeds + mask (+ positions) + past -> logits + present, in `contract`:
         CONCAT (a graph exported from PyTorch: position_ids, present = past + new) or SHARED (GroupQueryAttention,
         as onnxruntime-genai's builder makes it: rotary positions inside the operator, one past/present buffer)."""
         vocab = text_vocab(config)
         return Tower(
             name="decoder",
-            inputs=self.inputs(position_ids=contract == CONCAT, extra=extra),
+            inputs=self.inputs(position_ids=contract == CONCAT, extra=extra, position_axes=position_axes),
             outputs=self.outputs(),
             wrap=wrap,
             vocab=TextVocab(**{**vocab.to_json(), "max_length": self.max_positions}),

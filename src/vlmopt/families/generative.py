@@ -75,6 +75,12 @@ class GenerativeContract:
     the processor's values over the prompt, 0 for every generated token (Gemma 3's `token_type_ids`, which make each
     image's tokens attend to each other both ways at prefill, as transformers' generate passes them at its first step
     only); the preprocessor puts them in `Prompt.decoder_inputs` under these names.
+    `reference_inputs`: what transformers' `generate` takes from the processor's output beside the ids, mask and vision
+    inputs, and vlmopt's parts do not (Qwen2.5-VL's `mm_token_type_ids`, from which it finds the image runs for M-RoPE);
+    the preprocessor puts them in `Prompt.reference_inputs`.
+    `positions`: POSITIONS_1D (the decoder's position_ids [batch, sequence] follow from the mask) or POSITIONS_MROPE
+    (position_ids [3, batch, sequence]: the family computes the prompt's, `GenerativeFamily.prompt_positions`, and a
+    decode step's are the mask's 1-D positions shifted by each row's offset at prefill, as transformers' rope_deltas).
     `genai_model_type`: the model type `genai_config.json` declares, None where onnxruntime-genai runs none of
     this family (vlmopt's loop is then its only ONNX generation backend)."""
 
@@ -84,6 +90,7 @@ class GenerativeContract:
     positions: str = POSITIONS_1D
     vision_inputs: tuple[str, ...] = ()
     decoder_inputs: tuple[str, ...] = ()
+    reference_inputs: tuple[str, ...] = ()
     cache: str = SELF_ATTENTION
     genai_model_type: str | None = None
 
@@ -101,6 +108,7 @@ class GenerativeContract:
             "positions": self.positions,
             "vision_inputs": list(self.vision_inputs),
             "decoder_inputs": list(self.decoder_inputs),
+            "reference_inputs": list(self.reference_inputs),
             "cache": self.cache,
             "genai_model_type": self.genai_model_type,
         }
@@ -110,7 +118,9 @@ class GenerativeContract:
 class Prompt:
     """Token ids with the image tokens expanded, the attention mask (left padding), the pixels, the vision part's
     other inputs (`GenerativeContract.vision_inputs`) and the decoder's per-position ones over the prompt
-    (`GenerativeContract.decoder_inputs`): identical for every backend."""
+    (`GenerativeContract.decoder_inputs`), the decoder's positions over the prompt where the contract's scheme needs more
+    than the mask (M-RoPE: [3, batch, sequence], else None) and what only transformers' reference takes
+    (`GenerativeContract.reference_inputs`): identical for every backend."""
 
     input_ids: np.ndarray
     attention_mask: np.ndarray
@@ -119,6 +129,8 @@ class Prompt:
     num_images: int
     vision_inputs: dict[str, np.ndarray] = field(default_factory=dict)
     decoder_inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    position_ids: np.ndarray | None = None
+    reference_inputs: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class GenerativeFamily(Family):
@@ -164,6 +176,18 @@ class GenerativeFamily(Family):
     def generate_inputs(self, pixel_values: Any, vision_inputs: dict[str, Any]) -> dict[str, Any]:
         """What transformers' `generate` takes for the vision part's inputs (torch tensors, as the prompt holds them)."""
         return {PIXEL_VALUES: pixel_values, **vision_inputs}
+
+    def prompt_positions(
+        self, config: Any, encoded: Any, input_ids: np.ndarray, attention_mask: np.ndarray, vision_inputs: dict[str, np.ndarray]
+    ) -> np.ndarray | None:
+        """The decoder's position_ids over the prompt where the contract's position scheme needs more than the mask
+        (POSITIONS_MROPE: [3, batch, sequence], from the reference's own code); None: 1-D, from the mask."""
+        return None
+
+    def genai_entries(self, config: Any) -> dict[str, dict[str, Any]]:
+        """What `genai_config.json` declares beside the parts' files and tensors for this checkpoint: entries of the
+        "model" section and of each part's section (by part name), as onnxruntime-genai's model type reads them."""
+        return {}
 
     # -- the towers --------------------------------------------------------------------------------------------
     def check_config(self, config: Any) -> None:
@@ -252,6 +276,7 @@ class GenerativeFamily(Family):
             },
             contract=SHARED if maker == "builder" else CONCAT,
             extra=extra,
+            position_axes=3 if self.contract.positions == POSITIONS_MROPE else None,
         )
 
     def decoder_module(self, model: Any, maker: str) -> Any:
@@ -378,7 +403,10 @@ class VlmPreprocessor:
         expected = self.expected_image_tokens(len(images), pixels, extra) if images else 0
         if found != expected:
             raise VlmoptError(self.image_token_mismatch(found, len(images), expected))
-        return Prompt(ids, encoded[ATTENTION_MASK].astype(np.int64), pixels, texts, len(images), extra, self.decoder_inputs(encoded, ids))
+        mask = encoded[ATTENTION_MASK].astype(np.int64)
+        positions = self.family.prompt_positions(self.config, encoded, ids, mask, extra) if self.contract.positions == POSITIONS_MROPE else None
+        reference = {name: np.asarray(encoded[name]) for name in self.contract.reference_inputs if encoded.get(name) is not None}
+        return Prompt(ids, mask, pixels, texts, len(images), extra, self.decoder_inputs(encoded, ids), positions, reference)
 
     def decoder_inputs(self, encoded: Any, input_ids: np.ndarray) -> dict[str, np.ndarray]:
         """The contract's per-position decoder inputs over the prompt, from the processor's output."""

@@ -59,6 +59,7 @@ def write_genai_config(folder: Path, towers: dict[str, Any], preprocessor: Any) 
     }
     vocab = interface.vocab
     eos = preprocessor.eos_token_ids
+    entries = preprocessor.family.genai_entries(preprocessor.config)
     config = {
         "model": {
             "type": model_type,
@@ -67,6 +68,7 @@ def write_genai_config(folder: Path, towers: dict[str, Any], preprocessor: Any) 
             "pad_token_id": preprocessor.pad_token_id,
             "vocab_size": layout["vocab_size"],
             "context_length": layout["max_positions"],
+            **entries.get("model", {}),
             contract.decoder.name: {
                 "filename": decoder.file,
                 "session_options": session,
@@ -87,8 +89,9 @@ def write_genai_config(folder: Path, towers: dict[str, Any], preprocessor: Any) 
             contract.vision.name: {
                 "filename": towers[contract.vision.name].file,
                 "session_options": session,
-                "inputs": {"pixel_values": PIXEL_VALUES},
+                "inputs": {"pixel_values": PIXEL_VALUES, **{name: name for name in contract.vision_inputs}},
                 "outputs": {"image_features": IMAGE_FEATURES},
+                **entries.get(contract.vision.name, {}),
             },
         },
         "search": {

@@ -40,6 +40,7 @@ from vlmopt.families.generative import (
     PIXEL_VALUES,
     POSITION_IDS,
     POSITIONS_1D,
+    POSITIONS_MROPE,
     SELF_ATTENTION,
     GenerativeContract,
     Prompt,
@@ -274,6 +275,7 @@ class HfGenerateRunner(GenerateRunner):
             extra = {name: torch.from_numpy(value) for name, value in prompt.vision_inputs.items()}
             kwargs.update(self.family.generate_inputs(torch.from_numpy(prompt.pixel_values), extra))
         kwargs.update({name: torch.from_numpy(value) for name, value in prompt.decoder_inputs.items()})
+        kwargs.update({name: torch.from_numpy(value) for name, value in prompt.reference_inputs.items()})
         if request.sampling.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
@@ -304,7 +306,7 @@ class OrtParts:
 
     def __init__(self, folder: Path, files: dict[str, str], threads: int | None = None, contract: GenerativeContract | None = None):
         contract = contract or GenerativeContract()
-        if contract.positions != POSITIONS_1D or contract.cache != SELF_ATTENTION:
+        if contract.positions not in (POSITIONS_1D, POSITIONS_MROPE) or contract.cache != SELF_ATTENTION:
             raise VlmoptError(
                 f"vlmopt's ONNX Runtime loop runs 1-D positions and a self-attention cache, not {contract.positions} positions "
                 f"with a {contract.cache} cache; generate with --backend transformers"
@@ -323,6 +325,14 @@ class OrtParts:
         if not self.past_names or len(self.past_names) != len(self.present_names):
             raise VlmoptError(f"{files[decoder]} is not a decoder with a KV cache (past_key_values.* -> present.*)")
         self.takes_positions = POSITION_IDS in inputs
+        #: M-RoPE decoders take position_ids [3, batch, sequence]: the prompt's from the preprocessor, text positions elsewhere
+        shape = inputs[POSITION_IDS].shape if self.takes_positions else ()
+        self.position_axes = int(shape[0]) if len(shape) == 3 else 0
+        if (contract.positions == POSITIONS_MROPE) != (self.position_axes > 0):
+            raise VlmoptError(
+                f"the contract declares {contract.positions} positions but {files[decoder]} takes "
+                f"{f'{len(shape)}-D' if self.takes_positions else 'no'} position_ids; re-make it with `vlmopt convert`"
+            )
         #: the contract's per-position decoder inputs this graph takes: the prompt's values at prefill, 0 afterwards
         self.position_inputs = [name for name in contract.decoder_inputs if name in inputs]
         #: convert gives the decoder `logits_to_keep` (a prefill computes its last position's logits only)
@@ -353,11 +363,17 @@ class OrtParts:
     def empty_past(self, batch: int, length: int = 0) -> np.ndarray:
         return np.zeros((batch, self.kv_heads, length, self.head_dim), self.past_dtype)
 
-    def step_feed(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        """One decoder run's inputs; `extra`: the contract's per-position decoder inputs for these positions (0 where absent)."""
+    def step_feed(
+        self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, extra: dict[str, np.ndarray] | None = None, positions: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        """One decoder run's inputs; `extra`: the contract's per-position decoder inputs for these positions (0 where absent);
+        `positions`: these positions' ids where they are not the mask's 1-D ones (M-RoPE), broadcast over the decoder's axes."""
         feed = {INPUTS_EMBEDS: np.ascontiguousarray(inputs_embeds.astype(self.embeds_dtype)), ATTENTION_MASK: np.ascontiguousarray(attention_mask)}
         if self.takes_positions:
-            feed[POSITION_IDS] = position_ids(attention_mask, inputs_embeds.shape[1])
+            found = position_ids(attention_mask, inputs_embeds.shape[1]) if positions is None else positions.astype(np.int64)
+            if self.position_axes and found.ndim == 2:
+                found = np.broadcast_to(found, (self.position_axes, *found.shape))
+            feed[POSITION_IDS] = np.ascontiguousarray(found)
         for name in self.position_inputs:
             given = (extra or {}).get(name)
             feed[name] = np.zeros(inputs_embeds.shape[:2], np.int64) if given is None else np.ascontiguousarray(given.astype(np.int64))
@@ -391,17 +407,21 @@ class KvCache:
         self.values = [ort.OrtValue.ortvalue_from_numpy(parts.empty_past(batch, length)) for _ in parts.past_names]
         self._bind_pasts()
         self.mask: np.ndarray = np.zeros((batch, 0), np.int64)  # concat: the left-padded mask so far
+        #: M-RoPE: each row's shift of its decode positions from the mask's 1-D ones (transformers' rope_deltas)
+        self.position_offsets: np.ndarray | None = None
         self.lengths = np.zeros(batch, np.int64)  # shared: each row's positions so far
 
     def _bind_pasts(self) -> None:
         for name, value in zip(self.parts.past_names, self.values, strict=True):
             self.binding.bind_ortvalue_input(name, value)
 
-    def _run(self, inputs_embeds: np.ndarray, mask: np.ndarray, keep: int = 0, extra: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    def _run(
+        self, inputs_embeds: np.ndarray, mask: np.ndarray, keep: int = 0, extra: dict[str, np.ndarray] | None = None, positions: np.ndarray | None = None
+    ) -> np.ndarray:
         """One decoder run on the cache; the logits of the last `keep` positions where the decoder takes
         `logits_to_keep` (0: every position; bound every run, since a binding outlives the run)."""
         parts, binding = self.parts, self.binding
-        for name, value in parts.step_feed(inputs_embeds, mask, extra).items():
+        for name, value in parts.step_feed(inputs_embeds, mask, extra, positions).items():
             binding.bind_cpu_input(name, value)
         if parts.keeps_logits:
             binding.bind_cpu_input(LOGITS_TO_KEEP, np.array(keep, np.int64))
@@ -424,12 +444,31 @@ class KvCache:
             raise VlmoptError(f"the KV cache holds {self.capacity} positions; this step needs {int(self.lengths.max())}")
         return (np.arange(int(self.lengths.max()))[None, :] < self.lengths[:, None]).astype(np.int64)
 
-    def prefill(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    def _positions(self, positions: np.ndarray | None, attention_mask: np.ndarray) -> np.ndarray | None:
+        """The prompt's own positions (M-RoPE), with each row's offset kept for its decode steps: the row's highest
+        position + 1 - its token count, as transformers' rope_deltas (0 for text alone)."""
+        if positions is None:
+            self.position_offsets = None
+            return None
+        valid = attention_mask.astype(bool)
+        highest = np.where(valid[None], positions, np.iinfo(np.int64).min).max(axis=(0, 2))
+        self.position_offsets = highest + 1 - valid.sum(1)
+        return positions
+
+    def _step_positions(self, new: int) -> np.ndarray | None:
+        if self.position_offsets is None:
+            return None
+        return position_ids(self.mask, new) + self.position_offsets[:, None]
+
+    def prefill(
+        self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, extra: dict[str, np.ndarray] | None = None, positions: np.ndarray | None = None
+    ) -> np.ndarray:
         """The prompt (left-padded rows) into the cache; the logits of every position, left-padded like the input.
-        `extra`: the contract's per-position decoder inputs over the prompt."""
+        `extra`: the contract's per-position decoder inputs over the prompt; `positions`: the prompt's position_ids
+        where they are not the mask's (M-RoPE, `Prompt.position_ids`)."""
         if not self.parts.shares_buffer:
             self.mask = attention_mask.astype(np.int64)
-            return self._run(inputs_embeds, self.mask, extra=extra)
+            return self._run(inputs_embeds, self.mask, extra=extra, positions=self._positions(positions, attention_mask))
         width = attention_mask.shape[1]
         moved = self._moved_left(inputs_embeds, attention_mask)
         logits = self._run(moved, self._shared_mask()[:, :width], extra=self._extra_moved_left(extra, attention_mask))
@@ -438,14 +477,16 @@ class KvCache:
             back[row, width - n :] = logits[row, :n]
         return back
 
-    def prefill_last(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    def prefill_last(
+        self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, extra: dict[str, np.ndarray] | None = None, positions: np.ndarray | None = None
+    ) -> np.ndarray:
         """The prompt into the cache, like `prefill`; only each row's logits at its last position ([batch, vocab]), and
         only those computed where the decoder takes `logits_to_keep` (rows of unequal length in the shared contract:
         from the shortest row's last position on)."""
         width = attention_mask.shape[1]
         if not self.parts.shares_buffer:
             self.mask = attention_mask.astype(np.int64)
-            return self._run(inputs_embeds, self.mask, keep=1, extra=extra)[:, -1]
+            return self._run(inputs_embeds, self.mask, keep=1, extra=extra, positions=self._positions(positions, attention_mask))[:, -1]
         moved = self._moved_left(inputs_embeds, attention_mask)
         keep = width - int(self.lengths.min()) + 1
         logits = self._run(moved, self._shared_mask()[:, :width], keep=keep, extra=self._extra_moved_left(extra, attention_mask))
@@ -479,7 +520,7 @@ class KvCache:
         new = inputs_embeds.shape[1]
         if not self.parts.shares_buffer:
             self.mask = np.concatenate([self.mask, np.ones((len(self.mask), new), np.int64)], axis=1)
-            return self._run(inputs_embeds, self.mask)
+            return self._run(inputs_embeds, self.mask, positions=self._step_positions(new))
         self.lengths = self.lengths + new
         return self._run(inputs_embeds, self._shared_mask())
 
@@ -518,7 +559,7 @@ class OrtGenerateRunner(GenerateRunner):
         batch, prompt_length = prompt.attention_mask.shape
         cache = parts.cache(batch, prompt_length + request.max_new_tokens)
         pick = TokenPicker(request.sampling)
-        logits = cache.prefill_last(parts.embed(prompt.input_ids, features), prompt.attention_mask, prompt.decoder_inputs)
+        logits = cache.prefill_last(parts.embed(prompt.input_ids, features), prompt.attention_mask, prompt.decoder_inputs, prompt.position_ids)
         while True:
             tokens = steps.add(pick(steps.suppress(logits.astype(np.float32))))
             if steps.finished:

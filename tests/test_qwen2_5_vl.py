@@ -1,0 +1,288 @@
+"""Qwen2.5-VL end to end on the tiny demo: patches + image_grid_thw through the vision part, M-RoPE positions in the
+loop, greedy generation token for token against transformers, per-part quantization, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from conftest import assert_bad_input, assert_refused, manifest, vlmopt, vlmopt_json
+from vlmopt.samples import sample_image
+
+PARTS = {"vision": "vision.onnx", "embedding": "embedding.onnx", "decoder": "decoder.onnx"}
+PROMPTS = ("Describe this image.", "What is in this picture, and what colour is it?")
+
+
+@pytest.fixture(scope="module")
+def qwen(converted: Callable[[str], Path]) -> Path:
+    return converted("qwen2_5_vl")
+
+
+@pytest.fixture(scope="module")
+def images() -> list[Any]:
+    """Two pictures of different sizes: 16x16 and 6x14 patches, so 64 and 21 image tokens."""
+    return [sample_image(11), sample_image(12).resize((200, 90))]
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("qwen-images") / "wide.png"
+    sample_image(13).resize((200, 90)).save(path)
+    return path
+
+
+def _preprocessor(model_dir: Path) -> Any:
+    from vlmopt.families.qwen2_5_vl import Qwen2_5_VlPreprocessor
+
+    return Qwen2_5_VlPreprocessor(model_dir / "hf")
+
+
+def _greedy(model_dir: Path, prompts: list[str], images: list[Any], new_tokens: int = 16) -> tuple[list[list[int]], list[list[int]]]:
+    """transformers' generate and vlmopt's ONNX Runtime loop on the same prompt: (expected, got)."""
+    from vlmopt.runners.generate import GenerateRequest, HfGenerateRunner, OrtGenerateRunner
+
+    preprocessor = _preprocessor(model_dir)
+    prompt = preprocessor(prompts, images, images_per_prompt=[1] * len(prompts) if len(prompts) > 1 and images else None)
+    request = GenerateRequest(prompt, new_tokens, preprocessor.eos_token_ids, preprocessor.pad_token_id, min_new_tokens=new_tokens)
+    with HfGenerateRunner(model_dir / "hf", threads=1) as hf, OrtGenerateRunner(model_dir / "onnx", PARTS, threads=1, contract=preprocessor.contract) as ort:
+        return hf.generate(request).tokens, ort.generate(request).tokens
+
+
+def test_images_of_different_sizes_take_different_numbers_of_image_tokens(qwen: Path, images: list[Any]) -> None:
+    preprocessor = _preprocessor(qwen)
+    prompts = [preprocessor(PROMPTS[0], [image]) for image in images]
+
+    assert [p.vision_inputs["image_grid_thw"].tolist() for p in prompts] == [[[1, 16, 16]], [[1, 6, 14]]]
+    assert [int((p.input_ids == preprocessor.image_token_id).sum()) for p in prompts] == [64, 21]
+
+
+def test_prompt_positions_are_transformers_own_m_rope_positions_and_deltas(qwen: Path, images: list[Any]) -> None:
+    import torch
+
+    from vlmopt.hf import load_model
+
+    preprocessor = _preprocessor(qwen)
+    prompt = preprocessor(list(PROMPTS), images, images_per_prompt=[1, 1])
+    model = load_model(qwen / "hf")
+    expected, _ = model.model.get_rope_index(
+        torch.from_numpy(prompt.input_ids),
+        mm_token_type_ids=torch.from_numpy(prompt.reference_inputs["mm_token_type_ids"]),
+        image_grid_thw=torch.from_numpy(prompt.vision_inputs["image_grid_thw"]),
+        attention_mask=torch.from_numpy(prompt.attention_mask),
+    )
+
+    assert prompt.position_ids.shape == (3, 2, prompt.input_ids.shape[1])
+    assert np.array_equal(prompt.position_ids, expected.numpy())
+    assert not np.array_equal(prompt.position_ids[1], prompt.position_ids[2])  # the image rows and columns differ
+
+
+def test_convert_verifies_every_part_and_greedy_generation_against_transformers(qwen: Path) -> None:
+    verification = manifest(qwen)["artifacts"]["onnx"]["verification"]
+    against_transformers = {tower for tower, checks in verification["towers"].items() if any(c["data"] == "transformers" for c in checks)}
+    metrics = {m["name"]: m for m in verification["metrics"]}
+
+    assert against_transformers == {"vision", "embedding", "decoder"}
+    assert verification["passed"] and verification["failures"] == []
+    assert metrics["greedy generation identical to transformers"]["value"] == 1.0
+
+
+def test_the_decoder_part_takes_three_axis_position_ids(qwen: Path) -> None:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(qwen / "onnx" / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    shape = next(i.shape for i in session.get_inputs() if i.name == "position_ids")
+
+    assert shape[0] == 3 and len(shape) == 3
+
+
+def test_the_onnx_vision_part_equals_transformers_at_two_image_sizes_and_two_images(qwen: Path, images: list[Any]) -> None:
+    import torch
+
+    from vlmopt.hf import load_model
+    from vlmopt.runners.generate import OrtParts
+
+    preprocessor = _preprocessor(qwen)
+    model = load_model(qwen / "hf", attn_implementation="eager")
+    parts = OrtParts(qwen / "onnx", PARTS, threads=1, contract=preprocessor.contract)
+    for batch in ([images[0]], [images[1]], images):
+        pixels, extra = preprocessor.images(batch)
+        with torch.inference_mode():
+            expected = preprocessor.family.image_features(model, torch.from_numpy(pixels), **{k: torch.from_numpy(v) for k, v in extra.items()}).numpy()
+        got = parts.encode_images(pixels, extra)
+
+        assert got.shape == expected.shape == (int(np.prod(extra["image_grid_thw"], -1).sum()) // 4, 64)
+        assert np.abs(got - expected).max() < 1e-5
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_greedy_generation_equals_transformers_on_images_of_different_sizes(qwen: Path, images: list[Any], which: int) -> None:
+    expected, got = _greedy(qwen, [PROMPTS[which]], [images[which]])
+
+    assert got == expected and len(got[0]) == 16
+
+
+def test_a_left_padded_batch_of_two_unequal_prompts_generates_what_transformers_generates(qwen: Path, images: list[Any]) -> None:
+    expected, got = _greedy(qwen, list(PROMPTS), images)
+
+    assert got == expected and len(got) == 2
+
+
+def test_a_text_only_batch_of_two_generates_what_transformers_generates(qwen: Path) -> None:
+    expected, got = _greedy(qwen, ["Describe a cat.", "What is a color? Answer briefly, then explain."], [])
+
+    assert got == expected and len(got) == 2
+
+
+def test_generate_runs_the_onnx_parts_through_vlmopts_loop(qwen: Path, image_file: Path) -> None:
+    result = vlmopt_json("generate", qwen, "--image", image_file, "--prompt", "Describe this image.", "--max-new-tokens", 8)
+
+    assert result["backend"] == "onnxruntime" and 1 <= len(result["tokens"]) <= 8
+    assert result["prompt_tokens"] > 21  # the image's 21 tokens and the chat template
+
+
+def test_onnxruntime_genai_generates_what_transformers_generates_on_images_of_different_sizes(qwen: Path, images: list[Any]) -> None:
+    from vlmopt.runners.genai import GenaiGenerateRunner
+    from vlmopt.runners.generate import GenerateRequest, HfGenerateRunner
+
+    preprocessor = _preprocessor(qwen)
+    tall = sample_image(5).resize((150, 260))  # 18x10 patches: rows and columns differ the other way
+    prompts = [preprocessor(text, [image]) for text, image in zip((*PROMPTS, "A cat? Answer briefly."), (*images, tall), strict=True)]
+    requests = [GenerateRequest(p, 16, preprocessor.eos_token_ids, preprocessor.pad_token_id, min_new_tokens=16) for p in prompts]
+    with HfGenerateRunner(qwen / "hf", threads=1) as hf, GenaiGenerateRunner(qwen / "onnx", preprocessor.image_token_id, threads=1) as genai:
+        expected = [hf.generate(r).tokens for r in requests]
+        got = [genai.generate(r).tokens for r in requests]
+
+    assert got == expected
+
+
+def test_convert_records_onnxruntime_genai_generation_identical_to_transformers(qwen: Path) -> None:
+    metrics = {m["name"]: m for m in manifest(qwen)["artifacts"]["onnx"]["verification"]["metrics"]}
+    config = json.loads((qwen / "onnx" / "genai_config.json").read_text())
+
+    assert config["model"]["type"] == "qwen2_5_vl" and "image_grid_thw" in config["model"]["vision"]["inputs"]
+    assert metrics["onnxruntime-genai generation identical to transformers"]["value"] == 1.0
+
+
+def test_generate_with_onnxruntime_genai_runs_the_parts(qwen: Path, image_file: Path) -> None:
+    result = vlmopt_json("generate", qwen, "--image", image_file, "--prompt", "Describe this image.", "--max-new-tokens", 4, "--backend", "onnxruntime-genai")
+
+    assert result["backend"] == "onnxruntime-genai" and 1 <= len(result["tokens"]) <= 4
+
+
+def test_a_decoder_from_onnxruntime_genais_builder_is_refused_in_one_line(qwen: Path) -> None:
+    assert_refused(qwen, "convert", "--decoder", "builder", "--name", "onnx-builder", fragments=("qwen2_5_vl_text", "--decoder torch"))
+
+
+def test_an_image_smaller_than_the_28_px_merge_unit_is_scaled_up_by_the_processor(qwen: Path, tmp_path: Path) -> None:
+    tiny = tmp_path / "tiny.png"
+    sample_image(14).resize((12, 9)).save(tiny)
+
+    result = vlmopt_json("generate", qwen, "--image", tiny, "--prompt", "Describe.", "--max-new-tokens", 2)
+
+    assert 1 <= len(result["tokens"]) <= 2 and result["prompt_tokens"] > 4  # at least 56x56 px: 4 image tokens
+
+
+def test_quantize_parts_decoder_int4_and_vision_int8_records_token_agreement_and_perplexity(
+    tmp_path_factory: pytest.TempPathFactory, qwen: Path, image_file: Path
+) -> None:
+    model_dir = tmp_path_factory.mktemp("qwen-quantized") / "qwen"
+    shutil.copytree(qwen, model_dir)
+    # random weights: the gates are off, the figures are still measured and recorded
+    made = vlmopt_json(
+        "quantize", model_dir, "--part", "decoder=int4", "--part", "vision=int8",
+        "--min-token-agreement", "off", "--max-ppl-increase", "off", "--min-cosine", "off",
+    )  # fmt: skip
+    name = made["artifact"]["name"]
+    artifact = manifest(model_dir)["artifacts"][name]
+    metrics = {m["name"]: m for m in artifact["verification"]["metrics"]}
+
+    assert {"teacher-forced next-token top-1 agreement", "perplexity increase", "greedy exact-match rate"} <= set(metrics)
+    assert 0.0 <= metrics["teacher-forced next-token top-1 agreement"]["value"] <= 1.0
+    result = vlmopt_json("generate", model_dir, name, "--image", image_file, "--prompt", "Describe.", "--max-new-tokens", 4)
+    assert len(result["tokens"]) >= 1
+
+
+# -- bad input -------------------------------------------------------------------------------------
+def test_more_images_than_the_prompt_has_image_markers_is_refused(qwen: Path, image_file: Path) -> None:
+    assert_refused(
+        qwen, "generate", "--image", image_file, "--image", image_file, "--prompt", "<|image_pad|> Describe.", fragments=("1 <|image_pad|> marker", "2 image")
+    )
+
+
+def test_a_raw_prompt_whose_image_tokens_do_not_match_the_image_is_refused(qwen: Path, image_file: Path) -> None:
+    raw = "<|im_start|>user\n<|vision_start|><|image_pad|><|image_pad|><|vision_end|>Describe.<|im_end|>\n<|im_start|>assistant\n"
+
+    assert_refused(qwen, "generate", "--image", image_file, "--raw-prompt", "--prompt", raw, fragments=("2 <|image_pad|> marker", "1 image"))
+
+
+def test_an_image_200_times_longer_than_wide_is_refused(qwen: Path, tmp_path: Path) -> None:
+    thin = tmp_path / "thin.png"
+    sample_image(15).resize((600, 2)).save(thin)
+
+    assert_refused(qwen, "generate", "--image", thin, "--prompt", "Describe.", fragments=("600x2", "200 times"))
+
+
+@pytest.mark.parametrize(
+    ("edit", "fragments"),
+    [
+        (lambda c: c["vision_config"].update(out_hidden_size=48), ("out_hidden_size 48", "hidden_size is 64")),
+        (lambda c: c.update(image_token_id=c["text_config"]["vocab_size"] + 5), ("image token id", "vocabulary", "disagree")),
+    ],
+    ids=["vision-out-hidden-size", "image-token-id"],
+)
+def test_a_checkpoint_whose_vision_and_text_configs_disagree_is_refused(
+    demo_source: Callable[[str], Path], tmp_path: Path, edit: Any, fragments: tuple[str, ...]
+) -> None:
+    source = tmp_path / "disagreeing"
+    shutil.copytree(demo_source("qwen2_5_vl"), source)
+    config = json.loads((source / "config.json").read_text())
+    edit(config)
+    (source / "config.json").write_text(json.dumps(config))
+
+    result = vlmopt("export", source, "-o", tmp_path / "out")
+
+    assert_bad_input(result, *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_whose_image_token_differs_from_the_configs_is_refused(demo_source: Callable[[str], Path], tmp_path: Path) -> None:
+    from vlmopt.errors import VlmoptError
+    from vlmopt.families.qwen2_5_vl import Qwen2_5_VlPreprocessor
+
+    source = tmp_path / "disagreeing"
+    shutil.copytree(demo_source("qwen2_5_vl"), source)
+    config = json.loads((source / "config.json").read_text())
+    config["image_token_id"] = config["video_token_id"]
+    (source / "config.json").write_text(json.dumps(config))
+
+    with pytest.raises(VlmoptError, match=r"image_token_id=\d+; the checkpoint's tokenizer and config disagree") as raised:
+        Qwen2_5_VlPreprocessor(source)
+
+    assert "\n" not in str(raised.value)
+
+
+def test_a_save_pretrained_folder_exports_as_qwen2_5_vl(demo_source: Callable[[str], Path], tmp_path: Path) -> None:
+    made = vlmopt_json("export", demo_source("qwen2_5_vl"), "-o", tmp_path / "model")
+
+    traits = manifest(tmp_path / "model")["artifacts"]["hf"]["traits"]
+    assert made["artifact"]["name"] == "hf" and (traits["family"], traits["model_type"]) == ("qwen2_5_vl", "qwen2_5_vl")
+
+
+def test_the_3b_demo_has_qwen2_5_vl_3bs_sizes_without_being_built() -> None:
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from vlmopt.demo_qwen2_5_vl import QWEN_VOCAB_SIZE, text_config, vision_config
+
+    text = text_config("3b", QWEN_VOCAB_SIZE)
+    config = Qwen2_5_VLConfig(vision_config=vision_config("3b", text["hidden_size"]), text_config=text, tie_word_embeddings=True)
+    with torch.device("meta"):  # shapes only: no memory for 15 GB of weights
+        model = Qwen2_5_VLForConditionalGeneration(config)
+
+    assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == 3.75

@@ -65,19 +65,16 @@ def _greedy(model_dir: Path, prompts: list[str], images: list[Any], new_tokens: 
 
 # -- the packing -----------------------------------------------------------------------------------
 def test_the_vision_part_packs_two_image_sizes_as_transformers_pack_image_features_does(model: Path, images: list[Any]) -> None:
-    import torch
-
     from vlmopt.hf import load_model
-    from vlmopt.runners.generate import OrtParts
+    from vlmopt.runners.generate import HfGenerateRunner, OrtParts
 
     preprocessor = _preprocessor(model)
     reference = load_model(model / "hf")
     parts = OrtParts(model / "onnx", PARTS, threads=1, contract=preprocessor.contract)
     tiles, rows = [], []
     for image in images:
-        pixels, extra = preprocessor.images([image])
-        with torch.inference_mode():
-            expected = preprocessor.family.image_features(reference, torch.from_numpy(pixels), **{k: torch.from_numpy(v) for k, v in extra.items()}).numpy()
+        pixels, extra, sizes = preprocessor.images([image])
+        expected = HfGenerateRunner(model=reference, family=preprocessor.family).encode_images(pixels, extra, sizes)
         got = parts.encode_images(pixels, extra)
         tiles.append(len(pixels))
         rows.append(len(got))
@@ -91,12 +88,25 @@ def test_onevision_shrinks_a_grid_over_its_anyres_max_tiles_bilinearly(demo_sour
     from vlmopt.families.llava_next import IMAGE_WEIGHTS, LlavaOnevisionFamily
 
     preprocessor = LlavaOnevisionFamily().preprocessor(demo_source("llava_onevision"))
-    square, extra = preprocessor.images([sample_image(11)])  # a 6x6 grid: 36 tiles' worth, shrunk to about 9
+    square, extra, _ = preprocessor.images([sample_image(11)])  # a 6x6 grid: 36 tiles' worth, shrunk to about 9
     taps = (extra[IMAGE_WEIGHTS] > 0).sum(axis=1)
 
     assert len(square) == 37
     assert taps.max() == 4  # rows between four grid cells: bilinear
     assert len(extra[IMAGE_WEIGHTS]) < 37 * 16
+
+
+def test_a_prompt_holds_transformers_image_sizes_apart_from_what_the_vision_part_takes(
+    demo_source: Callable[[str], Path], family: str, images: list[Any]
+) -> None:
+    from vlmopt.families import family_named
+    from vlmopt.families.llava_next import BATCH_NUM_IMAGES, IMAGE_ROWS, IMAGE_SIZES, IMAGE_WEIGHTS
+
+    preprocessor = family_named(family).preprocessor(demo_source(family))
+    prompt = preprocessor(list(PROMPTS), images, images_per_prompt=[1, 1])
+
+    assert set(prompt.vision_inputs) == set(preprocessor.contract.vision.takes) - {"pixel_values"} == {IMAGE_ROWS, IMAGE_WEIGHTS}
+    assert set(prompt.reference_inputs) == ({IMAGE_SIZES, BATCH_NUM_IMAGES} if family == "llava_onevision" else {IMAGE_SIZES})
 
 
 def test_a_onevision_prompt_of_two_images_takes_one_tile_of_each(demo_source: Callable[[str], Path], images: list[Any]) -> None:

@@ -102,18 +102,15 @@ def test_the_decoder_part_takes_three_axis_position_ids(qwen: Path) -> None:
 
 
 def test_the_onnx_vision_part_equals_transformers_at_two_image_sizes_and_two_images(qwen: Path, images: list[Any]) -> None:
-    import torch
-
     from vlmopt.hf import load_model
-    from vlmopt.runners.generate import OrtParts
+    from vlmopt.runners.generate import HfGenerateRunner, OrtParts
 
     preprocessor = _preprocessor(qwen)
     model = load_model(qwen / "hf", attn_implementation="eager")
     parts = OrtParts(qwen / "onnx", PARTS, threads=1, contract=preprocessor.contract)
     for batch in ([images[0]], [images[1]], images):
-        pixels, extra = preprocessor.images(batch)
-        with torch.inference_mode():
-            expected = preprocessor.family.image_features(model, torch.from_numpy(pixels), **{k: torch.from_numpy(v) for k, v in extra.items()}).numpy()
+        pixels, extra, reference = preprocessor.images(batch)
+        expected = HfGenerateRunner(model=model, family=preprocessor.family).encode_images(pixels, extra, reference)
         got = parts.encode_images(pixels, extra)
 
         assert got.shape == expected.shape == (int(np.prod(extra["image_grid_thw"], -1).sum()) // 4, 64)

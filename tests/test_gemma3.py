@@ -14,9 +14,9 @@ import onnx
 import pytest
 
 from conftest import assert_bad_input, assert_refused, manifest, vlmopt, vlmopt_json
+from generative import PARTS, PROMPTS, greedy, preprocessor_of, quantize_parts
 from vlmopt.samples import sample_image
 
-PARTS = {"vision": "vision.onnx", "embedding": "embedding.onnx", "decoder": "decoder.onnx"}
 MARKER = "<start_of_image>"
 
 
@@ -29,10 +29,8 @@ def gemma3(converted: Callable[[str], Path]) -> Path:
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory: pytest.TempPathFactory, gemma3: Path) -> Path:
     """int4 decoder and int8 vision (gates off: random weights agree by chance only)."""
-    model_dir = Path(shutil.copytree(gemma3, tmp_path_factory.mktemp("gemma3-quantized") / "gemma3"))
     gates_off = ("--min-token-agreement", "off", "--max-ppl-increase", "off")
-    vlmopt_json("quantize", model_dir, "--part", "decoder=int4", "--part", "vision=int8", *gates_off)
-    return model_dir
+    return quantize_parts(gemma3, tmp_path_factory.mktemp("gemma3-quantized"), gates_off)[0]
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +38,6 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A square picture: one image, no crops."""
     sample_image(3).save(path := tmp_path_factory.mktemp("gemma3-images") / "picture.png")
     return path
-
-
-def _preprocessor(model_dir: Path) -> Any:
-    from vlmopt.families.gemma3 import Gemma3Preprocessor
-
-    return Gemma3Preprocessor(model_dir / "hf")
 
 
 def _axes(path: Path) -> dict[str, list[Any]]:
@@ -99,7 +91,7 @@ def test_the_decoder_lets_each_images_tokens_attend_to_each_other_both_ways_at_p
     from vlmopt.hf import load_model
     from vlmopt.runners.generate import OrtParts
 
-    preprocessor = _preprocessor(gemma3)
+    preprocessor = preprocessor_of(gemma3)
     prompt = preprocessor("Describe this image.", [sample_image(7)])
     types = prompt.decoder_inputs["token_type_ids"]
     parts = OrtParts(gemma3 / "onnx", PARTS, threads=1, contract=preprocessor.contract)
@@ -118,24 +110,18 @@ def test_the_decoder_lets_each_images_tokens_attend_to_each_other_both_ways_at_p
 
 
 def test_images_of_two_shapes_two_prompts_and_an_unequal_batch_generate_what_transformers_generates(gemma3: Path) -> None:
-    from vlmopt.runners.generate import GenerateRequest, HfGenerateRunner, OrtGenerateRunner
-
-    preprocessor = _preprocessor(gemma3)
+    preprocessor = preprocessor_of(gemma3)
     wide, square = sample_image(4).resize((200, 64)), sample_image(5)
-    prompts = ["Describe this image.", "What is in this picture, and what colour is it?"]
-    singles = [preprocessor(prompts[0], [wide]), preprocessor(prompts[1], [square])]
-    batch = preprocessor(prompts, [wide, square], images_per_prompt=[1, 1])
+    singles = [preprocessor(PROMPTS[0], [wide]), preprocessor(PROMPTS[1], [square])]
+    batch = preprocessor(list(PROMPTS), [wide, square], images_per_prompt=[1, 1])
     # pan-and-scan splits the wide image into crops: 4 images of 16 tokens against the square one's 1
     assert [len(p.pixel_values) for p in singles] == [4, 1]
     assert [int((p.input_ids == preprocessor.image_token_id).sum()) for p in singles] == [64, 16]
     assert (batch.attention_mask == 0).any()  # the shorter prompt is padded
 
-    def request(prompt: Any) -> GenerateRequest:
-        return GenerateRequest(prompt, 16, preprocessor.eos_token_ids, preprocessor.pad_token_id, min_new_tokens=16)
-
-    with HfGenerateRunner(gemma3 / "hf", threads=1) as hf, OrtGenerateRunner(gemma3 / "onnx", PARTS, threads=1, contract=preprocessor.contract) as ort:
-        for prompt in (*singles, batch):
-            assert ort.generate(request(prompt)).tokens == hf.generate(request(prompt)).tokens
+    for prompts, images in (([PROMPTS[0]], [wide]), ([PROMPTS[1]], [square]), (list(PROMPTS), [wide, square])):
+        expected, got = greedy(gemma3, prompts, images)
+        assert got == expected
 
 
 def test_an_image_token_the_model_generates_is_embedded_as_a_token(gemma3: Path) -> None:
@@ -145,7 +131,7 @@ def test_an_image_token_the_model_generates_is_embedded_as_a_token(gemma3: Path)
     from vlmopt.hf import load_model
     from vlmopt.runners.generate import OrtParts
 
-    token = _preprocessor(gemma3).image_token_id
+    token = preprocessor_of(gemma3).image_token_id
     ids = np.array([[5, token, 6]], np.int64)  # a decode step's ids: no image rows to write
     with torch.inference_mode():
         expected = Gemma3Family().input_embeddings(load_model(gemma3 / "hf"))(torch.from_numpy(ids)).numpy()

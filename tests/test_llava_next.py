@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 
 from conftest import assert_bad_input, assert_refused, manifest, vlmopt, vlmopt_json
+from generative import PARTS, PROMPTS, greedy, onnx_verification, picture_file, preprocessor_of, quantize_parts
 from vlmopt.samples import sample_image
 
 FAMILIES = ("llava_next", "llava_onevision")
-PARTS = {"vision": "vision.onnx", "embedding": "embedding.onnx", "decoder": "decoder.onnx"}
-PROMPTS = ("Describe this image.", "What is in this picture, and what colour is it?")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -40,44 +39,21 @@ def images() -> list[Any]:
 
 @pytest.fixture(scope="module")
 def image_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("llava-next-images") / "wide.png"
-    sample_image(13).resize((256, 96)).save(path)
-    return path
-
-
-def _preprocessor(model_dir: Path) -> Any:
-    from vlmopt.families import family_named
-
-    family = family_named(manifest(model_dir)["artifacts"]["hf"]["traits"]["family"])
-    return family.preprocessor(model_dir / "hf")
-
-
-def _greedy(model_dir: Path, prompts: list[str], images: list[Any], new_tokens: int = 16) -> tuple[list[list[int]], list[list[int]]]:
-    """transformers' generate and vlmopt's ONNX Runtime loop on the same prompt: (expected, got)."""
-    from vlmopt.runners.generate import GenerateRequest, HfGenerateRunner, OrtGenerateRunner
-
-    preprocessor = _preprocessor(model_dir)
-    prompt = preprocessor(prompts, images, images_per_prompt=[1] * len(prompts) if len(prompts) > 1 else None)
-    request = GenerateRequest(prompt, new_tokens, preprocessor.eos_token_ids, preprocessor.pad_token_id, min_new_tokens=new_tokens)
-    with HfGenerateRunner(model_dir / "hf", threads=1) as hf, OrtGenerateRunner(model_dir / "onnx", PARTS, threads=1, contract=preprocessor.contract) as ort:
-        return hf.generate(request).tokens, ort.generate(request).tokens
+    return picture_file(tmp_path_factory.mktemp("llava-next-images"), 13, (256, 96))
 
 
 # -- the packing -----------------------------------------------------------------------------------
 def test_the_vision_part_packs_two_image_sizes_as_transformers_pack_image_features_does(model: Path, images: list[Any]) -> None:
-    import torch
-
     from vlmopt.hf import load_model
-    from vlmopt.runners.generate import OrtParts
+    from vlmopt.runners.generate import HfGenerateRunner, OrtParts
 
-    preprocessor = _preprocessor(model)
+    preprocessor = preprocessor_of(model)
     reference = load_model(model / "hf")
     parts = OrtParts(model / "onnx", PARTS, threads=1, contract=preprocessor.contract)
     tiles, rows = [], []
     for image in images:
-        pixels, extra = preprocessor.images([image])
-        with torch.inference_mode():
-            expected = preprocessor.family.image_features(reference, torch.from_numpy(pixels), **{k: torch.from_numpy(v) for k, v in extra.items()}).numpy()
+        pixels, extra, sizes = preprocessor.images([image])
+        expected = HfGenerateRunner(model=reference, family=preprocessor.family).encode_images(pixels, extra, sizes)
         got = parts.encode_images(pixels, extra)
         tiles.append(len(pixels))
         rows.append(len(got))
@@ -91,12 +67,25 @@ def test_onevision_shrinks_a_grid_over_its_anyres_max_tiles_bilinearly(demo_sour
     from vlmopt.families.llava_next import IMAGE_WEIGHTS, LlavaOnevisionFamily
 
     preprocessor = LlavaOnevisionFamily().preprocessor(demo_source("llava_onevision"))
-    square, extra = preprocessor.images([sample_image(11)])  # a 6x6 grid: 36 tiles' worth, shrunk to about 9
+    square, extra, _ = preprocessor.images([sample_image(11)])  # a 6x6 grid: 36 tiles' worth, shrunk to about 9
     taps = (extra[IMAGE_WEIGHTS] > 0).sum(axis=1)
 
     assert len(square) == 37
     assert taps.max() == 4  # rows between four grid cells: bilinear
     assert len(extra[IMAGE_WEIGHTS]) < 37 * 16
+
+
+def test_a_prompt_holds_transformers_image_sizes_apart_from_what_the_vision_part_takes(
+    demo_source: Callable[[str], Path], family: str, images: list[Any]
+) -> None:
+    from vlmopt.families import family_named
+    from vlmopt.families.llava_next import BATCH_NUM_IMAGES, IMAGE_ROWS, IMAGE_SIZES, IMAGE_WEIGHTS
+
+    preprocessor = family_named(family).preprocessor(demo_source(family))
+    prompt = preprocessor(list(PROMPTS), images, images_per_prompt=[1, 1])
+
+    assert set(prompt.vision_inputs) == set(preprocessor.contract.vision.takes) - {"pixel_values"} == {IMAGE_ROWS, IMAGE_WEIGHTS}
+    assert set(prompt.reference_inputs) == ({IMAGE_SIZES, BATCH_NUM_IMAGES} if family == "llava_onevision" else {IMAGE_SIZES})
 
 
 def test_a_onevision_prompt_of_two_images_takes_one_tile_of_each(demo_source: Callable[[str], Path], images: list[Any]) -> None:
@@ -117,9 +106,7 @@ def test_export_reads_a_checkpoint_saved_with_save_pretrained(exported: Callable
 
 
 def test_convert_verifies_every_part_and_greedy_generation_against_transformers(model: Path) -> None:
-    verification = manifest(model)["artifacts"]["onnx"]["verification"]
-    against_transformers = {tower for tower, checks in verification["towers"].items() if any(c["data"] == "transformers" for c in checks)}
-    metrics = {m["name"]: m for m in verification["metrics"]}
+    verification, against_transformers, metrics = onnx_verification(model)
 
     assert against_transformers == {"vision", "embedding", "decoder"}
     assert verification["passed"] and verification["failures"] == []
@@ -128,13 +115,13 @@ def test_convert_verifies_every_part_and_greedy_generation_against_transformers(
 
 @pytest.mark.parametrize("which", [0, 1])
 def test_greedy_generation_equals_transformers_on_images_of_different_sizes(model: Path, images: list[Any], which: int) -> None:
-    expected, got = _greedy(model, [PROMPTS[which]], [images[which]])
+    expected, got = greedy(model, [PROMPTS[which]], [images[which]])
 
     assert got == expected and len(got[0]) == 16
 
 
 def test_a_left_padded_batch_of_two_unequal_prompts_generates_what_transformers_generates(model: Path, images: list[Any]) -> None:
-    expected, got = _greedy(model, list(PROMPTS), images)
+    expected, got = greedy(model, list(PROMPTS), images)
 
     assert got == expected and len(got) == 2
 
@@ -152,18 +139,9 @@ def test_generate_with_onnxruntime_genai_is_refused_in_one_line(model: Path, ima
 def test_quantize_parts_decoder_int4_and_vision_int8_records_token_agreement_and_perplexity(
     tmp_path_factory: pytest.TempPathFactory, converted: Callable[[str], Path], image_file: Path
 ) -> None:
-    model_dir = tmp_path_factory.mktemp("onevision-quantized") / "llava_onevision"
-    shutil.copytree(converted("llava_onevision"), model_dir)
-    # random weights: the gates are off, the figures are still measured and recorded
-    made = vlmopt_json(
-        "quantize", model_dir, "--part", "decoder=int4", "--part", "vision=int8",
-        "--min-token-agreement", "off", "--max-ppl-increase", "off", "--min-cosine", "off",
-    )  # fmt: skip
-    name = made["artifact"]["name"]
-    artifact = manifest(model_dir)["artifacts"][name]
-    metrics = {m["name"] for m in artifact["verification"]["metrics"]}
+    model_dir, name, metrics = quantize_parts(converted("llava_onevision"), tmp_path_factory.mktemp("onevision-quantized"))
 
-    assert {"teacher-forced next-token top-1 agreement", "perplexity increase", "greedy exact-match rate"} <= metrics
+    assert {"teacher-forced next-token top-1 agreement", "perplexity increase", "greedy exact-match rate"} <= set(metrics)
     result = vlmopt_json("generate", model_dir, name, "--image", image_file, "--prompt", "Describe.", "--max-new-tokens", 4)
     assert len(result["tokens"]) >= 1
 

@@ -13,10 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import assert_bad_input, assert_refused, manifest, vlmopt, vlmopt_json
+from generative import PARTS, PROMPTS, greedy, onnx_verification, picture_file, preprocessor_of, quantize_parts
 from vlmopt.samples import sample_image
-
-PARTS = {"vision": "vision.onnx", "embedding": "embedding.onnx", "decoder": "decoder.onnx"}
-PROMPTS = ("Describe this image.", "What is in this picture, and what colour is it?")
 
 
 @pytest.fixture(scope="module")
@@ -32,30 +30,11 @@ def images() -> list[Any]:
 
 @pytest.fixture(scope="module")
 def image_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("qwen-images") / "wide.png"
-    sample_image(13).resize((200, 90)).save(path)
-    return path
-
-
-def _preprocessor(model_dir: Path) -> Any:
-    from vlmopt.families.qwen2_5_vl import Qwen2_5_VlPreprocessor
-
-    return Qwen2_5_VlPreprocessor(model_dir / "hf")
-
-
-def _greedy(model_dir: Path, prompts: list[str], images: list[Any], new_tokens: int = 16) -> tuple[list[list[int]], list[list[int]]]:
-    """transformers' generate and vlmopt's ONNX Runtime loop on the same prompt: (expected, got)."""
-    from vlmopt.runners.generate import GenerateRequest, HfGenerateRunner, OrtGenerateRunner
-
-    preprocessor = _preprocessor(model_dir)
-    prompt = preprocessor(prompts, images, images_per_prompt=[1] * len(prompts) if len(prompts) > 1 and images else None)
-    request = GenerateRequest(prompt, new_tokens, preprocessor.eos_token_ids, preprocessor.pad_token_id, min_new_tokens=new_tokens)
-    with HfGenerateRunner(model_dir / "hf", threads=1) as hf, OrtGenerateRunner(model_dir / "onnx", PARTS, threads=1, contract=preprocessor.contract) as ort:
-        return hf.generate(request).tokens, ort.generate(request).tokens
+    return picture_file(tmp_path_factory.mktemp("qwen-images"), 13, (200, 90))
 
 
 def test_images_of_different_sizes_take_different_numbers_of_image_tokens(qwen: Path, images: list[Any]) -> None:
-    preprocessor = _preprocessor(qwen)
+    preprocessor = preprocessor_of(qwen)
     prompts = [preprocessor(PROMPTS[0], [image]) for image in images]
 
     assert [p.vision_inputs["image_grid_thw"].tolist() for p in prompts] == [[[1, 16, 16]], [[1, 6, 14]]]
@@ -67,7 +46,7 @@ def test_prompt_positions_are_transformers_own_m_rope_positions_and_deltas(qwen:
 
     from vlmopt.hf import load_model
 
-    preprocessor = _preprocessor(qwen)
+    preprocessor = preprocessor_of(qwen)
     prompt = preprocessor(list(PROMPTS), images, images_per_prompt=[1, 1])
     model = load_model(qwen / "hf")
     expected, _ = model.model.get_rope_index(
@@ -83,9 +62,7 @@ def test_prompt_positions_are_transformers_own_m_rope_positions_and_deltas(qwen:
 
 
 def test_convert_verifies_every_part_and_greedy_generation_against_transformers(qwen: Path) -> None:
-    verification = manifest(qwen)["artifacts"]["onnx"]["verification"]
-    against_transformers = {tower for tower, checks in verification["towers"].items() if any(c["data"] == "transformers" for c in checks)}
-    metrics = {m["name"]: m for m in verification["metrics"]}
+    verification, against_transformers, metrics = onnx_verification(qwen)
 
     assert against_transformers == {"vision", "embedding", "decoder"}
     assert verification["passed"] and verification["failures"] == []
@@ -102,18 +79,15 @@ def test_the_decoder_part_takes_three_axis_position_ids(qwen: Path) -> None:
 
 
 def test_the_onnx_vision_part_equals_transformers_at_two_image_sizes_and_two_images(qwen: Path, images: list[Any]) -> None:
-    import torch
-
     from vlmopt.hf import load_model
-    from vlmopt.runners.generate import OrtParts
+    from vlmopt.runners.generate import HfGenerateRunner, OrtParts
 
-    preprocessor = _preprocessor(qwen)
+    preprocessor = preprocessor_of(qwen)
     model = load_model(qwen / "hf", attn_implementation="eager")
     parts = OrtParts(qwen / "onnx", PARTS, threads=1, contract=preprocessor.contract)
     for batch in ([images[0]], [images[1]], images):
-        pixels, extra = preprocessor.images(batch)
-        with torch.inference_mode():
-            expected = preprocessor.family.image_features(model, torch.from_numpy(pixels), **{k: torch.from_numpy(v) for k, v in extra.items()}).numpy()
+        pixels, extra, reference = preprocessor.images(batch)
+        expected = HfGenerateRunner(model=model, family=preprocessor.family).encode_images(pixels, extra, reference)
         got = parts.encode_images(pixels, extra)
 
         assert got.shape == expected.shape == (int(np.prod(extra["image_grid_thw"], -1).sum()) // 4, 64)
@@ -122,19 +96,19 @@ def test_the_onnx_vision_part_equals_transformers_at_two_image_sizes_and_two_ima
 
 @pytest.mark.parametrize("which", [0, 1])
 def test_greedy_generation_equals_transformers_on_images_of_different_sizes(qwen: Path, images: list[Any], which: int) -> None:
-    expected, got = _greedy(qwen, [PROMPTS[which]], [images[which]])
+    expected, got = greedy(qwen, [PROMPTS[which]], [images[which]])
 
     assert got == expected and len(got[0]) == 16
 
 
 def test_a_left_padded_batch_of_two_unequal_prompts_generates_what_transformers_generates(qwen: Path, images: list[Any]) -> None:
-    expected, got = _greedy(qwen, list(PROMPTS), images)
+    expected, got = greedy(qwen, list(PROMPTS), images)
 
     assert got == expected and len(got) == 2
 
 
 def test_a_text_only_batch_of_two_generates_what_transformers_generates(qwen: Path) -> None:
-    expected, got = _greedy(qwen, ["Describe a cat.", "What is a color? Answer briefly, then explain."], [])
+    expected, got = greedy(qwen, ["Describe a cat.", "What is a color? Answer briefly, then explain."], [])
 
     assert got == expected and len(got) == 2
 
@@ -150,7 +124,7 @@ def test_onnxruntime_genai_generates_what_transformers_generates_on_images_of_di
     from vlmopt.runners.genai import GenaiGenerateRunner
     from vlmopt.runners.generate import GenerateRequest, HfGenerateRunner
 
-    preprocessor = _preprocessor(qwen)
+    preprocessor = preprocessor_of(qwen)
     tall = sample_image(5).resize((150, 260))  # 18x10 patches: rows and columns differ the other way
     prompts = [preprocessor(text, [image]) for text, image in zip((*PROMPTS, "A cat? Answer briefly."), (*images, tall), strict=True)]
     requests = [GenerateRequest(p, 16, preprocessor.eos_token_ids, preprocessor.pad_token_id, min_new_tokens=16) for p in prompts]
@@ -191,16 +165,7 @@ def test_an_image_smaller_than_the_28_px_merge_unit_is_scaled_up_by_the_processo
 def test_quantize_parts_decoder_int4_and_vision_int8_records_token_agreement_and_perplexity(
     tmp_path_factory: pytest.TempPathFactory, qwen: Path, image_file: Path
 ) -> None:
-    model_dir = tmp_path_factory.mktemp("qwen-quantized") / "qwen"
-    shutil.copytree(qwen, model_dir)
-    # random weights: the gates are off, the figures are still measured and recorded
-    made = vlmopt_json(
-        "quantize", model_dir, "--part", "decoder=int4", "--part", "vision=int8",
-        "--min-token-agreement", "off", "--max-ppl-increase", "off", "--min-cosine", "off",
-    )  # fmt: skip
-    name = made["artifact"]["name"]
-    artifact = manifest(model_dir)["artifacts"][name]
-    metrics = {m["name"]: m for m in artifact["verification"]["metrics"]}
+    model_dir, name, metrics = quantize_parts(qwen, tmp_path_factory.mktemp("qwen-quantized"))
 
     assert {"teacher-forced next-token top-1 agreement", "perplexity increase", "greedy exact-match rate"} <= set(metrics)
     assert 0.0 <= metrics["teacher-forced next-token top-1 agreement"]["value"] <= 1.0

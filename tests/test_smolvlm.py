@@ -11,10 +11,8 @@ from typing import Any
 import pytest
 
 from conftest import assert_bad_input, assert_refused, manifest, vlmopt, vlmopt_json
+from generative import PROMPTS, greedy, onnx_verification, picture_file, quantize_parts
 from vlmopt.samples import sample_image
-
-PARTS = {"vision": "vision.onnx", "embedding": "embedding.onnx", "decoder": "decoder.onnx"}
-PROMPTS = ("Describe this image.", "What is in this picture, and what colour is it?")
 
 
 @pytest.fixture(scope="module")
@@ -31,21 +29,7 @@ def images() -> list[Any]:
 
 @pytest.fixture(scope="module")
 def image_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("smolvlm-images") / "wide.png"
-    sample_image(13).resize((256, 96)).save(path)
-    return path
-
-
-def _greedy(model_dir: Path, prompts: list[str], images: list[Any], new_tokens: int = 16) -> tuple[list[list[int]], list[list[int]]]:
-    """transformers' generate and vlmopt's ONNX Runtime loop on the same prompt: (expected, got)."""
-    from vlmopt.families.smolvlm import SmolVlmPreprocessor
-    from vlmopt.runners.generate import GenerateRequest, HfGenerateRunner, OrtGenerateRunner
-
-    preprocessor = SmolVlmPreprocessor(model_dir / "hf")
-    prompt = preprocessor(prompts, images, images_per_prompt=[1] * len(prompts) if len(prompts) > 1 else None)
-    request = GenerateRequest(prompt, new_tokens, preprocessor.eos_token_ids, preprocessor.pad_token_id, min_new_tokens=new_tokens)
-    with HfGenerateRunner(model_dir / "hf", threads=1) as hf, OrtGenerateRunner(model_dir / "onnx", PARTS, threads=1, contract=preprocessor.contract) as ort:
-        return hf.generate(request).tokens, ort.generate(request).tokens
+    return picture_file(tmp_path_factory.mktemp("smolvlm-images"), 13, (256, 96))
 
 
 def test_the_processor_splits_images_of_different_sizes_into_different_tile_counts(smolvlm: Path, images: list[Any]) -> None:
@@ -58,9 +42,7 @@ def test_the_processor_splits_images_of_different_sizes_into_different_tile_coun
 
 
 def test_convert_verifies_every_part_and_greedy_generation_against_transformers(smolvlm: Path) -> None:
-    verification = manifest(smolvlm)["artifacts"]["onnx"]["verification"]
-    against_transformers = {tower for tower, checks in verification["towers"].items() if any(c["data"] == "transformers" for c in checks)}
-    metrics = {m["name"]: m for m in verification["metrics"]}
+    verification, against_transformers, metrics = onnx_verification(smolvlm)
 
     assert against_transformers == {"vision", "embedding", "decoder"}
     assert verification["passed"] and verification["failures"] == []
@@ -76,13 +58,13 @@ def test_onnxruntime_genai_runs_no_smolvlm_so_convert_writes_no_genai_config(smo
 
 @pytest.mark.parametrize("which", [0, 1])
 def test_greedy_generation_equals_transformers_on_images_of_different_tile_counts(smolvlm: Path, images: list[Any], which: int) -> None:
-    expected, got = _greedy(smolvlm, [PROMPTS[which]], [images[which]])
+    expected, got = greedy(smolvlm, [PROMPTS[which]], [images[which]])
 
     assert got == expected and len(got[0]) == 16
 
 
 def test_a_left_padded_batch_of_two_unequal_prompts_generates_what_transformers_generates(smolvlm: Path, images: list[Any]) -> None:
-    expected, got = _greedy(smolvlm, list(PROMPTS), images)
+    expected, got = greedy(smolvlm, list(PROMPTS), images)
 
     assert got == expected and len(got) == 2
 
@@ -103,18 +85,9 @@ def test_generate_with_onnxruntime_genai_is_refused_in_one_line(smolvlm: Path, i
 def test_quantize_parts_decoder_int4_and_vision_int8_records_token_agreement_and_perplexity(
     tmp_path_factory: pytest.TempPathFactory, smolvlm: Path, image_file: Path
 ) -> None:
-    model_dir = tmp_path_factory.mktemp("smolvlm-quantized") / "smolvlm"
-    shutil.copytree(smolvlm, model_dir)
-    # random weights: the gates are off, the figures are still measured and recorded
-    made = vlmopt_json(
-        "quantize", model_dir, "--part", "decoder=int4", "--part", "vision=int8",
-        "--min-token-agreement", "off", "--max-ppl-increase", "off", "--min-cosine", "off",
-    )  # fmt: skip
-    name = made["artifact"]["name"]
-    artifact = manifest(model_dir)["artifacts"][name]
-    metrics = {m["name"] for m in artifact["verification"]["metrics"]}
+    model_dir, name, metrics = quantize_parts(smolvlm, tmp_path_factory.mktemp("smolvlm-quantized"))
 
-    assert {"teacher-forced next-token top-1 agreement", "perplexity increase", "greedy exact-match rate"} <= metrics
+    assert {"teacher-forced next-token top-1 agreement", "perplexity increase", "greedy exact-match rate"} <= set(metrics)
     result = vlmopt_json("generate", model_dir, name, "--image", image_file, "--prompt", "Describe.", "--max-new-tokens", 4)
     assert len(result["tokens"]) >= 1
 

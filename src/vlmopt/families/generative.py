@@ -75,9 +75,10 @@ class GenerativeContract:
     the processor's values over the prompt, 0 for every generated token (Gemma 3's `token_type_ids`, which make each
     image's tokens attend to each other both ways at prefill, as transformers' generate passes them at its first step
     only); the preprocessor puts them in `Prompt.decoder_inputs` under these names.
-    `reference_inputs`: what transformers' `generate` takes from the processor's output beside the ids, mask and vision
-    inputs, and vlmopt's parts do not (Qwen2.5-VL's `mm_token_type_ids`, from which it finds the image runs for M-RoPE);
-    the preprocessor puts them in `Prompt.reference_inputs`.
+    `reference_inputs`: what only transformers' reference takes (`generate`, and its image features where they are
+    image-side) from the processor's output beside the ids, mask and vision inputs, and vlmopt's parts do not
+    (Qwen2.5-VL's `mm_token_type_ids`, from which it finds the image runs for M-RoPE; LLaVA-NeXT's `image_sizes`);
+    the preprocessor puts them in `Prompt.reference_inputs`, never in `Prompt.vision_inputs`.
     `positions`: POSITIONS_1D (the decoder's position_ids [batch, sequence] follow from the mask) or POSITIONS_MROPE
     (position_ids [3, batch, sequence]: the family computes the prompt's, `GenerativeFamily.prompt_positions`, and a
     decode step's are the mask's 1-D positions shifted by each row's offset at prefill, as transformers' rope_deltas).
@@ -165,8 +166,9 @@ class GenerativeFamily(Family):
     def input_embeddings(self, model: Any) -> Any:
         return model.get_input_embeddings()
 
-    def image_features(self, model: Any, pixel_values: Any, **vision_inputs: Any) -> Any:
-        """transformers' own image features for `pixel_values`, as the vision part gives them: rows [tokens, hidden]."""
+    def image_features(self, model: Any, pixel_values: Any, vision_inputs: dict[str, Any], reference_inputs: dict[str, Any]) -> Any:
+        """transformers' own image features for `pixel_values` (torch tensors, as the prompt holds them, by the
+        contract's vision and reference input names), as the vision part gives them: rows [tokens, hidden]."""
         import torch
 
         found = model.model.get_image_features(pixel_values=pixel_values, **vision_inputs)
@@ -174,7 +176,8 @@ class GenerativeFamily(Family):
         return torch.cat(list(rows), 0) if isinstance(rows, tuple | list) else rows.reshape(-1, rows.shape[-1])
 
     def generate_inputs(self, pixel_values: Any, vision_inputs: dict[str, Any]) -> dict[str, Any]:
-        """What transformers' `generate` takes for the vision part's inputs (torch tensors, as the prompt holds them)."""
+        """What transformers' `generate` takes for the vision part's inputs (torch tensors, as the prompt holds them);
+        the contract's reference inputs go to `generate` as they are, beside these."""
         return {PIXEL_VALUES: pixel_values, **vision_inputs}
 
     def prompt_positions(
@@ -368,17 +371,24 @@ class VlmPreprocessor:
         return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
 
     def image_inputs(self, encoded: Any) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
-        """The vision part's inputs from the processor's output: pixels as the vision part takes them, and the
-        contract's other vision inputs by name."""
+        """The image side's inputs from the processor's output: pixels as the vision part takes them, and the
+        contract's other vision inputs (and any image-side reference inputs) by name."""
         pixels = encoded.get(PIXEL_VALUES)
         extra = {name: np.asarray(encoded[name]) for name in self.contract.vision_inputs if encoded.get(name) is not None}
         return (None if pixels is None else np.asarray(pixels).astype(np.float32)), extra
 
-    def images(self, images: list[Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Images alone through the image processor (no text): the vision part's inputs."""
+    def images(self, images: list[Any]) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Images alone through the image processor (no text): pixels, the vision part's other inputs and the
+        reference's image-side inputs."""
         pixels, extra = self.image_inputs(self.processor.image_processor(images, return_tensors="np"))
         assert pixels is not None
-        return pixels, extra
+        return (pixels, *self.split_inputs(extra))
+
+    def split_inputs(self, found: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """`found` by the contract: what the vision part takes, and what only the reference takes."""
+        vision = {name: found[name] for name in self.contract.vision_inputs if name in found}
+        reference = {name: found[name] for name in self.contract.reference_inputs if name in found}
+        return vision, reference
 
     def expected_image_tokens(self, num_images: int, pixel_values: np.ndarray | None, vision_inputs: dict[str, np.ndarray]) -> int:
         """How many image tokens the prompt must hold for these images (the rows the vision part gives)."""
@@ -398,7 +408,8 @@ class VlmPreprocessor:
             images=self._nested(images, counts) if images else None, text=texts, return_tensors="np", padding=True, padding_side="left", **self.call_options()
         )
         ids = encoded[INPUT_IDS].astype(np.int64)
-        pixels, extra = self.image_inputs(encoded) if images else (None, {})
+        pixels, image_side = self.image_inputs(encoded) if images else (None, {})
+        extra, image_reference = self.split_inputs(image_side)
         found = int((ids == self.image_token_id).sum())
         expected = self.expected_image_tokens(len(images), pixels, extra) if images else 0
         if found != expected:
@@ -406,6 +417,7 @@ class VlmPreprocessor:
         mask = encoded[ATTENTION_MASK].astype(np.int64)
         positions = self.family.prompt_positions(self.config, encoded, ids, mask, extra) if self.contract.positions == POSITIONS_MROPE else None
         reference = {name: np.asarray(encoded[name]) for name in self.contract.reference_inputs if encoded.get(name) is not None}
+        reference.update(image_reference)
         return Prompt(ids, mask, pixels, texts, len(images), extra, self.decoder_inputs(encoded, ids), positions, reference)
 
     def decoder_inputs(self, encoded: Any, input_ids: np.ndarray) -> dict[str, np.ndarray]:

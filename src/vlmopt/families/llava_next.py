@@ -153,7 +153,11 @@ class LlavaNextFamily(GenerativeFamily):
         "LLaVA-NeXT (any-resolution tiles, image newlines; llama, mistral or qwen2 language model): tiles -> vision "
         "(packed inside the graph) -> image_features, embedding, decoder with KV cache"
     )
-    contract = GenerativeContract(vision=Part(VISION, (PIXEL_VALUES, IMAGE_ROWS, IMAGE_WEIGHTS), (IMAGE_FEATURES,)), vision_inputs=(IMAGE_ROWS, IMAGE_WEIGHTS))
+    contract = GenerativeContract(
+        vision=Part(VISION, (PIXEL_VALUES, IMAGE_ROWS, IMAGE_WEIGHTS), (IMAGE_FEATURES,)),
+        vision_inputs=(IMAGE_ROWS, IMAGE_WEIGHTS),
+        reference_inputs=(IMAGE_SIZES, BATCH_NUM_IMAGES),
+    )
     vision_wrapper = PackedVisionFeatures
     language_models = ("llama", "mistral", "qwen2")
     #: as LLaVA's: fp32 noise of a deep decoder's logits (`LlavaFamily.atol`)
@@ -214,13 +218,13 @@ class LlavaNextFamily(GenerativeFamily):
             }
         )
 
-    def image_features(self, model: Any, pixel_values: Any, **vision_inputs: Any) -> Any:
-        """transformers' packed features (`get_image_features` -> `pack_image_features`) for the flat tiles."""
-        reference = {name: vision_inputs[name] for name in (IMAGE_SIZES, BATCH_NUM_IMAGES) if name in vision_inputs}
-        return super().image_features(model, pixel_values, **reference)
+    def image_features(self, model: Any, pixel_values: Any, vision_inputs: dict[str, Any], reference_inputs: dict[str, Any]) -> Any:
+        """transformers' packed features (`get_image_features` -> `pack_image_features`) for the flat tiles: it takes
+        the image sizes (the reference inputs), not the packing gather the vision part takes."""
+        return super().image_features(model, pixel_values, reference_inputs, {})
 
     def generate_inputs(self, pixel_values: Any, vision_inputs: dict[str, Any]) -> dict[str, Any]:
-        return {PIXEL_VALUES: pixel_values, **{name: vision_inputs[name] for name in (IMAGE_SIZES, BATCH_NUM_IMAGES) if name in vision_inputs}}
+        return {PIXEL_VALUES: pixel_values}
 
     def preprocessor(self, folder: Path) -> AnyResPreprocessor:
         return AnyResPreprocessor(folder, self)
@@ -293,7 +297,8 @@ class AnyResPreprocessor(VlmPreprocessor):
             return onevision_processor_class().from_pretrained(str(folder), local_files_only=True)
 
     def image_inputs(self, encoded: Any) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
-        """The real tiles of every image in order (flat), the packing gather over them, and transformers' own inputs."""
+        """The real tiles of every image in order (flat), the packing gather over them (vision inputs), and the image
+        sizes and images per prompt (reference inputs: transformers packs by them)."""
         pixels = encoded.get(PIXEL_VALUES)
         if pixels is None:
             return None, {}
@@ -321,14 +326,14 @@ class AnyResPreprocessor(VlmPreprocessor):
             extra[BATCH_NUM_IMAGES] = np.asarray(counts, np.int64).reshape(-1)
         return np.ascontiguousarray(np.concatenate(tiles)), extra
 
-    def images(self, images: list[Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def images(self, images: list[Any]) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Images alone, each as a prompt's only image (split into its any-resolution tiles)."""
         encoded = dict(self.processor.image_processor(images, return_tensors="np"))
         if self.family.shrinks:
             encoded[BATCH_NUM_IMAGES] = np.ones(len(images), np.int64)
         pixels, extra = self.image_inputs(encoded)
         assert pixels is not None
-        return pixels, extra
+        return (pixels, *self.split_inputs(extra))
 
     def expected_image_tokens(self, num_images: int, pixel_values: np.ndarray | None, vision_inputs: dict[str, np.ndarray]) -> int:
         return 0 if pixel_values is None else len(vision_inputs[IMAGE_ROWS])

@@ -180,7 +180,7 @@ class Qwen2_5_VlPreprocessor(VlmPreprocessor):
                     f"{self.family.name} image processor cannot take; crop it"
                 )
 
-    def images(self, images: list[Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def images(self, images: list[Any]) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
         self.check_images(images)
         return super().images(images)
 

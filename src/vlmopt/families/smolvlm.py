@@ -112,9 +112,9 @@ class SmolVlmFamily(GenerativeFamily):
     def language_model(self, model: Any) -> Any:
         return model.model.text_model
 
-    def image_features(self, model: Any, pixel_values: Any, **vision_inputs: Any) -> Any:
+    def image_features(self, model: Any, pixel_values: Any, vision_inputs: dict[str, Any], reference_inputs: dict[str, Any]) -> Any:
         """transformers takes [batch, tiles, C, S, S]: the flat tiles are one row of tiles."""
-        return super().image_features(model, pixel_values[None], **vision_inputs)
+        return super().image_features(model, pixel_values[None], vision_inputs, reference_inputs)
 
     def generate_inputs(self, pixel_values: Any, vision_inputs: dict[str, Any]) -> dict[str, Any]:
         return {PIXEL_VALUES: pixel_values[None], **vision_inputs}

@@ -203,8 +203,11 @@ class GenerateRunner(ABC):
     @abstractmethod
     def generate_impl(self, request: GenerateRequest, on_token: OnToken | None) -> GenerateResult: ...
 
-    def encode_images(self, pixel_values: np.ndarray, vision_inputs: dict[str, np.ndarray] | None = None) -> np.ndarray | None:
-        """The image features alone (the benchmark's image-encode latency); None where the backend cannot run them alone."""
+    def encode_images(
+        self, pixel_values: np.ndarray, vision_inputs: dict[str, np.ndarray] | None = None, reference_inputs: dict[str, np.ndarray] | None = None
+    ) -> np.ndarray | None:
+        """The image features alone (the benchmark's image-encode latency); None where the backend cannot run them alone.
+        `vision_inputs`/`reference_inputs`: as the prompt holds them (`Prompt`); only the reference reads the latter."""
         return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
@@ -234,12 +237,14 @@ class HfGenerateRunner(GenerateRunner):
         self.model = model if model is not None else load_model(Path(folder or "."), attn_implementation=attn_implementation)
         self.family = family if family is not None else family_for(self.model.config)
 
-    def encode_images(self, pixel_values: np.ndarray, vision_inputs: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    def encode_images(
+        self, pixel_values: np.ndarray, vision_inputs: dict[str, np.ndarray] | None = None, reference_inputs: dict[str, np.ndarray] | None = None
+    ) -> np.ndarray:
         import torch
 
-        extra = {name: torch.from_numpy(value) for name, value in (vision_inputs or {}).items()}
+        vision, reference = ({name: torch.from_numpy(value) for name, value in (found or {}).items()} for found in (vision_inputs, reference_inputs))
         with torch.inference_mode():
-            return self.family.image_features(self.model, torch.from_numpy(pixel_values), **extra).numpy()
+            return self.family.image_features(self.model, torch.from_numpy(pixel_values), vision, reference).numpy()
 
     def generate_impl(self, request: GenerateRequest, on_token: OnToken | None) -> GenerateResult:
         import torch
@@ -351,10 +356,7 @@ class OrtParts:
     def encode_images(self, pixel_values: np.ndarray, vision_inputs: dict[str, np.ndarray] | None = None) -> np.ndarray:
         if self.vision is None:
             raise VlmoptError(f"this artifact has no {self.contract.vision.name} part")
-        # the part takes what its contract declares; the prompt may also hold the reference's inputs (image sizes)
-        takes = {i.name for i in self.vision.get_inputs()}
-        feed = {PIXEL_VALUES: pixel_values.astype(np.float32), **{name: value for name, value in (vision_inputs or {}).items() if name in takes}}
-        return self.vision.run([IMAGE_FEATURES], feed)[0]
+        return self.vision.run([IMAGE_FEATURES], {PIXEL_VALUES: pixel_values.astype(np.float32), **(vision_inputs or {})})[0]
 
     def embed(self, input_ids: np.ndarray, image_features: np.ndarray | None = None) -> np.ndarray:
         features = np.zeros((0, self.hidden), np.float32) if image_features is None else image_features
@@ -546,7 +548,9 @@ class OrtGenerateRunner(GenerateRunner):
     def __init__(self, folder: Path, files: dict[str, str], threads: int | None = None, contract: GenerativeContract | None = None):
         self.parts = OrtParts(folder, files, threads, contract)
 
-    def encode_images(self, pixel_values: np.ndarray, vision_inputs: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    def encode_images(
+        self, pixel_values: np.ndarray, vision_inputs: dict[str, np.ndarray] | None = None, reference_inputs: dict[str, np.ndarray] | None = None
+    ) -> np.ndarray:
         return self.parts.encode_images(pixel_values, vision_inputs)
 
     def generate_impl(self, request: GenerateRequest, on_token: OnToken | None) -> GenerateResult:

@@ -149,19 +149,21 @@ def _references(model: Any, preprocessor: Any, shares_buffer: bool) -> _Referenc
     return _References(vision, embedding, decoder, pairs, tokens)
 
 
-def _image_features(model: Any, preprocessor: Any, pixel_values: np.ndarray, vision_inputs: dict[str, np.ndarray]) -> Any:
+def _image_features(
+    model: Any, preprocessor: Any, pixel_values: np.ndarray, vision_inputs: dict[str, np.ndarray], reference_inputs: dict[str, np.ndarray]
+) -> Any:
     """transformers' image features, found where the family says."""
     import torch
 
-    extra = {name: torch.from_numpy(value) for name, value in vision_inputs.items()}
-    return preprocessor.family.image_features(model, torch.from_numpy(pixel_values), **extra)
+    vision, reference = ({name: torch.from_numpy(value) for name, value in found.items()} for found in (vision_inputs, reference_inputs))
+    return preprocessor.family.image_features(model, torch.from_numpy(pixel_values), vision, reference)
 
 
 def _vision_cases(model: Any, preprocessor: Any) -> list[_Case]:
     cases = []
     for count in (1, 2):
-        pixels, extra = preprocessor.images([sample_image(i) for i in range(count)])
-        expected = {IMAGE_FEATURES: _image_features(model, preprocessor, pixels, extra).numpy()}
+        pixels, extra, reference = preprocessor.images([sample_image(i) for i in range(count)])
+        expected = {IMAGE_FEATURES: _image_features(model, preprocessor, pixels, extra, reference).numpy()}
         cases.append(_Case({"pixels": pixels, "vision_inputs": extra}, expected, {"num_images": count}))
     return cases
 
@@ -185,7 +187,7 @@ def _embedding_cases(model: Any, preprocessor: Any) -> list[_Case]:
         reference = preprocessor.family.input_embeddings(model)(ids)
         features = None
         if images:
-            features = _image_features(model, preprocessor, prompt.pixel_values, prompt.vision_inputs)
+            features = _image_features(model, preprocessor, prompt.pixel_values, prompt.vision_inputs, prompt.reference_inputs)
             mask = (ids == preprocessor.image_token_id).unsqueeze(-1).expand_as(reference)
             reference = reference.masked_scatter(mask, features)
         inputs = {"input_ids": prompt.input_ids, "image_features": None if features is None else features.numpy()}

@@ -144,6 +144,18 @@ def test_each_batch_times_its_preprocessing_and_model_call(server: Server) -> No
         assert seconds_after > seconds, stage
 
 
+def test_the_servers_onnx_runtime_threads_do_not_spin_between_batches(benched: Path) -> None:
+    from vlmopt.serving.service import open_service
+
+    service = open_service(benched, "int8-dynamic")
+    try:
+        assert set(service.runners) == {"vision", "text"}
+        for runner in service.runners.values():
+            assert runner.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    finally:
+        service.close()
+
+
 def test_a_full_queue_answers_503_with_retry_after(server: Server) -> None:
     # each request holds 8 items (the whole queue) for the 200 ms its batch waits to fill
     with concurrent.futures.ThreadPoolExecutor(6) as pool:

@@ -172,7 +172,9 @@ class EncoderService:
         self.checkpoint = model_dir.checkpoint_folder(first)
         self.tokenizer, self.image_processor = saved_processors(self.checkpoint)
         for name, artifact in artifacts.items():
-            runners = ArtifactRunners(model_dir.artifact_path(name), artifact, threads=threads)
+            # threads that spin after a batch would take the cores from the decoding, preprocessing and HTTP work
+            # between batches (measured: `make bench-serve`)
+            runners = ArtifactRunners(model_dir.artifact_path(name), artifact, threads=threads, spinning=False)
             self._artifact_runners.append(runners)
             towers = runners.towers()
             for tower_name, choice in served.items():

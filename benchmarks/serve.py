@@ -7,11 +7,13 @@ The model: the base CLIP's vision tower (ViT-B/32, random weights) quantized int
   batch-1   the same server with `--max-batch 1`
   plain     a FastAPI endpoint on uvicorn calling vlmopt's runner once per request (no batching: the seed's approach)
 The load: a bounded generator (a request count and a time limit per level), one image per request, at concurrency 1,
-8 and 32: throughput, latency p50/p90/p99 and, for vlmopt serve, the batch sizes formed (from its /metrics).
+8 and 32: throughput, latency p50/p90/p99 and, for vlmopt serve, the batch sizes formed and each batch's preprocess
+and model time (from its /metrics). Before the load, one image's steps are timed in process (decode, the image
+processor alone and over a batch, the model at batch 1 and at --max-batch): where a request's time goes.
 Then the tiny LLaVA demo behind `vlmopt serve` at concurrency 4, streamed chat completions: tokens/s and time to
 first token p50/p99. A benchmark reports; it does not gate.
 
-  python benchmarks/serve.py [--root build/bench-serve] [--requests 16,64,128] [--time-limit 90]
+  python benchmarks/serve.py [--root build/bench-serve] [--requests 16,64,160] [--time-limit 60] [--max-batch 8]
 """
 
 from __future__ import annotations

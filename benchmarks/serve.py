@@ -7,11 +7,13 @@ The model: the base CLIP's vision tower (ViT-B/32, random weights) quantized int
   batch-1   the same server with `--max-batch 1`
   plain     a FastAPI endpoint on uvicorn calling vlmopt's runner once per request (no batching: the seed's approach)
 The load: a bounded generator (a request count and a time limit per level), one image per request, at concurrency 1,
-8 and 32: throughput, latency p50/p90/p99 and, for vlmopt serve, the batch sizes formed (from its /metrics).
+8 and 32: throughput, latency p50/p90/p99 and, for vlmopt serve, the batch sizes formed and each batch's preprocess
+and model time (from its /metrics). Before the load, one image's steps are timed in process (decode, the image
+processor alone and over a batch, the model at batch 1 and at --max-batch): where a request's time goes.
 Then the tiny LLaVA demo behind `vlmopt serve` at concurrency 4, streamed chat completions: tokens/s and time to
 first token p50/p99. A benchmark reports; it does not gate.
 
-  python benchmarks/serve.py [--root build/bench-serve] [--requests 16,64,128] [--time-limit 90]
+  python benchmarks/serve.py [--root build/bench-serve] [--requests 16,64,160] [--time-limit 60] [--max-batch 8]
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ def run_plain_server(model_dir: Path, port: int) -> None:
 
     directory = ModelDir.open(model_dir)
     artifact = directory.artifact("int8-dynamic")
-    runners = ArtifactRunners(directory.artifact_path(artifact.name), artifact)
+    runners = ArtifactRunners(directory.artifact_path(artifact.name), artifact, spinning=False)  # as vlmopt serve's
     tower = runners.towers()["vision"]
     runner = runners.runner(tower)
     _, processor = saved_processors(directory.checkpoint_folder(artifact))
@@ -212,22 +214,87 @@ def load(url: str, concurrency: int, requests: int, time_limit: float, bodies: l
     }
 
 
-def batch_sizes(url: str) -> tuple[float, float]:
-    """(model calls, items) the vision batcher has made so far, from /metrics."""
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The server's /metrics samples: (name, labels) -> value."""
     from prometheus_client.parser import text_string_to_metric_families
 
     host, port = url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=30)
     connection.request("GET", "/metrics")
     text = connection.getresponse().read().decode()
-    calls = items = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.labels.get("tower") == "vision" and sample.name == "vlmopt_batch_size_count":
-                calls += sample.value
-            if sample.labels.get("tower") == "vision" and sample.name == "vlmopt_batch_size_sum":
-                items += sample.value
-    return calls, items
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def batching(before: dict[Any, float], after: dict[Any, float]) -> dict[str, Any]:
+    """What the vision batcher did between two scrapes: model calls, mean batch, how many batches of each size
+    (by histogram bucket) and the mean time of a batch's stages (the image processor over it, the model call)."""
+
+    def value(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    calls, items = value("vlmopt_batch_size_count", tower="vision"), value("vlmopt_batch_size_sum", tower="vision")
+    sizes, below = {}, 0.0
+    for edge in ("1.0", "2.0", "3.0", "4.0", "6.0", "8.0", "12.0", "16.0", "24.0", "32.0"):
+        upto = value("vlmopt_batch_size_bucket", tower="vision", le=edge)
+        if upto - below:
+            sizes[edge.removesuffix(".0")] = int(upto - below)
+        below = upto
+    stages = {
+        stage: value("vlmopt_batch_stage_seconds_sum", tower="vision", stage=stage) / calls * 1000 if calls else float("nan")
+        for stage in ("preprocess", "model")
+    }
+    answered = value("vlmopt_request_latency_seconds_count", endpoint="/v1/embeddings/image")
+    inside = value("vlmopt_request_latency_seconds_sum", endpoint="/v1/embeddings/image") / answered * 1000 if answered else float("nan")
+    return {
+        "calls": calls,
+        "mean_batch": items / calls if calls else None,
+        "sizes": sizes,
+        "preprocess_ms": stages["preprocess"],
+        "model_ms": stages["model"],
+        "replica_ms": inside,
+    }
+
+
+def breakdown(clip: Path, batch: int, images: list[Path], repeats: int = 3) -> dict[str, float]:
+    """Where an image's time goes outside any server, in this process, each step timed in interleaved rounds (best
+    of `repeats`): decoding, the saved image processor one image at a time and over a batch, and the model at batch 1
+    and at `batch` (the runner the server uses: the same threads, not spinning). Milliseconds per image."""
+    import io
+
+    from PIL import Image
+
+    from vlmopt.calibration import saved_processors
+    from vlmopt.runners import ArtifactRunners
+    from vlmopt.workspace import ModelDir
+
+    directory = ModelDir.open(clip)
+    artifact = directory.artifact("int8-dynamic")
+    _, processor = saved_processors(directory.checkpoint_folder(artifact))
+    blobs = [p.read_bytes() for p in images][:batch]
+    blobs = (blobs * batch)[:batch]
+    decoded = [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs]
+    pixels = np.asarray(processor(images=decoded, return_tensors="np")["pixel_values"], dtype=np.float32)
+    with ArtifactRunners(directory.artifact_path(artifact.name), artifact, spinning=False) as runners:
+        tower = runners.towers()["vision"]
+        with runners.runner(tower) as runner:
+            name = tower.inputs[0].name
+            steps = {
+                "decode": (lambda: [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs], batch),
+                "processor, one image a call": (lambda: [processor(images=[i], return_tensors="np") for i in decoded], batch),
+                f"processor, {batch} images a call": (lambda: processor(images=decoded, return_tensors="np"), batch),
+                "model, batch 1": (lambda: runner.run({name: pixels[:1]}), 1),
+                f"model, batch {batch}": (lambda: runner.run({name: pixels}), batch),
+            }
+            best = dict.fromkeys(steps, float("inf"))
+            for call, _ in steps.values():
+                call()  # warm-up
+            for _ in range(repeats):
+                for step, (call, count) in steps.items():
+                    started = time.perf_counter()
+                    call()
+                    best[step] = min(best[step], (time.perf_counter() - started) * 1000 / count)
+    return best
 
 
 def chat_load(url: str, concurrency: int, requests: int, max_tokens: int, image: str) -> dict[str, Any]:
@@ -275,11 +342,16 @@ def chat_load(url: str, concurrency: int, requests: int, max_tokens: int, image:
     }
 
 
+def target(met: bool) -> str:
+    return "met" if met else "NOT met"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=ROOT / "build" / "bench-serve")
-    parser.add_argument("--requests", default="16,64,128", help="requests per concurrency level 1, 8, 32")
-    parser.add_argument("--time-limit", type=float, default=90.0, help="seconds per concurrency level at most")
+    parser.add_argument("--requests", default="16,64,160", help="requests per concurrency level 1, 8, 32")
+    parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per concurrency level at most")
+    parser.add_argument("--max-batch", type=int, default=8, help="the batched server's --max-batch (bench measures offline up to 8)")
     parser.add_argument("--chat-requests", type=int, default=8)
     parser.add_argument("--chat-tokens", type=int, default=32)
     parser.add_argument("--plain-server", type=Path, help=argparse.SUPPRESS)
@@ -291,15 +363,19 @@ def main() -> None:
     counts = dict(zip(CONCURRENCY, (int(n) for n in args.requests.split(",")), strict=True))
     clip, llava = build(args.root)
     offline = offline_throughput(clip)
-    bodies = [json.dumps({"images": ["data:image/jpeg;base64," + base64.b64encode(p.read_bytes()).decode()]}).encode() for p in sorted(IMAGES.glob("*.jpg"))]
-    print(f"load average before: {Path('/proc/loadavg').read_text().split()[:3]}", flush=True)
+    images = sorted(IMAGES.glob("*.jpg"))
+    bodies = [json.dumps({"images": ["data:image/jpeg;base64," + base64.b64encode(p.read_bytes()).decode()]}).encode() for p in images]
+    load_before = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    print(f"load average before: {load_before}", flush=True)
+    steps = breakdown(clip, args.max_batch, images)
+    print(f"  per image, in process: {json.dumps({k: round(v, 2) for k, v in steps.items()})}", flush=True)
 
+    batched_name, single_name, plain_name = f"vlmopt serve --max-batch {args.max_batch}", "vlmopt serve --max-batch 1", "plain FastAPI, per request"
     results: dict[str, list[dict[str, Any]]] = {}
-    formed: dict[str, dict[int, float]] = {}
     contenders = {
-        "vlmopt serve --max-batch 8": lambda: vlmopt_serve(clip, "int8-dynamic", "--max-batch", 8, "--max-delay-ms", 5, "--max-queue", 512),
-        "vlmopt serve --max-batch 1": lambda: vlmopt_serve(clip, "int8-dynamic", "--max-batch", 1, "--max-queue", 512),
-        "plain FastAPI, per request": lambda: plain_server(clip),
+        batched_name: lambda: vlmopt_serve(clip, "int8-dynamic", "--max-batch", args.max_batch, "--max-delay-ms", 5, "--max-queue", 512),
+        single_name: lambda: vlmopt_serve(clip, "int8-dynamic", "--max-batch", 1, "--max-queue", 512),
+        plain_name: lambda: plain_server(clip),
     }
     for name, start in contenders.items():
         print(f"starting {name} ...", flush=True)
@@ -307,12 +383,10 @@ def main() -> None:
         try:
             results[name] = []
             for concurrency in CONCURRENCY:
-                before = batch_sizes(server.url) if name.startswith("vlmopt") else (0.0, 0.0)
+                before = scrape(server.url) if name.startswith("vlmopt") else {}
                 row = load(server.url, concurrency, counts[concurrency], args.time_limit, bodies)
                 if name.startswith("vlmopt"):
-                    calls, items = (after - b for after, b in zip(batch_sizes(server.url), before, strict=True))
-                    row["mean_batch"] = items / calls if calls else None
-                    formed.setdefault(name, {})[concurrency] = row["mean_batch"]
+                    row.update(batching(before, scrape(server.url)))
                 results[name].append(row)
                 print(f"  {name} c={concurrency}: {json.dumps(row)}", flush=True)
         finally:
@@ -326,29 +400,67 @@ def main() -> None:
         chat = chat_load(server.url, 4, args.chat_requests, args.chat_tokens, image)
     finally:
         server.stop()
-    load_after = Path("/proc/loadavg").read_text().split()[:3]
+    load_after = " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
-    print(f"\nbase CLIP ViT-B/32 vision, int8-dynamic, one image per request, loopback (load average after: {' '.join(load_after)})\n")
-    print("| server | concurrency | requests | images/s | p50 ms | p90 ms | p99 ms | p99/p50 | mean batch formed |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"\n## vlmopt bench-serve: base CLIP ViT-B/32 vision, int8-dynamic, one JPEG per request, loopback, {os.cpu_count()} cores")
+    print(f"load average: {load_before} before, {load_after} after\n")
+    print(
+        "| server | concurrency | requests | images/s | p50 ms | p90 ms | p99 ms | p99/p50 | mean batch | batches by size | preprocess ms/batch | model ms/batch |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, rows in results.items():
         for row in rows:
             batch = f"{row['mean_batch']:.2f}" if row.get("mean_batch") else ""
+            sizes = " ".join(f"{size}:{n}" for size, n in row.get("sizes", {}).items())
+            stages = f"| {row['preprocess_ms']:.1f} | {row['model_ms']:.1f} |" if "model_ms" in row else "| | |"
             print(
                 f"| {name} | {row['concurrency']} | {row['requests']} | {row['throughput']:.2f} | {row['p50']:.1f} | {row['p90']:.1f} | "
-                f"{row['p99']:.1f} | {row['p99'] / row['p50']:.2f} | {batch} |"
+                f"{row['p99']:.1f} | {row['p99'] / row['p50']:.2f} | {batch} | {sizes} {stages}"
             )
-    batched, single = results["vlmopt serve --max-batch 8"][-1], results["vlmopt serve --max-batch 1"][-1]
-    plain = results["plain FastAPI, per request"][-1]
-    print(f"\nat concurrency 32: batched {batched['throughput'] / single['throughput']:.2f}x batch-1 serving (target >= 2x), ", end="")
-    print(f"{batched['throughput'] / plain['throughput']:.2f}x the plain endpoint; p99/p50 {batched['p99'] / batched['p50']:.2f} (target <= 3)")
+    print("\n| in process, ms per image | " + " | ".join(steps) + " |")
+    print("|---|" + "---|" * len(steps))
+    print("| best of 3 | " + " | ".join(f"{v:.2f}" for v in steps.values()) + " |")
+
+    batched, single, plain = results[batched_name][-1], results[single_name][-1], results[plain_name][-1]
     mean_batch = batched.get("mean_batch") or 1.0
     nearest = min(offline, key=lambda b: abs(b - mean_batch))
+    pipeline = 1000 / (steps["decode"] + steps[f"processor, {args.max_batch} images a call"] + steps[f"model, batch {args.max_batch}"])
+    ratio, offline_ratio = batched["throughput"] / single["throughput"], offline[max(offline)] / offline[1]
+    served = batched["throughput"] / offline[nearest]
+    # the model alone at the batch the server formed, from the server's own metrics in the same run: its ceiling then
+    model_rate = batched["mean_batch"] * 1000 / batched["model_ms"] if batched.get("model_ms") else float("nan")
+    per_image = {n: r["model_ms"] / r["mean_batch"] for n, r in ((batched_name, batched), (single_name, single)) if r.get("mean_batch")}
+    if 0.85 <= served <= 1.15:
+        verdict = "met"
+    elif served > 1.15:
+        verdict = "not judged: served beat offline, so the load changed between the two runs"
+    else:
+        verdict = "NOT met"
+    in_process = steps["model, batch 1"] / steps[f"model, batch {args.max_batch}"]
+    print("\n| at concurrency 32 | value | target |")
+    print("|---|---|---|")
+    print(f"| batched / batch-1 serving | {ratio:.2f}x | >= 2x: {target(ratio >= 2)} |")
+    print(f"| ceiling of that ratio: offline (vlmopt bench) batch {max(offline)} / batch 1 | {offline_ratio:.2f}x | (no server can beat it) |")
+    print(f"| the same, in process (the server's runner, the table above): model batch {args.max_batch} / batch 1 | {in_process:.2f}x | |")
     print(
-        f"offline (vlmopt bench) at batch {nearest} (nearest to the {mean_batch:.2f} formed): {offline[nearest]:.2f} images/s; "
-        f"served {batched['throughput']:.2f} = {batched['throughput'] / offline[nearest]:.0%} of it (target: within 15%)"
+        f"| model ms per image inside the servers (their metrics): batched at mean batch {batched['mean_batch']:.2f} / batch-1 | "
+        f"{per_image.get(batched_name, float('nan')):.1f} / {per_image.get(single_name, float('nan')):.1f} | |"
     )
-    print(f"offline throughput per batch: {json.dumps({b: round(t, 2) for b, t in sorted(offline.items())})}")
+    print(f"| batched / plain FastAPI per request | {batched['throughput'] / plain['throughput']:.2f}x | |")
+    print(f"| batched p99 / p50 | {batched['p99'] / batched['p50']:.2f} | <= 3: {target(batched['p99'] <= 3 * batched['p50'])} |")
+    print(
+        f"| served / offline (vlmopt bench, model only, run before the load) at batch {nearest} (formed: {mean_batch:.2f}) | "
+        f"{batched['throughput']:.2f} / {offline[nearest]:.2f} = {served:.0%} | within 15%: {verdict} |"
+    )
+    print(
+        f"| served / the model alone at the formed batch, same run (the server's model time per batch) | "
+        f"{batched['throughput']:.2f} / {model_rate:.2f} = {batched['throughput'] / model_rate:.0%} | within 15%: {target(batched['throughput'] >= 0.85 * model_rate)} |"
+    )
+    print(
+        f"| served / offline pipeline at batch {args.max_batch} (decode + processor + model, in process) | "
+        f"{batched['throughput']:.2f} / {pipeline:.2f} = {batched['throughput'] / pipeline:.0%} | |"
+    )
+    print(f"\noffline throughput per batch (vlmopt bench, images/s): {json.dumps({b: round(t, 2) for b, t in sorted(offline.items())})}")
     print(
         f"\ntiny LLaVA demo, vlmopt serve, {chat['requests']} streamed chat completions of up to {args.chat_tokens} tokens at concurrency 4: "
         f"{chat['tokens_per_s']:.1f} tokens/s ({chat['tokens']} tokens), time to first token p50 {chat['ttft_p50']:.0f} ms, p99 {chat['ttft_p99']:.0f} ms"

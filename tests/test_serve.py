@@ -124,6 +124,38 @@ def test_concurrent_requests_are_batched_by_the_server(server: Server) -> None:
     assert batches < 8, f"8 concurrent images ran in {batches} model calls"
 
 
+def test_each_batch_times_its_preprocessing_and_model_call(server: Server) -> None:
+    def timed(stage: str) -> tuple[float, float]:
+        return (
+            metric(server.url, "vlmopt_batch_stage_seconds_count", tower="vision", stage=stage),
+            metric(server.url, "vlmopt_batch_stage_seconds_sum", tower="vision", stage=stage),
+        )
+
+    batches_before = metric(server.url, "vlmopt_batch_size_count", tower="vision")
+    before = {stage: timed(stage) for stage in ("preprocess", "model")}
+
+    status, body, _ = call(server.url, "/v1/embeddings/image", {"images": [_image(1), _image(2), _image(3)]})
+
+    assert status == 200, body
+    batches = metric(server.url, "vlmopt_batch_size_count", tower="vision") - batches_before
+    for stage, (count, seconds) in before.items():
+        count_after, seconds_after = timed(stage)
+        assert count_after - count == batches >= 1, stage
+        assert seconds_after > seconds, stage
+
+
+def test_the_servers_onnx_runtime_threads_do_not_spin_between_batches(benched: Path) -> None:
+    from vlmopt.serving.service import open_service
+
+    service = open_service(benched, "int8-dynamic")
+    try:
+        assert set(service.runners) == {"vision", "text"}
+        for runner in service.runners.values():
+            assert runner.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    finally:
+        service.close()
+
+
 def test_a_full_queue_answers_503_with_retry_after(server: Server) -> None:
     # each request holds 8 items (the whole queue) for the 200 ms its batch waits to fill
     with concurrent.futures.ThreadPoolExecutor(6) as pool:

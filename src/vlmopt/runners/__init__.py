@@ -39,8 +39,11 @@ class ArtifactRunners:
         torch_dtype: str = "float32",
         cuda_graphs: bool = False,
         model: Any = None,
+        spinning: bool = True,
     ):
         self.folder = Path(folder)
+        #: ONNX Runtime's intra-op threads spin between runs (its default); off for a server (see OrtRunner)
+        self.spinning = spinning
         self.artifact = artifact
         self.threads = threads
         self.attn_implementation = attn_implementation
@@ -106,7 +109,7 @@ class ArtifactRunners:
         if self.artifact.kind == "onnx":
             path = self._file(tower)
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device == "cuda" else None
-            runner: Runner = OrtRunner(path, threads=self.threads, providers=providers)
+            runner: Runner = OrtRunner(path, threads=self.threads, providers=providers, spinning=self.spinning)
             if runner.input_names != input_names:
                 raise VlmoptError(
                     f"{path} takes inputs {runner.input_names}, but the manifest records {input_names}; re-run the stage that made it with --force"

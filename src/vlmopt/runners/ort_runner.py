@@ -28,7 +28,9 @@ class OrtRunner(Runner):
 
     backend = "onnxruntime"
 
-    def __init__(self, path: Path, threads: int | None = None, providers: list[str] | None = None):
+    def __init__(self, path: Path, threads: int | None = None, providers: list[str] | None = None, spinning: bool = True):
+        """`spinning=False`: intra-op threads sleep as soon as a run ends instead of spinning, for a process that has
+        other work between runs on the same cores (a server's decoding, preprocessing and HTTP)."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -36,6 +38,8 @@ class OrtRunner(Runner):
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
         except Exception as exc:

@@ -60,6 +60,13 @@ class Metrics:
         self.batch_size = Histogram(
             "vlmopt_batch_size", "Items per model call formed by the dynamic batcher, by tower.", ["tower"], buckets=BATCH_BUCKETS, registry=r
         )
+        self.stage_seconds = Histogram(
+            "vlmopt_batch_stage_seconds",
+            "Time of each batch's stages, by tower: preprocess (image processor or tokenizer, over the batch) and model.",
+            ["tower", "stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_depth = Gauge("vlmopt_queue_depth", "Items (images, texts, generations) admitted and not yet answered.", registry=r)
         self.errors = Counter("vlmopt_errors", "Requests refused or failed, by kind.", ["kind"], registry=r)
         self.tokens = Counter("vlmopt_generated_tokens", "New tokens generated (rate() of it: tokens/s).", registry=r)
@@ -171,6 +178,8 @@ class ServeApp:
         self.metrics = Metrics()
         self.admission = Admission(options.max_queue, self.metrics.queue_depth)
         self.batchers: dict[str, Batcher] = {}
+        if not getattr(service, "generative", False):
+            service.observe = lambda tower, stage, seconds: self.metrics.stage_seconds.labels(tower, stage).observe(seconds)
         self._generation = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmopt-generate")
         self._created = int(time.time())
         self.app = self._build()
@@ -243,11 +252,12 @@ class ServeApp:
         blobs = [_data_bytes(v, f"images[{i}]", self.options.max_image_bytes) for i, v in enumerate(images)]
 
         async def one(i: int, data: bytes) -> list[float]:
+            # decoded (and refused where it is no image) per request; the image processor runs over the batch
             try:
-                row = await asyncio.to_thread(self.service.pixels, data, self.options.max_image_pixels)
+                image = await asyncio.to_thread(self.service.image, data, self.options.max_image_pixels)
             except BadItem as exc:
                 raise ApiError(exc.status, exc.kind, f"images[{i}]: {exc.message}") from None
-            return await self._batcher(tower, self.service.embed_images)(row)
+            return await self._batcher(tower, self.service.embed_images)(image)
 
         return await self._admitted(len(blobs), asyncio.gather(*(one(i, b) for i, b in enumerate(blobs))))
 

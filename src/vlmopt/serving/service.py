@@ -12,6 +12,8 @@ import io
 import logging
 import math
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,7 +172,9 @@ class EncoderService:
         self.checkpoint = model_dir.checkpoint_folder(first)
         self.tokenizer, self.image_processor = saved_processors(self.checkpoint)
         for name, artifact in artifacts.items():
-            runners = ArtifactRunners(model_dir.artifact_path(name), artifact, threads=threads)
+            # threads that spin after a batch would take the cores from the decoding, preprocessing and HTTP work
+            # between batches (measured: `make bench-serve`)
+            runners = ArtifactRunners(model_dir.artifact_path(name), artifact, threads=threads, spinning=False)
             self._artifact_runners.append(runners)
             towers = runners.towers()
             for tower_name, choice in served.items():
@@ -191,6 +195,8 @@ class EncoderService:
         self.logit_scale, self.logit_bias = (_checkpoint_scalar(self.checkpoint, "logit_scale"), _checkpoint_scalar(self.checkpoint, "logit_bias"))
         #: dual encoders answer with unit-length embeddings, as their zero-shot scores use them
         self.normalize = self.family.zero_shot is not None
+        #: hears (tower, stage, seconds) of each batch: "preprocess" (image processor or tokenizer) and "model"
+        self.observe: Callable[[str, str, float], None] = lambda tower, stage, seconds: None
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "encoder", "family": self.family.name, "towers": {t: s.to_json() for t, s in self.served.items() if t in self.towers}}
@@ -202,15 +208,21 @@ class EncoderService:
             runners.close()
 
     # -- per item, in the request's own thread ------------------------------------------------------
-    def pixels(self, data: bytes, max_pixels: int) -> np.ndarray:
-        """One encoded image -> its pixel_values row (1, C, H, W), through the saved image processor."""
-        return np.asarray(self.image_processor(images=[decode_image(data, max_pixels)], return_tensors="np")["pixel_values"], dtype=np.float32)
+    def image(self, data: bytes, max_pixels: int) -> Any:
+        """One encoded image, checked and decoded (BadItem where it cannot be): what `embed_images` takes."""
+        return decode_image(data, max_pixels)
 
     # -- per batch, in the batcher's thread ---------------------------------------------------------
-    def embed_images(self, rows: list[np.ndarray]) -> list[list[float]]:
-        pixel_values = np.concatenate(rows, axis=0)
+    def embed_images(self, images: list[Any]) -> list[list[float]]:
+        """Decoded images -> embeddings: the saved image processor over the whole batch in one call (its resize,
+        crop and normalization vectorised over the batch), then one model call."""
+        started = time.perf_counter()
+        pixel_values = np.asarray(self.image_processor(images=images, return_tensors="np")["pixel_values"], dtype=np.float32)
+        preprocessed = time.perf_counter()
         tower = self.towers[self.image_tower]
         output = self.runners[self.image_tower].run({tower.inputs[0].name: pixel_values})[tower.outputs[0].name]
+        self.observe(self.image_tower, "preprocess", preprocessed - started)
+        self.observe(self.image_tower, "model", time.perf_counter() - preprocessed)
         return self._rows(output)
 
     def embed_texts(self, texts: list[str]) -> list[list[float]]:
@@ -219,8 +231,12 @@ class EncoderService:
         tower = self.towers[self.text_tower]
         fixed = tower.inputs[0].shape[1] if len(tower.inputs[0].shape) > 1 and isinstance(tower.inputs[0].shape[1], int) else None
         padding: bool | str = "max_length" if fixed else text_padding(tower)
+        started = time.perf_counter()
         feed = encode_text(texts, self.tokenizer, self.checkpoint, tower, "the request", padding, fixed)
+        tokenized = time.perf_counter()
         output = self.runners[self.text_tower].run(feed)[tower.outputs[0].name]
+        self.observe(self.text_tower, "preprocess", tokenized - started)
+        self.observe(self.text_tower, "model", time.perf_counter() - tokenized)
         return self._rows(output)
 
     def _rows(self, output: Any) -> list[list[float]]:

@@ -27,6 +27,7 @@ DEMO_FAMILIES = (
     "gemma3",
     "llava_next",
     "llava_onevision",
+    "blip",
 )
 SIZES = ("tiny", "base")
 #: llava also has `small` (LLaVA-OneVision-0.5B's sizes); see `vlmopt.demo_llava`
@@ -37,6 +38,8 @@ SMOLVLM_SIZES = ("tiny", "256m")
 GEMMA3_SIZES = ("tiny",)
 #: llava_next and llava_onevision have `tiny` only; see `vlmopt.demo_llava_next`
 LLAVA_NEXT_SIZES = ("tiny",)
+#: blip has `tiny` only; see `vlmopt.demo_blip`
+BLIP_SIZES = ("tiny",)
 
 _TINY = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
 _TINY_IMAGE = {"image_size": 32, "patch_size": 8}
@@ -360,6 +363,7 @@ def build_demo_model(dest: str | Path, family: str = "clip", size: str = "tiny",
         "gemma3": GEMMA3_SIZES,
         "llava_next": LLAVA_NEXT_SIZES,
         "llava_onevision": LLAVA_NEXT_SIZES,
+        "blip": BLIP_SIZES,
     }.get(family, SIZES)
     if size not in sizes:
         raise VlmoptError(f"unknown demo size '{size}' for {family}; choose one of {', '.join(sizes)}")
@@ -387,6 +391,11 @@ def build_demo_model(dest: str | Path, family: str = "clip", size: str = "tiny",
         from vlmopt.demo_llava_next import build_llava_next
 
         build_llava_next(dest, size, seed, model_type=family)
+        return dest
+    if family == "blip":
+        from vlmopt.demo_blip import build_blip
+
+        build_blip(dest, size, seed)
         return dest
     torch.manual_seed(seed)
     if family in ("clip", "siglip"):

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from vlmopt.families.generative import IMAGE_FEATURES, INPUTS_EMBEDS, LOGITS
+from vlmopt.families.generative import IMAGE_FEATURES, INPUTS_EMBEDS, LOGITS, SELF_AND_CROSS_ATTENTION
 from vlmopt.records import DataCheck, MetricCheck, OutputCheck
 from vlmopt.samples import PROMPTS, TEXT_SOURCE, sample_image, text_tokens
 from vlmopt.verification.compare import compare
@@ -112,6 +112,10 @@ def conversion_checks(
     from vlmopt.runners.generate import OrtGenerateRunner
 
     contract = preprocessor.contract
+    if contract.cache == SELF_AND_CROSS_ATTENTION:
+        from vlmopt.verification import cross_attention
+
+        return cross_attention.conversion_checks(holder, preprocessor, folder, towers, threads, say)
     shares_buffer = kv_contract(towers[contract.decoder.name].tower) == SHARED
     say("computing transformers' references: image features, embeddings, decoder logits, greedy generations")
     references = _references(holder.pop("model"), preprocessor, shares_buffer)

@@ -82,6 +82,8 @@ def check_config_fields(config: Any, declared: dict[str, Any] | None = None, whe
     family = next((f for f in all_families() if model_type in f.model_types), None)
     if family is None:
         return
+    if declared is not None:
+        family.check_declared(declared)
     for field in family.required_fields(config):
         key, *aliases = field.split("|")
         written = declared is None or any(declared.get(name) is not None for name in (key, *aliases))

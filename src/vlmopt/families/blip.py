@@ -198,6 +198,17 @@ class BlipFamily(GenerativeFamily):
             if value is None or not 0 <= int(value) < text.vocab_size:
                 raise VlmoptError(f"text_config.{key} is {value}, not a token of the text decoder's vocabulary of {text.vocab_size}")
 
+    def check_declared(self, declared: dict[str, Any]) -> None:
+        """BlipConfig overwrites text_config.encoder_hidden_size with the vision hidden size, so a disagreeing
+        config.json loads as if it agreed and then fails on the weights: refuse it by the written values."""
+        wide = (declared.get("text_config") or {}).get("encoder_hidden_size")
+        hidden = (declared.get("vision_config") or {}).get("hidden_size")
+        if wide is not None and hidden is not None and int(wide) != int(hidden):
+            raise VlmoptError(
+                f"the text decoder cross-attends to {wide}-wide image rows (text_config.encoder_hidden_size) but the vision model "
+                f"gives {hidden} (vision_config.hidden_size); the vision and text configs disagree"
+            )
+
     def image_token(self, config: Any) -> int:
         return -1
 

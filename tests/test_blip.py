@@ -80,6 +80,25 @@ def test_generate_with_onnxruntime_genai_is_refused_in_one_line(model: Path, ima
     assert_refused(model, "generate", "--image", image_file, "--prompt", "", "--backend", "onnxruntime-genai", fragments=("onnxruntime-genai", "blip"))
 
 
+def test_quantize_parts_decoder_int4_and_vision_int8_records_token_agreement_and_perplexity(
+    tmp_path_factory: pytest.TempPathFactory, model: Path, image_file: Path
+) -> None:
+    model_dir = tmp_path_factory.mktemp("blip-quantized") / "blip"
+    shutil.copytree(model, model_dir)
+    # random weights: the gates are off, the figures are still measured and recorded
+    made = vlmopt_json(
+        "quantize", model_dir, "--part", "decoder=int4", "--part", "vision=int8",
+        "--min-token-agreement", "off", "--max-ppl-increase", "off", "--min-cosine", "off",
+    )  # fmt: skip
+    name = made["artifact"]["name"]
+    metrics = {m["name"]: m for m in manifest(model_dir)["artifacts"][name]["verification"]["metrics"]}
+
+    assert {"teacher-forced next-token top-1 agreement", "perplexity increase", "greedy exact-match rate"} <= set(metrics)
+    assert metrics["teacher-forced next-token top-1 agreement"]["detail"]["positions"] > 1000
+    result = vlmopt_json("generate", model_dir, name, "--image", image_file, "--prompt", "a picture of", "--max-new-tokens", 4)
+    assert len(result["tokens"]) >= 1
+
+
 # -- bad input -------------------------------------------------------------------------------------
 def test_two_images_for_one_caption_prompt_are_refused(model: Path, image_file: Path) -> None:
     assert_refused(model, "generate", "--image", image_file, "--image", image_file, "--prompt", "a picture of", fragments=("one image per prompt",))

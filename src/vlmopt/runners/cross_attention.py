@@ -54,6 +54,19 @@ class CrossAttentionParts:
         self.cross.run_with_iobinding(binding)
         return list(binding.get_outputs())
 
+    def embed(self, input_ids: np.ndarray, image_features: np.ndarray | None = None) -> np.ndarray:
+        """The decoder's input for these tokens: the ids themselves (its embeddings are inside it). With `decode`, what
+        teacher-forced checks call on any family's parts (`vlmopt.verification.generation.teacher_forced`)."""
+        return input_ids
+
+    def decode(self, input_ids: np.ndarray, attention_mask: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """The logits of one prefill with no past, cross-attending to an all-zero pixel input (the normalized mean
+        colour: text scored under a fixed, neutral image), for checks."""
+        shape = self.vision.get_inputs()[0].shape
+        pixels = np.zeros((len(input_ids), *shape[1:]), np.float32)
+        cache = CrossAttentionCache(self, self.cross_values(self.encode_images(pixels)), len(input_ids))
+        return cache.prefill(input_ids, attention_mask)
+
     def close(self) -> None:
         self.vision = self.cross = self.decoder = None
 

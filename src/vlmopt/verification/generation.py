@@ -349,14 +349,14 @@ def variant_checks(
     preprocessor: Any, reference_dir: Path, reference: Any, folder: Path, candidate: Any, gates: Any, threads: int, say: Callable[[str], None]
 ) -> list[MetricCheck]:
     """A quantized variant against its fp32 parent: teacher-forced agreement, KL and perplexity on the real text, greedy matches."""
-    from vlmopt.runners.generate import OrtGenerateRunner
+    from vlmopt.runners.generate import ort_runner
 
     files = {name: record.file for name, record in candidate.towers.items()}
     reference_files = {name: record.file for name, record in reference.towers.items()}
     ids, identity = text_tokens(preprocessor.tokenizer, TEXT_TOKENS)
     window = min(WINDOW, preprocessor.max_positions, len(ids))
     contract = preprocessor.contract
-    with OrtGenerateRunner(reference_dir, reference_files, threads, contract) as fp32, OrtGenerateRunner(folder, files, threads, contract) as variant:
+    with ort_runner(reference_dir, reference_files, threads, contract) as fp32, ort_runner(folder, files, threads, contract) as variant:
         say(f"teacher-forced next-token agreement and perplexity over {len(ids)} tokens of {TEXT_SOURCE}")
         scores = teacher_forced(fp32.parts, variant.parts, ids, window)
         say(f"greedy generation of {VARIANT_NEW_TOKENS} tokens on {VARIANT_PAIRS} image+prompt pairs, fp32 against the variant")

@@ -37,7 +37,16 @@ def build_blip(dest: Path, size: str, seed: int = 0) -> dict[str, Any]:
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
     vocab_file.unlink()  # the tokenizer saves its own copy with the processor
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIALS}
-    vision = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2, "image_size": 32, "patch_size": 8}
+    # BlipVisionConfig draws weights with std 1e-10 by default: the tower would be its embeddings and a LayerNorm
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "image_size": 32,
+        "patch_size": 8,
+        "initializer_range": 0.02,
+    }
     text = {
         "vocab_size": len(words) + (-len(words)) % 8,
         "hidden_size": 32,

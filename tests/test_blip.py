@@ -114,3 +114,17 @@ def test_a_checkpoint_whose_text_decoder_expects_other_image_rows_is_refused(dem
 
     assert_bad_input(result, "encoder_hidden_size", "disagree")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_prefix_longer_than_the_decoders_positions_is_refused(model: Path, image_file: Path) -> None:
+    assert_refused(
+        model,
+        "generate",
+        "--image",
+        image_file,
+        "--prompt",
+        "a photo of the cat " * 40,
+        "--max-new-tokens",
+        4,
+        fragments=("exceeds the model's 128 positions",),
+    )

@@ -50,8 +50,10 @@ def test_convert_verifies_the_parts_and_greedy_captions_against_transformers(mod
     artifact = manifest(model)["artifacts"]["onnx"]
     verification = artifact["verification"]
     metrics = {m["name"]: m for m in verification["metrics"]}
+    against_transformers = {tower for tower, checks in verification["towers"].items() if any(c["data"] == "transformers" for c in checks)}
 
     assert set(artifact["towers"]) == set(PARTS)
+    assert against_transformers == {"vision", "decoder"}
     assert verification["passed"] and verification["failures"] == []
     assert metrics["greedy generation identical to transformers"]["value"] == 1.0
 

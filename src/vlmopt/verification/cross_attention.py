@@ -1,5 +1,7 @@
 """Conversion checks of encoder-decoder captioners (the self-and-cross-attention cache layout; BLIP): the vision
-part's image_embeds against transformers' vision model, and greedy generation through vlmopt's loop token for token
+part's image_embeds against transformers' vision model; the decoder part, through the cross part's keys and values
+and its own past, against transformers' text decoder with its EncoderDecoderCache (prefills at two shapes, one
+right-padded, then a decode step); and greedy generation through vlmopt's loop token for token
 against transformers' `generate`, on 2 images of different sizes (the processor resizes both to the tower's size)
 with 2 caption prefixes each, and a batch of 2 unequal prefixes (right-padded, as BLIP's processor pads)."""
 
@@ -9,6 +11,8 @@ import gc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from vlmopt.records import DataCheck, MetricCheck, OutputCheck
 from vlmopt.samples import sample_image
@@ -47,6 +51,7 @@ def conversion_checks(
     with torch.inference_mode():
         pixels = [preprocessor.images([image])[0] for image in images()]
         embeds = [family.image_features(model, torch.from_numpy(p)).numpy() for p in pixels]
+        decoder_cases = _decoder_cases(model, family, pixels)
     with HfGenerateRunner(model=model, family=family) as reference:
         expected = [reference.generate(r).tokens for r in requests]
     del model
@@ -58,6 +63,7 @@ def conversion_checks(
             figures = compare(contract.vision.gives[0], e.reshape(-1, e.shape[-1]), runner.encode_images(p).reshape(-1, e.shape[-1]))
             if not worst or figures.max_abs_diff > worst["max"]:
                 worst = {"max": figures.max_abs_diff, "cos": figures.cosine_min, "mean": figures.cosine_mean, "where": {"image": i}}
+        decoder = _decoder(decoder_cases, runner.parts)
         say(f"greedy generation of {NEW_TOKENS} tokens on {len(prompts)} prompts against transformers' generate")
         got = [runner.generate(r).tokens for r in requests]
     name = contract.vision.gives[0]
@@ -77,7 +83,87 @@ def conversion_checks(
         1.0,
         detail={"first_divergence": divergences},
     )
-    return {contract.vision.name: [vision]}, [metric]
+    return {contract.vision.name: [vision], contract.decoder.name: [decoder]}, [metric]
+
+
+#: the decoder's checks: (batch, prompt length), the second row of a batch right-padded by DECODER_PADDING, as BLIP pads
+DECODER_SHAPES, DECODER_PADDING = ((1, 5), (2, 11)), 3
+
+
+def _decoder_cases(model: Any, family: Any, pixels: list[np.ndarray]) -> list[dict[str, Any]]:
+    """transformers' text decoder (its own mask code and EncoderDecoderCache, cross keys/values computed from the image
+    rows) on random prompts at two shapes, then one decode step: the logits the decoder part must give."""
+    import torch
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    rng = np.random.default_rng(0)
+    vocab = int(family.input_embeddings(model).weight.shape[0])
+    cases = []
+    for batch, length in DECODER_SHAPES:
+        images = np.concatenate([pixels[row % len(pixels)] for row in range(batch)])
+        rows = family.image_features(model, torch.from_numpy(images))
+        ids = rng.integers(0, vocab, (batch, length), dtype=np.int64)
+        mask = np.ones((batch, length), np.int64)
+        mask[1:, length - DECODER_PADDING :] = 0
+        positions = np.where(mask == 0, 0, np.cumsum(mask, 1) - 1)
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        prefill = _reference_step(model, family, ids, mask, positions, rows, cache)
+        token = rng.integers(0, vocab, (batch, 1), dtype=np.int64)
+        step_mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], 1)
+        step = _reference_step(model, family, token, step_mask, positions[:, -1:] + 1, rows, cache)
+        cases.append(
+            {"pixels": images, "ids": ids, "mask": mask, "token": token, "prefill": prefill, "step": step, "where": {"batch": batch, "sequence": length}}
+        )
+    return cases
+
+
+def _reference_step(model: Any, family: Any, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, rows: Any, cache: Any) -> np.ndarray:
+    import torch
+
+    out = family.language_model(model)(
+        input_ids=torch.from_numpy(ids),
+        attention_mask=torch.from_numpy(mask),
+        position_ids=torch.from_numpy(positions),
+        encoder_hidden_states=rows,
+        cache=cache,
+        use_cache=True,
+        is_decoder=True,
+    )
+    return family.lm_head(model)(out.last_hidden_state).numpy()
+
+
+def _decoder(cases: list[dict[str, Any]], parts: Any) -> DataCheck:
+    """The decoder part through vlmopt's caches (cross part's keys and values, self-attention past): its prefill's logits
+    at the positions that hold tokens and one decode step's, against transformers'."""
+    from vlmopt.families.generative import LOGITS
+    from vlmopt.runners.cross_attention import CrossAttentionCache
+
+    worst: dict[str, Any] = {}
+    for case in cases:
+        cache = CrossAttentionCache(parts, parts.cross_values(parts.encode_images(case["pixels"])), len(case["ids"]))
+        valid = case["mask"].astype(bool)
+        got = cache.prefill(case["ids"], case["mask"])
+        for expected, candidate, past in (
+            (case["prefill"][valid], got[valid], 0),
+            (case["step"][:, -1], cache.step(case["token"])[:, -1], case["ids"].shape[1]),
+        ):
+            figures = compare(LOGITS, expected, candidate)
+            if not worst or figures.max_abs_diff > worst["max"]:
+                worst = {
+                    "max": figures.max_abs_diff,
+                    "cos": min(figures.cosine_min, worst.get("cos", 1.0)),
+                    "mean": figures.cosine_mean,
+                    "where": {**case["where"], "past_sequence": past},
+                }
+            worst["cos"] = min(worst["cos"], figures.cosine_min)
+    source = f"transformers' text decoder (its EncoderDecoderCache): prefills at batch x length {DECODER_SHAPES} (right-padded), then a decode step"
+    return DataCheck(
+        "transformers",
+        source,
+        2 * len(cases),
+        sum(b for b, _ in DECODER_SHAPES),
+        {LOGITS: OutputCheck(LOGITS, worst["max"], worst["cos"], worst["mean"], worst["where"])},
+    )
 
 
 def _first_divergence(a: list[int], b: list[int]) -> int | None:

@@ -24,7 +24,7 @@ def build_blip(dest: Path, size: str, seed: int = 0) -> dict[str, Any]:
     import torch
     from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
-    from vlmopt.demo import _CORPUS
+    from vlmopt.demo import _CORPUS, _TINY, _TINY_IMAGE
 
     if size not in SIZES:
         raise VlmoptError(f"unknown blip demo size '{size}'; choose one of {', '.join(SIZES)}")
@@ -38,21 +38,10 @@ def build_blip(dest: Path, size: str, seed: int = 0) -> dict[str, Any]:
     vocab_file.unlink()  # the tokenizer saves its own copy with the processor
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIALS}
     # BlipVisionConfig draws weights with std 1e-10 by default: the tower would be its embeddings and a LayerNorm
-    vision = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_attention_heads": 4,
-        "num_hidden_layers": 2,
-        "image_size": 32,
-        "patch_size": 8,
-        "initializer_range": 0.02,
-    }
+    vision = {**_TINY, **_TINY_IMAGE, "initializer_range": 0.02}
     text = {
+        **_TINY,
         "vocab_size": len(words) + (-len(words)) % 8,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_attention_heads": 4,
-        "num_hidden_layers": 2,
         "encoder_hidden_size": vision["hidden_size"],
         "max_position_embeddings": 128,
         "bos_token_id": ids["[DEC]"],

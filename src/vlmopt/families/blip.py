@@ -226,7 +226,9 @@ class BlipFamily(GenerativeFamily):
     def input_embeddings(self, model: Any) -> Any:
         return model.text_decoder.get_input_embeddings()
 
-    def image_features(self, model: Any, pixel_values: Any, **vision_inputs: Any) -> Any:
+    def image_features(self, model: Any, pixel_values: Any, *inputs: Any, **named: Any) -> Any:
+        """BLIP's image_embeds [images, rows, hidden]; its vision part takes pixels only, so other inputs are ignored
+        (whichever way the caller passes them)."""
         return model.vision_model(pixel_values=pixel_values).last_hidden_state
 
     def towers(self, config: Any, hf_dir: Path | None = None, monolith: bool = False, decoder: str = "torch") -> list[Tower]:

@@ -123,7 +123,8 @@ class CrossAttentionGenerateRunner(GenerateRunner):
     def __init__(self, folder: Path, files: dict[str, str], threads: int | None, contract: GenerativeContract):
         self.parts = CrossAttentionParts(folder, files, threads, contract)
 
-    def encode_images(self, pixel_values: np.ndarray, vision_inputs: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    def encode_images(self, pixel_values: np.ndarray, *inputs: Any) -> np.ndarray:
+        """image_embeds; the vision part takes pixels only (other inputs a caller passes are not its)."""
         return self.parts.encode_images(pixel_values)
 
     def generate_impl(self, request: GenerateRequest, on_token: OnToken | None) -> GenerateResult:

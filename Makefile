@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 RECIPE ?= examples/recipes/clip-cpu.yaml
 DEMO ?= build/clip-cpu
 
-.PHONY: install demo test bench bench-models bench-fidelity bench-distill bench-vlm bench-serve bench-int4 bench-gpu lint clean
+.PHONY: install demo test bench bench-models bench-fidelity bench-distill bench-vlm bench-serve bench-int4 bench-blip-cross bench-gpu lint clean
 
 install: $(BIN)/vlmopt
 
@@ -68,6 +68,11 @@ bench-int4: install
 	test -f $(INT4_MODEL)/onnx/decoder.onnx || ($(BIN)/vlmopt demo-model $(INT4_MODEL)-src --family llava --size base --language-model smollm2 \
 		&& $(BIN)/vlmopt export $(INT4_MODEL)-src -o $(INT4_MODEL) && $(BIN)/vlmopt convert $(INT4_MODEL))
 	$(BIN)/python benchmarks/int4_methods.py --model-dir $(INT4_MODEL)
+
+# BLIP's decode step with the cross-attention keys/values cached against recomputed (BLIP-base's text decoder sizes,
+# random weights, PyTorch, interleaved): the choice behind the blip family's `cross` part
+bench-blip-cross: install
+	$(BIN)/python benchmarks/blip_cross_cache.py
 
 bench-gpu: install
 	$(BIN)/python benchmarks/gpu.py

@@ -678,14 +678,14 @@ def demo_model(
         str,
         typer.Option(
             help="clip, siglip; vision backbones vit, dinov2, dinov2-registers, deit, beit, swin, convnext (each also as NAME-classifier); "
-            "text encoders bert, xlm-roberta, deberta-v2, modernbert, nomic-bert; generative llava, smolvlm, idefics3, gemma3, llava_next, llava_onevision."
+            "text encoders bert, xlm-roberta, deberta-v2, modernbert, nomic-bert; generative llava, smolvlm, idefics3, gemma3, llava_next, llava_onevision, blip."
         ),
     ] = "clip",
     size: Annotated[
         str,
         typer.Option(
             help="tiny (tests) or base (real sizes: CLIP ViT-B/32, ...); llava also small (LLaVA-OneVision-0.5B's sizes); "
-            "smolvlm and idefics3: tiny or 256m (SmolVLM-256M's sizes); gemma3, llava_next and llava_onevision tiny only."
+            "smolvlm and idefics3: tiny or 256m (SmolVLM-256M's sizes); gemma3, llava_next, llava_onevision and blip tiny only."
         ),
     ] = "tiny",
     seed: Annotated[int, typer.Option(help="Random seed for the weights.")] = 0,

@@ -28,6 +28,7 @@ DEMO_FAMILIES = (
     "llava_next",
     "llava_onevision",
     "qwen2_5_vl",
+    "blip",
 )
 SIZES = ("tiny", "base")
 #: llava also has `small` (LLaVA-OneVision-0.5B's sizes); see `vlmopt.demo_llava`
@@ -40,6 +41,8 @@ GEMMA3_SIZES = ("tiny",)
 LLAVA_NEXT_SIZES = ("tiny",)
 #: qwen2_5_vl has `tiny` and `3b` (Qwen2.5-VL-3B's sizes, for timing); see `vlmopt.demo_qwen2_5_vl`
 QWEN2_5_VL_SIZES = ("tiny", "3b")
+#: blip has `tiny` only; see `vlmopt.demo_blip`
+BLIP_SIZES = ("tiny",)
 
 _TINY = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
 _TINY_IMAGE = {"image_size": 32, "patch_size": 8}
@@ -364,6 +367,7 @@ def build_demo_model(dest: str | Path, family: str = "clip", size: str = "tiny",
         "llava_next": LLAVA_NEXT_SIZES,
         "llava_onevision": LLAVA_NEXT_SIZES,
         "qwen2_5_vl": QWEN2_5_VL_SIZES,
+        "blip": BLIP_SIZES,
     }.get(family, SIZES)
     if size not in sizes:
         raise VlmoptError(f"unknown demo size '{size}' for {family}; choose one of {', '.join(sizes)}")
@@ -396,6 +400,11 @@ def build_demo_model(dest: str | Path, family: str = "clip", size: str = "tiny",
         from vlmopt.demo_qwen2_5_vl import build_qwen2_5_vl
 
         build_qwen2_5_vl(dest, size, seed)
+        return dest
+    if family == "blip":
+        from vlmopt.demo_blip import build_blip
+
+        build_blip(dest, size, seed)
         return dest
     torch.manual_seed(seed)
     if family in ("clip", "siglip"):

@@ -19,6 +19,7 @@ __all__ = ["Family", "TensorSpec", "TextVocab", "Tower", "all_families", "family
 def all_families() -> tuple[Family, ...]:
     from vlmopt.families.backbones import BeitFamily, ConvNextFamily, DeitFamily, Dinov2Family, SwinFamily
     from vlmopt.families.bert import BertStyleFamily, DebertaV2Family, ModernBertFamily, NomicBertFamily
+    from vlmopt.families.blip import BlipFamily
     from vlmopt.families.dual_encoder import ClipFamily, SiglipFamily
     from vlmopt.families.gemma3 import Gemma3Family
     from vlmopt.families.llava import LlavaFamily
@@ -46,6 +47,7 @@ def all_families() -> tuple[Family, ...]:
         LlavaNextFamily(),
         LlavaOnevisionFamily(),
         Qwen2_5_VlFamily(),
+        BlipFamily(),
     )
 
 
@@ -82,6 +84,8 @@ def check_config_fields(config: Any, declared: dict[str, Any] | None = None, whe
     family = next((f for f in all_families() if model_type in f.model_types), None)
     if family is None:
         return
+    if declared is not None:
+        family.check_declared(declared)
     for field in family.required_fields(config):
         key, *aliases = field.split("|")
         written = declared is None or any(declared.get(name) is not None for name in (key, *aliases))

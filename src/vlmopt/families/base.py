@@ -195,6 +195,10 @@ class Family:
     def check_config(self, config: Any) -> None:
         """Refuse (VlmoptError) a checkpoint of this family that vlmopt cannot convert, saying what it supports."""
 
+    def check_declared(self, declared: dict[str, Any]) -> None:
+        """Refuse a config.json as written that its config class would quietly repair (a value it overwrites from
+        another, where the weights follow the written one). Most families need no check."""
+
     def required_fields(self, config: Any) -> tuple[str, ...]:
         """The config.json keys this family sizes its towers from. A checkpoint whose config lacks one is refused,
         naming it: transformers would fill in its class default, and the weights would not fit or the graph be misshapen."""

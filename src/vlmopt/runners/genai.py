@@ -84,12 +84,18 @@ def write_genai_config(folder: Path, towers: dict[str, Any], preprocessor: Any) 
                 "inputs": {"input_ids": INPUT_IDS, "image_features": IMAGE_FEATURES},
                 "outputs": {"inputs_embeds": INPUTS_EMBEDS},
             },
-            contract.vision.name: {
-                "filename": towers[contract.vision.name].file,
-                "session_options": session,
-                "inputs": {"pixel_values": PIXEL_VALUES},
-                "outputs": {"image_features": IMAGE_FEATURES},
-            },
+            **(
+                {
+                    contract.vision.name: {
+                        "filename": towers[contract.vision.name].file,
+                        "session_options": session,
+                        "inputs": {"pixel_values": PIXEL_VALUES},
+                        "outputs": {"image_features": IMAGE_FEATURES},
+                    }
+                }
+                if contract.vision is not None
+                else {}
+            ),
         },
         "search": {
             "do_sample": False,

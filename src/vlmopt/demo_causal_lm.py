@@ -51,11 +51,15 @@ def build_causal_lm(dest: Path, family: str, size: str = "tiny", seed: int = 0, 
 
     model_type = MODEL_TYPES[family]
     if language_model:
-        model, tokenizer, source = load_language_model(language_model, model_types=(model_type,), image_token=False, wanted=f"--family {family}")
-        # transformers' GGUF loader leaves quantization_config (quant_method gguf) on weights it has dequantized to fp32
-        for key in ("quantization_config",):
-            if hasattr(model.config, key):
-                delattr(model.config, key)
+        loaded, tokenizer, source = load_language_model(language_model, model_types=(model_type,), image_token=False, wanted=f"--family {family}")
+        # transformers' GGUF loader marks weights it has dequantized to fp32 as quantized (quant_method gguf), and
+        # then will not save them: the same weights go into a plain model made from the config without that mark
+        config = loaded.config.to_dict()
+        for key in ("quantization_config", "_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype"):
+            config.pop(key, None)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32).eval()
+        model.load_state_dict(loaded.state_dict(), strict=True)
+        del loaded
         if tokenizer.chat_template is None:
             tokenizer.chat_template = "{%- set default_system = " + json.dumps(DEFAULT_SYSTEM) + " -%}" + CHATML
     else:

@@ -126,7 +126,8 @@ class QuantizeOptions(StageOptions):
     fallback_seconds: float = fallback_seconds_option()
     method: str = option(
         "rtn",
-        "--part decoder=int4: how the int4 weights are chosen: rtn, gptq (calibrated), hqq, awq (NNCF, calibrated) or auto "
+        "--part decoder=int4: how the int4 weights are chosen: rtn, gptq (calibrated), hqq, awq (NNCF, calibrated), grid (weights "
+        "already on a 4-bit grid, a dequantized GGUF Q4_0/Q4_1, kept exactly; the rest rtn) or auto "
         "(each, scored on the gate's text; the best that passes).",
         choices=METHODS,
     )
@@ -173,6 +174,8 @@ class QuantizeOptions(StageOptions):
             if self.fallback and "int4" not in self.parts.values():
                 raise VlmoptError("--fallback with --part keeps the most sensitive matrices of a decoder=int4 part at int8 or fp32; name one")
         decoder_int4 = bool(self.part) and "int4" in self.parts.values()
+        if self.method == "grid" and self.fallback:
+            raise VlmoptError("--method grid writes each kept-on-grid matrix as several nodes, which --fallback cannot splice yet; drop one of them")
         if self.method != "rtn" and not decoder_int4:
             raise VlmoptError(f"--method {self.method} chooses a decoder's int4 weights; use it with --part decoder=int4")
         if self.fallback_precision != "int8" and not (decoder_int4 and self.fallback):
@@ -824,6 +827,9 @@ class Quantize(Stage):
             job.say(f"int4 by {method}: the {tower} part")
             quantized = int4.quantize(method, fp32, settings, feeds, job.say)
         details.update(method=method, weights=int4.describe(method, settings))
+        if method == "grid":
+            kept = sum(n.op_type == "Add" and n.name.endswith("/grid_add") for n in quantized.graph.node)
+            details["grid"] = {"kept_on_their_grid": kept, "rounded_to_nearest": sum(n.op_type == "MatMulNBits" for n in quantized.graph.node) - kept}
         graph.save(quantized, destination)
         if options.fallback:
             job.state["decoder_int4"][tower] = {"fp32": fp32, "quantized": quantized, "scorer": scorer, "settings": settings, "method": method}

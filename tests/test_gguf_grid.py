@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -82,8 +81,9 @@ def test_grid_records_how_many_matrices_it_kept_on_their_grid(gridded: Path, tmp
 
     vlmopt_json("quantize", model_dir, "--part", "decoder=int4", "--method", "grid", *GATES_OFF)
 
-    record = manifest(model_dir)["artifacts"]["decoder-int4"]["record"]
-    assert "grid" in json.dumps(record["towers"]["decoder"])
+    record = manifest(model_dir)["artifacts"]["decoder-int4"]["record"]["towers"]["decoder"]["quantization"]
+    assert record["method"] == "grid"
+    assert record["grid"] == {"kept_on_their_grid": 15, "int8": 0}
 
 
 def test_grid_with_fallback_is_refused(gridded: Path) -> None:

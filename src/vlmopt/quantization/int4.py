@@ -23,7 +23,8 @@ Every method ends in ONNX Runtime's MatMulNBits, so every variant runs on the sa
     added back through the input's block sums, y += (x @ E) @ M (E [K, K/32] sums each block, M [K/32, N] holds
     m). MatMulNBits' integer zero points alone cannot hold m (on SmolLM2's Q4_1 fewer than 0.5 % of blocks have
     -m/d on the integer grid) and its float zero points run 30-50x slower at one row (`benchmarks/gguf_grid.py`).
-    Matrices not on such a grid (SmolLM2's head, tied to its Q8_0 token table) are rounded to nearest (rtn).
+    Matrices not on such a grid (SmolLM2's head, tied to its Q8_0 token table) become 8-bit MatMulNBits (rtn), as
+    the source kept them at more than 4 bits: a GGUF's Q8_0/Q6_K matrices stay near their own precision.
   * `auto`: each method above in turn, each scored on the gate's text; the best that passes is kept, and
     the record says what each scored and why the one kept was chosen.
 
@@ -402,7 +403,7 @@ def four_bit_grid(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarra
 
 
 def grid(model: Any, settings: Settings, say: Callable[[str], None] = lambda m: None) -> Any:
-    """Matrices on a 4-bit grid kept on it exactly (the module docstring's `grid`); the rest by rtn."""
+    """Matrices on a 4-bit grid kept on it exactly (the module docstring's `grid`); the rest 8-bit by rtn."""
     import onnx
     from onnx import helper, numpy_helper
     from onnxruntime.quantization.neural_compressor.weight_only import make_matmul_weight_only_node
@@ -452,7 +453,7 @@ def grid(model: Any, settings: Settings, say: Callable[[str], None] = lambda m: 
         added += inits
         if readers.get(node.input[1], 0) == 1:
             dropped.add(node.input[1])
-    say(f"grid: {len(replaced)} of {len(candidates)} matrices are on a 4-bit grid and kept on it; the rest are rounded to nearest")
+    say(f"grid: {len(replaced)} of {len(candidates)} matrices are on a 4-bit grid and kept on it; the rest become 8-bit")
     nodes_out = [n for node in out.graph.node for n in replaced.get(node.name, [node])]
     del out.graph.node[:]
     out.graph.node.extend(nodes_out)
@@ -464,7 +465,7 @@ def grid(model: Any, settings: Settings, say: Callable[[str], None] = lambda m: 
     # the block sums and offsets are float MatMuls of their own: the rounding of the rest must leave them alone
     helpers = [n.name for nodes in replaced.values() for n in nodes if n.op_type == "MatMul"]
     rest = [n.name for n in weight_matmuls(out) if n.name not in settings.exclude and n.name not in helpers]
-    return rtn(out, replace(settings, exclude=[*settings.exclude, *helpers])) if rest else out
+    return rtn(out, replace(settings, exclude=[*settings.exclude, *helpers]), bits=8) if rest else out
 
 
 def quantize(method: str, model: Any, settings: Settings, feeds: list[dict[str, np.ndarray]] | None, say: Callable[[str], None] = lambda m: None) -> Any:
@@ -485,6 +486,8 @@ def quantize(method: str, model: Any, settings: Settings, feeds: list[dict[str, 
 def describe(method: str, settings: Settings) -> str:
     kind = "symmetric" if settings.symmetric else "asymmetric"
     zero = ", float zero points" if method in FLOAT_ZERO_POINTS else ""
+    if method == "grid":
+        return f"int4 on the source's own 4-bit grid (zero points 0, block offsets added back), blocks of {settings.block_size}; other matrices 8-bit"
     return f"int4 {kind}, blocks of {settings.block_size}{zero}, {method}"
 
 

@@ -127,7 +127,7 @@ class QuantizeOptions(StageOptions):
     method: str = option(
         "rtn",
         "--part decoder=int4: how the int4 weights are chosen: rtn, gptq (calibrated), hqq, awq (NNCF, calibrated), grid (weights "
-        "already on a 4-bit grid, a dequantized GGUF Q4_0/Q4_1, kept exactly; the rest rtn) or auto "
+        "already on a 4-bit grid, a dequantized GGUF Q4_0/Q4_1, kept exactly; the rest 8-bit) or auto "
         "(each, scored on the gate's text; the best that passes).",
         choices=METHODS,
     )
@@ -829,7 +829,7 @@ class Quantize(Stage):
         details.update(method=method, weights=int4.describe(method, settings))
         if method == "grid":
             kept = sum(n.op_type == "Add" and n.name.endswith("/grid_add") for n in quantized.graph.node)
-            details["grid"] = {"kept_on_their_grid": kept, "rounded_to_nearest": sum(n.op_type == "MatMulNBits" for n in quantized.graph.node) - kept}
+            details["grid"] = {"kept_on_their_grid": kept, "int8": sum(n.op_type == "MatMulNBits" for n in quantized.graph.node) - kept}
         graph.save(quantized, destination)
         if options.fallback:
             job.state["decoder_int4"][tower] = {"fp32": fp32, "quantized": quantized, "scorer": scorer, "settings": settings, "method": method}

@@ -710,13 +710,14 @@ def demo_model(
     """
     from vlmopt.demo import build_demo_model
 
-    with _status(f"building a {size} {family} with random weights", as_json):
+    weights = f"the language model from {language_model}" if language_model else "random weights"
+    with _status(f"building a {size} {family} with {weights}", as_json):
         path = build_demo_model(directory, family, size, seed, language_model)
     files = sorted(p.name for p in path.iterdir())
     if as_json:
         _emit_json({"ok": True, "path": str(path), "family": family, "size": size, "files": files})
     else:
-        out.print(f"[green]✓[/] demo {family} ({size}, random weights) written to [bold]{path}[/]: {', '.join(files)}")
+        out.print(f"[green]✓[/] demo {family} ({size}, {weights}) written to [bold]{path}[/]: {', '.join(files)}")
 
 
 # -- doctor --------------------------------------------------------------------------------

@@ -87,10 +87,6 @@ def test_quantize_refuses_a_vision_part_on_a_bare_language_model(llama: Path) ->
     assert_refused(llama, "quantize", "--part", "vision=int8", *GATES_OFF, fragments=("no part named vision", "embedding, decoder"))
 
 
-def test_quantize_refuses_a_decoder_part_on_a_model_without_a_decoder(converted: Callable[[str], Path]) -> None:
-    assert_refused(converted("clip"), "quantize", "--part", "decoder=int4", fragments=("no part named decoder",))
-
-
 def test_demo_model_refuses_a_real_language_model_of_another_type_than_the_family(tmp_path: Path, exported: Callable[[str], Path]) -> None:
     source = tmp_path / "qwen2-src"
     vlmopt_json("demo-model", source, "--family", "qwen2")
@@ -110,3 +106,13 @@ def test_convert_refuses_a_language_model_with_a_sliding_window_on_every_layer(d
     result = vlmopt("export", source, "-o", tmp_path / "model")
 
     assert result.exit_code == 2 and "sliding window of 16 positions" in result.stderr
+
+
+def test_the_default_int4_method_rounds_a_decoder_on_no_grid_to_nearest(llama: Path, copy_model_dir: Callable[[Path], Path]) -> None:
+    model_dir = copy_model_dir(llama)
+
+    vlmopt_json("quantize", model_dir, "--part", "decoder=int4", *GATES_OFF)
+
+    record = manifest(model_dir)["artifacts"]["decoder-int4"]["record"]["towers"]["decoder"]["quantization"]
+    assert record["method"] == "rtn"
+    assert record["default"].startswith("rtn: 0 of 15 matrices")

@@ -88,3 +88,14 @@ def test_grid_records_how_many_matrices_it_kept_on_their_grid(gridded: Path, tmp
 
 def test_grid_with_fallback_is_refused(gridded: Path) -> None:
     assert_refused(gridded, "quantize", "--part", "decoder=int4", "--method", "grid", "--fallback", fragments=("--method grid",))
+
+
+def test_the_default_method_keeps_a_decoder_that_is_on_a_4_bit_grid_on_it(gridded: Path, tmp_path: Path) -> None:
+    model_dir = tmp_path / "default"
+    shutil.copytree(gridded, model_dir)
+
+    vlmopt_json("quantize", model_dir, "--part", "decoder=int4", *GATES_OFF)
+
+    record = manifest(model_dir)["artifacts"]["decoder-int4"]["record"]["towers"]["decoder"]["quantization"]
+    assert record["method"] == "grid"
+    assert record["default"].startswith("grid: 15 of 15 matrices")

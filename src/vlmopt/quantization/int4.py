@@ -402,6 +402,16 @@ def four_bit_grid(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarra
     return None
 
 
+def grid_share(model: Any, settings: Settings) -> tuple[int, int]:
+    """How many of the model's weight matrices (not excluded) are on a 4-bit grid, of how many."""
+    from onnx import numpy_helper
+
+    weights = {t.name: t for t in model.graph.initializer}
+    nodes = [n for n in weight_matmuls(model) if n.name not in settings.exclude]
+    found = sum(four_bit_grid(numpy_helper.to_array(weights[n.input[1]]), settings.block_size) is not None for n in nodes)
+    return found, len(nodes)
+
+
 def grid(model: Any, settings: Settings, say: Callable[[str], None] = lambda m: None) -> Any:
     """Matrices on a 4-bit grid kept on it exactly (the module docstring's `grid`); the rest 8-bit by rtn."""
     import onnx

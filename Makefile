@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 RECIPE ?= examples/recipes/clip-cpu.yaml
 DEMO ?= build/clip-cpu
 
-.PHONY: install demo test bench bench-models bench-fidelity bench-distill bench-vlm bench-serve bench-int4 bench-blip-cross bench-gpu lint clean
+.PHONY: install demo test bench bench-models bench-fidelity bench-distill bench-vlm bench-serve bench-int4 bench-int4-lm bench-gguf-grid bench-blip-cross bench-gpu lint clean
 
 install: $(BIN)/vlmopt
 
@@ -73,6 +73,17 @@ bench-int4: install
 # random weights, PyTorch, interleaved): the choice behind the blip family's `cross` part
 bench-blip-cross: install
 	$(BIN)/python benchmarks/blip_cross_cache.py
+
+# The bare SmolLM2-135M (no vision part, the same decoder) by rtn and grid, scored and timed in one run
+INT4_LM ?= build/smol-lm
+bench-int4-lm: install
+	test -f $(INT4_LM)/onnx/decoder.onnx || ($(BIN)/vlmopt demo-model $(INT4_LM)-src --family llama --language-model smollm2 \
+		&& $(BIN)/vlmopt export $(INT4_LM)-src -o $(INT4_LM) && $(BIN)/vlmopt convert $(INT4_LM))
+	$(BIN)/python benchmarks/int4_methods.py --model-dir $(INT4_LM) --methods rtn,grid
+
+# SmolLM2's GGUF Q4_1 against MatMulNBits' forms: blocks on the integer grid, weight error, one-row speed
+bench-gguf-grid: install
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/gguf_grid.py
 
 bench-gpu: install
 	$(BIN)/python benchmarks/gpu.py

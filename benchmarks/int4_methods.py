@@ -1,8 +1,9 @@
 """`make bench-int4`: a real decoder's int4 by each method, scored and timed in one run.
 
 On a converted LLaVA-style model directory (model a: CLIP ViT-B/32 random + the real SmolLM2-135M; see the README),
+or a bare language model's (`demo-model --family llama --language-model smollm2`: the same decoder, no image),
 the fp32 decoder is quantized by each of `vlmopt.quantization.int4`'s methods (rtn, gptq, hqq, awq) and, for
-reference, as 8-bit MatMulNBits (rtn). Each is scored as `quantize`'s gate scores it (teacher-forced top-1
+reference, as 8-bit MatMulNBits (rtn); `grid` keeps a dequantized GGUF's 4-bit grid. Each is scored as `quantize`'s gate scores it (teacher-forced top-1
 agreement and perplexity increase against the fp32 decoder on the first 2048 tokens of the built-in text, windows
 of 256; calibration on the text's second half), then every variant decodes 32 tokens after a 32-token prompt
 through vlmopt's ONNX Runtime loop, the variants taking turns round after round (interleaved). Also printed: the
@@ -47,7 +48,7 @@ def main() -> None:
     import onnx
 
     from vlmopt import graph
-    from vlmopt.families.llava import LlavaPreprocessor
+    from vlmopt.families import family_named
     from vlmopt.quantization import fallback, int4
     from vlmopt.runners.generate import GenerateRequest, OrtGenerateRunner, ort_session
     from vlmopt.samples import sample_image, text_tokens
@@ -58,7 +59,7 @@ def main() -> None:
     record = directory.load()[args.artifact]
     folder = directory.artifact_path(args.artifact)
     files = {name: tower.file for name, tower in record.towers.items()}
-    preprocessor = LlavaPreprocessor(directory.checkpoint_folder(record))
+    preprocessor = family_named(record.traits.family).preprocessor(directory.checkpoint_folder(record))
     threads = args.threads
     print(f"load average {os.getloadavg()}", flush=True)
 
@@ -95,7 +96,8 @@ def main() -> None:
 
     # decode speed, interleaved: each variant's decoder beside the fp32 vision and embedding parts
     prompt_ids = preprocessor.tokenizer("The quick brown fox jumps over the lazy dog. " * 8, add_special_tokens=False)["input_ids"][:32]
-    prompt = preprocessor([preprocessor.tokenizer.decode(prompt_ids)], [sample_image(7)])
+    images = [sample_image(7)] if preprocessor.contract.takes_images else []
+    prompt = preprocessor([preprocessor.tokenizer.decode(prompt_ids)], images)
     request = GenerateRequest(prompt, args.new_tokens, preprocessor.eos_token_ids, preprocessor.pad_token_id, min_new_tokens=args.new_tokens)
     speeds: dict[str, list[float]] = {name: [] for name in ["fp32", *variants]}
     if args.no_speed:
@@ -105,7 +107,7 @@ def main() -> None:
         for name in [] if args.no_speed else speeds:
             where = Path(scratch) / name.replace(" ", "_").replace("(", "").replace(")", "")
             where.mkdir()
-            for part in ("vision", "embedding"):
+            for part in (name for name in files if name != "decoder"):
                 for path in graph.tower_files(folder, files[part]):
                     os.symlink(path, where / path.name)
             if name == "fp32":
@@ -113,7 +115,7 @@ def main() -> None:
                     shutil.copyfile(path, where / path.name)
             else:
                 onnx.save(variants[name], str(where / files["decoder"]))
-            runners[name] = OrtGenerateRunner(where, files, threads)
+            runners[name] = OrtGenerateRunner(where, files, threads, preprocessor.contract)
         for _ in range(0 if args.no_speed else args.rounds):
             for name, runner in runners.items():
                 speeds[name].append(runner.generate(request).decode_tokens_per_s)

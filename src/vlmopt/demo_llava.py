@@ -196,8 +196,9 @@ def _gguf_in(path: Path) -> Path | None:
     return None
 
 
-def load_language_model(source: str) -> tuple[Any, Any, str]:
-    """A causal LM (fp32), its tokenizer with `<image>` added, and where it came from."""
+def load_language_model(source: str, model_types: tuple[str, ...] | None = None, image_token: bool = True, wanted: str = "llava") -> tuple[Any, Any, str]:
+    """A causal LM (fp32) of one of `model_types` (default: those LLaVA takes), its tokenizer (with `<image>` added
+    where `image_token`), and where it came from; `wanted` names what asked for it in refusals."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -207,7 +208,7 @@ def load_language_model(source: str) -> tuple[Any, Any, str]:
     if not path.exists():
         raise VlmoptError(f"--language-model {source} does not exist (a GGUF file, a folder with one, a Hugging Face folder, or {SMOLLM2})")
     gguf = _gguf_in(path)
-    supported = LlavaFamily.language_models
+    supported = model_types or LlavaFamily.language_models
     try:
         if gguf is not None:
             kwargs: dict[str, Any] = {"gguf_file": gguf.name}
@@ -218,7 +219,7 @@ def load_language_model(source: str) -> tuple[Any, Any, str]:
             kwargs, where = {"local_files_only": True}, str(path)
             model_type = AutoConfig.from_pretrained(where, **kwargs).model_type
             if model_type not in supported:
-                raise VlmoptError(f"language model '{model_type}' is not supported by llava; supported: {', '.join(supported)}")
+                raise VlmoptError(f"language model '{model_type}' is not supported by {wanted}; supported: {', '.join(supported)}")
         model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     except VlmoptError:
@@ -228,7 +229,9 @@ def load_language_model(source: str) -> tuple[Any, Any, str]:
     except Exception as exc:
         raise VlmoptError(f"cannot load a language model from {path}: {(str(exc).splitlines() or [type(exc).__name__])[0][:200]}") from exc
     if model.config.model_type not in supported:
-        raise VlmoptError(f"language model '{model.config.model_type}' is not supported by llava; supported: {', '.join(supported)}")
+        raise VlmoptError(f"language model '{model.config.model_type}' is not supported by {wanted}; supported: {', '.join(supported)}")
+    if not image_token:
+        return model.eval(), tokenizer, str(gguf or path)
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     tokenizer.image_token = IMAGE_TOKEN
     return model.eval(), tokenizer, str(gguf or path)

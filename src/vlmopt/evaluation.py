@@ -84,7 +84,10 @@ TEXT_ROLES = {"input_ids", "attention_mask", "token_type_ids"}
 
 def _role(tower: Tower) -> str:
     """image, text, pair (a one-graph dual encoder), or other: a part real data cannot be fed to as is (a generative
-    model's embedding or decoder part, whose inputs are image features, embeddings and a KV cache)."""
+    model's embedding or decoder part, whose inputs are image features, embeddings and a KV cache; a bare language
+    model's embedding part too, which takes token ids but gives one row per token, not a text embedding to rank by)."""
+    if tower.meta.get("part"):
+        return "other"
     roles = {spec.role for spec in tower.inputs}
     if roles == {"image"}:
         return "image"

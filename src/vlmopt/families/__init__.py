@@ -20,6 +20,7 @@ def all_families() -> tuple[Family, ...]:
     from vlmopt.families.backbones import BeitFamily, ConvNextFamily, DeitFamily, Dinov2Family, SwinFamily
     from vlmopt.families.bert import BertStyleFamily, DebertaV2Family, ModernBertFamily, NomicBertFamily
     from vlmopt.families.blip import BlipFamily
+    from vlmopt.families.causal_lm import CausalLmFamily
     from vlmopt.families.dual_encoder import ClipFamily, SiglipFamily
     from vlmopt.families.gemma3 import Gemma3Family
     from vlmopt.families.llava import LlavaFamily
@@ -48,6 +49,7 @@ def all_families() -> tuple[Family, ...]:
         LlavaOnevisionFamily(),
         Qwen2_5_VlFamily(),
         BlipFamily(),
+        CausalLmFamily(),
     )
 
 

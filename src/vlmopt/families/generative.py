@@ -83,9 +83,11 @@ class GenerativeContract:
     (position_ids [3, batch, sequence]: the family computes the prompt's, `GenerativeFamily.prompt_positions`, and a
     decode step's are the mask's 1-D positions shifted by each row's offset at prefill, as transformers' rope_deltas).
     `genai_model_type`: the model type `genai_config.json` declares, None where onnxruntime-genai runs none of
-    this family (vlmopt's loop is then its only ONNX generation backend)."""
+    this family (vlmopt's loop is then its only ONNX generation backend).
+    `vision` is None for a family that takes no images (a bare language model, `vlmopt.families.causal_lm`): its
+    embedding part then takes `input_ids` alone."""
 
-    vision: Part = Part(VISION, (PIXEL_VALUES,), (IMAGE_FEATURES,))
+    vision: Part | None = Part(VISION, (PIXEL_VALUES,), (IMAGE_FEATURES,))
     embedding: Part = Part(EMBEDDING, (INPUT_IDS, IMAGE_FEATURES), (INPUTS_EMBEDS,))
     decoder: Part = Part(DECODER, (INPUTS_EMBEDS, ATTENTION_MASK, POSITION_IDS, "past_key_values.*"), (LOGITS, "present.*"))
     positions: str = POSITIONS_1D
@@ -97,7 +99,12 @@ class GenerativeContract:
 
     @property
     def parts(self) -> tuple[Part, ...]:
-        return (self.vision, self.embedding, self.decoder)
+        """The parts in the order they run: a family without a vision part (a bare language model) has two."""
+        return tuple(part for part in (self.vision, self.embedding, self.decoder) if part is not None)
+
+    @property
+    def takes_images(self) -> bool:
+        return self.vision is not None
 
     @property
     def part_names(self) -> tuple[str, ...]:

@@ -18,6 +18,13 @@ Every method ends in ONNX Runtime's MatMulNBits, so every variant runs on the sa
     scale_estimation=True)` on its ONNX back end (ONNX Runtime's only AWQ is `nvidia_awq`, which needs
     NVIDIA ModelOpt, CUDA and a dataset download). NNCF reads graphs of standard operators; where it cannot
     read a decoder (the builder's fused operators) the method is refused with NNCF's own reason.
+  * `grid`: weights already on a 4-bit grid (a dequantized GGUF Q4_0/Q4_1: per block of 32 inputs w = d*q + m,
+    q in 0..15) kept exactly: the block's own codes and step d as MatMulNBits with zero points 0, and the offsets m
+    added back through the input's block sums, y += (x @ E) @ M (E [K, K/32] sums each block, M [K/32, N] holds
+    m). MatMulNBits' integer zero points alone cannot hold m (on SmolLM2's Q4_1 fewer than 0.5 % of blocks have
+    -m/d on the integer grid) and its float zero points run 30-50x slower at one row (`benchmarks/gguf_grid.py`).
+    Matrices not on such a grid (SmolLM2's head, tied to its Q8_0 token table) become 8-bit MatMulNBits (rtn), as
+    the source kept them at more than 4 bits: a GGUF's Q8_0/Q6_K matrices stay near their own precision.
   * `auto`: each method above in turn, each scored on the gate's text; the best that passes is kept, and
     the record says what each scored and why the one kept was chosen.
 
@@ -34,7 +41,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +49,7 @@ import numpy as np
 
 from vlmopt.errors import VlmoptError
 
-METHODS = ("rtn", "gptq", "hqq", "awq", "auto")
+METHODS = ("rtn", "gptq", "hqq", "awq", "grid", "auto")
 #: what `auto` tries, in this order: the fast kernels first (hqq's float zero points are slower at one row)
 AUTO_ORDER = ("rtn", "gptq", "awq", "hqq")
 #: methods that read calibration text
@@ -136,8 +143,11 @@ def prefill_feed(session: Any, inputs_embeds: np.ndarray) -> dict[str, np.ndarra
 
 
 def embed(embedding: Any, ids: np.ndarray, hidden: int) -> np.ndarray:
-    """Token ids [n] through the embedding part (no image): [1, n, hidden]."""
-    return embedding.run(["inputs_embeds"], {"input_ids": ids[None].astype(np.int64), "image_features": np.zeros((0, hidden), np.float32)})[0]
+    """Token ids [n] through the embedding part (no image; a bare language model's takes the ids alone): [1, n, hidden]."""
+    feed = {"input_ids": ids[None].astype(np.int64)}
+    if any(i.name == "image_features" for i in embedding.get_inputs()):
+        feed["image_features"] = np.zeros((0, hidden), np.float32)
+    return embedding.run(["inputs_embeds"], feed)[0]
 
 
 def decoder_feeds(embedding: Any, decoder: Any, windows: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
@@ -370,10 +380,110 @@ def gptq(model: Any, settings: Settings, feeds: list[dict[str, np.ndarray]], say
     return out
 
 
+def four_bit_grid(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """A MatMul weight [K, N] whose every block of `block` rows per column is a 16-level grid, w = step*code + low:
+    (codes [K, N] in 0..15, step [K/block, N], low [K/block, N]); None where it is not (within 1 % of a step)."""
+    rows, cols = weight.shape
+    if rows % block:
+        return None
+    blocks = weight.reshape(rows // block, block, cols).astype(np.float64)
+    low = blocks.min(1)
+    ordered = np.sort(blocks, axis=1)
+    gaps = np.diff(ordered, axis=1)
+    floor = 1e-6 * max(float(np.abs(weight).max()), 1e-30)
+    smallest = np.where(gaps > floor, gaps, np.inf).min(1)
+    flat = ~np.isfinite(smallest)  # every weight of the block equal: any step holds it
+    for divisor in (1, 2, 3):  # the two closest codes present may be 2 or 3 steps apart
+        step = np.where(flat, 1.0, smallest / divisor)
+        codes = np.round((blocks - low[:, None]) / step[:, None])
+        rebuilt = codes * step[:, None] + low[:, None]
+        if codes.max() <= 15 and np.all(np.abs(rebuilt - blocks) <= 0.01 * step[:, None]):
+            return codes.reshape(rows, cols).astype(np.uint8), step.astype(np.float32), low.astype(np.float32)
+    return None
+
+
+def grid_share(model: Any, settings: Settings) -> tuple[int, int]:
+    """How many of the model's weight matrices (not excluded) are on a 4-bit grid, of how many."""
+    from onnx import numpy_helper
+
+    weights = {t.name: t for t in model.graph.initializer}
+    nodes = [n for n in weight_matmuls(model) if n.name not in settings.exclude]
+    found = sum(four_bit_grid(numpy_helper.to_array(weights[n.input[1]]), settings.block_size) is not None for n in nodes)
+    return found, len(nodes)
+
+
+def grid(model: Any, settings: Settings, say: Callable[[str], None] = lambda m: None) -> Any:
+    """Matrices on a 4-bit grid kept on it exactly (the module docstring's `grid`); the rest 8-bit by rtn."""
+    import onnx
+    from onnx import helper, numpy_helper
+    from onnxruntime.quantization.neural_compressor.weight_only import make_matmul_weight_only_node
+
+    out = copy.deepcopy(model)
+    weights = {t.name: t for t in out.graph.initializer}
+    readers: dict[str, int] = {}
+    for node in out.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    block = settings.block_size
+    replaced: dict[str, list[Any]] = {}
+    added, dropped, summers = [], set(), {}
+    candidates = [n for n in weight_matmuls(out) if n.name not in settings.exclude]
+    for node in candidates:
+        found = four_bit_grid(numpy_helper.to_array(weights[node.input[1]]), block)
+        if found is None:
+            continue
+        codes, step, low = found
+        rows, cols = codes.shape
+        blocks = rows // block
+        new, inits = make_matmul_weight_only_node(
+            node=node,
+            weight_shape=(rows, cols),
+            num_bits=4,
+            group_size=block,
+            k_blocks=blocks,
+            q_weight=codes.T.reshape(cols * blocks, block),
+            scale=step.T.reshape(-1),
+            zero_point=np.zeros(cols * blocks, np.uint8),
+            accuracy_level=settings.accuracy_level,
+        )
+        main = f"{node.output[0]}/grid_codes"
+        new.output[0] = main
+        if rows not in summers:  # one block-sum matrix per input width, shared
+            summers[rows] = f"grid_block_sums_{rows}x{blocks}"
+            added.append(numpy_helper.from_array(np.kron(np.eye(blocks, dtype=np.float32), np.ones((block, 1), np.float32)), summers[rows]))
+        offsets = f"{node.input[1]}/grid_offsets"
+        added.append(numpy_helper.from_array(low, offsets))
+        sums, shift = f"{node.output[0]}/grid_sums", f"{node.output[0]}/grid_shift"
+        replaced[node.name] = [
+            new,
+            helper.make_node("MatMul", [node.input[0], summers[rows]], [sums], name=f"{node.name}/grid_sums"),
+            helper.make_node("MatMul", [sums, offsets], [shift], name=f"{node.name}/grid_shift"),
+            helper.make_node("Add", [main, shift], [node.output[0]], name=f"{node.name}/grid_add"),
+        ]
+        added += inits
+        if readers.get(node.input[1], 0) == 1:
+            dropped.add(node.input[1])
+    say(f"grid: {len(replaced)} of {len(candidates)} matrices are on a 4-bit grid and kept on it; the rest become 8-bit")
+    nodes_out = [n for node in out.graph.node for n in replaced.get(node.name, [node])]
+    del out.graph.node[:]
+    out.graph.node.extend(nodes_out)
+    kept = [t for t in out.graph.initializer if t.name not in dropped]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend([*kept, *added])
+    if not any(o.domain == "com.microsoft" for o in out.opset_import):
+        out.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    # the block sums and offsets are float MatMuls of their own: the rounding of the rest must leave them alone
+    helpers = [n.name for nodes in replaced.values() for n in nodes if n.op_type == "MatMul"]
+    rest = [n.name for n in weight_matmuls(out) if n.name not in settings.exclude and n.name not in helpers]
+    return rtn(out, replace(settings, exclude=[*settings.exclude, *helpers]), bits=8) if rest else out
+
+
 def quantize(method: str, model: Any, settings: Settings, feeds: list[dict[str, np.ndarray]] | None, say: Callable[[str], None] = lambda m: None) -> Any:
     """The model with its weight MatMuls as 4-bit MatMulNBits by `method` (not auto)."""
     if method == "rtn":
         return rtn(model, settings)
+    if method == "grid":
+        return grid(model, settings, say)
     if method == "hqq":
         return hqq(model, settings)
     if method == "gptq":
@@ -386,6 +496,8 @@ def quantize(method: str, model: Any, settings: Settings, feeds: list[dict[str, 
 def describe(method: str, settings: Settings) -> str:
     kind = "symmetric" if settings.symmetric else "asymmetric"
     zero = ", float zero points" if method in FLOAT_ZERO_POINTS else ""
+    if method == "grid":
+        return f"int4 on the source's own 4-bit grid (zero points 0, block offsets added back), blocks of {settings.block_size}; other matrices 8-bit"
     return f"int4 {kind}, blocks of {settings.block_size}{zero}, {method}"
 
 

@@ -86,13 +86,19 @@ def write_genai_config(folder: Path, towers: dict[str, Any], preprocessor: Any) 
                 "inputs": {"input_ids": INPUT_IDS, "image_features": IMAGE_FEATURES},
                 "outputs": {"inputs_embeds": INPUTS_EMBEDS},
             },
-            contract.vision.name: {
-                "filename": towers[contract.vision.name].file,
-                "session_options": session,
-                "inputs": {"pixel_values": PIXEL_VALUES, **{name: name for name in contract.vision_inputs}},
-                "outputs": {"image_features": IMAGE_FEATURES},
-                **entries.get(contract.vision.name, {}),
-            },
+            **(
+                {
+                    contract.vision.name: {
+                        "filename": towers[contract.vision.name].file,
+                        "session_options": session,
+                        "inputs": {"pixel_values": PIXEL_VALUES, **{name: name for name in contract.vision_inputs}},
+                        "outputs": {"image_features": IMAGE_FEATURES},
+                        **entries.get(contract.vision.name, {}),
+                    }
+                }
+                if contract.vision is not None
+                else {}
+            ),
         },
         "search": {
             "do_sample": False,

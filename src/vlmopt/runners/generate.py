@@ -5,9 +5,9 @@ Every backend takes the same `GenerateRequest`, made once by the family's prepro
 image tokens expanded, pixels), so all of them see identical ids. `generate` checks the request and
 keeps the timings; a backend writes only `generate_impl`, as tower runners write `run_impl`.
 
-The ONNX Runtime loop runs the three parts of the family's generative contract
-(`vlmopt.families.generative.GenerativeContract`: vision -> image_features, embedding -> inputs_embeds, decoder with
-a KV cache), by the names the contract gives them; transformers' reference reads its Hugging Face paths from the family. It keeps the cache in ONNX Runtime's memory with IO binding
+The ONNX Runtime loop runs the parts of the family's generative contract
+(`vlmopt.families.generative.GenerativeContract`: vision -> image_features where the family takes images,
+embedding -> inputs_embeds, decoder with a KV cache), by the names the contract gives them; transformers' reference reads its Hugging Face paths from the family. It keeps the cache in ONNX Runtime's memory with IO binding
 (`KvCache`), in the decoder's own contract:
   * concat (a decoder exported from PyTorch): each step's `present` outputs are bound as the next step's
     `past` inputs, with no copy through numpy (the graph's Concat still copies inside); left padding;
@@ -328,12 +328,15 @@ class OrtParts:
                 f"with a {contract.cache} cache; generate with --backend transformers"
             )
         self.contract = contract
-        vision, embedding, decoder = (part.name for part in contract.parts)
+        vision = contract.vision.name if contract.vision is not None else None
+        embedding, decoder = contract.embedding.name, contract.decoder.name
         missing = [part for part in (embedding, decoder) if part not in files]
         if missing:
             raise VlmoptError(f"{folder} has no {' and no '.join(missing)} part; generation needs {embedding} and {decoder} parts")
         self.vision = ort_session(folder / files[vision], threads) if vision in files else None
         self.embedding = ort_session(folder / files[embedding], threads)
+        #: a bare language model's embedding part takes the token ids alone
+        self.embedding_takes_images = IMAGE_FEATURES in {i.name for i in self.embedding.get_inputs()}
         self.decoder = ort_session(folder / files[decoder], threads)
         inputs = {i.name: i for i in self.decoder.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
@@ -366,12 +369,17 @@ class OrtParts:
 
     def encode_images(self, pixel_values: np.ndarray, vision_inputs: dict[str, np.ndarray] | None = None) -> np.ndarray:
         if self.vision is None:
-            raise VlmoptError(f"this artifact has no {self.contract.vision.name} part")
-        return self.vision.run([IMAGE_FEATURES], {PIXEL_VALUES: pixel_values.astype(np.float32), **(vision_inputs or {})})[0]
+            raise VlmoptError(f"this artifact has no {self.contract.vision.name} part" if self.contract.vision else "this model takes no images")
+        feed = {PIXEL_VALUES: pixel_values.astype(np.float32), **(vision_inputs or {})}
+        return self.vision.run([IMAGE_FEATURES], feed)[0]
 
     def embed(self, input_ids: np.ndarray, image_features: np.ndarray | None = None) -> np.ndarray:
-        features = np.zeros((0, self.hidden), np.float32) if image_features is None else image_features
-        return self.embedding.run([INPUTS_EMBEDS], {INPUT_IDS: input_ids.astype(np.int64), IMAGE_FEATURES: features})[0]
+        feed = {INPUT_IDS: input_ids.astype(np.int64)}
+        if self.embedding_takes_images:
+            feed[IMAGE_FEATURES] = np.zeros((0, self.hidden), np.float32) if image_features is None else image_features
+        elif image_features is not None and len(image_features):
+            raise VlmoptError("this artifact's embedding part takes no image features: the model takes no images")
+        return self.embedding.run([INPUTS_EMBEDS], feed)[0]
 
     def empty_past(self, batch: int, length: int = 0) -> np.ndarray:
         return np.zeros((batch, self.kv_heads, length, self.head_dim), self.past_dtype)

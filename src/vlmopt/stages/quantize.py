@@ -124,10 +124,12 @@ class QuantizeOptions(StageOptions):
     fallback: bool | None = fallback_option(", ".join(FALLBACK_DEFAULT_MODES))
     fallback_budget: float | None = fallback_budget_option()
     fallback_seconds: float = fallback_seconds_option()
-    method: str = option(
-        "rtn",
-        "--part decoder=int4: how the int4 weights are chosen: rtn, gptq (calibrated), hqq, awq (NNCF, calibrated) or auto "
-        "(each, scored on the gate's text; the best that passes).",
+    method: str | None = option(
+        None,
+        "--part decoder=int4: how the int4 weights are chosen: rtn, gptq (calibrated), hqq, awq (NNCF, calibrated), grid (weights "
+        "already on a 4-bit grid, a dequantized GGUF Q4_0/Q4_1, kept exactly; the rest 8-bit) or auto "
+        "(each, scored on the gate's text; the best that passes). Default: grid where most of the decoder's matrices are on a "
+        "4-bit grid, else rtn.",
         choices=METHODS,
     )
     fallback_precision: str = option(
@@ -173,12 +175,16 @@ class QuantizeOptions(StageOptions):
             if self.fallback and "int4" not in self.parts.values():
                 raise VlmoptError("--fallback with --part keeps the most sensitive matrices of a decoder=int4 part at int8 or fp32; name one")
         decoder_int4 = bool(self.part) and "int4" in self.parts.values()
-        if self.method != "rtn" and not decoder_int4:
+        if self.method == "grid" and self.fallback:
+            raise VlmoptError("--method grid writes each kept-on-grid matrix as several nodes, which --fallback cannot splice yet; drop one of them")
+        if self.method not in (None, "rtn") and not decoder_int4:
             raise VlmoptError(f"--method {self.method} chooses a decoder's int4 weights; use it with --part decoder=int4")
         if self.fallback_precision != "int8" and not (decoder_int4 and self.fallback):
             raise VlmoptError("--fallback-precision applies to --part decoder=int4 --fallback")
         if decoder_int4 and (self.calib_text or self.calib_images) and self.mode != "int8-static" and (self.calib_images or self.method not in DATA_AWARE):
-            raise VlmoptError(f"--method {self.method} reads no calibration data; --calib-text calibrates --method {', '.join(DATA_AWARE)} (text only)")
+            raise VlmoptError(
+                f"--method {self.method or 'rtn or grid (the default)'} reads no calibration data; --calib-text calibrates --method {', '.join(DATA_AWARE)} (text only)"
+            )
         if self.mode == "bf16":
             raise VlmoptError(
                 "--mode bf16 is not available: ONNX Runtime's CPU provider has no bf16 MatMul/Add kernels, so a bf16 graph "
@@ -752,11 +758,11 @@ class Quantize(Stage):
         decoders = [name for name, mode in modes.items() if mode == "int4" and kv_contract(job.towers[name]) is not None]
         job.state["decoders"] = decoders
         job.state["decoder_int4"] = {}
-        if not options.part or (options.method == "rtn" and not options.fallback):
+        if not options.part or (options.method in (None, "rtn") and not options.fallback):
             return
         others = [name for name, mode in modes.items() if mode in ("int4", "gather-int4") and name not in decoders]
         if others or not decoders:
-            what = "--fallback" if options.method == "rtn" else f"--method {options.method}"
+            what = "--fallback" if options.method in (None, "rtn") else f"--method {options.method}"
             raise VlmoptError(
                 f"{what} applies to a decoder's MatMuls (a part with a KV cache); the {', '.join(others) or 'named'} part "
                 f"is not one (only rtn quantizes it); drop {what} or name --part decoder=int4"
@@ -791,9 +797,18 @@ class Quantize(Stage):
             exclude += [n.name for n in int4.weight_matmuls(fp32) if n.name not in options.nodes]
         settings = int4.Settings(options.block_size, options.symmetric, options.accuracy_level, exclude, threads)
         details: dict[str, Any] = {"op_types": ["MatMul"], "accuracy_level": options.accuracy_level}
-        if options.method == "rtn" and not options.fallback:
-            quantized = int4.rtn(fp32, settings)
-            details.update(method="rtn", weights=int4.describe("rtn", settings))
+        if options.method in (None, "rtn") and not options.fallback:
+            method = "rtn"
+            if options.method is None:  # the default: a decoder already on a 4-bit grid (a dequantized GGUF) keeps it
+                on_grid, total = int4.grid_share(fp32, settings)
+                method = "grid" if total and on_grid * 2 >= total else "rtn"
+                details["default"] = f"{method}: {on_grid} of {total} matrices are on a 4-bit grid" + (
+                    " (grid where at least half are: it keeps them exactly)" if method == "grid" else " (fewer than half: nothing to keep)"
+                )
+                job.say(f"--method {details['default']}")
+            quantized = int4.quantize(method, fp32, settings, None, job.say)
+            details.update(method=method, weights=int4.describe(method, settings))
+            self._grid_counts(details, method, quantized)
             graph.save(quantized, destination)
             return details
         embedding = ort_session(job.parent_file(self._part_producing(job, "inputs_embeds")), threads)
@@ -820,14 +835,21 @@ class Quantize(Stage):
             details["auto"] = {"chosen": choice.method, "why": choice.why, "tried": choice.tried, "data": "the gate's text (its token gates)"}
             method = choice.method
         else:
-            method = options.method
+            method = options.method or "rtn"
             job.say(f"int4 by {method}: the {tower} part")
             quantized = int4.quantize(method, fp32, settings, feeds, job.say)
         details.update(method=method, weights=int4.describe(method, settings))
+        self._grid_counts(details, method, quantized)
         graph.save(quantized, destination)
         if options.fallback:
             job.state["decoder_int4"][tower] = {"fp32": fp32, "quantized": quantized, "scorer": scorer, "settings": settings, "method": method}
         return details
+
+    @staticmethod
+    def _grid_counts(details: dict[str, Any], method: str, quantized: Any) -> None:
+        if method == "grid":
+            kept = sum(n.op_type == "Add" and n.name.endswith("/grid_add") for n in quantized.graph.node)
+            details["grid"] = {"kept_on_their_grid": kept, "int8": sum(n.op_type == "MatMulNBits" for n in quantized.graph.node) - kept}
 
     def _decoder_fallback(self, job: Job, tmp: Path, made: dict[str, Made], failed: CheckFailed) -> Verification:
         """Mixed precision: the decoder's matrices ranked by sensitivity, the fewest of them kept at int8 (or fp32)

@@ -65,7 +65,14 @@ class _Worst:
 
 
 def _pairs(preprocessor: Any, count: int, offset: int = 0) -> list[Any]:
+    """Image+prompt pairs; prompts alone for a family that takes no images (a bare language model)."""
+    if not preprocessor.contract.takes_images:
+        return [preprocessor(PROMPTS[(offset + i) % len(PROMPTS)] + " and more" * ((offset + i) // len(PROMPTS)), []) for i in range(count)]
     return [preprocessor(PROMPTS[i % len(PROMPTS)], [sample_image(100 + offset + i)]) for i in range(count)]
+
+
+def _pair_words(preprocessor: Any) -> str:
+    return "image+prompt pairs" if preprocessor.contract.takes_images else "prompts"
 
 
 def _request(preprocessor: Any, prompt: Any, new_tokens: int) -> Any:
@@ -117,7 +124,7 @@ def conversion_checks(
 
         return cross_attention.conversion_checks(holder, preprocessor, folder, towers, threads, say)
     shares_buffer = kv_contract(towers[contract.decoder.name].tower) == SHARED
-    say("computing transformers' references: image features, embeddings, decoder logits, greedy generations")
+    say(f"computing transformers' references: {'image features, ' if contract.takes_images else ''}embeddings, decoder logits, greedy generations")
     references = _references(holder.pop("model"), preprocessor, shares_buffer)
     gc.collect()
     files = {name: record.file for name, record in towers.items()}
@@ -125,10 +132,11 @@ def conversion_checks(
     with OrtGenerateRunner(folder, files, threads, contract) as runner:
         parts = runner.parts
         say(f"checking the {', '.join(contract.part_names)} parts against transformers (prefill and decode steps)")
-        checks[contract.vision.name] = [_vision(references.vision, parts)]
+        if contract.vision is not None:
+            checks[contract.vision.name] = [_vision(references.vision, parts)]
         checks[contract.embedding.name] = [_embedding(references.embedding, parts)]
         checks[contract.decoder.name] = [_decoder(references.decoder, parts)]
-        say(f"greedy generation of {CONVERSION_NEW_TOKENS} tokens on {CONVERSION_PAIRS} image+prompt pairs against transformers' generate")
+        say(f"greedy generation of {CONVERSION_NEW_TOKENS} tokens on {CONVERSION_PAIRS} {_pair_words(preprocessor)} against transformers' generate")
         metrics = _generation(references, preprocessor, runner)
     # onnxruntime-genai loads every part again: our sessions go first (model a: convert peaked at 3602 MB with both
     # open, 2743 MB this way)
@@ -145,7 +153,8 @@ def _references(model: Any, preprocessor: Any, shares_buffer: bool) -> _Referenc
 
     family = preprocessor.family
     with torch.inference_mode():
-        vision, embedding = _vision_cases(model, preprocessor), _embedding_cases(model, preprocessor)
+        vision = _vision_cases(model, preprocessor) if preprocessor.contract.takes_images else []
+        embedding = _embedding_cases(model, preprocessor)
         decoder = _decoder_cases(model, family, shares_buffer)
     pairs = _pairs(preprocessor, CONVERSION_PAIRS)
     with HfGenerateRunner(model=model, family=family) as reference:
@@ -184,7 +193,8 @@ def _embedding_cases(model: Any, preprocessor: Any) -> list[_Case]:
     import torch
 
     cases = []
-    for batch, counts in ((1, [0]), (1, [1]), (1, [2]), (2, [1, 1])):  # (batch, images per prompt)
+    shapes = ((1, [0]), (1, [1]), (1, [2]), (2, [1, 1])) if preprocessor.contract.takes_images else ((1, [0]), (2, [0, 0]))
+    for batch, counts in shapes:  # (batch, images per prompt)
         images = [sample_image(10 * row + i) for row, n in enumerate(counts) for i in range(n)]
         prompt = preprocessor([PROMPTS[row] + " and more" * row for row in range(batch)], images, images_per_prompt=counts)
         ids = torch.from_numpy(prompt.input_ids)
@@ -195,7 +205,8 @@ def _embedding_cases(model: Any, preprocessor: Any) -> list[_Case]:
             mask = (ids == preprocessor.image_token_id).unsqueeze(-1).expand_as(reference)
             reference = reference.masked_scatter(mask, features)
         inputs = {"input_ids": prompt.input_ids, "image_features": None if features is None else features.numpy()}
-        cases.append(_Case(inputs, {INPUTS_EMBEDS: reference.numpy()}, {"batch": batch, "num_images": len(images)}))
+        where = {"batch": batch, "num_images": len(images)} if preprocessor.contract.takes_images else {"batch": batch}
+        cases.append(_Case(inputs, {INPUTS_EMBEDS: reference.numpy()}, where))
     return cases
 
 
@@ -204,6 +215,8 @@ def _embedding(cases: list[_Case], parts: Any) -> DataCheck:
     for case in cases:
         worst.add(INPUTS_EMBEDS, case.expected[INPUTS_EMBEDS], parts.embed(case.inputs["input_ids"], case.inputs["image_features"]), case.where)
         worst.feeds += 1
+    if not parts.embedding_takes_images:
+        return worst.check("the reference's token embeddings of prompts at batch 1 and 2 (left-padded)", len(cases))
     return worst.check("masked_scatter of the reference image features; 0, 1, 2 images at batch 1, 1 image each at batch 2", 5)
 
 
@@ -289,7 +302,7 @@ def _generation(references: _References, preprocessor: Any, runner: Any) -> list
         MetricCheck(
             GENERATION_IDENTICAL,
             identical / len(pairs),
-            f"{len(pairs)} image+prompt pairs x {CONVERSION_NEW_TOKENS} new tokens, vlmopt's ONNX Runtime loop",
+            f"{len(pairs)} {_pair_words(preprocessor)} x {CONVERSION_NEW_TOKENS} new tokens, vlmopt's ONNX Runtime loop",
             threshold=1.0,
             detail=detail,
             gate="(every pair must match token for token)",
@@ -305,7 +318,7 @@ def _genai_generation(preprocessor: Any, folder: Path, threads: int, pairs: list
     version = genai_version()
     if version is None or preprocessor.contract.genai_model_type is None:
         return None
-    data = f"{len(pairs)} image+prompt pairs x {CONVERSION_NEW_TOKENS} new tokens, onnxruntime-genai {version}"
+    data = f"{len(pairs)} {_pair_words(preprocessor)} x {CONVERSION_NEW_TOKENS} new tokens, onnxruntime-genai {version}"
     try:
         with GenaiGenerateRunner(folder, preprocessor.image_token_id, threads) as genai:
             got = [genai.generate(_request(preprocessor, p, CONVERSION_NEW_TOKENS)).tokens[0] for p in pairs]
@@ -361,7 +374,7 @@ def variant_checks(
     with ort_runner(reference_dir, reference_files, threads, contract) as fp32, ort_runner(folder, files, threads, contract) as variant:
         say(f"teacher-forced next-token agreement and perplexity over {len(ids)} tokens of {TEXT_SOURCE}")
         scores = teacher_forced(fp32.parts, variant.parts, ids, window)
-        say(f"greedy generation of {VARIANT_NEW_TOKENS} tokens on {VARIANT_PAIRS} image+prompt pairs, fp32 against the variant")
+        say(f"greedy generation of {VARIANT_NEW_TOKENS} tokens on {VARIANT_PAIRS} {_pair_words(preprocessor)}, fp32 against the variant")
         pairs = _pairs(preprocessor, VARIANT_PAIRS, offset=100)
         divergences, matched = [], []
         for prompt in pairs:
@@ -383,7 +396,7 @@ def variant_checks(
         MetricCheck(
             "greedy exact-match rate",
             sum(d is None for d in divergences) / len(pairs),
-            f"{len(pairs)} image+prompt pairs x {VARIANT_NEW_TOKENS} new tokens",
+            f"{len(pairs)} {_pair_words(preprocessor)} x {VARIANT_NEW_TOKENS} new tokens",
             detail={**greedy, "image_features_cosine_min": cosine},
         ),
     ]

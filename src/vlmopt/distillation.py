@@ -290,51 +290,71 @@ def _is_space_error(exc: BaseException) -> bool:
 
 
 # -- least-squares start ------------------------------------------------------------------------
-def refit_down_projections(pairs: list[tuple[Any, Any]], run: Any, masks: list[Any | None], ridge: float = 1e-4) -> list[float]:
+def refit_down_projections(pairs: list[tuple[Any, Any]], run_teacher: Any, run_student: Any, masks: list[Any | None], ridge: float = 1e-4) -> list[float]:
     """Refit each pruned MLP's down projection, block by block, so that it gives what the teacher's full MLP gives.
 
-    `pairs`: (student down Linear, teacher down Linear) per block, in the order the model runs them; `run(i)` runs
-    teacher and student on batch i of the fitting data; `masks[i]` marks its real tokens (None: every position).
-    For block b the student's remaining neurons (its down projection's input, from the student's own earlier blocks,
-    already refitted) are regressed, by ridge-regularized least squares in float64, on the teacher's down projection
-    output at the same block: the closed-form reconstruction with which post-training pruning methods (Kwon et al.
-    2022, "A Fast Post-Training Pruning Framework for Transformers"; FLAP's bias compensation) recover a pruned
-    layer's output without training. Returns each block's relative error of the fit, before gradient training starts.
+    `pairs`: (student down Linear, teacher down Linear) per block, in the order the model runs them; `run_teacher(i)` and
+    `run_student(i)` run the models on batch i of the fitting data; `masks[i]` marks its real tokens (None: every
+    position). For block b the student's remaining neurons (its down projection's input, from the student's own earlier
+    blocks, already refitted) are regressed, by ridge-regularized least squares in float64, on the teacher's down
+    projection output at the same block: the closed-form reconstruction with which post-training pruning methods
+    (Kwon et al. 2022, "A Fast Post-Training Pruning Framework for Transformers"; FLAP's bias compensation) recover a
+    pruned layer's output without training. Every sample weighs the same, its tokens 1/length each, as in a
+    mean-pooled embedding: a short line's few tokens (mostly [CLS] and [SEP]) count as much as a long line's many.
+    Returns each block's relative (weighted) error of the fit.
     """
     import torch
 
+    def rows(value: Any, mask: Any | None) -> tuple[Any, Any | None]:
+        """Real tokens as rows (float64, on the CPU), and the square root of each row's weight."""
+        if mask is not None and value.dim() == 3 and value.shape[:2] == mask.shape:
+            mask = mask.to(value.device).double()
+            keep = mask.bool()
+            weight = (mask / mask.sum(dim=1, keepdim=True).clamp_min(1))[keep].sqrt().unsqueeze(1).cpu()
+            return value[keep].double().cpu(), weight
+        return value.reshape(-1, value.shape[-1]).double().cpu(), None
+
+    # the teacher's outputs once for every block (it does not change), then the student block by block
+    targets: list[list[Any]] = [[] for _ in pairs]
+    hooks = [
+        teacher_down.register_forward_hook(lambda m, args, out, kept=kept: kept.append(out.detach()))
+        for (_, teacher_down), kept in zip(pairs, targets, strict=True)
+    ]
+    try:
+        with torch.no_grad():
+            for index, mask in enumerate(masks):
+                run_teacher(index)
+                for kept in targets:
+                    kept[-1] = rows(kept[-1], mask)[0].float()
+    finally:
+        for hook in hooks:
+            hook.remove()
+
     errors: list[float] = []
-    for student_down, teacher_down in pairs:
+    for (student_down, _), block_targets in zip(pairs, targets, strict=True):
         inputs: list[Any] = []
-        targets: list[Any] = []
-        hooks = [
-            student_down.register_forward_hook(lambda m, args, out, kept=inputs: kept.append(args[0].detach())),
-            teacher_down.register_forward_hook(lambda m, args, out, kept=targets: kept.append(out.detach())),
-        ]
+        hook = student_down.register_forward_hook(lambda m, args, out, kept=inputs: kept.append(args[0].detach()))
         bias = student_down.bias is not None
         width = student_down.in_features + bias
         gram = torch.zeros(width, width, dtype=torch.float64)
-        cross = torch.zeros(width, teacher_down.out_features, dtype=torch.float64)
+        cross = torch.zeros(width, block_targets[0].shape[-1], dtype=torch.float64)
         target_square = 0.0
         try:
             for index, mask in enumerate(masks):
                 inputs.clear()
-                targets.clear()
                 with torch.no_grad():
-                    run(index)
-                x, y = inputs[0], targets[0]
-                if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
-                    keep = mask.to(x.device).bool()
-                    x, y = x[keep], y[keep]
-                x, y = x.reshape(-1, x.shape[-1]).double().cpu(), y.reshape(-1, y.shape[-1]).double().cpu()
+                    run_student(index)
+                x, weight = rows(inputs[0], mask)
+                y = block_targets[index].double()
                 if bias:
                     x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+                if weight is not None:
+                    x, y = x * weight, y * weight
                 gram += x.T @ x
                 cross += x.T @ y
                 target_square += float((y**2).sum())
         finally:
-            for hook in hooks:
-                hook.remove()
+            hook.remove()
         scale = float(torch.diagonal(gram).mean()) or 1.0
         solution = torch.linalg.solve(gram + ridge * scale * torch.eye(width, dtype=torch.float64), cross)
         residual = float(target_square - 2 * (solution * cross).sum() + (solution * (gram @ solution)).sum())

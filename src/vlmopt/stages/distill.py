@@ -497,13 +497,11 @@ class Training:
             feeds = [self._batch(name, picked[i : i + options.batch_size]) for i in range(0, len(picked), options.batch_size)]
             masks = [torch.from_numpy(f["attention_mask"]) if "attention_mask" in f else None for f in feeds]
 
-            def run(index: int, name: str = name, feeds: list[dict[str, np.ndarray]] = feeds) -> None:
-                inputs = self._tensors(feeds[index], self.plans[name].tower)
-                self.wrapped[name][0](*inputs)
-                self.wrapped[name][1](*inputs)
+            def runner(which: int, name: str = name, feeds: list[dict[str, np.ndarray]] = feeds) -> Any:
+                return lambda index: self.wrapped[name][which](*self._tensors(feeds[index], self.plans[name].tower))
 
             self.job.say(f"refitting the {len(pairs)} pruned MLPs of the {name} tower by least squares on {len(picked)} training samples")
-            errors = d.refit_down_projections(pairs, run, masks)
+            errors = d.refit_down_projections(pairs, runner(0), runner(1), masks)
             done[name] = {"blocks": len(pairs), "samples": int(len(picked)), "relative_error": [round(e, 5) for e in errors]}
         return done
 

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import string
 import subprocess
 import sys
 from collections.abc import Callable
@@ -159,15 +160,33 @@ def test_report_shows_the_distilled_models_parameters_and_draws_speedup_against_
     assert Path(payload["plots"]["tradeoff"]).name == "speedup-vs-fidelity.png"
 
 
+@pytest.fixture
+def pruned_bert_with_tokenizer(tmp_path: Path) -> Path:
+    """The tiny demo BERT with a WordPiece tokenizer of the training text's words saved beside it, MLP pruned at 0.5."""
+    from transformers import BertTokenizer
+
+    from vlmopt.demo import build_demo_model
+
+    source = build_demo_model(tmp_path / "src", "bert", "tiny")
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    words = sorted({w.strip(string.punctuation).lower() for w in (ROOT / "README.md").read_text(encoding="utf-8").split() if w.isascii()} - {""})
+    vocab = specials + chars + [f"##{c}" for c in chars] + words[:600]
+    (tmp_path / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+    # transformers 5 takes the vocabulary as `vocab` (a `vocab_file` argument is ignored: an empty tokenizer)
+    BertTokenizer(vocab=str(tmp_path / "vocab.txt")).save_pretrained(source)
+    model_dir = tmp_path / "bert"
+    vlmopt_json("export", source, "-o", model_dir)
+    vlmopt_json("prune", model_dir, "--mlp-ratio", "0.5")
+    return model_dir
+
+
 def test_a_text_encoders_retrieval_probe_ranks_every_query_over_the_hard_negatives_before_and_after(
-    exported: Callable[[str], Path], tmp_path: Path, training_text: Path
+    pruned_bert_with_tokenizer: Path, training_text: Path
 ) -> None:
     from vlmopt.evaluation import builtin_retrieval
 
-    model_dir = shutil.copytree(exported("bert"), tmp_path / "bert")
-    assert vlmopt("prune", model_dir, "--mlp-ratio", "0.5").exit_code == 0
-
-    payload = _distill(model_dir, "--data-text", training_text, "--steps", "5")
+    payload = _distill(pruned_bert_with_tokenizer, "--data-text", training_text, "--steps", "5")
 
     queries, passages = builtin_retrieval()
     assert len(passages) > len(queries)  # the hard negatives answer no query

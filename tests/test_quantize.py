@@ -222,6 +222,20 @@ def test_int8_dynamic_weights_are_7_bit_exactly_where_this_cpus_int8_sums_satura
     assert ("reduce_range" in record) == int8_sums_saturate()
 
 
+@pytest.mark.parametrize("tower", CLIP_TOWERS)
+def test_int8_dynamic_computes_the_outlier_channels_it_recorded_in_fp32_matmuls(tower: str, variants: tuple[Path, dict[str, Result]]) -> None:
+    record = manifest(variants[0])["artifacts"]["int8-dynamic"]["record"]["towers"][tower]["quantization"]["outlier_channels"]
+    model = _graph(variants[0], "int8-dynamic", tower)
+    initializers = {i.name: i for i in model.graph.initializer}
+    fp32 = {n.name: n for n in model.graph.node if n.op_type == "MatMul"}
+
+    assert record["data"] == "real calibration data"
+    assert record["matmuls"] == len(record["per_matmul"])
+    for node, channels in record["per_matmul"].items():
+        assert 0 < len(channels) <= 4
+        assert initializers[fp32[f"{node}/outlier_channels"].input[1]].dims[0] == len(channels)
+
+
 def test_int8_dynamic_keeps_the_patch_embedding_conv_float(variants: tuple[Path, dict[str, Result]]) -> None:
     counts = _count(_graph(variants[0], "int8-dynamic", "vision"))
 

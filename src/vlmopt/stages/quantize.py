@@ -52,6 +52,8 @@ from vlmopt.options import (
 from vlmopt.quantization.accuracy import summary
 from vlmopt.quantization.fallback import check_budget
 from vlmopt.quantization.int4 import DATA_AWARE, KEEP_PRECISIONS, METHODS
+from vlmopt.quantization.outliers import LIMIT as OUTLIER_LIMIT
+from vlmopt.quantization.outliers import RATIO as OUTLIER_RATIO
 from vlmopt.quiet import quiet_onnxruntime_tools
 from vlmopt.records import TowerRecord, Traits, Verification
 from vlmopt.runners import OrtRunner
@@ -105,8 +107,14 @@ class QuantizeOptions(StageOptions):
     target: str = option("cpu", "cpu, or tensorrt: symmetric INT8 Q/DQ on MatMul/Gemm only, float bias.", choices=TARGETS)
     per_channel: bool = option(True, "INT8 weights with one scale per output channel (default), or one per tensor.", flag="--per-channel/--per-tensor")
     reduce_range: bool = option(False, "7-bit INT8 weights (always on for --target cpu where this CPU has no VNNI: its int8 sums saturate).")
-    calib_images: str | None = calib_images_option("int8-static")
-    calib_text: str | None = calib_text_option("int8-static")
+    split_outliers: int = option(
+        OUTLIER_LIMIT,
+        f"int8-dynamic: per MatMul, up to this many input channels whose calibration range is over {OUTLIER_RATIO:g}x the median "
+        "channel's are computed in fp32 beside the int8 MatMul (0: none).",
+        minimum=0,
+    )
+    calib_images: str | None = calib_images_option("int8-static, int8-dynamic's outlier channels")
+    calib_text: str | None = calib_text_option("int8-static, int8-dynamic's outlier channels")
     calib_samples: int = calib_samples_option()
     calib_method: str = option("minmax", "int8-static range estimation: minmax, entropy or percentile.", choices=CALIBRATION_METHODS)
     percentile: float = option(99.999, "Percentile for --calib-method percentile.", minimum=90.0, maximum=100.0, exclusive=("max",))
@@ -192,12 +200,15 @@ class QuantizeOptions(StageOptions):
             )
         if self.target == "tensorrt" and self.mode not in ("int8-static", "fp16"):
             raise VlmoptError(f"--target tensorrt applies to int8-static and fp16; {self.mode} makes ONNX Runtime-only operators")
-        if self.mode != "int8-static" and (self.calib_images or (self.calib_text and not decoder_int4) or self.calib_method != "minmax"):
+        outliers = self.mode == "int8-dynamic" and self.split_outliers > 0 and not self.part
+        if self.mode != "int8-static" and (self.calib_method != "minmax" or ((self.calib_images or (self.calib_text and not decoder_int4)) and not outliers)):
             raise VlmoptError(
-                "--calib-images, --calib-text and --calib-method calibrate int8-static; drop them for "
-                + self.mode
-                + " (--eval-images/--eval-text verify any mode on your data)"
+                "--calib-images, --calib-text and --calib-method calibrate int8-static (--calib-images/--calib-text also choose "
+                f"int8-dynamic's outlier channels); drop them for {self.mode if not self.part else '--part'} "
+                "(--eval-images/--eval-text verify any mode on your data)"
             )
+        if self.split_outliers != OUTLIER_LIMIT and self.mode != "int8-dynamic":
+            raise VlmoptError(f"--split-outliers applies to int8-dynamic, not {self.mode}")
         if self.block_size & (self.block_size - 1):
             raise VlmoptError(f"--block-size must be a power of two of at least 16, got {self.block_size}")
         if (not self.per_channel or self.reduce_range) and self.mode not in INT8_MODES:
@@ -284,14 +295,17 @@ def _reduce_range(options: QuantizeOptions) -> tuple[bool, str | None]:
     return False, None
 
 
-def int8_dynamic(source: Path, destination: Path, options: QuantizeOptions) -> dict[str, Any]:
+def int8_dynamic(source: Path, destination: Path, options: QuantizeOptions, feeds: list[dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
+    """`quantize_dynamic`; with calibration `feeds`, the outlier input channels of each MatMul first split out into fp32
+    (`vlmopt.quantization.outliers`)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     op_types = _op_types(options, INT8_DYNAMIC_OPS)
     kept = _biased_attention(source) if "Attention" in op_types else []
     reduce_range, why = _reduce_range(options)
-    with _prepared(source) as prepared:
+    edit = _outlier_split(options, feeds)
+    with _prepared(source, edit or _no_edit) as (prepared, split):
         quantize_dynamic(
             prepared,
             destination,
@@ -300,7 +314,7 @@ def int8_dynamic(source: Path, destination: Path, options: QuantizeOptions) -> d
             reduce_range=reduce_range,
             op_types_to_quantize=op_types,
             nodes_to_quantize=options.nodes or None,
-            nodes_to_exclude=[*options.exclude_nodes, *kept] or None,
+            nodes_to_exclude=[*options.exclude_nodes, *kept, *(split.fp32_nodes if split else [])] or None,
             use_external_data_format=_large(source),
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
@@ -311,7 +325,27 @@ def int8_dynamic(source: Path, destination: Path, options: QuantizeOptions) -> d
         "activations": "uint8 (dynamic, per tensor)",
         "kept_fp32_attention_with_bias": kept,
         **({"reduce_range": why} if reduce_range else {}),
+        **({"outlier_channels": split.to_json(OUTLIER_RATIO, options.split_outliers, "real calibration data")} if split else {}),
     }
+
+
+def _no_edit(model: Any) -> None:
+    return None
+
+
+def _outlier_split(options: QuantizeOptions, feeds: list[dict[str, np.ndarray]] | None) -> Any:
+    """A graph edit for `_prepared`: the outlier channels split out, chosen on `feeds` (none without feeds or with
+    --split-outliers 0)."""
+    if not feeds or options.split_outliers <= 0 or "MatMul" not in _op_types(options, INT8_DYNAMIC_OPS):
+        return None
+    from vlmopt.quantization import outliers
+
+    def edit(model: Any) -> Any:
+        chosen = {n.name for n in outliers.weighted_matmuls(model) if (not options.nodes or n.name in options.nodes) and n.name not in options.exclude_nodes}
+        ranges = outliers.channel_ranges(model, feeds)
+        return outliers.split(model, ranges, OUTLIER_RATIO, options.split_outliers, chosen)
+
+    return edit
 
 
 def int8_static(source: Path, destination: Path, options: QuantizeOptions, feeds: list[dict[str, np.ndarray]]) -> dict[str, Any]:
@@ -553,15 +587,17 @@ def _large(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _prepared(source: Path):
-    """The source without recorded value_info: ORT's quantizers fail on dynamo exports' shapes otherwise (DESIGN.md)."""
+def _prepared(source: Path, edit: Any = None):
+    """The source without recorded value_info: ORT's quantizers fail on dynamo exports' shapes otherwise (DESIGN.md).
+    With `edit` (a function of the model, editing it in place), it yields (path, what edit returned)."""
     model = graph.load(source)
     del model.graph.value_info[:]
+    edited = edit(model) if edit is not None else None
     with tempfile.TemporaryDirectory(prefix="vlmopt-quantize-") as folder:
         path = Path(folder) / source.name
         graph.save(model, path)
         del model
-        yield path
+        yield (path, edited) if edit is not None else path
 
 
 class _FeedReader:
@@ -619,8 +655,9 @@ class Quantize(Stage):
         modes = tower_modes(options, job.towers)
         job.state["modes"] = modes
         self._prepare_decoders(job, modes)
-        if "int8-static" in modes.values():
-            chosen = {name: tower for name, tower in job.towers.items() if modes[name] == "int8-static"}
+        calibrated = ("int8-static",) + (("int8-dynamic",) if options.split_outliers > 0 and not options.part else ())
+        if set(calibrated) & set(modes.values()):
+            chosen = {name: tower for name, tower in job.towers.items() if modes[name] in calibrated}
             job.state["calibration_data"] = load_calibration(
                 job.model_dir, chosen, options.calib_images, options.calib_text, options.calib_samples, builtin=True
             )
@@ -638,7 +675,7 @@ class Quantize(Stage):
             elif mode == "fp16":
                 details = to_fp16(source, destination, options)
             elif mode == "int8-dynamic":
-                details = int8_dynamic(source, destination, options)
+                details = int8_dynamic(source, destination, options, self._outlier_feeds(job, tower))
             elif mode == "int8-static":
                 details = int8_static(source, destination, options, self._calibration(job, tower))
             elif mode == "int4" and tower in job.state["decoders"]:
@@ -932,6 +969,14 @@ class Quantize(Stage):
         from vlmopt.verification.check import evaluation_sets
 
         return [feed for s in evaluation_sets(job.towers[tower], job.state.get("data")) if s.gated for feed in s.feeds]
+
+    def _outlier_feeds(self, job: Job, tower: str) -> list[dict[str, np.ndarray]] | None:
+        """The real calibration data int8-dynamic chooses a tower's outlier channels on (none: synthetic inputs say
+        nothing of a trained model's outliers, and --split-outliers 0 or --part asks for none)."""
+        data = job.state.get("calibration_data")
+        if data is None or data.for_tower(job.towers[tower]) is None:
+            return None
+        return self._calibration(job, tower)
 
     def _calibration(self, job: Job, tower: str) -> list[dict[str, np.ndarray]]:
         options: QuantizeOptions = job.options

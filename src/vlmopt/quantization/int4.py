@@ -326,6 +326,31 @@ def gptq_codes(weight: np.ndarray, hessian: np.ndarray, block: int, bits: int = 
     return codes, scales, zeros
 
 
+def _readers(model: Any) -> dict[str, int]:
+    """How many nodes read each tensor (a weight read by one MatMul alone can be dropped once that MatMul is replaced)."""
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    return readers
+
+
+def _rewritten(model: Any, replaced: dict[str, list[Any]], dropped: set[str], added: list[Any]) -> Any:
+    """`model` (changed in place) with each node named in `replaced` swapped for its nodes, the `dropped` initializers
+    gone, the `added` ones in, and the com.microsoft opset that MatMulNBits needs."""
+    import onnx
+
+    nodes = [n for node in model.graph.node for n in replaced.get(node.name, [node])]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    kept = [t for t in model.graph.initializer if t.name not in dropped]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend([*kept, *added])
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return model
+
+
 def gptq(model: Any, settings: Settings, feeds: list[dict[str, np.ndarray]], say: Callable[[str], None] = lambda m: None) -> Any:
     """Every weight MatMul (but `settings.exclude`) as a GPTQ-rounded 4-bit MatMulNBits."""
     from onnx import numpy_helper
@@ -335,10 +360,7 @@ def gptq(model: Any, settings: Settings, feeds: list[dict[str, np.ndarray]], say
     found = hessians(model, feeds, settings.threads)
     out = copy.deepcopy(model)
     weights = {t.name: t for t in out.graph.initializer}
-    readers: dict[str, int] = {}
-    for node in out.graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    readers = _readers(out)
     block = settings.block_size
     replaced, added, dropped = {}, [], set()
     nodes = [n for n in weight_matmuls(out) if n.name not in settings.exclude]
@@ -367,17 +389,7 @@ def gptq(model: Any, settings: Settings, feeds: list[dict[str, np.ndarray]], say
         added += inits
         if readers.get(node.input[1], 0) == 1:
             dropped.add(node.input[1])
-    nodes_out = [replaced.get(n.name, n) for n in out.graph.node]
-    del out.graph.node[:]
-    out.graph.node.extend(nodes_out)
-    kept = [t for t in out.graph.initializer if t.name not in dropped]
-    del out.graph.initializer[:]
-    out.graph.initializer.extend([*kept, *added])
-    if not any(o.domain == "com.microsoft" for o in out.opset_import):
-        import onnx
-
-        out.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    return out
+    return _rewritten(out, {name: [node] for name, node in replaced.items()}, dropped, added)
 
 
 def four_bit_grid(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -414,16 +426,12 @@ def grid_share(model: Any, settings: Settings) -> tuple[int, int]:
 
 def grid(model: Any, settings: Settings, say: Callable[[str], None] = lambda m: None) -> Any:
     """Matrices on a 4-bit grid kept on it exactly (the module docstring's `grid`); the rest 8-bit by rtn."""
-    import onnx
     from onnx import helper, numpy_helper
     from onnxruntime.quantization.neural_compressor.weight_only import make_matmul_weight_only_node
 
     out = copy.deepcopy(model)
     weights = {t.name: t for t in out.graph.initializer}
-    readers: dict[str, int] = {}
-    for node in out.graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    readers = _readers(out)
     block = settings.block_size
     replaced: dict[str, list[Any]] = {}
     added, dropped, summers = [], set(), {}
@@ -464,14 +472,7 @@ def grid(model: Any, settings: Settings, say: Callable[[str], None] = lambda m: 
         if readers.get(node.input[1], 0) == 1:
             dropped.add(node.input[1])
     say(f"grid: {len(replaced)} of {len(candidates)} matrices are on a 4-bit grid and kept on it; the rest become 8-bit")
-    nodes_out = [n for node in out.graph.node for n in replaced.get(node.name, [node])]
-    del out.graph.node[:]
-    out.graph.node.extend(nodes_out)
-    kept = [t for t in out.graph.initializer if t.name not in dropped]
-    del out.graph.initializer[:]
-    out.graph.initializer.extend([*kept, *added])
-    if not any(o.domain == "com.microsoft" for o in out.opset_import):
-        out.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    out = _rewritten(out, replaced, dropped, added)
     # the block sums and offsets are float MatMuls of their own: the rounding of the rest must leave them alone
     helpers = [n.name for nodes in replaced.values() for n in nodes if n.op_type == "MatMul"]
     rest = [n.name for n in weight_matmuls(out) if n.name not in settings.exclude and n.name not in helpers]

@@ -33,7 +33,8 @@ def image_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _greedy(model_dir: Path, prompts: list[str], images: list[Any], new_tokens: int = 12) -> tuple[list[list[int]], list[list[int]]]:
     """transformers' generate and vlmopt's ONNX Runtime loop on the same prompt: (expected, got)."""
     from vlmopt.families.blip import BlipFamily
-    from vlmopt.runners.generate import GenerateRequest, HfGenerateRunner, ort_runner
+    from vlmopt.runners.generate import GenerateRequest, HfGenerateRunner
+    from vlmopt.runners.loops import ort_runner
 
     preprocessor = BlipFamily().preprocessor(model_dir / "hf")
     prompt = preprocessor(prompts, images)

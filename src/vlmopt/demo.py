@@ -11,6 +11,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from vlmopt.demo_sizes import CORPUS as _CORPUS
+from vlmopt.demo_sizes import TINY as _TINY
+from vlmopt.demo_sizes import TINY_IMAGE as _TINY_IMAGE
 from vlmopt.errors import VlmoptError
 
 #: vision backbones: a feature extractor, and `<name>-classifier` an image classifier (`*ForImageClassification`)
@@ -47,65 +50,6 @@ LLAVA_NEXT_SIZES = ("tiny",)
 QWEN2_5_VL_SIZES = ("tiny", "3b")
 #: blip has `tiny` only; see `vlmopt.demo_blip`
 BLIP_SIZES = ("tiny",)
-
-_TINY = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
-_TINY_IMAGE = {"image_size": 32, "patch_size": 8}
-# A small word list the demo tokenizer learns its merges from, so common words are single tokens.
-_CORPUS = [
-    "a",
-    "photo",
-    "of",
-    "the",
-    "cat",
-    "dog",
-    "car",
-    "bird",
-    "horse",
-    "ship",
-    "truck",
-    "plane",
-    "frog",
-    "deer",
-    "person",
-    "people",
-    "man",
-    "woman",
-    "child",
-    "on",
-    "in",
-    "with",
-    "and",
-    "at",
-    "near",
-    "under",
-    "over",
-    "red",
-    "blue",
-    "green",
-    "black",
-    "white",
-    "small",
-    "large",
-    "picture",
-    "image",
-    "drawing",
-    "painting",
-    "sketch",
-    "close",
-    "up",
-    "view",
-    "street",
-    "city",
-    "beach",
-    "forest",
-    "mountain",
-    "river",
-    "sky",
-    "night",
-    "day",
-    "sunset",
-    "food",
-]
 
 
 def _bytes_to_unicode() -> list[str]:

@@ -24,7 +24,9 @@ def build_blip(dest: Path, size: str, seed: int = 0) -> dict[str, Any]:
     import torch
     from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
-    from vlmopt.demo import _CORPUS, _TINY, _TINY_IMAGE
+    from vlmopt.demo_sizes import CORPUS as _CORPUS
+    from vlmopt.demo_sizes import TINY as _TINY
+    from vlmopt.demo_sizes import TINY_IMAGE as _TINY_IMAGE
 
     if size not in SIZES:
         raise VlmoptError(f"unknown blip demo size '{size}'; choose one of {', '.join(SIZES)}")

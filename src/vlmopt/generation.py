@@ -99,7 +99,7 @@ def open_runner(model_dir: ModelDir, artifact: Artifact, backend: str, preproces
             raise VlmoptError(f"onnxruntime-genai has no model type that runs {preprocessor.family.name} models; use --backend onnxruntime (vlmopt's loop)")
 
         return GenaiGenerateRunner(folder, preprocessor.image_token_id, threads)
-    from vlmopt.runners.generate import ort_runner
+    from vlmopt.runners.loops import ort_runner
 
     return ort_runner(folder, {name: record.file or "" for name, record in artifact.towers.items()}, threads, preprocessor.contract)
 

@@ -41,7 +41,6 @@ from vlmopt.families.generative import (
     POSITION_IDS,
     POSITIONS_1D,
     POSITIONS_MROPE,
-    SELF_AND_CROSS_ATTENTION,
     SELF_ATTENTION,
     GenerativeContract,
     Prompt,
@@ -296,16 +295,6 @@ class HfGenerateRunner(GenerateRunner):
 
 
 # -- ONNX Runtime ---------------------------------------------------------------------------------
-def ort_runner(folder: Path, files: dict[str, str], threads: int | None = None, contract: GenerativeContract | None = None) -> GenerateRunner:
-    """vlmopt's ONNX Runtime loop for the contract's cache layout: `OrtGenerateRunner` (self-attention), or the
-    encoder-decoder loop (`vlmopt.runners.cross_attention`) for a self-and-cross-attention cache."""
-    if contract is not None and contract.cache == SELF_AND_CROSS_ATTENTION:
-        from vlmopt.runners.cross_attention import CrossAttentionGenerateRunner
-
-        return CrossAttentionGenerateRunner(folder, files, threads, contract)
-    return OrtGenerateRunner(folder, files, threads, contract)
-
-
 def ort_session(path: Path, threads: int | None) -> Any:
     """A CPU session that does not spin between runs: on shared cores, spinning threads slow whatever runs next."""
     import onnxruntime as ort

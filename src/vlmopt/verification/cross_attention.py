@@ -41,7 +41,8 @@ def conversion_checks(
 ) -> tuple[dict[str, list[DataCheck]], list[MetricCheck]]:
     import torch
 
-    from vlmopt.runners.generate import GenerateRequest, HfGenerateRunner, ort_runner
+    from vlmopt.runners.generate import GenerateRequest, HfGenerateRunner
+    from vlmopt.runners.loops import ort_runner
 
     family, contract = preprocessor.family, preprocessor.contract
     model = holder.pop("model")

@@ -364,7 +364,7 @@ def variant_checks(
     preprocessor: Any, reference_dir: Path, reference: Any, folder: Path, candidate: Any, gates: Any, threads: int, say: Callable[[str], None]
 ) -> list[MetricCheck]:
     """A quantized variant against its fp32 parent: teacher-forced agreement, KL and perplexity on the real text, greedy matches."""
-    from vlmopt.runners.generate import ort_runner
+    from vlmopt.runners.loops import ort_runner
 
     files = {name: record.file for name, record in candidate.towers.items()}
     reference_files = {name: record.file for name, record in reference.towers.items()}

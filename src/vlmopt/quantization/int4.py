@@ -351,10 +351,30 @@ def _rewritten(model: Any, replaced: dict[str, list[Any]], dropped: set[str], ad
     return model
 
 
+def _four_bit_node(node: Any, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, block: int, accuracy_level: int) -> tuple[Any, list[Any]]:
+    """A 4-bit MatMulNBits for `node` from codes [K, N] and per-block scales and zero points [K/block, N] (None:
+    symmetric), and the initializers it reads."""
+    from onnxruntime.quantization.neural_compressor.weight_only import make_matmul_weight_only_node
+
+    rows, cols = codes.shape
+    blocks = rows // block
+    # ONNX Runtime's packer takes rows of one block per output column: [N * blocks, block]
+    return make_matmul_weight_only_node(
+        node=node,
+        weight_shape=(rows, cols),
+        num_bits=4,
+        group_size=block,
+        k_blocks=blocks,
+        q_weight=codes.T.reshape(cols * blocks, block),
+        scale=scales.T.reshape(-1),
+        zero_point=None if zeros is None else zeros.T.reshape(-1),
+        accuracy_level=accuracy_level,
+    )
+
+
 def gptq(model: Any, settings: Settings, feeds: list[dict[str, np.ndarray]], say: Callable[[str], None] = lambda m: None) -> Any:
     """Every weight MatMul (but `settings.exclude`) as a GPTQ-rounded 4-bit MatMulNBits."""
     from onnx import numpy_helper
-    from onnxruntime.quantization.neural_compressor.weight_only import make_matmul_weight_only_node
 
     say(f"GPTQ: collecting the inputs' Hessians over {len(feeds)} calibration windows")
     found = hessians(model, feeds, settings.threads)
@@ -371,19 +391,8 @@ def gptq(model: Any, settings: Settings, feeds: list[dict[str, np.ndarray]], say
         if rows % block:
             continue  # MatMulNBits pads; GPTQ's groups would not line up with its blocks: left fp32, as RTN would pad it
         codes, scales, zeros = gptq_codes(weight, found[node.input[0]], block, 4, settings.symmetric)
-        blocks = rows // block
-        # ONNX Runtime's packer takes rows of one block per output column: [N * blocks, block]
-        q = codes.T.reshape(cols * blocks, block)
-        new, inits = make_matmul_weight_only_node(
-            node=node,
-            weight_shape=(rows, cols),
-            num_bits=4,
-            group_size=block,
-            k_blocks=blocks,
-            q_weight=q,
-            scale=scales.T.reshape(-1).astype(np.float32),
-            zero_point=None if settings.symmetric else zeros.T.reshape(-1).astype(np.uint8),
-            accuracy_level=settings.accuracy_level,
+        new, inits = _four_bit_node(
+            node, codes, scales.astype(np.float32), None if settings.symmetric else zeros.astype(np.uint8), block, settings.accuracy_level
         )
         replaced[node.name] = new
         added += inits
@@ -427,7 +436,6 @@ def grid_share(model: Any, settings: Settings) -> tuple[int, int]:
 def grid(model: Any, settings: Settings, say: Callable[[str], None] = lambda m: None) -> Any:
     """Matrices on a 4-bit grid kept on it exactly (the module docstring's `grid`); the rest 8-bit by rtn."""
     from onnx import helper, numpy_helper
-    from onnxruntime.quantization.neural_compressor.weight_only import make_matmul_weight_only_node
 
     out = copy.deepcopy(model)
     weights = {t.name: t for t in out.graph.initializer}
@@ -443,17 +451,7 @@ def grid(model: Any, settings: Settings, say: Callable[[str], None] = lambda m: 
         codes, step, low = found
         rows, cols = codes.shape
         blocks = rows // block
-        new, inits = make_matmul_weight_only_node(
-            node=node,
-            weight_shape=(rows, cols),
-            num_bits=4,
-            group_size=block,
-            k_blocks=blocks,
-            q_weight=codes.T.reshape(cols * blocks, block),
-            scale=step.T.reshape(-1),
-            zero_point=np.zeros(cols * blocks, np.uint8),
-            accuracy_level=settings.accuracy_level,
-        )
+        new, inits = _four_bit_node(node, codes, step, np.zeros((blocks, cols), np.uint8), block, settings.accuracy_level)
         main = f"{node.output[0]}/grid_codes"
         new.output[0] = main
         if rows not in summers:  # one block-sum matrix per input width, shared

@@ -229,6 +229,31 @@ def _label_offsets(xs: list[float], heights: list[float]) -> list[float]:
     return offsets
 
 
+def _labelled_point(ax: Any, x: float, y: float, name: str, color: Any, on_front: bool, offset: float, marker: str = "o") -> None:
+    """One artifact's point, ringed and starred when it is on the Pareto front, with its name beside it."""
+    ax.scatter(
+        x,
+        y,
+        s=80 if on_front else 45,
+        color=color,
+        edgecolors="black" if on_front else "none",
+        linewidths=1.6,
+        zorder=4 if on_front else 3,  # the ringed point stays visible where two coincide
+        marker=marker,
+    )
+    ax.annotate(
+        name + (" *" if on_front else ""),
+        (x, y),
+        textcoords="offset points",
+        xytext=(8, offset),
+        va="center",
+        fontsize=8,
+        color=tuple(0.75 * c for c in color[:3]),
+        bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.8},
+        zorder=5,
+    )
+
+
 def _scatter_with_front(ax: Any, entries: list[TowerFigures], ys: list[float], heights: list[float], colors: dict[str, Any], maximize: bool) -> None:
     """Each artifact a point (ringed when on the Pareto front, the front drawn as a dashed staircase), labelled in its colour.
 
@@ -240,29 +265,7 @@ def _scatter_with_front(ax: Any, entries: list[TowerFigures], ys: list[float], h
         ax.step(fx, fy, where="post", linestyle="--", color="0.55", linewidth=1.2, zorder=1)
     offsets = _label_offsets(xs, heights)
     for i, f in enumerate(entries):
-        on_front = i in front
-        color = colors[f.artifact]
-        ax.scatter(
-            xs[i],
-            ys[i],
-            s=80 if on_front else 45,
-            color=color,
-            edgecolors="black" if on_front else "none",
-            linewidths=1.6,
-            zorder=4 if on_front else 3,  # the ringed point stays visible where two coincide
-            marker="D" if f.artifact == REFERENCE else "o",
-        )
-        ax.annotate(
-            f.artifact + (" *" if on_front else ""),
-            (xs[i], ys[i]),
-            textcoords="offset points",
-            xytext=(8, offsets[i]),
-            va="center",
-            fontsize=8,
-            color=tuple(0.75 * c for c in color[:3]),
-            bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.8},
-            zorder=5,
-        )
+        _labelled_point(ax, xs[i], ys[i], f.artifact, colors[f.artifact], i in front, offsets[i], marker="D" if f.artifact == REFERENCE else "o")
     if xs:
         low, high = min(xs), max(xs)
         pad = (high - low) * 0.15 or high * 0.1 or 1.0
@@ -356,19 +359,7 @@ def plot_tradeoff(figures: dict[str, list[TowerFigures]], bench: dict[str, Any],
             ax.step([distances[i] for i in front], [speedups[i] for i in front], where="pre", linestyle="--", color="0.55", linewidth=1.2, zorder=1)
         offsets = _label_offsets([-math.log10(x) for x in distances], speedups)
         for i, f in enumerate(entries):
-            on_front = i in front
-            color = colors[f.artifact]
-            ax.scatter(distances[i], speedups[i], s=80 if on_front else 45, color=color, edgecolors="black" if on_front else "none", linewidths=1.6, zorder=4)
-            ax.annotate(
-                f.artifact + (" *" if on_front else ""),
-                (distances[i], speedups[i]),
-                textcoords="offset points",
-                xytext=(8, offsets[i]),
-                va="center",
-                fontsize=8,
-                color=tuple(0.75 * c for c in color[:3]),
-                zorder=5,
-            )
+            _labelled_point(ax, distances[i], speedups[i], f.artifact, colors[f.artifact], i in front, offsets[i])
         _cosine_axis(ax, distances, axis="x")
         ax.set_ylim(0, max(speedups) * 1.18)
         ax.axhline(1.0, color="0.3", linewidth=0.8, linestyle=":")

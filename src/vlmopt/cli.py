@@ -557,6 +557,8 @@ def _generate_command() -> Callable[..., Any]:
             f"{result['prompt_tokens']}-token prompt · first token {timings['ttft_s']:.2f} s · {rate}[/]",
             soft_wrap=True,
         )
+        for note in result["image_conversions"]:
+            err.print(f"image converted for the model: {note}", style="dim", markup=False, soft_wrap=True)
 
     body.__name__ = "generate"
     body.__doc__ = (

@@ -156,7 +156,8 @@ class Generator:
         length = int(prompt.input_ids.shape[1])
         limit = self.preprocessor.max_positions
         if length >= limit:
-            raise VlmoptError(f"the prompt ({length} tokens with the image tokens) is longer than the model's {limit} positions; shorten it")
+            marked = " with its image tokens" if getattr(self.preprocessor, "image_token", "") and images else ""
+            raise VlmoptError(f"the prompt ({length} tokens{marked}) is longer than the model's {limit} positions; shorten it")
         if length + max_new_tokens > limit:
             raise VlmoptError(
                 f"the prompt ({length} tokens) plus {max_new_tokens} new tokens exceeds the model's {limit} positions; "

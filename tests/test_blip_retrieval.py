@@ -4,15 +4,16 @@ matching head, quantized per tower, and the checkpoint a user can get wrong."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from conftest import assert_bad_input, manifest, vlmopt, vlmopt_json
+from generative import export_with_config
 from vlmopt.samples import sample_image
 
 TOWERS = ("vision", "text", "itm")
@@ -135,15 +136,13 @@ def test_quantize_one_tower_leaves_the_others_fp32(model: Path, tmp_path: Path) 
 
 # -- bad input -------------------------------------------------------------------------------------
 def test_a_retrieval_checkpoint_whose_text_encoder_expects_other_image_rows_is_refused(demo_source: Callable[[str], Path], tmp_path: Path) -> None:
-    source = Path(shutil.copytree(demo_source("blip-retrieval"), tmp_path / "disagreeing"))
-    config = json.loads((source / "config.json").read_text())
-    config["text_config"]["encoder_hidden_size"] = 48
-    (source / "config.json").write_text(json.dumps(config))
+    def wider_rows(config: dict[str, Any]) -> None:
+        config["text_config"]["encoder_hidden_size"] = 48
 
-    result = vlmopt("export", source, "-o", tmp_path / "out")
+    result, out = export_with_config(demo_source("blip-retrieval"), tmp_path, wider_rows)
 
     assert_bad_input(result, "encoder_hidden_size", "disagree")
-    assert not (tmp_path / "out").exists()
+    assert not out.exists()
 
 
 def test_monolith_is_refused_for_the_retrieval_towers(model: Path, tmp_path: Path) -> None:

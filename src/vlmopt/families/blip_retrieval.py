@@ -23,7 +23,7 @@ from torch.nn.functional import normalize
 
 from vlmopt.errors import VlmoptError
 from vlmopt.families.base import Family, TensorSpec, Tower, text_vocab
-from vlmopt.families.blip import image_rows
+from vlmopt.families.blip import BlipFamily, check_image_width, image_rows
 
 IMAGE_FEAT, TEXT_FEAT, IMAGE_EMBEDS, ITM_LOGITS = "image_feat", "text_feat", "image_embeds", "itm_logits"
 
@@ -83,16 +83,9 @@ class BlipRetrievalFamily(Family):
         return BlipForImageTextRetrieval
 
     def check_config(self, config: Any) -> None:
-        vision, text = config.vision_config, config.text_config
-        if int(text.encoder_hidden_size) != int(vision.hidden_size):
-            raise VlmoptError(
-                f"the matching head cross-attends to {text.encoder_hidden_size}-wide image rows (text_config.encoder_hidden_size) but the vision model "
-                f"gives {vision.hidden_size} (vision_config.hidden_size); the vision and text configs disagree"
-            )
+        check_image_width(config.text_config.encoder_hidden_size, config.vision_config.hidden_size)
 
     def check_declared(self, declared: dict[str, Any]) -> None:
-        from vlmopt.families.blip import BlipFamily
-
         BlipFamily().check_declared(declared)
 
     def tower_config(self, config: Any, tower: str) -> Any:

@@ -145,6 +145,16 @@ def test_a_retrieval_checkpoint_whose_text_encoder_expects_other_image_rows_is_r
     assert not out.exists()
 
 
+def test_a_blip_checkpoint_of_another_head_is_refused_with_the_two_it_takes(demo_source: Callable[[str], Path], tmp_path: Path) -> None:
+    def question_answering(config: dict[str, Any]) -> None:
+        config["architectures"] = ["BlipForQuestionAnswering"]
+
+    result, out = export_with_config(demo_source("blip-retrieval"), tmp_path, question_answering)
+
+    assert_bad_input(result, "BlipForQuestionAnswering", "BlipForConditionalGeneration", "BlipForImageTextRetrieval")
+    assert not out.exists()
+
+
 def test_monolith_is_refused_for_the_retrieval_towers(model: Path, tmp_path: Path) -> None:
     model_dir = Path(shutil.copytree(model, tmp_path / "blip-retrieval"))
 

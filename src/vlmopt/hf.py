@@ -167,8 +167,8 @@ def load_model(
         key, stored, expected = mismatched[0]
         raise VlmoptError(
             f"weights in {source} do not fit its config: {len(mismatched)} tensor(s) have another shape than the config makes "
-            f"(e.g. {key}: {tuple(stored)} stored, {tuple(expected)} from config.json); its sizes (the vision or text config's "
-            "hidden sizes) disagree with the weights: fix config.json or export the checkpoint it came with"
+            f"(e.g. {key}: {tuple(stored)} stored, {tuple(expected)} from config.json); a size in config.json (a vision or text "
+            "hidden size) disagrees with the weights: fix config.json or export the checkpoint it came with"
         )
     missing = sorted(info.get("missing_keys") or [])
     if missing:

@@ -199,6 +199,12 @@ class BlipFamily(GenerativeFamily):
 
     def check_config(self, config: Any) -> None:
         vision, text = config.vision_config, config.text_config
+        other = [a for a in getattr(config, "architectures", None) or () if a != "BlipForConditionalGeneration"]
+        if other:
+            raise VlmoptError(
+                f"this BLIP checkpoint is a {other[0]}; vlmopt takes BlipForConditionalGeneration (captioning) and "
+                "BlipForImageTextRetrieval (retrieval and matching)"
+            )
         check_image_width(text.encoder_hidden_size, vision.hidden_size)
         for key in ("bos_token_id", "sep_token_id", "pad_token_id"):
             value = getattr(text, key, None)

@@ -157,7 +157,7 @@ class Generator:
         limit = self.preprocessor.max_positions
         if length >= limit:
             marked = " with its image tokens" if getattr(self.preprocessor, "image_token", "") and images else ""
-            raise VlmoptError(f"the prompt ({length} tokens{marked}) is longer than the model's {limit} positions; shorten it")
+            raise VlmoptError(f"the prompt ({length} tokens{marked}) exceeds the model's {limit} positions; shorten it")
         if length + max_new_tokens > limit:
             raise VlmoptError(
                 f"the prompt ({length} tokens) plus {max_new_tokens} new tokens exceeds the model's {limit} positions; "

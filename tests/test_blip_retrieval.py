@@ -24,9 +24,9 @@ def model(converted: Callable[[str], Path]) -> Path:
     return converted("blip-retrieval")
 
 
-def _onnx_scores(model_dir: Path, images: list, texts: list[str], folder: str = "onnx") -> tuple[np.ndarray, np.ndarray]:
-    """(cosine of image i and text j, ITM logits of image i with text i) through the exported towers, fed by the
-    checkpoint's own processor."""
+def _onnx_scores(model_dir: Path, images: list, texts: list[str], folder: str = "onnx") -> tuple[np.ndarray, np.ndarray | None]:
+    """(cosine of image i and text j, ITM logits of image i with text i where there are as many texts as images)
+    through the exported towers, fed by the checkpoint's own processor."""
     import onnxruntime as ort
     from transformers import BlipProcessor
 
@@ -36,6 +36,8 @@ def _onnx_scores(model_dir: Path, images: list, texts: list[str], folder: str = 
     session = {t: ort.InferenceSession(str(model_dir / folder / f"{t}.onnx"), providers=["CPUExecutionProvider"]) for t in TOWERS}
     image_feat, image_embeds = session["vision"].run(["image_feat", "image_embeds"], {"pixel_values": encoded["pixel_values"].astype(np.float32)})
     (text_feat,) = session["text"].run(None, {"input_ids": ids, "attention_mask": mask})
+    if len(images) != len(texts):
+        return image_feat @ text_feat.T, None
     (itm,) = session["itm"].run(None, {"input_ids": ids, "attention_mask": mask, "image_embeds": image_embeds})
     return image_feat @ text_feat.T, itm
 
@@ -162,3 +164,22 @@ def test_monolith_is_refused_for_the_retrieval_towers(model: Path, tmp_path: Pat
 
     assert_bad_input(result, "--monolith")
     assert not (model_dir / "mono").exists()
+
+
+@pytest.mark.slow
+def test_bench_and_serve_take_the_feature_towers_like_a_dual_encoder(model: Path, tmp_path: Path) -> None:
+    from serving import Server, call, data_url
+
+    model_dir = Path(shutil.copytree(model, tmp_path / "blip-retrieval"))
+    vlmopt_json("bench", model_dir, "--batch", "1,4", "--iterations", 2, "--warmup", 0)
+    labels = ["a cat", "a dog on the grass", "a red car"]
+    photos = [sample_image(1), sample_image(6)]
+
+    with Server(model_dir, "--max-batch", 4) as server:
+        status, body, _ = call(server.url, "/v1/zero-shot", {"images": [data_url(p) for p in photos], "labels": labels})
+        assert server.terminate() == 0
+
+    cosine, _ = _onnx_scores(model_dir, photos, labels)
+    assert status == 200, body
+    np.testing.assert_allclose([row["similarities"] for row in body["data"]], cosine, atol=1e-4)
+    assert [row["label"] for row in body["data"]] == [labels[i] for i in np.argmax(cosine, axis=1)]

@@ -4,11 +4,15 @@ loop, and `quantize --part` with the gates off."""
 
 from __future__ import annotations
 
+import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from conftest import manifest, vlmopt_json
+from click.testing import Result
+
+from conftest import manifest, vlmopt, vlmopt_json
 from vlmopt.samples import sample_image
 
 #: the three parts `convert` writes for a generative family, by part name
@@ -61,3 +65,13 @@ def onnx_verification(model_dir: Path) -> tuple[dict[str, Any], set[str], dict[s
     verification = manifest(model_dir)["artifacts"]["onnx"]["verification"]
     against_transformers = {tower for tower, checks in verification["towers"].items() if any(c["data"] == "transformers" for c in checks)}
     return verification, against_transformers, {m["name"]: m for m in verification["metrics"]}
+
+
+def export_with_config(source: Path, scratch: Path, edit: Callable[[dict[str, Any]], None]) -> tuple[Result, Path]:
+    """`vlmopt export` of a copy of the checkpoint `source` whose config.json `edit` changed, into `scratch`/out:
+    (the result, where its output would be)."""
+    copy = Path(shutil.copytree(source, scratch / "source"))
+    config = json.loads((copy / "config.json").read_text())
+    edit(config)
+    (copy / "config.json").write_text(json.dumps(config))
+    return vlmopt("export", copy, "-o", scratch / "out"), scratch / "out"

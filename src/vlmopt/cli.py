@@ -557,6 +557,8 @@ def _generate_command() -> Callable[..., Any]:
             f"{result['prompt_tokens']}-token prompt · first token {timings['ttft_s']:.2f} s · {rate}[/]",
             soft_wrap=True,
         )
+        for note in result["image_conversions"]:
+            err.print(f"image converted for the model: {note}", style="dim", markup=False, soft_wrap=True)
 
     body.__name__ = "generate"
     body.__doc__ = (
@@ -679,14 +681,14 @@ def demo_model(
         typer.Option(
             help="clip, siglip; vision backbones vit, dinov2, dinov2-registers, deit, beit, swin, convnext (each also as NAME-classifier); "
             "text encoders bert, xlm-roberta, deberta-v2, modernbert, nomic-bert; generative llava, smolvlm, idefics3, gemma3, "
-            "llava_next, llava_onevision, qwen2_5_vl, blip; language models llama, qwen2, mistral, gemma3-text."
+            "llava_next, llava_onevision, qwen2_5_vl, blip (captioning), blip-retrieval (image-text retrieval and matching); language models llama, qwen2, mistral, gemma3-text."
         ),
     ] = "clip",
     size: Annotated[
         str,
         typer.Option(
             help="tiny (tests) or base (real sizes: CLIP ViT-B/32, ...); llava also small (LLaVA-OneVision-0.5B's sizes); "
-            "smolvlm and idefics3: tiny or 256m (SmolVLM-256M's sizes); qwen2_5_vl tiny or 3b; gemma3, llava_next, llava_onevision, blip and the language models tiny only."
+            "smolvlm and idefics3: tiny or 256m (SmolVLM-256M's sizes); qwen2_5_vl tiny or 3b; gemma3, llava_next, llava_onevision, blip, blip-retrieval and the language models tiny only."
         ),
     ] = "tiny",
     seed: Annotated[int, typer.Option(help="Random seed for the weights.")] = 0,

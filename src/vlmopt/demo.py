@@ -32,6 +32,7 @@ DEMO_FAMILIES = (
     "llava_onevision",
     "qwen2_5_vl",
     "blip",
+    "blip-retrieval",
     "llama",
     "qwen2",
     "mistral",
@@ -320,6 +321,7 @@ def build_demo_model(dest: str | Path, family: str = "clip", size: str = "tiny",
         "llava_onevision": LLAVA_NEXT_SIZES,
         "qwen2_5_vl": QWEN2_5_VL_SIZES,
         "blip": BLIP_SIZES,
+        "blip-retrieval": BLIP_SIZES,
         **dict.fromkeys(CAUSAL_LMS, CAUSAL_LM_SIZES),
     }.get(family, SIZES)
     if size not in sizes:
@@ -361,10 +363,10 @@ def build_demo_model(dest: str | Path, family: str = "clip", size: str = "tiny",
 
         build_qwen2_5_vl(dest, size, seed)
         return dest
-    if family == "blip":
+    if family in ("blip", "blip-retrieval"):
         from vlmopt.demo_blip import build_blip
 
-        build_blip(dest, size, seed)
+        build_blip(dest, size, seed, retrieval=family == "blip-retrieval")
         return dest
     torch.manual_seed(seed)
     if family in ("clip", "siglip"):

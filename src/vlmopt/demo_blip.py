@@ -1,4 +1,5 @@
-"""Demo BLIP captioning checkpoints, buildable offline: `vlmopt demo-model DIR --family blip --size tiny`.
+"""Demo BLIP checkpoints, buildable offline: `vlmopt demo-model DIR --family blip --size tiny` (captioning,
+`BlipForConditionalGeneration`) or `--family blip-retrieval` (image-text retrieval and matching, `BlipForImageTextRetrieval`).
 
   tiny   a 2-layer BLIP vision tower at 32 px (patch 8: 17 image rows with the class token) and a 2-layer BLIP text
          decoder (BERT-style, cross-attention to the image rows in every layer) over a small WordPiece vocabulary
@@ -19,10 +20,11 @@ SIZES = ("tiny",)
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]")
 
 
-def build_blip(dest: Path, size: str, seed: int = 0) -> dict[str, Any]:
-    """Write a BLIP captioning Hugging Face folder (safetensors, config, processor) into `dest`; what it holds."""
+def build_blip(dest: Path, size: str, seed: int = 0, retrieval: bool = False) -> dict[str, Any]:
+    """Write a BLIP Hugging Face folder (safetensors, config, processor) into `dest`, a captioner or (`retrieval`) an
+    image-text retrieval and matching model with the same towers; what it holds."""
     import torch
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipImageProcessor, BlipProcessor
 
     from vlmopt.demo_sizes import CORPUS as _CORPUS
     from vlmopt.demo_sizes import TINY as _TINY
@@ -52,9 +54,10 @@ def build_blip(dest: Path, size: str, seed: int = 0) -> dict[str, Any]:
         "pad_token_id": ids["[PAD]"],
     }
     config = BlipConfig(vision_config=vision, text_config=text, projection_dim=32, image_text_hidden_size=32)
-    model = BlipForConditionalGeneration(config).eval()
-    generation = model.generation_config
-    generation.eos_token_id, generation.pad_token_id, generation.bos_token_id = ids["[SEP]"], ids["[PAD]"], ids["[DEC]"]
+    model = (BlipForImageTextRetrieval if retrieval else BlipForConditionalGeneration)(config).eval()
+    if not retrieval:
+        generation = model.generation_config
+        generation.eos_token_id, generation.pad_token_id, generation.bos_token_id = ids["[SEP]"], ids["[PAD]"], ids["[DEC]"]
     size_px = vision["image_size"]
     image_processor = BlipImageProcessor(size={"height": size_px, "width": size_px})
     processor = BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)

@@ -155,6 +155,9 @@ class Generator:
         prompt = self.preprocessor(text, images, chat=chat)
         length = int(prompt.input_ids.shape[1])
         limit = self.preprocessor.max_positions
+        if length >= limit:
+            marked = " with its image tokens" if getattr(self.preprocessor, "image_token", "") and images else ""
+            raise VlmoptError(f"the prompt ({length} tokens{marked}) exceeds the model's {limit} positions; shorten it")
         if length + max_new_tokens > limit:
             raise VlmoptError(
                 f"the prompt ({length} tokens) plus {max_new_tokens} new tokens exceeds the model's {limit} positions; "

@@ -156,11 +156,20 @@ def load_model(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model, info = model_class.from_pretrained(name, config=config, output_loading_info=True, **kwargs)
+        # mismatched shapes come back in the loading info (to be named below), not as transformers' "see the report above"
+        model, info = model_class.from_pretrained(name, config=config, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
     except VlmoptError:
         raise
     except Exception as exc:
         raise VlmoptError(f"cannot load weights from {source}: {_first_line(exc)}") from exc
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if mismatched:
+        key, stored, expected = mismatched[0]
+        raise VlmoptError(
+            f"weights in {source} do not fit its config: {len(mismatched)} tensor(s) have another shape than the config makes "
+            f"(e.g. {key}: {tuple(stored)} stored, {tuple(expected)} from config.json); a size in config.json (a vision or text "
+            "hidden size) disagrees with the weights: fix config.json or export the checkpoint it came with"
+        )
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         unused = unused_parameters(model.eval(), family, config, Path(name) if local else None)

@@ -20,6 +20,7 @@ def all_families() -> tuple[Family, ...]:
     from vlmopt.families.backbones import BeitFamily, ConvNextFamily, DeitFamily, Dinov2Family, SwinFamily
     from vlmopt.families.bert import BertStyleFamily, DebertaV2Family, ModernBertFamily, NomicBertFamily
     from vlmopt.families.blip import BlipFamily
+    from vlmopt.families.blip_retrieval import BlipRetrievalFamily
     from vlmopt.families.causal_lm import CausalLmFamily
     from vlmopt.families.dual_encoder import ClipFamily, SiglipFamily
     from vlmopt.families.gemma3 import Gemma3Family
@@ -48,6 +49,7 @@ def all_families() -> tuple[Family, ...]:
         LlavaNextFamily(),
         LlavaOnevisionFamily(),
         Qwen2_5_VlFamily(),
+        BlipRetrievalFamily(),  # before BlipFamily: the same model_type, told apart by its architectures
         BlipFamily(),
         CausalLmFamily(),
     )
@@ -63,14 +65,14 @@ def generative_families() -> list[str]:
 
 
 def supported_model_types() -> list[str]:
-    return [t for family in all_families() for t in family.model_types]
+    return list(dict.fromkeys(t for family in all_families() for t in family.model_types))
 
 
 def family_for(config: Any) -> Family:
     """The family that knows `config.model_type`; an unsupported type raises with the supported list."""
     model_type = getattr(config, "model_type", None)
     for family in all_families():
-        if model_type in family.model_types:
+        if family.takes(config):
             family.check_config(config)
             check_config_fields(config)
             return family
@@ -82,8 +84,7 @@ def check_config_fields(config: Any, declared: dict[str, Any] | None = None, whe
 
     `declared` is the config.json as written, where the caller read it: a key absent there is lacking even though
     transformers filled in its class default. Without it, a key that is absent or null on `config` is lacking."""
-    model_type = getattr(config, "model_type", None)
-    family = next((f for f in all_families() if model_type in f.model_types), None)
+    family = next((f for f in all_families() if f.takes(config)), None)
     if family is None:
         return
     if declared is not None:

@@ -152,6 +152,9 @@ class Family:
 
     name: str = ""
     model_types: tuple[str, ...] = ()
+    #: where one model_type holds several heads (BLIP: captioning, retrieval): the config `architectures` this family
+    #: takes; () takes every checkpoint of its model types that no family naming its architecture took first
+    architectures: tuple[str, ...] = ()
     summary: str = ""
     #: verification tolerance (max abs diff) between PyTorch and the fp32 export
     atol: float = 1e-4
@@ -166,6 +169,12 @@ class Family:
     #: (CLIP) or "sigmoid" per label (SigLIP), scaled by the checkpoint's exp(`logit_scale`) (plus `logit_bias`);
     #: None for a family without an image and a text tower
     zero_shot: str | None = None
+
+    def takes(self, config: Any) -> bool:
+        """Whether a checkpoint of this config belongs to this family."""
+        if getattr(config, "model_type", None) not in self.model_types:
+            return False
+        return not self.architectures or bool(set(getattr(config, "architectures", None) or ()) & set(self.architectures))
 
     def model_class(self, config: Any) -> Any:
         from transformers import AutoModel

@@ -56,6 +56,15 @@ def cross_names(layers: int) -> list[str]:
     return [name.format(i=i) for i in range(layers) for name in (CROSS_KEY, CROSS_VALUE)]
 
 
+def check_image_width(wide: Any, hidden: Any) -> None:
+    """Refuse a BLIP text model that cross-attends to image rows of another width than the vision model gives."""
+    if int(wide) != int(hidden):
+        raise VlmoptError(
+            f"the text model cross-attends to {wide}-wide image rows (text_config.encoder_hidden_size) but the vision model "
+            f"gives {hidden} (vision_config.hidden_size); the vision and text configs disagree"
+        )
+
+
 def image_rows(config: Any) -> int:
     """Rows per image: the patch grid and the class token."""
     vision = config.vision_config
@@ -190,11 +199,13 @@ class BlipFamily(GenerativeFamily):
 
     def check_config(self, config: Any) -> None:
         vision, text = config.vision_config, config.text_config
-        if int(text.encoder_hidden_size) != int(vision.hidden_size):
+        other = [a for a in getattr(config, "architectures", None) or () if a != "BlipForConditionalGeneration"]
+        if other:
             raise VlmoptError(
-                f"the text decoder cross-attends to {text.encoder_hidden_size}-wide image rows (text_config.encoder_hidden_size) but the vision model "
-                f"gives {vision.hidden_size} (vision_config.hidden_size); the vision and text configs disagree"
+                f"this BLIP checkpoint is a {other[0]}; vlmopt takes BlipForConditionalGeneration (captioning) and "
+                "BlipForImageTextRetrieval (retrieval and matching)"
             )
+        check_image_width(text.encoder_hidden_size, vision.hidden_size)
         for key in ("bos_token_id", "sep_token_id", "pad_token_id"):
             value = getattr(text, key, None)
             if value is None or not 0 <= int(value) < text.vocab_size:
@@ -205,11 +216,8 @@ class BlipFamily(GenerativeFamily):
         config.json loads as if it agreed and then fails on the weights: refuse it by the written values."""
         wide = (declared.get("text_config") or {}).get("encoder_hidden_size")
         hidden = (declared.get("vision_config") or {}).get("hidden_size")
-        if wide is not None and hidden is not None and int(wide) != int(hidden):
-            raise VlmoptError(
-                f"the text decoder cross-attends to {wide}-wide image rows (text_config.encoder_hidden_size) but the vision model "
-                f"gives {hidden} (vision_config.hidden_size); the vision and text configs disagree"
-            )
+        if wide is not None and hidden is not None:
+            check_image_width(wide, hidden)
 
     def image_token(self, config: Any) -> int:
         return -1

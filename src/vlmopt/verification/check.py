@@ -289,7 +289,7 @@ def _zero_shot_probe(tower: Tower, data: EvalData | None) -> tuple[list[dict[str
         return None
     if tower.name not in ("vision", "text", "model"):
         return None
-    if tower.name != "model" and tower.outputs[0].name not in ("image_embeds", "text_embeds"):
+    if tower.name != "model" and tower.outputs[0].name not in ("image_embeds", "text_embeds", "image_feat", "text_feat"):
         return None  # not a dual encoder's embedding (a LLaVA vision part's image features, a sentence encoder's)
     mine = data.for_tower(tower) if data is not None else None
     if mine is not None and mine.zero_shot:

@@ -1,4 +1,4 @@
-"""`vlmopt serve` on the tiny CLIP: real servers on loopback (a private local Ray instance each), real HTTP."""
+"""`vlmopt serve` on the tiny CLIP: real servers on loopback (the single-process default; one on a Ray cluster), real HTTP."""
 
 from __future__ import annotations
 

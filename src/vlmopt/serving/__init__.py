@@ -26,12 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from vlmopt.errors import VlmoptError
-from vlmopt.serving.options import ServeOptions
+from vlmopt.serving.options import DRAIN_TIMEOUT_S, ServeOptions
 
 __all__ = ["ServeOptions", "serve"]
-
-#: seconds a stopping server waits for its requests to finish (SIGTERM)
-DRAIN_TIMEOUT_S = 120
 
 
 def serve(

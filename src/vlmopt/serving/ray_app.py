@@ -9,11 +9,9 @@ from typing import Any
 
 from ray import serve
 
-from vlmopt.serving.options import ServeOptions
+from vlmopt.serving.options import DRAIN_TIMEOUT_S, ServeOptions
 
 APP_NAME = "vlmopt"
-#: seconds a stopping replica waits for its requests to finish (SIGTERM, a scale-down)
-DRAIN_TIMEOUT_S = 120
 
 
 class VlmoptReplica:

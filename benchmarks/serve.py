@@ -19,7 +19,7 @@ batch, the model at batch 1 and at --max-batch): where a request's time goes. Th
 `vlmopt serve` at concurrency 4, streamed chat completions: tokens/s and time to first token p50/p99. A benchmark
 reports; it does not gate.
 
-  python benchmarks/serve.py [--root build/bench-serve] [--requests 16,64,160] [--rounds 3] [--time-limit 60] [--no-ray]
+  python benchmarks/serve.py [--root build/bench-serve] [--requests 16,64,160] [--rounds 3] [--time-limit 60] [--no-ray] [--reuse-offline]
 """
 
 from __future__ import annotations

@@ -56,8 +56,8 @@ VLM_MODELS ?= a,b
 bench-vlm: install
 	$(BIN)/python benchmarks/vlm.py --models $(VLM_MODELS)
 
-# `vlmopt serve` under load on loopback (base CLIP vision int8 at concurrency 1, 8, 32; against --max-batch 1 and a
-# plain FastAPI endpoint; the tiny LLaVA's streamed chat at concurrency 4)
+# `vlmopt serve` under load on loopback (base CLIP vision int8 at concurrency 1, 8, 32; against --max-batch 1, a
+# plain FastAPI endpoint, LitServe and --ray on a local Ray head; the tiny LLaVA's streamed chat at concurrency 4)
 bench-serve: install
 	$(BIN)/python benchmarks/serve.py
 

@@ -1,19 +1,25 @@
-"""`make bench-serve`: `vlmopt serve` under load on loopback, against batch-1 serving and a plain FastAPI endpoint.
+"""`make bench-serve`: `vlmopt serve` under load on loopback, against batch-1 serving, a plain FastAPI endpoint, the
+peer LitServe, and the same application on Ray Serve (`--ray`, the default before its single-process runner).
 
 The model: the base CLIP's vision tower (ViT-B/32, random weights) quantized int8-dynamic, built offline by
 `vlmopt demo-model --size base`, `export`, `convert`, `quantize --mode int8-dynamic` and benched by `vlmopt bench`
-(which also gives the offline throughput per batch). Contenders, each in its own process, one at a time:
-  batched   `vlmopt serve DIR int8-dynamic --max-batch 8 --max-delay-ms 5` (Ray Serve's @serve.batch)
+(which also gives the offline throughput per batch, in this run). Contenders, each in its own process:
+  batched   `vlmopt serve DIR int8-dynamic --max-batch 8 --max-delay-ms 5` (one process, its queue batcher)
   batch-1   the same server with `--max-batch 1`
   plain     a FastAPI endpoint on uvicorn calling vlmopt's runner once per request (no batching: the seed's approach)
+  LitServe  LitServe 0.2.19 with the same runner and image processor, max_batch_size 8, batch_timeout 5 ms
+  Ray Serve `vlmopt serve DIR int8-dynamic --ray ADDRESS` on a Ray head this benchmark starts (`@serve.batch`)
 The load: a bounded generator (a request count and a time limit per level), one image per request, at concurrency 1,
-8 and 32: throughput, latency p50/p90/p99 and, for vlmopt serve, the batch sizes formed and each batch's preprocess
-and model time (from its /metrics). Before the load, one image's steps are timed in process (decode, the image
-processor alone and over a batch, the model at batch 1 and at --max-batch): where a request's time goes.
-Then the tiny LLaVA demo behind `vlmopt serve` at concurrency 4, streamed chat completions: tokens/s and time to
-first token p50/p99. A benchmark reports; it does not gate.
+8 and 32. The first four run at the same time, idle but one, and take turns: each level in the same order, and
+concurrency 32 in `--rounds` rounds (A B C D, A B C D, ...: medians of images/s, latency percentiles over all rounds).
+Ray Serve runs alone after them (its processes are not idle), at concurrency 32 only. Measured: throughput, latency
+p50/p90/p99 and, for vlmopt serve, the batch sizes formed and each batch's preprocess and model time (from its
+/metrics). Before the load, one image's steps are timed in process (decode, the image processor alone and over a
+batch, the model at batch 1 and at --max-batch): where a request's time goes. Then the tiny LLaVA demo behind
+`vlmopt serve` at concurrency 4, streamed chat completions: tokens/s and time to first token p50/p99. A benchmark
+reports; it does not gate.
 
-  python benchmarks/serve.py [--root build/bench-serve] [--requests 16,64,160] [--time-limit 60] [--max-batch 8]
+  python benchmarks/serve.py [--root build/bench-serve] [--requests 16,64,160] [--rounds 3] [--time-limit 60] [--no-ray] [--reuse-offline]
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ from __future__ import annotations
 import argparse
 import base64
 import concurrent.futures
+import contextlib
 import http.client
+import importlib.util
 import json
 import os
 import signal
@@ -50,7 +58,7 @@ def sh(*args: object) -> None:
     subprocess.run([*VLMOPT, *map(str, args)], check=True, stdout=subprocess.DEVNULL)
 
 
-def build(root: Path) -> tuple[Path, Path]:
+def build(root: Path, measure_offline: bool = True) -> tuple[Path, Path]:
     """The base CLIP with an int8-dynamic vision tower, benched; the tiny LLaVA demo converted (each skipped when done)."""
     clip, llava = root / "clip", root / "llava"
     if not (clip / "vlmopt.json").exists():
@@ -59,7 +67,8 @@ def build(root: Path) -> tuple[Path, Path]:
     sh("convert", clip)
     sh("quantize", clip, "--mode", "int8-dynamic")
     # --force: the offline ceiling is measured in this run, under this run's load, never read from an older report
-    sh("bench", clip, "int8-dynamic", "--tower", "vision", "--batch", "1,2,4,8", "--iterations", 10, "--warmup", 2, "--force")
+    if measure_offline or not list((clip / "reports").glob("bench-*.json")):
+        sh("bench", clip, "int8-dynamic", "--tower", "vision", "--batch", "1,2,4,8", "--iterations", 10, "--warmup", 2, "--force")
     if not (llava / "vlmopt.json").exists():
         sh("demo-model", root / "llava-src", "--family", "llava", "--size", "tiny")
         sh("export", root / "llava-src", "-o", llava)
@@ -67,11 +76,12 @@ def build(root: Path) -> tuple[Path, Path]:
     return clip, llava
 
 
-def offline_throughput(clip: Path) -> dict[int, float]:
-    """Images/s of int8-dynamic's vision tower per batch, from the newest bench report."""
+def offline_throughput(clip: Path) -> tuple[dict[int, float], str]:
+    """Images/s of int8-dynamic's vision tower per batch, from the newest bench report, and when it was written."""
     reports = sorted((clip / "reports").glob("bench-*.json"), key=lambda p: p.stat().st_mtime)
     rows = json.loads(reports[-1].read_text())["rows"]
-    return {r["batch"]: r["throughput"] for r in rows if r["artifact"] == "int8-dynamic" and r["tower"] == "vision"}
+    at = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(reports[-1].stat().st_mtime))
+    return {r["batch"]: r["throughput"] for r in rows if r["artifact"] == "int8-dynamic" and r["tower"] == "vision"}, at
 
 
 # -- servers ------------------------------------------------------------------------------------------
@@ -79,8 +89,13 @@ class Process:
     """A server in its own process; `url` once it answers."""
 
     def __init__(self, args: list[str], ready: Any):
-        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        self.url = ready(self.process)
+        # a session of its own: what it starts (LitServe's workers) is stopped with it
+        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        try:
+            self.url = ready(self.process)
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
@@ -88,6 +103,8 @@ class Process:
             self.process.wait(timeout=180)
         except subprocess.TimeoutExpired:
             self.process.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # children left behind
 
 
 def vlmopt_serve(model_dir: Path, *flags: object) -> Process:
@@ -100,25 +117,80 @@ def vlmopt_serve(model_dir: Path, *flags: object) -> Process:
     return Process([*VLMOPT, "serve", str(model_dir), *map(str, flags), "--port", "0", "--json"], ready)
 
 
-def plain_server(model_dir: Path) -> Process:
+def peer_server(kind: str, model_dir: Path) -> Process:
+    """This file run as the `kind` server (plain, litserve) on a free port; ready once its /health answers 200."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
 
     def ready(process: subprocess.Popen[str]) -> str:
-        url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             try:
-                http.client.HTTPConnection("127.0.0.1", port, timeout=5).request("GET", "/health")
-                return url
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                connection.request("GET", "/health")
+                if connection.getresponse().status == 200:
+                    return f"http://127.0.0.1:{port}"
             except OSError:
-                if process.poll() is not None:
-                    raise SystemExit("the plain FastAPI server did not start") from None
-                time.sleep(0.5)
-        raise SystemExit("the plain FastAPI server did not start in 300 s")
+                pass
+            if process.poll() is not None:
+                raise SystemExit(f"the {kind} server did not start (exit {process.returncode})")
+            time.sleep(0.5)
+        raise SystemExit(f"the {kind} server did not start in 300 s")
 
-    return Process([sys.executable, __file__, "--plain-server", str(model_dir), "--port", str(port)], ready)
+    return Process([sys.executable, __file__, "--peer", kind, str(model_dir), "--port", str(port)], ready)
+
+
+def _vision(model_dir: Path) -> tuple[Any, Any, Any]:
+    """(runner, tower, image processor) of int8-dynamic's vision tower, as vlmopt serve loads them."""
+    from vlmopt.calibration import saved_processors
+    from vlmopt.runners import ArtifactRunners
+    from vlmopt.workspace import ModelDir
+
+    directory = ModelDir.open(model_dir)
+    artifact = directory.artifact("int8-dynamic")
+    runners = ArtifactRunners(directory.artifact_path(artifact.name), artifact, spinning=False)  # as vlmopt serve's
+    tower = runners.towers()["vision"]
+    _, processor = saved_processors(directory.checkpoint_folder(artifact))
+    return runners.runner(tower), tower, processor
+
+
+if importlib.util.find_spec("litserve") is not None:
+    import litserve
+
+    class ClipVision(litserve.LitAPI):
+        """LitServe's API for int8-dynamic's vision tower (module level: LitServe pickles it into its worker process)."""
+
+        def __init__(self, model_dir: Path, **batching: Any):
+            super().__init__(api_path="/v1/embeddings/image", **batching)
+            self.model_dir = model_dir
+
+        def setup(self, device: str) -> None:
+            self.runner, self.tower, self.processor = _vision(self.model_dir)
+
+        def decode_request(self, request):  # type: ignore[no-untyped-def]  # noqa: ANN001 - unannotated: LitServe hands over the JSON body
+            import io
+
+            from PIL import Image
+
+            data = base64.b64decode(request["images"][0].partition(",")[2])
+            return Image.open(io.BytesIO(data)).convert("RGB")
+
+        def predict(self, images: list[Any]) -> Any:
+            pixels = np.asarray(self.processor(images=list(images), return_tensors="np")["pixel_values"], dtype=np.float32)
+            rows = self.runner.run({self.tower.inputs[0].name: pixels})[self.tower.outputs[0].name]
+            return list(rows / np.linalg.norm(rows, axis=1, keepdims=True))
+
+        def encode_response(self, row: Any) -> dict[str, Any]:
+            return {"data": [{"index": 0, "embedding": row.tolist()}]}
+
+
+def run_litserve(model_dir: Path, port: int, max_batch: int, max_delay_s: float) -> None:
+    """LitServe's batching server: its API process reads the requests, its worker process batches them (its own
+    loop: `max_batch_size` items, or what came within `batch_timeout`) and runs the same runner and processor."""
+    api = ClipVision(model_dir, max_batch_size=max_batch, batch_timeout=max_delay_s)
+    server = litserve.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=300)
+    server.run(host="127.0.0.1", port=port, num_api_servers=1, log_level="warning", generate_client_file=False)
 
 
 def run_plain_server(model_dir: Path, port: int) -> None:
@@ -129,16 +201,7 @@ def run_plain_server(model_dir: Path, port: int) -> None:
     from fastapi import FastAPI
     from PIL import Image
 
-    from vlmopt.calibration import saved_processors
-    from vlmopt.runners import ArtifactRunners
-    from vlmopt.workspace import ModelDir
-
-    directory = ModelDir.open(model_dir)
-    artifact = directory.artifact("int8-dynamic")
-    runners = ArtifactRunners(directory.artifact_path(artifact.name), artifact, spinning=False)  # as vlmopt serve's
-    tower = runners.towers()["vision"]
-    runner = runners.runner(tower)
-    _, processor = saved_processors(directory.checkpoint_folder(artifact))
+    runner, tower, processor = _vision(model_dir)
     app = FastAPI()
 
     @app.get("/health")
@@ -178,11 +241,14 @@ def post(url: str, path: str, body: bytes, connections: threading.local) -> floa
     raise AssertionError("unreachable")
 
 
+def warm_up(url: str, bodies: list[bytes]) -> None:
+    local = threading.local()
+    for body in bodies[:2] * 2:
+        post(url, "/v1/embeddings/image", body, local)
+
+
 def load(url: str, concurrency: int, requests: int, time_limit: float, bodies: list[bytes]) -> dict[str, Any]:
     """`requests` single-image requests from `concurrency` clients, stopping early at `time_limit` seconds."""
-    local = threading.local()
-    for body in bodies[:2]:  # warm-up, outside the measurement
-        post(url, "/v1/embeddings/image", body, local)
     deadline = time.monotonic() + time_limit
     latencies: list[float] = []
     issued = iter(range(requests))
@@ -203,12 +269,19 @@ def load(url: str, concurrency: int, requests: int, time_limit: float, bodies: l
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         for future in [pool.submit(client) for _ in range(concurrency)]:
             future.result()
-    wall = time.perf_counter() - started
-    ms = np.asarray(latencies) * 1000
+    return {"concurrency": concurrency, "latencies": latencies, "throughput": len(latencies) / (time.perf_counter() - started)}
+
+
+def merged(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rounds of one level as one row: the median images/s (and the rounds' range), percentiles over every request."""
+    ms = np.asarray([latency for r in rounds for latency in r["latencies"]]) * 1000
+    rates = [r["throughput"] for r in rounds]
     return {
-        "concurrency": concurrency,
-        "requests": len(latencies),
-        "throughput": len(latencies) / wall,
+        "concurrency": rounds[0]["concurrency"],
+        "rounds": len(rounds),
+        "requests": len(ms),
+        "throughput": float(np.median(rates)),
+        "range": (min(rates), max(rates)),
         "p50": float(np.percentile(ms, 50)),
         "p90": float(np.percentile(ms, 90)),
         "p99": float(np.percentile(ms, 99)),
@@ -347,23 +420,63 @@ def target(met: bool) -> str:
     return "met" if met else "NOT met"
 
 
+def ray_head() -> Any:
+    """A Ray head owned by this process (loopback, no dashboard); its GCS address is `address_info["gcs_address"]`."""
+    import ray
+
+    return ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1", object_store_memory=128 * 2**20, logging_level="ERROR")
+
+
+def measure(servers: dict[str, Process], counts: dict[int, int], rounds: int, time_limit: float, bodies: list[bytes]) -> dict[str, list[dict[str, Any]]]:
+    """Every server at every level, taking turns: concurrency 32 in `rounds` rounds; vlmopt serve's batching read from
+    its /metrics around each level."""
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
+    for server in servers.values():
+        warm_up(server.url, bodies)
+    for concurrency in CONCURRENCY:
+        repeats = rounds if concurrency == max(CONCURRENCY) else 1
+        before = {name: scrape(s.url) for name, s in servers.items() if name.startswith("vlmopt")}
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
+        for turn in range(repeats):
+            for name, server in servers.items():
+                runs[name].append(load(server.url, concurrency, counts[concurrency], time_limit, bodies))
+                print(f"  {name} c={concurrency} round {turn + 1}: {runs[name][-1]['throughput']:.2f} images/s", flush=True)
+        for name, server in servers.items():
+            row = merged(runs[name])
+            if name in before:
+                row.update(batching(before[name], scrape(server.url)))
+            results[name].append(row)
+            print(f"  {name} c={concurrency}: {json.dumps({k: v for k, v in row.items() if k != 'range'}, default=str)}", flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=ROOT / "build" / "bench-serve")
-    parser.add_argument("--requests", default="16,64,160", help="requests per concurrency level 1, 8, 32")
-    parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per concurrency level at most")
-    parser.add_argument("--max-batch", type=int, default=8, help="the batched server's --max-batch (bench measures offline up to 8)")
+    parser.add_argument("--requests", default="16,64,160", help="requests per concurrency level 1, 8, 32 (per round)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds at concurrency 32, the contenders taking turns")
+    parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per concurrency level and round at most")
+    parser.add_argument("--max-batch", type=int, default=8, help="the batched servers' largest batch (bench measures offline up to 8)")
+    parser.add_argument("--max-delay-ms", type=float, default=5.0, help="the batched servers' longest wait for a batch to fill")
+    parser.add_argument("--no-ray", action="store_true", help="leave out the Ray Serve contender (it starts a Ray head)")
+    parser.add_argument(
+        "--reuse-offline", action="store_true", help="read the offline ceiling from the newest bench report instead of measuring it again (the table says when)"
+    )
     parser.add_argument("--chat-requests", type=int, default=8)
     parser.add_argument("--chat-tokens", type=int, default=32)
-    parser.add_argument("--plain-server", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--peer", nargs=2, metavar=("KIND", "DIR"), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.plain_server:
-        run_plain_server(args.plain_server, args.port)
+    if args.peer:
+        kind, model_dir = args.peer
+        if kind == "plain":
+            run_plain_server(Path(model_dir), args.port)
+        else:
+            run_litserve(Path(model_dir), args.port, args.max_batch, args.max_delay_ms / 1000)
         return
     counts = dict(zip(CONCURRENCY, (int(n) for n in args.requests.split(",")), strict=True))
-    clip, llava = build(args.root)
-    offline = offline_throughput(clip)
+    clip, llava = build(args.root, measure_offline=not args.reuse_offline)
+    offline, offline_at = offline_throughput(clip)
     images = sorted(IMAGES.glob("*.jpg"))
     bodies = [json.dumps({"images": ["data:image/jpeg;base64," + base64.b64encode(p.read_bytes()).decode()]}).encode() for p in images]
     load_before = " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -371,27 +484,56 @@ def main() -> None:
     steps = breakdown(clip, args.max_batch, images)
     print(f"  per image, in process: {json.dumps({k: round(v, 2) for k, v in steps.items()})}", flush=True)
 
-    batched_name, single_name, plain_name = f"vlmopt serve --max-batch {args.max_batch}", "vlmopt serve --max-batch 1", "plain FastAPI, per request"
-    results: dict[str, list[dict[str, Any]]] = {}
+    batching_flags = ("--max-batch", args.max_batch, "--max-delay-ms", args.max_delay_ms, "--max-queue", 512)
+    batched_name, single_name = f"vlmopt serve --max-batch {args.max_batch}", "vlmopt serve --max-batch 1"
+    plain_name, lit_name = "plain FastAPI, per request", f"LitServe, max_batch_size {args.max_batch}"
+    ray_name = f"vlmopt serve --ray (Ray Serve), --max-batch {args.max_batch}"
     contenders = {
-        batched_name: lambda: vlmopt_serve(clip, "int8-dynamic", "--max-batch", args.max_batch, "--max-delay-ms", 5, "--max-queue", 512),
+        batched_name: lambda: vlmopt_serve(clip, "int8-dynamic", *batching_flags),
         single_name: lambda: vlmopt_serve(clip, "int8-dynamic", "--max-batch", 1, "--max-queue", 512),
-        plain_name: lambda: plain_server(clip),
+        plain_name: lambda: peer_server("plain", clip),
+        lit_name: lambda: peer_server("litserve", clip),
     }
-    for name, start in contenders.items():
-        print(f"starting {name} ...", flush=True)
-        server = start()
-        try:
-            results[name] = []
-            for concurrency in CONCURRENCY:
-                before = scrape(server.url) if name.startswith("vlmopt") else {}
-                row = load(server.url, concurrency, counts[concurrency], args.time_limit, bodies)
-                if name.startswith("vlmopt"):
-                    row.update(batching(before, scrape(server.url)))
-                results[name].append(row)
-                print(f"  {name} c={concurrency}: {json.dumps(row)}", flush=True)
-        finally:
+    if importlib.util.find_spec("litserve") is None:
+        print("LitServe is not installed (it comes with the serve extra: pip install -e '.[serve]'): left out of this run", flush=True)
+        del contenders[lit_name]
+    servers: dict[str, Process] = {}
+    try:
+        for name, start in contenders.items():
+            print(f"starting {name} ...", flush=True)
+            try:
+                servers[name] = start()
+            except SystemExit as exc:
+                if name != lit_name:
+                    raise
+                print(f"{exc}: left out of this run", flush=True)
+        results = measure(servers, counts, args.rounds, args.time_limit, bodies)
+    finally:
+        for server in servers.values():
             server.stop()
+
+    if not args.no_ray:
+        import ray
+
+        print(f"starting a Ray head and {ray_name} ...", flush=True)
+        try:
+            head = ray_head()
+        except Exception as exc:  # noqa: BLE001 - a Ray that cannot start here is reported, not fatal to the run
+            print(f"the Ray head did not start ({(str(exc).splitlines() or [type(exc).__name__])[0][:200]}): {ray_name} left out of this run")
+            ray.shutdown()
+            head = None
+    if not args.no_ray and head is not None:
+        try:
+            server = vlmopt_serve(clip, "int8-dynamic", *batching_flags, "--ray", head.address_info["gcs_address"])
+        except SystemExit as exc:
+            print(f"{exc}: {ray_name} left out of this run", flush=True)
+        else:
+            try:
+                results.update(measure({ray_name: server}, {1: 4, 8: 8, 32: counts[32]}, 1, args.time_limit, bodies))
+                results[ray_name] = results[ray_name][-1:]  # concurrency 32 only: the lower levels warm it
+            finally:
+                server.stop()
+        ray.shutdown()
 
     print("starting vlmopt serve on the tiny LLaVA ...", flush=True)
     server = vlmopt_serve(llava, "--max-tokens", args.chat_tokens)
@@ -402,11 +544,25 @@ def main() -> None:
     finally:
         server.stop()
     load_after = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    report(results, steps, offline, offline_at, chat, args, (load_before, load_after), (batched_name, single_name, plain_name, lit_name, ray_name))
 
+
+def report(
+    results: dict[str, list[dict[str, Any]]],
+    steps: dict[str, float],
+    offline: dict[int, float],
+    offline_at: str,
+    chat: dict[str, Any],
+    args: argparse.Namespace,
+    loads: tuple[str, str],
+    names: tuple[str, str, str, str, str],
+) -> None:
+    batched_name, single_name, plain_name, lit_name, ray_name = names
     print(f"\n## vlmopt bench-serve: base CLIP ViT-B/32 vision, int8-dynamic, one JPEG per request, loopback, {os.cpu_count()} cores")
-    print(f"load average: {load_before} before, {load_after} after\n")
+    print(f"load average: {loads[0]} before, {loads[1]} after\n")
     print(
-        "| server | concurrency | requests | images/s | p50 ms | p90 ms | p99 ms | p99/p50 | mean batch | batches by size | preprocess ms/batch | model ms/batch |"
+        "| server | concurrency | rounds x requests | images/s (rounds' range) | p50 ms | p90 ms | p99 ms | p99/p50 | mean batch | batches by size "
+        "| preprocess ms/batch | model ms/batch |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, rows in results.items():
@@ -414,15 +570,17 @@ def main() -> None:
             batch = f"{row['mean_batch']:.2f}" if row.get("mean_batch") else ""
             sizes = " ".join(f"{size}:{n}" for size, n in row.get("sizes", {}).items())
             stages = f"| {row['preprocess_ms']:.1f} | {row['model_ms']:.1f} |" if "model_ms" in row else "| | |"
+            low, high = row["range"]
+            spread = f" ({low:.2f}-{high:.2f})" if row["rounds"] > 1 else ""
             print(
-                f"| {name} | {row['concurrency']} | {row['requests']} | {row['throughput']:.2f} | {row['p50']:.1f} | {row['p90']:.1f} | "
-                f"{row['p99']:.1f} | {row['p99'] / row['p50']:.2f} | {batch} | {sizes} {stages}"
+                f"| {name} | {row['concurrency']} | {row['rounds']} x {row['requests'] // row['rounds']} | {row['throughput']:.2f}{spread} | "
+                f"{row['p50']:.1f} | {row['p90']:.1f} | {row['p99']:.1f} | {row['p99'] / row['p50']:.2f} | {batch} | {sizes} {stages}"
             )
     print("\n| in process, ms per image | " + " | ".join(steps) + " |")
     print("|---|" + "---|" * len(steps))
     print("| best of 3 | " + " | ".join(f"{v:.2f}" for v in steps.values()) + " |")
 
-    batched, single, plain = results[batched_name][-1], results[single_name][-1], results[plain_name][-1]
+    batched, single, plain = (results[n][-1] for n in (batched_name, single_name, plain_name))
     mean_batch = batched.get("mean_batch") or 1.0
     nearest = min(offline, key=lambda b: abs(b - mean_batch))
     pipeline = 1000 / (steps["decode"] + steps[f"processor, {args.max_batch} images a call"] + steps[f"model, batch {args.max_batch}"])
@@ -438,16 +596,24 @@ def main() -> None:
     else:
         verdict = "NOT met"
     in_process = steps["model, batch 1"] / steps[f"model, batch {args.max_batch}"]
-    print("\n| at concurrency 32 | value | target |")
+    print("\n| at concurrency 32 (medians of the rounds) | value | target |")
     print("|---|---|---|")
     print(f"| batched / batch-1 serving | {ratio:.2f}x | >= 2x: {target(ratio >= 2)} |")
     print(f"| ceiling of that ratio: offline (vlmopt bench) batch {max(offline)} / batch 1 | {offline_ratio:.2f}x | (no server can beat it) |")
     print(f"| the same, in process (the server's runner, the table above): model batch {args.max_batch} / batch 1 | {in_process:.2f}x | |")
     print(
-        f"| model ms per image inside the servers (their metrics): batched at mean batch {batched['mean_batch']:.2f} / batch-1 | "
+        f"| model ms per image inside the servers (their metrics): batched at mean batch {mean_batch:.2f} / batch-1 | "
         f"{per_image.get(batched_name, float('nan')):.1f} / {per_image.get(single_name, float('nan')):.1f} | |"
     )
     print(f"| batched / plain FastAPI per request | {batched['throughput'] / plain['throughput']:.2f}x | |")
+    if lit_name in results:
+        print(f"| batched / LitServe (the peer, batching too) | {batched['throughput'] / results[lit_name][-1]['throughput']:.2f}x | |")
+    if ray_name in results:
+        on_ray = results[ray_name][-1]
+        print(
+            f"| batched / the same on Ray Serve (`--ray`, one replica, alone after the others) | {batched['throughput'] / on_ray['throughput']:.2f}x "
+            f"(mean batch {mean_batch:.2f} vs {on_ray.get('mean_batch') or float('nan'):.2f}) | |"
+        )
     print(f"| batched p99 / p50 | {batched['p99'] / batched['p50']:.2f} | <= 3: {target(batched['p99'] <= 3 * batched['p50'])} |")
     print(
         f"| served / offline (vlmopt bench, model only, run before the load) at batch {nearest} (formed: {mean_batch:.2f}) | "
@@ -461,7 +627,9 @@ def main() -> None:
         f"| served / offline pipeline at batch {args.max_batch} (decode + processor + model, in process) | "
         f"{batched['throughput']:.2f} / {pipeline:.2f} = {batched['throughput'] / pipeline:.0%} | |"
     )
-    print(f"\noffline throughput per batch (vlmopt bench, images/s): {json.dumps({b: round(t, 2) for b, t in sorted(offline.items())})}")
+    print(
+        f"\noffline throughput per batch (vlmopt bench, images/s, report of {offline_at}): {json.dumps({b: round(t, 2) for b, t in sorted(offline.items())})}"
+    )
     print(
         f"\ntiny LLaVA demo, vlmopt serve, {chat['requests']} streamed chat completions of up to {args.chat_tokens} tokens at concurrency 4: "
         f"{chat['tokens_per_s']:.1f} tokens/s ({chat['tokens']} tokens), time to first token p50 {chat['ttft_p50']:.0f} ms, p99 {chat['ttft_p99']:.0f} ms"

@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-#: seconds a server may take to start: it starts a private Ray instance, on 2 shared cores
+#: seconds a server may take to start on 2 shared cores (with --ray: a Ray Serve deployment)
 START_TIMEOUT_S = 300
 
 

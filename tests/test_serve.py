@@ -1,4 +1,4 @@
-"""`vlmopt serve` on the tiny CLIP: real servers on loopback (a private local Ray instance each), real HTTP."""
+"""`vlmopt serve` on the tiny CLIP: real servers on loopback (the single-process default; one on a Ray cluster), real HTTP."""
 
 from __future__ import annotations
 
@@ -280,3 +280,58 @@ def test_two_replicas_on_a_ray_cluster_both_answer(benched: Path, ray_head: str)
         assert running.ready["replicas"] == 2
         assert len(replicas) == 2, replicas
         assert running.terminate() == 0
+
+
+# -- the default server's batcher, in process on the real service -----------------------------------------------
+def _batched_in_process(benched: Path, items: int, gap_s: float, **limits: float) -> tuple[list[int], float]:
+    """`items` images sent to the vision tower's QueueBatcher `gap_s` apart, the model held busy with the first batch
+    until the last one is sent: the sizes of the model calls it made, and the seconds until every answer was in."""
+    import asyncio
+    import threading
+
+    from vlmopt.serving.batching import QueueBatcher
+    from vlmopt.serving.options import ServeOptions
+    from vlmopt.serving.service import open_service
+
+    service = open_service(benched, "int8-dynamic")
+    sizes: list[int] = []
+    images = [sample_image(i % 4 + 1).convert("RGB") for i in range(items)]
+    all_sent = threading.Event()
+
+    def run(batch: list) -> list:
+        all_sent.wait(60)
+        return service.embed_images(batch)
+
+    async def send() -> tuple[list[list[float]], float]:
+        batcher = QueueBatcher("vision", run, ServeOptions(**limits), sizes.append)
+        started = time.perf_counter()
+        try:
+            answers = []
+            for image in images:
+                answers.append(asyncio.ensure_future(batcher(image)))
+                await asyncio.sleep(gap_s)
+            all_sent.set()
+            return await asyncio.gather(*answers), time.perf_counter() - started
+        finally:
+            batcher.close()
+
+    try:
+        rows, elapsed = asyncio.run(send())
+    finally:
+        service.close()
+    assert len(rows) == items and all(len(row) == len(rows[0]) for row in rows)
+    return sizes, elapsed
+
+
+def test_the_default_batcher_fills_the_next_batch_while_the_model_runs(benched: Path) -> None:
+    # 9 images 20 ms apart, no delay allowed: the first runs alone, the 8 that arrive while it runs form one batch
+    sizes, _ = _batched_in_process(benched, 9, 0.02, max_batch=8, max_delay_ms=0.0)
+
+    assert sizes == [1, 8]
+
+
+def test_the_default_batcher_waits_at_most_max_delay_for_a_batch_to_fill(benched: Path) -> None:
+    sizes, elapsed = _batched_in_process(benched, 1, 0.0, max_batch=8, max_delay_ms=300.0)
+
+    assert sizes == [1]
+    assert 0.3 <= elapsed < 30

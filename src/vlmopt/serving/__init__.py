@@ -1,14 +1,16 @@
-"""`vlmopt serve DIR [ARTIFACT]`: the model directory's chosen artifacts behind HTTP, as a Ray Serve application.
+"""`vlmopt serve DIR [ARTIFACT]`: the model directory's chosen artifacts behind HTTP, one application with two runners.
 
-- `service`: what is served (bench's recommendation per tower, or the generative artifact), loaded once per replica;
-- `app`: the FastAPI application (endpoints, limits, bounded queue, `@serve.batch`, Prometheus metrics);
+- `service`: what is served (bench's recommendation per tower, or the generative artifact), loaded once per process;
+- `app`: the FastAPI application (endpoints, limits, bounded queue, Prometheus metrics);
+- `batching`: its dynamic batchers, one per runner;
 - `ray_app`: the Ray Serve deployment around it;
-- here: where it runs. By default on this machine, in a private local Ray instance that vlmopt starts and stops
-  (loopback only, nothing to set up); with `--ray auto|ADDRESS` on a running Ray cluster, with `--replicas`.
+- here: where it runs. By default in this process, on uvicorn, with the in-process batcher (loopback only, no other
+  process, nothing to set up); with `--ray auto|ADDRESS` as a Ray Serve deployment on a running Ray cluster, with
+  `--replicas`, each replica batching with Ray Serve's `@serve.batch`.
 
-Ray Serve is the one serving library because its batcher, `@serve.batch`, runs only inside a Serve replica: the
-same application then runs on one machine and on a cluster. A refusal the user can fix (a port in use, nothing
-servable, no reachable Ray cluster) is a VlmoptError before anything starts.
+Ray Serve was the default on one machine too until it measured 0.70x a plain endpoint on 2 cores (its proxy,
+controller and replica share them with the load): a single machine needs none of it. A refusal the user can fix (a
+port in use, nothing servable, no reachable Ray cluster) is a VlmoptError before anything starts.
 """
 
 from __future__ import annotations
@@ -24,12 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from vlmopt.errors import VlmoptError
-from vlmopt.serving.options import ServeOptions
+from vlmopt.serving.options import DRAIN_TIMEOUT_S, ServeOptions
 
 __all__ = ["ServeOptions", "serve"]
-
-#: the local Ray instance's object store: the server passes no large objects through it
-LOCAL_OBJECT_STORE_BYTES = 128 * 2**20
 
 
 def serve(
@@ -41,7 +40,62 @@ def serve(
     options.validate()
     directory = Path(directory)
     model_name = options.model_name or directory.resolve().name
-    _serve_on_ray(directory, options, threads, model_name, on_ready)
+    if options.ray is None:
+        _serve_here(directory, options, threads, model_name, on_ready)
+    else:
+        _serve_on_ray(directory, options, threads, model_name, on_ready)
+
+
+def _serve_here(directory: Path, options: ServeOptions, threads: int | None, model_name: str, on_ready: Callable[[dict[str, Any]], None] | None) -> None:
+    """The application on uvicorn in this process. On SIGTERM (or Ctrl-C) uvicorn stops accepting, lets the requests
+    in flight finish (up to DRAIN_TIMEOUT_S) and returns; a second SIGINT forces it."""
+    import asyncio
+
+    import uvicorn
+
+    from vlmopt.serving.app import ServeApp
+    from vlmopt.serving.service import open_service
+
+    sock = _listening_socket(options.host, options.port)  # refused here, before the model loads: a port in use
+    try:
+        service = open_service(directory, options.artifact, options.max_batch, options.backend, threads)
+        if getattr(service, "generative", False):
+            service.load()
+        application = ServeApp(service, options, model_name)
+    except BaseException:
+        sock.close()
+        raise
+    config = uvicorn.Config(
+        application.app,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        server_header=False,
+        timeout_graceful_shutdown=DRAIN_TIMEOUT_S,
+        backlog=max(2048, options.max_queue),
+    )
+    server = uvicorn.Server(config)
+    port = sock.getsockname()[1]
+
+    async def run() -> None:
+        serving = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.01)
+        if server.started and on_ready is not None:
+            where = {"url": f"http://{_url_host(options.host)}:{port}", "model": model_name, "pid": os.getpid(), "replicas": 1}
+            on_ready({**where, "ray": None, **application.service.describe()})
+        await serving
+
+    # uvicorn re-raises the signal that stopped it once it has put back the handler it found: that one is a no-op,
+    # so a drained server returns (exit 0) instead of dying by the signal
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        asyncio.run(run())
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        application.close()
+        sock.close()
 
 
 def _listening_socket(host: str, port: int) -> socket.socket:
@@ -74,23 +128,10 @@ def _free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
-def _connect_ray(address: str | None) -> bool:
-    """Connect to the cluster at `address` ("auto": the running one), or start a private local instance (None).
-    Returns whether vlmopt started it (and so stops it)."""
+def _connect_ray(address: str) -> None:
+    """Connect to the cluster at `address` ("auto": the running one)."""
     import ray
 
-    if address is None:
-        ray.init(  # "local": a new instance even where a cluster runs here (`ray start`, RAY_ADDRESS)
-            address="local",
-            num_cpus=os.cpu_count() or 1,
-            include_dashboard=False,
-            object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-            _node_ip_address="127.0.0.1",
-            logging_level="ERROR",
-            log_to_driver=False,
-            namespace="vlmopt",
-        )
-        return True
     if address != "auto":
         target = address.removeprefix("ray://")
         host, _, port = target.rpartition(":")
@@ -105,7 +146,6 @@ def _connect_ray(address: str | None) -> bool:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise VlmoptError(f"no Ray cluster reachable at --ray {address}: {first}; start one with `ray start --head` or give its address") from None
-    return False
 
 
 def _serve_on_ray(directory: Path, options: ServeOptions, threads: int | None, model_name: str, on_ready: Callable[[dict[str, Any]], None] | None) -> None:
@@ -119,8 +159,7 @@ def _serve_on_ray(directory: Path, options: ServeOptions, threads: int | None, m
     probe.close()
     port = options.port or _free_port(options.host)
     _listening_socket(options.host, port).close()
-    started = _connect_ray(options.ray)
-    import ray
+    _connect_ray(options.ray)
     from ray import serve
 
     from vlmopt.serving.ray_app import APP_NAME, deployment
@@ -133,7 +172,7 @@ def _serve_on_ray(directory: Path, options: ServeOptions, threads: int | None, m
         serve.run(deployment(options, threads).bind(str(directory.resolve()), options, threads, model_name), name=APP_NAME, route_prefix="/")
         if on_ready is not None:
             where = {"url": f"http://{_url_host(options.host)}:{port}", "model": model_name, "pid": os.getpid(), "replicas": options.replicas}
-            on_ready({**where, "ray": options.ray or "local", **described})
+            on_ready({**where, "ray": options.ray, **described})
         stop.wait()
     finally:
         # Ray Serve stops routing to the application, lets each replica finish its requests, then stops it; a second
@@ -141,9 +180,6 @@ def _serve_on_ray(directory: Path, options: ServeOptions, threads: int | None, m
         try:
             with contextlib.suppress(Exception):  # nothing to delete when the deployment never started
                 serve.delete(APP_NAME)
-            if started:
-                serve.shutdown()
-                ray.shutdown()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

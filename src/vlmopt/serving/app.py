@@ -1,10 +1,11 @@
-"""The HTTP application of `vlmopt serve`: one FastAPI app per Ray Serve replica.
+"""The HTTP application of `vlmopt serve`: one FastAPI app, run by uvicorn in the `vlmopt serve` process (the
+default) or by each Ray Serve replica (`--ray`).
 
 Every request is read with a bound on its size and on the time its body takes, checked item by item (base64,
 image size before decoding, pixels, text length, items per request), admitted to a bounded queue (full: 503
-with Retry-After) and then batched: encoder items go through Ray Serve's `@serve.batch`, which hands each
-tower's runner lists of up to `--max-batch` items gathered within `--max-delay-ms`. Generations run one at a
-time per replica, in order of arrival.
+with Retry-After) and then batched: encoder items go through the runner's batcher (`vlmopt.serving.batching`),
+which hands each tower's runner lists of up to `--max-batch` items gathered within `--max-delay-ms`.
+Generations run one at a time per process, in order of arrival.
 
 Every error has one JSON shape, OpenAI's: `{"error": {"message", "type", "code"}}` with a 4xx/5xx status;
 `code` is the kind the metrics count it under (`vlmopt_errors_total{kind=...}`).
@@ -27,6 +28,7 @@ from typing import Any
 from starlette.requests import Request
 
 from vlmopt.errors import VlmoptError
+from vlmopt.serving.batching import Batcher, QueueBatcher
 from vlmopt.serving.options import ServeOptions
 from vlmopt.serving.service import BadItem, decode_image
 
@@ -103,29 +105,6 @@ class Admission:
         self.gauge.set(self.depth)
 
 
-class Batcher:
-    """One tower's dynamic batcher: Ray Serve's `@serve.batch` gathers single items into lists of up to `max_batch`
-    (waiting at most `max_delay_s` for them), and `run` takes each list in a thread of its own, one list at a time."""
-
-    def __init__(self, tower: str, run: Callable[[list[Any]], list[Any]], options: ServeOptions, metrics: Metrics):
-        from ray import serve
-
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vlmopt-{tower}")
-
-        @serve.batch(max_batch_size=options.max_batch, batch_wait_timeout_s=options.max_delay_s)
-        async def batched(items: list[Any]) -> list[Any]:
-            metrics.batch_size.labels(tower).observe(len(items))
-            return await asyncio.get_running_loop().run_in_executor(self._executor, run, items)
-
-        self._batched = batched
-
-    async def __call__(self, item: Any) -> Any:
-        return await self._batched(item)
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=False)
-
-
 def _data_bytes(value: Any, what: str, max_bytes: int) -> bytes:
     """An image given as a data URL (`data:image/png;base64,...`) or bare base64, decoded within the size limit."""
     if not isinstance(value, str) or not value:
@@ -173,10 +152,11 @@ class ServeApp:
     """The application around a loaded service (`EncoderService` or `ChatService`): its FastAPI app, its metrics,
     its batchers and its admission queue. `app` is what uvicorn or Ray Serve runs."""
 
-    def __init__(self, service: Any, options: ServeOptions, model_name: str):
+    def __init__(self, service: Any, options: ServeOptions, model_name: str, batcher: type[Batcher] = QueueBatcher):
         self.service, self.options, self.model_name = service, options, model_name
         self.metrics = Metrics()
         self.admission = Admission(options.max_queue, self.metrics.queue_depth)
+        self._batcher_kind = batcher
         self.batchers: dict[str, Batcher] = {}
         if not getattr(service, "generative", False):
             service.observe = lambda tower, stage, seconds: self.metrics.stage_seconds.labels(tower, stage).observe(seconds)
@@ -192,9 +172,9 @@ class ServeApp:
 
     # -- plumbing ---------------------------------------------------------------------------------
     def _batcher(self, tower: str, run: Callable[[list[Any]], list[Any]]) -> Batcher:
-        # made on first use, inside the server's event loop, where serve.batch starts its queue
+        # made on first use, inside the server's event loop, where the batcher starts its queue
         if tower not in self.batchers:
-            self.batchers[tower] = Batcher(tower, run, self.options, self.metrics)
+            self.batchers[tower] = self._batcher_kind(tower, run, self.options, self.metrics.batch_size.labels(tower).observe)
         return self.batchers[tower]
 
     async def _json_body(self, request: Request) -> dict[str, Any]:

@@ -8,6 +8,8 @@ from vlmopt.errors import VlmoptError
 from vlmopt.options import StageOptions, option
 
 MIB = 2**20
+#: seconds a stopping server (SIGTERM) or Ray replica (also a scale-down) waits for its requests to finish
+DRAIN_TIMEOUT_S = 120
 
 
 @dataclass

@@ -9,11 +9,9 @@ from typing import Any
 
 from ray import serve
 
-from vlmopt.serving.options import ServeOptions
+from vlmopt.serving.options import DRAIN_TIMEOUT_S, ServeOptions
 
 APP_NAME = "vlmopt"
-#: seconds a stopping replica waits for its requests to finish (SIGTERM, a scale-down)
-DRAIN_TIMEOUT_S = 120
 
 
 class VlmoptReplica:
@@ -22,13 +20,14 @@ class VlmoptReplica:
     def __init__(self, directory: str, options: ServeOptions, threads: int | None, model_name: str):
         from vlmopt.quiet import quiet_libraries
         from vlmopt.serving.app import ServeApp
+        from vlmopt.serving.batching import RayBatcher
         from vlmopt.serving.service import open_service
 
         quiet_libraries(False)
         service = open_service(directory, options.artifact, options.max_batch, options.backend, threads)
         if getattr(service, "generative", False):
             service.load()
-        self.application = ServeApp(service, options, model_name)
+        self.application = ServeApp(service, options, model_name, RayBatcher)
 
     def __serve_build_asgi_app__(self) -> Any:
         return self.application.app

@@ -215,6 +215,13 @@ def summary(tower: str, info: dict[str, Any]) -> str:
             f"; time per batch {speed['total_fp32_ms']:.1f} ms fp32, {speed['total_quantized_ms']:.1f} fully int8, "
             f"{speed['total_with_fallback_ms']:.1f} with the kept layers: {ratio:.2f}x fp32 ({verdict} the {SPEED_TARGET:g}x target)"
         )
+        if ratio < SPEED_TARGET:
+            # issue 23: where the gate and the speed cannot both be had, say so and leave the choice to the user
+            full = speed["total_fp32_ms"] / max(speed["total_quantized_ms"], 1e-9)
+            line += (
+                f"; this gate and {SPEED_TARGET:g}x cannot both be had here: for speed, --no-fallback --min-cosine off ships the fully "
+                f"quantized graph ({full:.2f}x fp32, cosine min {min(info['fully_quantized'].values()):.4f})"
+            )
     return line
 
 

@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import numpy as np  # noqa: E402
-from fidelity import interleaved, session  # noqa: E402
+from fidelity import interleaved, session, text_batches  # noqa: E402
 
 import vlmopt  # noqa: E402
 from vlmopt.errors import CheckFailed  # noqa: E402
@@ -109,11 +109,7 @@ def measure(model_dir: Path, made: dict[str, dict[str, Any]], rounds: int, block
     names = ("input_ids", "attention_mask", "token_type_ids")
 
     def encode(texts: list[str], **padding: Any) -> list[dict[str, np.ndarray]]:
-        feeds = []
-        for i in range(0, len(texts), 8):
-            encoded = tokenizer(texts[i : i + 8], truncation=True, return_tensors="np", **(padding or {"padding": True}))
-            feeds.append({k: np.asarray(v, dtype=np.int64) for k, v in encoded.items() if k in names})
-        return feeds
+        return text_batches(tokenizer, texts, names, **padding)
 
     def unit(x: np.ndarray) -> np.ndarray:
         return x / np.linalg.norm(x, axis=1, keepdims=True)

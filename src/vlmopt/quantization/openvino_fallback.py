@@ -123,30 +123,17 @@ def compiler(core: Any, device: str, config: dict[str, Any]) -> Callable[[Any], 
 
 
 def sensitivity(probe: FakeQuantizeProbe, feeds: list[dict[str, np.ndarray]], compile_model: Callable[[Any], Any]) -> list[tuple[str, float]]:
-    """[(layer, relative RMS error of its output with quantized vs float activations)], most sensitive first.
-
-    The probe is compiled for each feed's exact shapes: compiled with dynamic shapes, OpenVINO's CPU plugin computed
-    the probe's graph differently from the model's own (the tiny CLIP vision tower's final output moved by 0.42
-    relative, and its out_proj MatMuls, which read attention's int8 output, came out as about zero: sensitivity 1.0),
-    while with static shapes the probe leaves the model's outputs as they are."""
+    """[(layer, relative RMS error of its output with quantized vs float activations)], most sensitive first."""
     from vlmopt.quantization.fallback import relative_errors
 
     model, pairs = probe.probe()
-    names = {name for port in model.inputs for name in port.get_names()}
-    requests: dict[tuple[Any, ...], Any] = {}
-
-    def request_for(feed: dict[str, np.ndarray]) -> Any:
-        key = tuple(sorted((k, v.shape) for k, v in feed.items()))
-        if key not in requests:
-            static = model.clone()
-            static.reshape({k: list(v.shape) for k, v in feed.items()})
-            requests[key] = compile_model(static).create_infer_request()
-        return requests[key]
+    compiled = compile_model(model)
+    request = compiled.create_infer_request()
+    names = {name for port in compiled.inputs for name in port.get_names()}
 
     def runs() -> Iterator[dict[str, tuple[np.ndarray, np.ndarray]]]:
         for feed in feeds:
-            feed = {k: v for k, v in feed.items() if k in names}
-            values = list(request_for(feed).infer(feed).values())
+            values = list(request.infer({k: v for k, v in feed.items() if k in names}).values())
             yield {layer: (values[f], values[q]) for layer, (q, f) in pairs.items()}
 
     return relative_errors(runs())

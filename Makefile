@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 RECIPE ?= examples/recipes/clip-cpu.yaml
 DEMO ?= build/clip-cpu
 
-.PHONY: install demo test bench bench-models bench-fidelity bench-distill bench-vlm bench-serve bench-int4 bench-int4-lm bench-gguf-grid bench-blip-cross bench-gpu lint clean
+.PHONY: install demo test bench bench-models bench-fidelity bench-encoder-int8 bench-distill bench-vlm bench-serve bench-int4 bench-int4-lm bench-gguf-grid bench-blip-cross bench-gpu lint clean
 
 install: $(BIN)/vlmopt
 
@@ -45,6 +45,11 @@ bench-models: install
 
 bench-fidelity: bench-models
 	$(BIN)/python benchmarks/fidelity.py
+
+# Real all-MiniLM-L6-v2: int8 variants (the defaults, the outlier split, per-tensor, int8-weights, OpenVINO) against
+# the fp32 ONNX in one interleaved run: cosine min, retrieval, speed ratio (issue 23)
+bench-encoder-int8: bench-models
+	$(BIN)/python benchmarks/encoder_int8.py
 
 # Real all-MiniLM-L6-v2 pruned at MLP ratio 0.5, distilled from the original (DISTILL_MINUTES of CPU training), int8
 DISTILL_MINUTES ?= 25

@@ -121,6 +121,15 @@ def interleaved(contenders: dict[str, Any], rounds: int, block: int) -> dict[str
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def text_batches(tokenizer: Any, texts: list[str], names: Any, **padding: Any) -> list[dict[str, np.ndarray]]:
+    """`texts` as batches of 8 of the inputs `names`, padded to each batch's longest row unless `padding` says otherwise."""
+    feeds = []
+    for i in range(0, len(texts), 8):
+        encoded = tokenizer(texts[i : i + 8], truncation=True, return_tensors="np", **(padding or {"padding": True}))
+        feeds.append({k: np.asarray(v, dtype=np.int64) for k, v in encoded.items() if k in names})
+    return feeds
+
+
 # -- all-MiniLM-L6-v2 ------------------------------------------------------------------------------------
 def make_minilm_variants(model_dir: Path) -> dict[str, dict[str, Any]]:
     made: dict[str, dict[str, Any]] = {}
@@ -190,11 +199,7 @@ def minilm(workdir: Path, rounds: int, block: int) -> dict[str, Any]:
     names = [spec.name for spec in tower.inputs]
 
     def encode(texts: list[str], **padding: Any) -> list[dict[str, np.ndarray]]:
-        feeds = []
-        for i in range(0, len(texts), 8):
-            encoded = tokenizer(texts[i : i + 8], truncation=True, return_tensors="np", **(padding or {"padding": True}))
-            feeds.append({k: np.asarray(v, dtype=np.int64) for k, v in encoded.items() if k in names})
-        return feeds
+        return text_batches(tokenizer, texts, names, **padding)
 
     def torch_embed(feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
         with torch.inference_mode():

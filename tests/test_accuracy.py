@@ -1,10 +1,11 @@
-"""The accuracy-aware orchestration's own rules: disjoint halves of the gate's data, and the budget as a share."""
+"""The accuracy-aware orchestration's own rules: disjoint halves of the gate's data, the budget as a share, and the
+summary line that leaves the choice to the user when the gate and the speed target cannot both be had."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from vlmopt.quantization.accuracy import split
+from vlmopt.quantization.accuracy import SPEED_TARGET, split, summary
 from vlmopt.quantization.fallback import layer_budget
 
 
@@ -43,3 +44,28 @@ def test_the_budget_is_a_share_of_the_layers_and_never_all_of_them() -> None:
     assert layer_budget(None, 36) == 18
     assert layer_budget(1.0, 13) == 12
     assert layer_budget(0.0, 13) == 0
+
+
+def _kept(fp32_ms: float, quantized_ms: float, with_fallback_ms: float) -> dict:
+    return {
+        "needed": True,
+        "kept": [{"node": "a"}],
+        "quantized_layers": 4,
+        "tier": "fp32",
+        "fully_quantized": {"search": 0.99, "held_out": 0.985},
+        "reached": {"search": 0.996, "held_out": 0.9955},
+        "speed": {"total_fp32_ms": fp32_ms, "total_quantized_ms": quantized_ms, "total_with_fallback_ms": with_fallback_ms},
+    }
+
+
+def test_a_fallback_slower_than_the_target_names_the_fully_quantized_choice() -> None:
+    line = summary("text", _kept(100.0, 62.5, 90.0))
+
+    assert f"misses the {SPEED_TARGET:g}x target" in line
+    assert "--no-fallback --min-cosine off ships the fully quantized graph (1.60x fp32, cosine min 0.9850)" in line
+
+
+def test_a_fallback_that_meets_the_target_offers_no_other_choice() -> None:
+    line = summary("text", _kept(100.0, 50.0, 60.0))
+
+    assert f"meets the {SPEED_TARGET:g}x target" in line and "--no-fallback" not in line

@@ -168,7 +168,7 @@ def test_the_fallback_says_in_one_line_what_it_kept_and_what_it_cost(converted: 
     assert result.exit_code == 0, result.output
     (line,) = [line for line in result.stdout.splitlines() if line.startswith("fallback of text:")]
     assert re.search(r"\d+ of 13 layers kept in fp32, cosine min [0-9.]+ -> [0-9.]+ on the held-out half", line), line
-    assert re.search(r"time per batch [0-9.]+ ms fp32, [0-9.]+ fully int8, [0-9.]+ with the kept layers: [0-9.]+x fp32", line), line
+    assert re.search(r"time per batch of \d+x\d+ \(kernel time\) [0-9.]+ ms fp32, [0-9.]+ fully int8, [0-9.]+ with the kept layers: [0-9.]+x fp32", line), line
 
 
 # -- the splice itself ---------------------------------------------------------------------------------------

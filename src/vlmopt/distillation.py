@@ -9,7 +9,8 @@ Losses, per tower, on what the tower serves (`Tower.outputs[0]`):
   (relative: divided by the teacher's mean square, so one weight fits every model);
 - logits (a classifier): KL divergence between the softened distributions, times T² (Hinton et al., 2015);
 - hidden states: relative MSE between the outputs of every transformer block, where student and teacher have the
-  same number of blocks of the same width (structured pruning keeps both);
+  same number of blocks of the same width (structured pruning keeps both), every line weighing the same (its tokens
+  1/length each, as in a mean-pooled embedding) unless asked to weigh every token alike;
 - dual encoders: KL between the teacher's and the student's image-text similarity logits over the batch, both
   directions (the contrastive logits the towers are used through), at CLIP's trained logit scale over T.
 

@@ -21,6 +21,8 @@
    sentence embedding, the worst sentences; retrieval top-1 agreement (each query's best passage, the teacher's and
    the artifact's). Speed at batch 8 x 128 tokens (real sentences padded to 128), ONNX Runtime
    without spinning, every contender in the same run, interleaved in blocks; medians.
+4. Where the error sits: after each of the six blocks, the pruned and the distilled student's token hidden states
+   against the teacher's on the built-in sentences (`block_fidelity`).
 Targets (issue 25): after distill cosine min >= 0.98 and retrieval agreement >= 0.97 against the unpruned fp32
 teacher; its int8 >= 1.3x the unpruned model's best verified int8; within 30 minutes of CPU training.
 A benchmark reports; it does not gate. Everything goes into <workdir>/distill.json as well.
@@ -255,6 +257,32 @@ def make(workdir: Path, minutes: float, steps: int, batch: int, train_threads: i
     return results
 
 
+def block_fidelity(teacher: Any, student: Any, tokenizer: Any, sentences: list[str]) -> dict[str, list[float]]:
+    """Where the error sits: after each transformer block, the mean over `sentences` (one at a time, no padding) of the
+    cosine between the student's and the teacher's hidden state of every token, and of their squared error relative to
+    the teacher's; and the last block's cosine at [CLS], at [SEP] and at the words between."""
+    import torch
+
+    cosine: list[list[float]] = []
+    error: list[list[float]] = []
+    ends: list[tuple[float, float, float]] = []
+    with torch.inference_mode():
+        for sentence in sentences:
+            encoded = dict(tokenizer([sentence], return_tensors="pt"))
+            expected = teacher(**encoded, output_hidden_states=True).hidden_states[1:]
+            got = student(**encoded, output_hidden_states=True).hidden_states[1:]
+            cosine.append([float(torch.nn.functional.cosine_similarity(t[0], s[0], dim=-1).mean()) for t, s in zip(expected, got, strict=True)])
+            error.append([float(((t - s) ** 2).sum() / (t**2).sum()) for t, s in zip(expected, got, strict=True)])
+            last = torch.nn.functional.cosine_similarity(expected[-1][0], got[-1][0], dim=-1)
+            ends.append((float(last[0]), float(last[-1]), float(last[1:-1].mean()) if len(last) > 2 else float("nan")))
+    cls, sep, words = np.nanmean(np.array(ends), axis=0)
+    return {
+        "token_cosine": np.mean(cosine, axis=0).round(4).tolist(),
+        "relative_error": np.mean(error, axis=0).round(4).tolist(),
+        "last_block_cls_sep_words": [round(float(cls), 4), round(float(sep), 4), round(float(words), 4)],
+    }
+
+
 def measure(workdir: Path, results: dict[str, Any], rounds: int, block: int) -> None:
     import torch
     from fidelity import interleaved, ort_session
@@ -321,6 +349,8 @@ def measure(workdir: Path, results: dict[str, Any], rounds: int, block: int) -> 
             "retrieval_correct": float(np.mean(top1 == np.arange(len(queries)))),
         }
     results["fidelity"] = fidelity
+    raw = {name: load_model(model_dir / name, family=family).eval() for name in ("hf", "hf-pruned", "hf-distilled")}
+    results["blocks"] = {name: block_fidelity(raw["hf"], raw[name], tokenizer, sentences) for name in ("hf-pruned", "hf-distilled")}
 
     speed_feed = encode(sentences[:8], padding="max_length", max_length=128)[0]
     assert speed_feed["input_ids"].shape == (8, 128)
@@ -351,6 +381,11 @@ def print_table(results: dict[str, Any]) -> None:
         f"{training['steps_done'] / max(minutes, 1e-9):.1f} steps/min at batch {results['batch_size']}, {results['train_threads']} thread(s)), best held-out step "
         f"{training['best_step']}, on {results['corpus']['sentences']} lines; load average {results['load_average']}"
     )
+    for name, blocks in results.get("blocks", {}).items():
+        say(
+            f"{name} after each block: token cosine {blocks['token_cosine']}, relative error {blocks['relative_error']}; "
+            f"last block [CLS] / [SEP] / words {blocks['last_block_cls_sep_words']}"
+        )
     say("worst sentences after distill: " + "; ".join(f"{c:.4f} {t[:40]!r}" for c, t in after["worst_sentences"]))
     say(f"cosine min after distill {after['cosine_min']:.5f} (target >= {COSINE_TARGET}): {verdict(after['cosine_min'] >= COSINE_TARGET)}")
     say(f"retrieval agreement {after['retrieval_agreement']:.3f} (target >= {AGREEMENT_TARGET}): {verdict(after['retrieval_agreement'] >= AGREEMENT_TARGET)}")

@@ -121,7 +121,7 @@ def test_the_record_says_what_was_trained_on_and_how(student_dir: Path, training
 
     assert set(record["distilled_towers"]) == {"text", "vision"}
     assert record["towers"]["vision"]["data"] == "24 images (22 trained on, 2 held out)"
-    assert record["towers"]["text"]["hidden_states"] == "2 blocks"
+    assert record["towers"]["text"]["hidden_states"] == "2 blocks, weighted by line"
     assert record["towers"]["text"]["batches"] == "grouped by length (shuffled)" and record["towers"]["vision"]["batches"] == "random"
     assert "contrastive" in record and record["teacher"] == "hf" and record["student"] == "hf-pruned"
     assert {"before", "after"} <= set(record["fidelity"]) and "zero-shot top-1 agreement" in record["fidelity"]["after"]["metrics"]
@@ -194,6 +194,40 @@ def test_a_text_encoders_retrieval_probe_ranks_every_query_over_the_hard_negativ
     assert retrieval["detail"]["queries"] == len(queries) and retrieval["detail"]["passages"] == len(passages)
     fidelity = payload["artifact"]["record"]["fidelity"]
     assert "retrieval top-1 agreement" in fidelity["before"]["metrics"] and "retrieval top-1 agreement" in fidelity["after"]["metrics"]
+
+
+# -- losses -------------------------------------------------------------------------------------
+def _hidden_pair(error_on: int) -> tuple[object, object, object]:
+    """Teacher and student hidden states of a 3-token line and a 12-token line (padded to 12): the student is off by
+    the same amount on every real token of line `error_on` only."""
+    import torch
+
+    teacher = torch.randn(2, 12, 8, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(2, 12, dtype=torch.long)
+    mask[0, :3] = mask[1, :] = 1
+    student = teacher.clone()
+    student[error_on, : int(mask[error_on].sum())] += 0.5
+    return student, teacher, mask
+
+
+def test_the_hidden_state_loss_weighs_a_short_lines_error_as_much_as_a_long_lines_by_default() -> None:
+    from vlmopt.distillation import hidden_loss
+
+    short, long = (hidden_loss([s], [t], m) for s, t, m in (_hidden_pair(0), _hidden_pair(1)))
+    short_by_token, long_by_token = (hidden_loss([s], [t], m, "token") for s, t, m in (_hidden_pair(0), _hidden_pair(1)))
+
+    assert abs(float(short) - float(long)) < 0.1 * float(long), (float(short), float(long))
+    assert float(short_by_token) < 0.4 * float(long_by_token), (float(short_by_token), float(long_by_token))
+
+
+def test_the_hidden_state_loss_leaves_padding_out() -> None:
+    from vlmopt.distillation import hidden_loss
+
+    student, teacher, mask = _hidden_pair(0)
+    noisy = student.clone()
+    noisy[0, 3:] += 10.0
+
+    assert float(hidden_loss([noisy], [teacher], mask)) == pytest.approx(float(hidden_loss([student], [teacher], mask)), rel=1e-6)
 
 
 # -- batches ------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ Losses, per tower, on what the tower serves (`Tower.outputs[0]`):
   (relative: divided by the teacher's mean square, so one weight fits every model);
 - logits (a classifier): KL divergence between the softened distributions, times T² (Hinton et al., 2015);
 - hidden states: relative MSE between the outputs of every transformer block, where student and teacher have the
-  same number of blocks of the same width (structured pruning keeps both);
+  same number of blocks of the same width (structured pruning keeps both), every line weighing the same (its tokens
+  1/length each, as in a mean-pooled embedding) unless asked to weigh every token alike;
 - dual encoders: KL between the teacher's and the student's image-text similarity logits over the batch, both
   directions (the contrastive logits the towers are used through), at CLIP's trained logit scale over T.
 
@@ -152,14 +153,23 @@ def logits_kl(student: Any, teacher: Any, temperature: float) -> Any:
     )
 
 
-def hidden_loss(student: list[Any], teacher: list[Any], mask: Any | None) -> Any:
-    """Mean over blocks of the MSE between their outputs relative to the teacher's mean square; padding left out."""
+def hidden_loss(student: list[Any], teacher: list[Any], mask: Any | None, weighting: str = "line") -> Any:
+    """Mean over blocks of the squared error between their outputs relative to the teacher's mean square; padding left out.
+
+    `weighting` "line": every sample weighs the same, its tokens 1/length each, as in a mean-pooled embedding (a short
+    line's few tokens, mostly [CLS] and [SEP], count as much as a long line's many); "token": every real token alike."""
+    import torch
+
     total = 0.0
     for s, t in zip(student, teacher, strict=True):
         if mask is not None and s.dim() == 3 and s.shape[:2] == mask.shape:
-            keep = mask.bool()
-            s, t = s[keep], t[keep]
-        total = total + ((s - t) ** 2).mean() / (t**2).mean().clamp_min(1e-12)
+            keep = mask.to(s.dtype)
+            if weighting == "line":
+                keep = keep / keep.sum(dim=1, keepdim=True).clamp_min(1)
+            error, scale = (((s - t) ** 2).sum(-1) * keep).sum(), ((t**2).sum(-1) * keep).sum()
+        else:
+            error, scale = ((s - t) ** 2).sum(), (t**2).sum()
+        total = total + error / torch.clamp_min(scale, 1e-12)
     return total / max(1, len(student))
 
 

@@ -44,6 +44,7 @@ from vlmopt.versions import tool_versions
 from vlmopt.workspace import ModelDir, StageOutput
 
 LOSSES = ("cosine", "mse")
+HIDDEN_WEIGHTINGS = ("line", "token")
 #: the folder of the model directory that holds training checkpoints (one sub-folder per artifact name)
 CHECKPOINTS = "checkpoints"
 #: most held-out samples per tower measured every --eval-every steps
@@ -74,6 +75,12 @@ class DistillOptions(StageOptions):
     loss: str = option("cosine", "Loss on the output embedding: cosine (1 - cosine) or mse (relative to the teacher's mean square).", choices=LOSSES)
     hidden_weight: float = option(
         1.0, "Weight of the loss on every block's hidden states (where the student keeps the teacher's layer count and width); 0: off.", minimum=0.0
+    )
+    hidden_tokens: str = option(
+        "line",
+        "How the hidden-state loss weighs tokens: line (every line alike, its tokens 1/length each, as a mean-pooled embedding "
+        "weighs them) or token (every real token alike: long lines dominate).",
+        choices=HIDDEN_WEIGHTINGS,
     )
     refit: bool = option(
         True,
@@ -466,7 +473,7 @@ class Training:
             if len(t_blocks) != len(s_blocks) or not t_blocks:
                 pairs[name], self.hidden_note[name] = None, f"off: the student has {len(s_blocks)} blocks, the teacher {len(t_blocks)}"
                 continue
-            pairs[name], self.hidden_note[name] = (_Hidden(t_blocks), _Hidden(s_blocks)), f"{len(s_blocks)} blocks"
+            pairs[name], self.hidden_note[name] = (_Hidden(t_blocks), _Hidden(s_blocks)), f"{len(s_blocks)} blocks, weighted by {self.options.hidden_tokens}"
         return pairs
 
     def _refit(self) -> dict[str, Any]:
@@ -561,7 +568,7 @@ class Training:
             total = total + loss
             if pair is not None:
                 mask = torch.from_numpy(feed["attention_mask"]).to(self.device) if "attention_mask" in feed else None
-                layers = d.hidden_loss(pair[1].take(), pair[0].take(), mask)
+                layers = d.hidden_loss(pair[1].take(), pair[0].take(), mask, options.hidden_tokens)
                 parts[f"{name} hidden"] = float(layers.detach())
                 total = total + options.hidden_weight * layers
             embeddings[name] = (got, expected)

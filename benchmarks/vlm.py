@@ -45,9 +45,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 
 MODELS = {
-    "a": ("CLIP ViT-B/32 + real SmolLM2-135M", ["--size", "base", "--language-model", "smollm2"]),
-    "b": ("LLaVA-OneVision-0.5B sizes (SigLIP-so400m + Qwen2-0.5B), random", ["--size", "small"]),
+    "a": ("CLIP ViT-B/32 + real SmolLM2-135M", ["--family", "llava", "--size", "base", "--language-model", "smollm2"]),
+    "b": ("LLaVA-OneVision-0.5B sizes (SigLIP-so400m + Qwen2-0.5B), random", ["--family", "llava", "--size", "small"]),
+    "s": ("SmolVLM-256M-Instruct sizes (SigLIP-B/16 at 512 px tiles, 4x4 tiles + the whole image; SmolLM2-135M), random", ["--family", "smolvlm", "--size", "256m"]),
+    "q": (
+        "Qwen2.5-VL-3B widths and vocabulary, 4 of 32 vision blocks and 4 of 36 text layers (0.74 B params), random",
+        ["--family", "qwen2_5_vl", "--size", "3b-4l"],
+    ),
 }
+#: the sample image's side (px) per model: Qwen2.5-VL takes images at their own size (448 px: 256 image tokens)
+IMAGE_SIDE = {"q": 448}
 #: artifact name -> convert flags: `onnx` is convert's default (the decoder from onnxruntime-genai's model builder),
 #: `onnx-torch` the decoder exported from PyTorch, for the comparison of the two makers
 CONVERSIONS = {"onnx": [], "onnx-torch": ["--decoder", "torch", "--name", "onnx-torch"]}
@@ -79,7 +86,7 @@ def prepare(model: str, root: Path, threads: int, contenders: tuple[str, ...] = 
     """The model directory with hf, onnx and the variants; steps already done are kept (vlmopt skips them too)."""
     source, model_dir = root / f"{model}-src", root / model
     if not (source / "config.json").is_file():
-        vlmopt("demo-model", source, "--family", "llava", *MODELS[model][1])
+        vlmopt("demo-model", source, *MODELS[model][1])
     artifacts = json.loads((model_dir / "vlmopt.json").read_text())["artifacts"] if (model_dir / "vlmopt.json").is_file() else {}
     if "hf" not in artifacts:
         vlmopt("export", source, "-o", model_dir)
@@ -151,30 +158,28 @@ def anchor(prompt_tokens: int, batch: int, new_tokens: int, threads: int) -> dic
 
 
 def child(model_dir: Path, artifact: str, batch: int, new_tokens: int, threads: int) -> dict[str, Any]:
-    from vlmopt.families.llava import LlavaPreprocessor
-    from vlmopt.generation import open_runner
+    from vlmopt.generation import Generator
     from vlmopt.runners.generate import GenerateRequest
-    from vlmopt.samples import sample_image
     from vlmopt.workspace import ModelDir
 
     directory = ModelDir.open(model_dir)
     record = directory.artifact("hf" if artifact == ANCHOR else artifact)
-    preprocessor = LlavaPreprocessor(directory.checkpoint_folder(record))
-    words = preprocessor.tokenizer(PROMPT * 3, add_special_tokens=False)["input_ids"][:32]
-    text = preprocessor.tokenizer.decode(words)
-    prompt = preprocessor([text] * batch, [sample_image(7 + i) for i in range(batch)])
+    backend = "transformers" if record.kind == "hf" else "onnxruntime"
+    generator = Generator(model_dir, record.name, backend, threads)
+    preprocessor = generator.preprocessor
+    prompt = bench_prompt(preprocessor, model_dir.name, batch)
     if artifact == ANCHOR:
         return anchor(int(prompt.input_ids.shape[1]), batch, new_tokens, threads)
     request = GenerateRequest(prompt, new_tokens, preprocessor.eos_token_ids, preprocessor.pad_token_id, min_new_tokens=new_tokens)
-    backend = "transformers" if record.kind == "hf" else "onnxruntime"
-    with open_runner(directory, record, backend, preprocessor, threads) as runner:
+    with generator.load():
+        runner = generator.runner
         encode = []
         for _ in range(3 if batch == 1 else 0):
             started = time.perf_counter()
-            runner.encode_images(prompt.pixel_values[:1])
+            runner.encode_images(prompt.pixel_values, prompt.vision_inputs, prompt.reference_inputs)  # batch 1: the one image's tiles/patches
             encode.append(time.perf_counter() - started)
         result = runner.generate(request)
-        weights = decoder_bytes(runner, directory, record)
+        weights = decoder_bytes(runner, directory, record, preprocessor.family)
     return {
         "image_encode_s": statistics.median(encode) if encode else None,
         "ttft_s": result.ttft_s,
@@ -187,14 +192,26 @@ def child(model_dir: Path, artifact: str, batch: int, new_tokens: int, threads: 
     }
 
 
-def decoder_bytes(runner: Any, directory: Any, record: Any) -> int:
-    """Weight bytes a decode step reads: the decoder part's file(s); for PyTorch the language model without
-    its token table (one row per step) plus the head (read whole every step, tied or not)."""
+def bench_prompt(preprocessor: Any, model: str, batch: int) -> Any:
+    """The timed prompt: one sample image per sequence and 32 words of text, through the model's own processor and chat template."""
+    from vlmopt.samples import sample_image
+
+    words = preprocessor.tokenizer(PROMPT * 3, add_special_tokens=False)["input_ids"][:32]
+    text = preprocessor.tokenizer.decode(words)
+    side = IMAGE_SIDE.get(model, 256)
+    return preprocessor([text] * batch, [sample_image(7 + i, side) for i in range(batch)])
+
+
+def decoder_bytes(runner: Any, directory: Any, record: Any, family: Any) -> int:
+    """Weight bytes a decode step reads: the decoder part's file(s) (the decode decoder's, where prefill has its own);
+    for PyTorch the language model without its token table (one row per step) plus the head (read whole every step,
+    tied or not)."""
     if record.kind == "hf":
         model = runner.model
-        table = model.get_input_embeddings().weight
-        body = sum(p.numel() * p.element_size() for p in model.model.language_model.parameters() if p is not table)
-        return body + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+        table = family.input_embeddings(model).weight
+        head = family.lm_head(model).weight
+        body = sum(p.numel() * p.element_size() for p in family.language_model(model).parameters() if p is not table)
+        return body + head.numel() * head.element_size()
     from vlmopt import graph
 
     return graph.weight_bytes(directory.artifact_path(record.name), record.towers["decoder"].file)

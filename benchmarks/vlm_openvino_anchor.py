@@ -23,9 +23,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 def main() -> None:
     folder, inputs, new_tokens, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    from importlib.metadata import version
+
     import numpy as np
     import openvino
-    import optimum.intel
     import torch
     from optimum.intel import OVModelForVisualCausalLM
     from transformers.generation.streamers import BaseStreamer
@@ -67,7 +68,7 @@ def main() -> None:
                 "new_tokens": len(stamps),
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "decoder_bytes_per_token": os.path.getsize(language),
-                "text": f"optimum-intel {optimum.intel.__version__}, openvino {openvino.__version__}",
+                "text": f"optimum-intel {version('optimum-intel')}, openvino {openvino.__version__}",
             }
         )
     )

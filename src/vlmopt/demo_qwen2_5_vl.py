@@ -9,7 +9,7 @@
          never built by tests): a 32-layer tower (hidden 1280, full attention at blocks 7, 15, 23, 31) and a 36-layer
          text model (hidden 2048, 16 heads, 2 key/value heads, tied 151936-row embedding), images up to 448x448 px
   3b-4l  the 3b's widths, vocabulary and images with 4 of its 32 vision blocks (full attention at block 3) and 4 of its
-         36 text layers: 0.71 B parameters, 2.8 GB fp32, so PyTorch, ONNX export and the optimum-intel anchor each fit
+         36 text layers: 0.74 B parameters, 2.9 GB fp32, so PyTorch, ONNX export and the optimum-intel anchor each fit
          in ~8 GB beside other work (`make bench-vlm`'s model q); per layer, each part costs what it costs in the 3B
 
 The weights are random; the architecture and the checkpoint layout are transformers' own

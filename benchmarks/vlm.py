@@ -82,7 +82,8 @@ VARIANTS = {
 PREFILL_SPLITS = {"int4+int8-prefill": ("int4", "int8"), "int4+fp32-prefill": ("int4", "onnx")}
 #: optimum-intel's OpenVINO export of the same checkpoint (`optimum-cli export openvino --weight-format ...`), timed
 #: by `vlm_openvino_anchor.py` under optimum-intel's own environment's python (`--optimum-intel`)
-OPENVINO_ANCHORS = {"ov-int4": "int4", "ov-fp32": "fp32"}
+#: int4 in blocks of 32, as vlmopt's (optimum-intel's default 128 does not divide SmolLM2's 576 channels)
+OPENVINO_ANCHORS = {"ov-int4": ["--weight-format", "int4", "--group-size", "32"], "ov-fp32": ["--weight-format", "fp32"]}
 CONTENDERS = ("hf", "onnx", "onnx-torch", "int8", "int4", "int4-torch", "int4-acc1", *PREFILL_SPLITS, *OPENVINO_ANCHORS, "llama.cpp")
 #: the contenders when --contenders is not given: LLaVA's as before; SmolVLM's and Qwen's with the prefill levers and
 #: the optimum-intel anchor (Qwen's `onnx` decoder is already PyTorch's: it has no builder decoder, M-RoPE)
@@ -128,7 +129,7 @@ def prepare(model: str, root: Path, threads: int, contenders: tuple[str, ...] = 
     return model_dir
 
 
-def openvino_export(source: Path, out: Path, weight_format: str, optimum_intel: Path) -> None:
+def openvino_export(source: Path, out: Path, flags: list[str], optimum_intel: Path) -> None:
     """optimum-intel's export of the demo checkpoint, written to a temporary folder and moved into place when done.
     It reads the checkpoint with transformers 4.x (its pins), so it gets the config in 4.x's layout (`legacy_checkpoint`)."""
     if (out / "openvino_language_model.xml").is_file():
@@ -137,7 +138,7 @@ def openvino_export(source: Path, out: Path, weight_format: str, optimum_intel: 
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     command = [str(optimum_intel.parent / "optimum-cli"), "export", "openvino", "--model", str(legacy), "--task", "image-text-to-text"]
-    command += ["--weight-format", weight_format, str(partial)]
+    command += [*flags, str(partial)]
     print("$ " + " ".join(command), flush=True)
     subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     partial.rename(out)

@@ -349,9 +349,9 @@ def table(model: str, model_dir: Path, runs: dict[tuple[str, int], list[dict[str
 
     lines = [
         f"\n### model {model}: {MODELS[model][0]}",
-        "| batch | contender | image encode s | TTFT s | decode tok/s | decode x PyTorch | TTFT x PyTorch | peak RSS MB | decoder MB/token | GB/s achieved (fraction of "
+        "| batch | contender | image encode s | TTFT s | prefill s (TTFT - encode) | decode tok/s | decode x PyTorch | TTFT x PyTorch | peak RSS MB | decoder MB/token | GB/s achieved (fraction of "
         f"{peak:.1f}) | quality vs fp32 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for batch in sorted({b for _, b in runs}):
         base_rate, base_ttft = median("hf", batch, "decode_tokens_per_s"), median("hf", batch, "ttft_s")
@@ -366,7 +366,7 @@ def table(model: str, model_dir: Path, runs: dict[tuple[str, int], list[dict[str
             encode, rss, weights = median(name, batch, "image_encode_s"), median(name, batch, "peak_rss_mb"), median(name, batch, "decoder_bytes_per_token")
             achieved = weights * rate / 1e9 if weights and batch == 1 else None
             lines.append(
-                f"| {batch} | {name} | {'' if encode is None else f'{encode:.3f}'} | {ttft:.2f} | {rate:.1f} | "
+                f"| {batch} | {name} | {'' if encode is None else f'{encode:.3f}'} | {ttft:.2f} | {'' if encode is None else f'{ttft - encode:.2f}'} | {rate:.1f} | "
                 f"{rate / base_rate if base_rate else float('nan'):.2f}x | {base_ttft / ttft if base_ttft else float('nan'):.2f}x | {rss:.0f} | "
                 f"{weights / 2**20:.0f} | {'' if achieved is None else f'{achieved:.2f} ({achieved / peak:.0%})'} | {quality(model_dir, name)} |"
             )

@@ -56,10 +56,21 @@ DISTILL_MINUTES ?= 25
 bench-distill: bench-models
 	$(BIN)/python benchmarks/distill.py --minutes $(DISTILL_MINUTES)
 
-# LLaVA-style generation: PyTorch vs ONNX fp32/int8/int4, models a (CLIP B/32 + SmolLM2) and b (OneVision-0.5B sizes)
+# LLaVA-style generation: PyTorch vs ONNX fp32/int8/int4, models a (CLIP B/32 + SmolLM2) and b (OneVision-0.5B sizes);
+# VLM_MODELS=s,q: SmolVLM-256M's sizes and Qwen2.5-VL-3B's widths (4 layers a part), with the prefill levers and
+# optimum-intel's OpenVINO export as the anchor, run from its own environment (OPTIMUM_INTEL)
 VLM_MODELS ?= a,b
-bench-vlm: install
-	$(BIN)/python benchmarks/vlm.py --models $(VLM_MODELS)
+OPTIMUM_INTEL ?= build/optimum-intel
+bench-vlm: install $(OPTIMUM_INTEL)/bin/optimum-cli
+	$(BIN)/python benchmarks/vlm.py --models $(VLM_MODELS) --optimum-intel $(OPTIMUM_INTEL)/bin/python
+
+# optimum-intel 2.2 pins transformers < 4.58 for these families' export (ours is 5.x): its own venv, torch pinned first.
+# pip's torchvision is a CUDA build that fails to load beside the CPU torch; optimum-intel runs without it, so it goes.
+$(OPTIMUM_INTEL)/bin/optimum-cli:
+	$(PYTHON) -m venv $(OPTIMUM_INTEL)
+	$(OPTIMUM_INTEL)/bin/python -m pip install --quiet torch==$(TORCH_VERSION)
+	$(OPTIMUM_INTEL)/bin/python -m pip install --quiet "optimum-intel[openvino]==2.2.0" "transformers==4.57.6" torch==$(TORCH_VERSION)
+	$(OPTIMUM_INTEL)/bin/python -m pip uninstall --quiet --yes torchvision
 
 # `vlmopt serve` under load on loopback (base CLIP vision int8 at concurrency 1, 8, 32; against --max-batch 1, a
 # plain FastAPI endpoint, LitServe and --ray on a local Ray head; the tiny LLaVA's streamed chat at concurrency 4)

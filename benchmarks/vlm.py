@@ -29,6 +29,7 @@ import importlib.util
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -45,9 +46,23 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 
 MODELS = {
-    "a": ("CLIP ViT-B/32 + real SmolLM2-135M", ["--size", "base", "--language-model", "smollm2"]),
-    "b": ("LLaVA-OneVision-0.5B sizes (SigLIP-so400m + Qwen2-0.5B), random", ["--size", "small"]),
+    "a": ("CLIP ViT-B/32 + real SmolLM2-135M", ["--family", "llava", "--size", "base", "--language-model", "smollm2"]),
+    "b": ("LLaVA-OneVision-0.5B sizes (SigLIP-so400m + Qwen2-0.5B), random", ["--family", "llava", "--size", "small"]),
+    "s": (
+        "SmolVLM-256M-Instruct sizes (SigLIP-B/16 at 512 px tiles + SmolLM2-135M), one 512 px tile per image, random",
+        ["--family", "smolvlm", "--size", "256m"],
+    ),
+    "q": (
+        "Qwen2.5-VL-3B widths and vocabulary, 4 of 32 vision blocks and 4 of 36 text layers (0.74 B params), random",
+        ["--family", "qwen2_5_vl", "--size", "3b-4l"],
+    ),
 }
+#: the sample image's side (px) per model: Qwen2.5-VL takes images at their own size (448 px: 256 image tokens)
+IMAGE_SIDE = {"q": 448}
+#: image processor settings per model: SmolVLM's processor splits an image into up to 4x4 tiles of 512 px plus the
+#: whole (17 ViT-B/16 passes of 1024 patches, over a minute of vision alone on 2 loaded cores); its own
+#: `do_image_splitting=False` setting sends the one 512 px tile (64 image tokens), which is what is timed here
+IMAGE_PROCESSOR = {"s": {"do_image_splitting": False}}
 #: artifact name -> convert flags: `onnx` is convert's default (the decoder from onnxruntime-genai's model builder),
 #: `onnx-torch` the decoder exported from PyTorch, for the comparison of the two makers
 CONVERSIONS = {"onnx": [], "onnx-torch": ["--decoder", "torch", "--name", "onnx-torch"]}
@@ -60,8 +75,24 @@ VARIANTS = {
     "int8": ("onnx", ["--part", "decoder=int8", "--part", "vision=int8", *_GATES_OFF]),
     "int4": ("onnx", _INT4),
     "int4-torch": ("onnx-torch", _INT4),
+    # MatMulNBits' compute at accuracy level 1 (fp32 activations) instead of the default 4 (int8 activations)
+    "int4-acc1": ("onnx", [*_INT4, "--accuracy-level", "1"]),
 }
-CONTENDERS = ("hf", "onnx", "onnx-torch", "int8", "int4", "int4-torch", "llama.cpp")
+#: contender -> (artifact, artifact whose decoder runs the prompt): the int4 decode decoder beside another prefill decoder
+PREFILL_SPLITS = {"int4+int8-prefill": ("int4", "int8"), "int4+fp32-prefill": ("int4", "onnx")}
+#: optimum-intel's OpenVINO export of the same checkpoint (`optimum-cli export openvino --weight-format ...`), timed
+#: by `vlm_openvino_anchor.py` under optimum-intel's own environment's python (`--optimum-intel`)
+#: int4 in blocks of 32, as vlmopt's (optimum-intel's default 128 does not divide SmolLM2's 576 channels)
+OPENVINO_ANCHORS = {"ov-int4": ["--weight-format", "int4", "--group-size", "32"], "ov-fp32": ["--weight-format", "fp32"]}
+CONTENDERS = ("hf", "onnx", "onnx-torch", "int8", "int4", "int4-torch", "int4-acc1", *PREFILL_SPLITS, *OPENVINO_ANCHORS, "llama.cpp")
+#: the contenders when --contenders is not given: LLaVA's as before; SmolVLM's and Qwen's with the prefill levers and
+#: the optimum-intel anchor (Qwen's `onnx` decoder is already PyTorch's: it has no builder decoder, M-RoPE)
+DEFAULT_CONTENDERS = {
+    "a": ("hf", "onnx", "onnx-torch", "int8", "int4", "int4-torch", "llama.cpp"),
+    "b": ("hf", "onnx", "onnx-torch", "int8", "int4", "int4-torch"),
+    "s": ("hf", "onnx", "int8", "int4", "int4-acc1", *PREFILL_SPLITS, *OPENVINO_ANCHORS),
+    "q": ("hf", "onnx", "int8", "int4", "int4-acc1", *PREFILL_SPLITS, *OPENVINO_ANCHORS),
+}
 #: the anchor outside vlmopt: llama.cpp (`llama-cpp-python`, built from source by pip, about 15 minutes here, so
 #: `make install` does not install it) running the same SmolLM2 GGUF, text only, on a prompt of the same length
 ANCHOR = "llama.cpp"
@@ -75,22 +106,67 @@ def vlmopt(*args: object) -> None:
     subprocess.run(command, check=True)
 
 
-def prepare(model: str, root: Path, threads: int, contenders: tuple[str, ...] = CONTENDERS) -> Path:
-    """The model directory with hf, onnx and the variants; steps already done are kept (vlmopt skips them too)."""
+def prepare(model: str, root: Path, threads: int, contenders: tuple[str, ...] = CONTENDERS, optimum_intel: Path | None = None) -> Path:
+    """The model directory with hf, onnx and the variants (and the OpenVINO anchors' folders beside it); steps
+    already done are kept (vlmopt skips them too)."""
     source, model_dir = root / f"{model}-src", root / model
     if not (source / "config.json").is_file():
-        vlmopt("demo-model", source, "--family", "llava", *MODELS[model][1])
+        vlmopt("demo-model", source, *MODELS[model][1])
     artifacts = json.loads((model_dir / "vlmopt.json").read_text())["artifacts"] if (model_dir / "vlmopt.json").is_file() else {}
     if "hf" not in artifacts:
         vlmopt("export", source, "-o", model_dir)
-    needed = set(contenders) | {VARIANTS[c][0] for c in contenders if c in VARIANTS}
+    splits = {a for c in contenders if c in PREFILL_SPLITS for a in PREFILL_SPLITS[c]}
+    variants = (set(contenders) | splits) & set(VARIANTS)
+    needed = set(contenders) | splits | {VARIANTS[c][0] for c in variants}
     for name, flags in CONVERSIONS.items():
         if name not in artifacts and name in needed:
             vlmopt("convert", model_dir, *flags, "--threads", threads)
     for name, (parent, flags) in VARIANTS.items():
-        if name not in artifacts and name in contenders:
+        if name not in artifacts and name in variants:
             vlmopt("quantize", model_dir, "--from", parent, *flags, "--name", name, "--threads", threads)
+    for name in (c for c in contenders if c in OPENVINO_ANCHORS and optimum_intel is not None):
+        openvino_export(source, root / f"{model}-{name}", OPENVINO_ANCHORS[name], optimum_intel)
     return model_dir
+
+
+def openvino_export(source: Path, out: Path, flags: list[str], optimum_intel: Path) -> None:
+    """optimum-intel's export of the demo checkpoint, written to a temporary folder and moved into place when done.
+    It reads the checkpoint with transformers 4.x (its pins), so it gets the config in 4.x's layout (`legacy_checkpoint`)."""
+    if (out / "openvino_language_model.xml").is_file():
+        return
+    legacy = legacy_checkpoint(source, out.parent / f"{source.name}-4x")
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    command = [str(optimum_intel.parent / "optimum-cli"), "export", "openvino", "--model", str(legacy), "--task", "image-text-to-text"]
+    command += [*flags, str(partial)]
+    print("$ " + " ".join(command), flush=True)
+    subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    partial.rename(out)
+
+
+def legacy_checkpoint(source: Path, dest: Path) -> Path:
+    """`source` as transformers 4.x reads it (links to its files; the config's `rope_parameters` also written as 4.x's
+    `rope_theta` and `rope_scaling`, and the text config's fields at the top level too, as the Hub's Qwen2.5-VL configs hold them)."""
+    if (dest / "config.json").is_file():
+        return dest
+    partial = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    for path in source.iterdir():
+        if path.name != "config.json":
+            (partial / path.name).symlink_to(path.resolve())
+    config = json.loads((source / "config.json").read_text())
+    text = config.get("text_config") or {}
+    rope = text.get("rope_parameters") or {}
+    if rope:
+        text["rope_theta"] = rope.get("rope_theta", 10000.0)
+        if "mrope_section" in rope:
+            text["rope_scaling"] = {"type": "mrope", "rope_type": "default", "mrope_section": rope["mrope_section"]}
+    if config.get("model_type") == "qwen2_5_vl":
+        config.update({k: v for k, v in text.items() if k not in config and k not in ("model_type", "architectures")})
+    (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    partial.rename(dest)
+    return dest
 
 
 # -- memory bandwidth ------------------------------------------------------------------------------
@@ -151,30 +227,37 @@ def anchor(prompt_tokens: int, batch: int, new_tokens: int, threads: int) -> dic
 
 
 def child(model_dir: Path, artifact: str, batch: int, new_tokens: int, threads: int) -> dict[str, Any]:
-    from vlmopt.families.llava import LlavaPreprocessor
-    from vlmopt.generation import open_runner
+    from vlmopt.generation import Generator
     from vlmopt.runners.generate import GenerateRequest
-    from vlmopt.samples import sample_image
     from vlmopt.workspace import ModelDir
 
     directory = ModelDir.open(model_dir)
-    record = directory.artifact("hf" if artifact == ANCHOR else artifact)
-    preprocessor = LlavaPreprocessor(directory.checkpoint_folder(record))
-    words = preprocessor.tokenizer(PROMPT * 3, add_special_tokens=False)["input_ids"][:32]
-    text = preprocessor.tokenizer.decode(words)
-    prompt = preprocessor([text] * batch, [sample_image(7 + i) for i in range(batch)])
+    decode, prefill = PREFILL_SPLITS.get(artifact, (artifact, None))
+    record = directory.artifact("hf" if artifact == ANCHOR else decode)
+    backend = "transformers" if record.kind == "hf" else "onnxruntime"
+    generator = Generator(model_dir, record.name, backend, threads)
+    preprocessor = generator.preprocessor
+    prompt = bench_prompt(preprocessor, model_dir.name, batch)
     if artifact == ANCHOR:
         return anchor(int(prompt.input_ids.shape[1]), batch, new_tokens, threads)
     request = GenerateRequest(prompt, new_tokens, preprocessor.eos_token_ids, preprocessor.pad_token_id, min_new_tokens=new_tokens)
-    backend = "transformers" if record.kind == "hf" else "onnxruntime"
-    with open_runner(directory, record, backend, preprocessor, threads) as runner:
+    if prefill is not None:  # the decode artifact's parts, and the prefill artifact's decoder for the prompt
+        from vlmopt.runners.generate import OrtGenerateRunner, prefill_part
+
+        files = {name: tower.file or "" for name, tower in record.towers.items()}
+        other = directory.artifact(prefill)
+        decoder = preprocessor.contract.decoder.name
+        files[prefill_part(preprocessor.contract)] = str(directory.artifact_path(prefill) / (other.towers[decoder].file or ""))
+        generator.runner = OrtGenerateRunner(directory.artifact_path(record.name), files, threads, preprocessor.contract)
+    with generator.load():
+        runner = generator.runner
         encode = []
         for _ in range(3 if batch == 1 else 0):
             started = time.perf_counter()
-            runner.encode_images(prompt.pixel_values[:1])
+            runner.encode_images(prompt.pixel_values, prompt.vision_inputs, prompt.reference_inputs)  # batch 1: the one image's tiles/patches
             encode.append(time.perf_counter() - started)
         result = runner.generate(request)
-        weights = decoder_bytes(runner, directory, record)
+        weights = decoder_bytes(runner, directory, record, preprocessor.family)
     return {
         "image_encode_s": statistics.median(encode) if encode else None,
         "ttft_s": result.ttft_s,
@@ -187,21 +270,64 @@ def child(model_dir: Path, artifact: str, batch: int, new_tokens: int, threads: 
     }
 
 
-def decoder_bytes(runner: Any, directory: Any, record: Any) -> int:
-    """Weight bytes a decode step reads: the decoder part's file(s); for PyTorch the language model without
-    its token table (one row per step) plus the head (read whole every step, tied or not)."""
+def bench_prompt(preprocessor: Any, model: str, batch: int) -> Any:
+    """The timed prompt: one sample image per sequence and 32 words of text, through the model's own processor and chat template."""
+    from vlmopt.samples import sample_image
+
+    words = preprocessor.tokenizer(PROMPT * 3, add_special_tokens=False)["input_ids"][:32]
+    text = preprocessor.tokenizer.decode(words)
+    side = IMAGE_SIDE.get(model, 256)
+    for name, value in IMAGE_PROCESSOR.get(model, {}).items():
+        setattr(preprocessor.processor.image_processor, name, value)
+    return preprocessor([text] * batch, [sample_image(7 + i, side) for i in range(batch)])
+
+
+def decoder_bytes(runner: Any, directory: Any, record: Any, family: Any) -> int:
+    """Weight bytes a decode step reads: the decoder part's file(s) (the decode decoder's, where prefill has its own);
+    for PyTorch the language model without its token table (one row per step) plus the head (read whole every step,
+    tied or not)."""
     if record.kind == "hf":
         model = runner.model
-        table = model.get_input_embeddings().weight
-        body = sum(p.numel() * p.element_size() for p in model.model.language_model.parameters() if p is not table)
-        return body + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+        table = family.input_embeddings(model).weight
+        head = family.lm_head(model).weight
+        body = sum(p.numel() * p.element_size() for p in family.language_model(model).parameters() if p is not table)
+        return body + head.numel() * head.element_size()
     from vlmopt import graph
 
     return graph.weight_bytes(directory.artifact_path(record.name), record.towers["decoder"].file)
 
 
-def measure(model_dir: Path, artifact: str, batch: int, new_tokens: int, threads: int) -> dict[str, Any]:
+def anchor_prompt(model_dir: Path, batch: int) -> Path:
+    """The timed prompt as transformers' `generate` takes it (vlmopt's preprocessor, the family's `generate_inputs`),
+    saved for the OpenVINO anchor's process; with the eos and pad ids the request uses."""
+    import torch
+
+    from vlmopt.generation import Generator
+
+    path = model_dir.parent / f"{model_dir.name}-prompt-{batch}.npz"
+    if path.is_file():
+        return path
+    preprocessor = Generator(model_dir, "hf", "transformers").preprocessor
+    prompt = bench_prompt(preprocessor, model_dir.name, batch)
+    inputs: dict[str, Any] = {"input_ids": prompt.input_ids, "attention_mask": prompt.attention_mask}
+    if prompt.pixel_values is not None:
+        vision = {name: torch.from_numpy(value) for name, value in prompt.vision_inputs.items()}
+        inputs.update({k: v.numpy() for k, v in preprocessor.family.generate_inputs(torch.from_numpy(prompt.pixel_values), vision).items()})
+    inputs.update(prompt.decoder_inputs)
+    inputs.update(prompt.reference_inputs)
+    inputs.update(eos_token_id=np.array(preprocessor.eos_token_ids, np.int64), pad_token_id=np.array(preprocessor.pad_token_id, np.int64))
+    np.savez(path, **inputs)
+    return path
+
+
+def measure(model_dir: Path, artifact: str, batch: int, new_tokens: int, threads: int, optimum_intel: Path | None = None) -> dict[str, Any]:
     command = [sys.executable, __file__, "--child", str(model_dir), artifact, str(batch), str(new_tokens), "--threads", str(threads)]
+    if artifact in OPENVINO_ANCHORS:
+        if optimum_intel is None:
+            return {"error": "no optimum-intel environment (--optimum-intel PYTHON)"}
+        folder = model_dir.parent / f"{model_dir.name}-{artifact}"
+        script = Path(__file__).with_name("vlm_openvino_anchor.py")
+        command = [str(optimum_intel), str(script), str(folder), str(anchor_prompt(model_dir, batch)), str(new_tokens), str(threads)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["?"])[-1]
@@ -223,9 +349,9 @@ def table(model: str, model_dir: Path, runs: dict[tuple[str, int], list[dict[str
 
     lines = [
         f"\n### model {model}: {MODELS[model][0]}",
-        "| batch | contender | image encode s | TTFT s | decode tok/s | decode x PyTorch | TTFT x PyTorch | peak RSS MB | decoder MB/token | GB/s achieved (fraction of "
+        "| batch | contender | image encode s | TTFT s | prefill s (TTFT - encode) | decode tok/s | decode x PyTorch | TTFT x PyTorch | peak RSS MB | decoder MB/token | GB/s achieved (fraction of "
         f"{peak:.1f}) | quality vs fp32 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for batch in sorted({b for _, b in runs}):
         base_rate, base_ttft = median("hf", batch, "decode_tokens_per_s"), median("hf", batch, "ttft_s")
@@ -240,30 +366,44 @@ def table(model: str, model_dir: Path, runs: dict[tuple[str, int], list[dict[str
             encode, rss, weights = median(name, batch, "image_encode_s"), median(name, batch, "peak_rss_mb"), median(name, batch, "decoder_bytes_per_token")
             achieved = weights * rate / 1e9 if weights and batch == 1 else None
             lines.append(
-                f"| {batch} | {name} | {'' if encode is None else f'{encode:.3f}'} | {ttft:.2f} | {rate:.1f} | "
+                f"| {batch} | {name} | {'' if encode is None else f'{encode:.3f}'} | {ttft:.2f} | {'' if encode is None else f'{ttft - encode:.2f}'} | {rate:.1f} | "
                 f"{rate / base_rate if base_rate else float('nan'):.2f}x | {base_ttft / ttft if base_ttft else float('nan'):.2f}x | {rss:.0f} | "
                 f"{weights / 2**20:.0f} | {'' if achieved is None else f'{achieved:.2f} ({achieved / peak:.0%})'} | {quality(model_dir, name)} |"
             )
-    int4 = (median("int4", 1, "decode_tokens_per_s"), median("int4", 1, "ttft_s"))
     base = (median("hf", 1, "decode_tokens_per_s"), median("hf", 1, "ttft_s"))
-    if all(int4) and all(base):
-        decode, ttft = int4[0] / base[0], base[1] / int4[1]
+    for ours in ("int4", *PREFILL_SPLITS):
+        found = (median(ours, 1, "decode_tokens_per_s"), median(ours, 1, "ttft_s"))
+        if not (all(found) and all(base)):
+            continue
+        decode, ttft = found[0] / base[0], base[1] / found[1]
         lines.append(
-            f"\nint4 at batch 1: decode {decode:.2f}x PyTorch (target {DECODE_TARGET:g}x: {'reached' if decode >= DECODE_TARGET else 'NOT reached'}), "
+            f"\n{ours} at batch 1: decode {decode:.2f}x PyTorch (target {DECODE_TARGET:g}x: {'reached' if decode >= DECODE_TARGET else 'NOT reached'}), "
             f"time to first token {ttft:.2f}x (target {TTFT_TARGET:g}x: {'reached' if ttft >= TTFT_TARGET else 'NOT reached'})"
         )
+        for anchor_name in OPENVINO_ANCHORS:
+            other = (median(anchor_name, 1, "decode_tokens_per_s"), median(anchor_name, 1, "ttft_s"))
+            if all(other):
+                lines.append(
+                    f"  against optimum-intel {anchor_name}: decode {found[0] / other[0]:.2f}x, time to first token {other[1] / found[1]:.2f}x (above 1: ours ahead)"
+                )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="a,b", help="a, b or a,b")
+    parser.add_argument("--models", default="a,b", help="comma-separated: " + ",".join(MODELS))
     parser.add_argument("--root", type=Path, default=Path("build/bench-vlm"))
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--contenders", default=",".join(CONTENDERS), help="a subset of " + ",".join(CONTENDERS) + " (hf is the reference)")
+    parser.add_argument("--contenders", default=None, help="a subset of " + ",".join(CONTENDERS) + " (hf is the reference); default: each model's own list")
+    parser.add_argument(
+        "--optimum-intel",
+        type=Path,
+        default=Path(os.environ.get("VLM_OPTIMUM_INTEL", "build/optimum-intel/bin/python")),
+        help="the python of optimum-intel's own environment (`make optimum-intel-env`), for the ov-* anchors",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--child", nargs=4, metavar=("MODEL_DIR", "ARTIFACT", "BATCH", "NEW_TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -273,15 +413,20 @@ def main() -> None:
         return
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     batches = [int(b) for b in args.batches.split(",")]
-    contenders = tuple(c for c in CONTENDERS if c in args.contenders.split(","))
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise SystemExit(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    chosen = {m: tuple(c for c in CONTENDERS if c in (args.contenders.split(",") if args.contenders else DEFAULT_CONTENDERS[m])) for m in models}
+    optimum_intel = args.optimum_intel if args.optimum_intel.is_file() else None
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    directories = {model: prepare(model, args.root, args.threads, contenders) for model in models}
+    directories = {model: prepare(model, args.root, args.threads, chosen[model], optimum_intel) for model in models}
     measured = bandwidth()
     print(f"\nmemory read bandwidth (GB/s, best of 5 over 1 GiB): {measured}", flush=True)
     results: dict[str, Any] = {"started": started, "bandwidth_gbs": measured, "load_before": os.getloadavg(), "models": {}}
     report = []
     for model in models:
         runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        contenders = chosen[model]
         for round_ in range(args.rounds):
             for batch in batches:
                 for name in contenders:
@@ -290,7 +435,7 @@ def main() -> None:
                     if name == ANCHOR and importlib.util.find_spec("llama_cpp") is None:
                         runs[(name, batch)] = [{"error": "llama-cpp-python is not installed (pip builds llama.cpp from source, ~15 min)"}]
                         continue
-                    run = measure(directories[model], name, batch, args.new_tokens, args.threads)
+                    run = measure(directories[model], name, batch, args.new_tokens, args.threads, optimum_intel)
                     run["load"] = os.getloadavg()[0]
                     runs.setdefault((name, batch), []).append(run)
                     shown = run.get("error") or f"TTFT {run['ttft_s']:.2f} s, {run['decode_tokens_per_s'] or 0:.1f} tok/s, RSS {run['peak_rss_mb']:.0f} MB"

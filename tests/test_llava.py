@@ -218,6 +218,39 @@ def test_a_prefill_hands_back_each_rows_last_logits_from_a_batch_of_unequal_prom
     np.testing.assert_allclose(last, every[:, -1], rtol=0, atol=1e-5)
 
 
+def _int8_decoder(quantized: Path) -> Path:
+    record = manifest(quantized)["artifacts"]["decoder-int8_vision-int8_embedding-int8"]
+    return quantized / "decoder-int8_vision-int8_embedding-int8" / record["towers"]["decoder"]["file"]
+
+
+def test_a_prefill_decoder_takes_the_prompt_and_the_decoder_takes_the_steps(llava: Path, quantized: Path) -> None:
+    from vlmopt.runners.generate import OrtParts
+
+    files = {"embedding": "embedding.onnx", "decoder": "decoder.onnx"}
+    int8_alone = OrtParts(llava / "onnx", {**files, "decoder": str(_int8_decoder(quantized))}, threads=1)
+    fp32_alone = OrtParts(llava / "onnx", files, threads=1)
+    split = OrtParts(llava / "onnx", {**files, "decoder_prefill": str(_int8_decoder(quantized))}, threads=1)
+    embeds = np.random.default_rng(2).standard_normal((1, 9, split.hidden)).astype(np.float32)
+    step = np.random.default_rng(3).standard_normal((1, 1, split.hidden)).astype(np.float32)
+    mask = np.ones((1, 9), np.int64)
+    caches = {name: parts.cache(1, 12) for name, parts in (("int8", int8_alone), ("fp32", fp32_alone), ("split", split))}
+    first = {name: cache.prefill_last(embeds, mask) for name, cache in caches.items()}
+    then = {name: cache.step(step)[:, -1] for name, cache in caches.items()}
+
+    np.testing.assert_allclose(first["split"], first["int8"], rtol=0, atol=1e-5)
+    assert np.abs(first["split"] - first["fp32"]).max() > 1e-4  # the two decoders do differ on this prompt
+    # the step runs the fp32 decoder on the int8 prompt's cache: nearer fp32 alone than int8 alone is
+    assert np.abs(then["split"] - then["fp32"]).max() < np.abs(then["int8"] - then["fp32"]).max()
+
+
+def test_a_prefill_decoder_that_does_not_match_the_decoder_is_refused(llava: Path) -> None:
+    from vlmopt.errors import VlmoptError
+    from vlmopt.runners.generate import OrtParts
+
+    with pytest.raises(VlmoptError, match="prefill decoder must share"):
+        OrtParts(llava / "onnx", {"embedding": "embedding.onnx", "decoder": "decoder.onnx", "decoder_prefill": "vision.onnx"}, threads=1)
+
+
 def test_convert_records_the_export_peak_memory_against_the_weights(llava: Path) -> None:
     memory = manifest(llava)["artifacts"]["onnx"]["record"]["export_memory"]
 

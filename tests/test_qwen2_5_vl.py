@@ -251,3 +251,21 @@ def test_the_3b_demo_has_qwen2_5_vl_3bs_sizes_without_being_built() -> None:
         model = Qwen2_5_VLForConditionalGeneration(config)
 
     assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == 3.75
+
+
+def test_the_3b_4l_demo_keeps_the_3bs_widths_with_4_layers_a_part() -> None:
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from vlmopt.demo_qwen2_5_vl import QWEN_VOCAB_SIZE, text_config, vision_config
+
+    text, vision = text_config("3b-4l", QWEN_VOCAB_SIZE), vision_config("3b-4l", 2048)
+    config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(config)
+
+    assert {k: text[k] for k in ("hidden_size", "intermediate_size", "num_key_value_heads")} == {
+        k: text_config("3b", QWEN_VOCAB_SIZE)[k] for k in ("hidden_size", "intermediate_size", "num_key_value_heads")
+    }
+    assert (text["num_hidden_layers"], vision["depth"], vision["hidden_size"]) == (4, 4, 1280)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == 0.74

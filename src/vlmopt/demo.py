@@ -47,8 +47,8 @@ SMOLVLM_SIZES = ("tiny", "256m")
 GEMMA3_SIZES = ("tiny",)
 #: llava_next and llava_onevision have `tiny` only; see `vlmopt.demo_llava_next`
 LLAVA_NEXT_SIZES = ("tiny",)
-#: qwen2_5_vl has `tiny` and `3b` (Qwen2.5-VL-3B's sizes, for timing); see `vlmopt.demo_qwen2_5_vl`
-QWEN2_5_VL_SIZES = ("tiny", "3b")
+#: qwen2_5_vl has `tiny`, `3b` (Qwen2.5-VL-3B's sizes) and `3b-4l` (its widths, 4 layers a part), for timing; see `vlmopt.demo_qwen2_5_vl`
+QWEN2_5_VL_SIZES = ("tiny", "3b", "3b-4l")
 #: blip has `tiny` only; see `vlmopt.demo_blip`
 BLIP_SIZES = ("tiny",)
 

@@ -1,4 +1,4 @@
-"""Demo Qwen2.5-VL checkpoints, buildable offline: `vlmopt demo-model DIR --family qwen2_5_vl --size tiny|3b`.
+"""Demo Qwen2.5-VL checkpoints, buildable offline: `vlmopt demo-model DIR --family qwen2_5_vl --size tiny|3b|3b-4l`.
 
   tiny   a 4-layer vision tower (hidden 32, patches of 14 px, 2x2 merge, windows of 112 px; blocks 1 and 3 attend
          over the whole image, 0 and 2 within their window) and a 2-layer Qwen2 text model with 3-axis M-RoPE, a
@@ -8,6 +8,9 @@
   3b     Qwen2.5-VL-3B-Instruct's sizes (timing only: 3.75 B parameters, 15 GB of fp32 weights to build and save, so
          never built by tests): a 32-layer tower (hidden 1280, full attention at blocks 7, 15, 23, 31) and a 36-layer
          text model (hidden 2048, 16 heads, 2 key/value heads, tied 151936-row embedding), images up to 448x448 px
+  3b-4l  the 3b's widths, vocabulary and images with 4 of its 32 vision blocks (full attention at block 3) and 4 of its
+         36 text layers: 0.74 B parameters, 2.9 GB fp32, so PyTorch, ONNX export and the optimum-intel anchor each fit
+         in ~8 GB beside other work (`make bench-vlm`'s model q); per layer, each part costs what it costs in the 3B
 
 The weights are random; the architecture and the checkpoint layout are transformers' own
 (`Qwen2_5_VLForConditionalGeneration`, the processor's image processor and tokenizer), so `vlmopt export` reads the
@@ -21,7 +24,7 @@ from typing import Any
 
 from vlmopt.errors import VlmoptError
 
-SIZES = ("tiny", "3b")
+SIZES = ("tiny", "3b", "3b-4l")
 #: Qwen2.5-VL's vocabulary (the 3b demo's embedding and head have its size)
 QWEN_VOCAB_SIZE = 151936
 BOS_PAD, EOS = "<|endoftext|>", "<|im_end|>"
@@ -52,6 +55,8 @@ def vision_config(size: str, out_hidden_size: int) -> dict[str, Any]:
     common = {"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112, "out_hidden_size": out_hidden_size}
     if size == "tiny":
         return {**common, "depth": 4, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "fullatt_block_indexes": [1, 3]}
+    if size == "3b-4l":
+        return {**common, "depth": 4, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "fullatt_block_indexes": [3]}
     return {**common, "depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "fullatt_block_indexes": [7, 15, 23, 31]}
 
 
@@ -60,7 +65,8 @@ def text_config(size: str, vocab_size: int) -> dict[str, Any]:
         dims = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
         rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]}  # head_dim 16: 8 frequencies
         return {**dims, "vocab_size": vocab_size, "max_position_embeddings": 1024, "rope_parameters": rope, "tie_word_embeddings": False}
-    dims = {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16, "num_key_value_heads": 2}
+    layers = 4 if size == "3b-4l" else 36
+    dims = {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": layers, "num_attention_heads": 16, "num_key_value_heads": 2}
     rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}
     return {**dims, "vocab_size": vocab_size, "max_position_embeddings": 128000, "rope_parameters": rope, "tie_word_embeddings": True}
 

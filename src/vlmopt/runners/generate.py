@@ -307,7 +307,11 @@ def ort_session(path: Path, threads: int | None) -> Any:
 
 
 class OrtParts:
-    """The vision, embedding and decoder sessions of one artifact (named by the family's `contract`), and what each step needs from them."""
+    """The vision, embedding and decoder sessions of one artifact (named by the family's `contract`), and what each step needs from them.
+
+    A `<decoder>_prefill` file among `files` is a second decoder for the prompt (same inputs, outputs and cache
+    layout, other weights: int8 or fp32 beside an int4 decode decoder, whose low-bit MatMuls are slow at prompt
+    lengths); the prompt runs through it and every decode step through the decoder."""
 
     def __init__(self, folder: Path, files: dict[str, str], threads: int | None = None, contract: GenerativeContract | None = None):
         contract = contract or GenerativeContract()
@@ -327,6 +331,12 @@ class OrtParts:
         #: a bare language model's embedding part takes the token ids alone
         self.embedding_takes_images = IMAGE_FEATURES in {i.name for i in self.embedding.get_inputs()}
         self.decoder = ort_session(folder / files[decoder], threads)
+        prefill = prefill_part(contract)
+        self.prefill = ort_session(folder / files[prefill], threads) if prefill in files else None
+        if self.prefill is not None and _signature(self.prefill) != _signature(self.decoder):
+            raise VlmoptError(
+                f"{files[prefill]} does not take and give what {files[decoder]} does; a prefill decoder must share its decoder's inputs, outputs and cache"
+            )
         inputs = {i.name: i for i in self.decoder.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
         self.present_names = [o.name for o in self.decoder.get_outputs() if o.name.startswith("present.")]
@@ -400,7 +410,16 @@ class OrtParts:
         return KvCache(self, batch, capacity)
 
     def close(self) -> None:
-        self.vision = self.embedding = self.decoder = None
+        self.vision = self.embedding = self.decoder = self.prefill = None
+
+
+def prefill_part(contract: GenerativeContract) -> str:
+    """The name of the optional prompt-only decoder beside the contract's decoder part (`OrtParts`)."""
+    return f"{contract.decoder.name}_prefill"
+
+
+def _signature(session: Any) -> tuple[Any, ...]:
+    return tuple((v.name, v.type, tuple(v.shape)) for v in (*session.get_inputs(), *session.get_outputs()))
 
 
 class KvCache:
@@ -413,24 +432,30 @@ class KvCache:
 
         self.parts, self.capacity = parts, capacity
         self.binding = parts.decoder.io_binding()
+        self.prefill_binding = parts.prefill.io_binding() if parts.prefill is not None else self.binding
         length = capacity if parts.shares_buffer else 0
         self.values = [ort.OrtValue.ortvalue_from_numpy(parts.empty_past(batch, length)) for _ in parts.past_names]
-        self._bind_pasts()
         self.mask: np.ndarray = np.zeros((batch, 0), np.int64)  # concat: the left-padded mask so far
         #: M-RoPE: each row's shift of its decode positions from the mask's 1-D ones (transformers' rope_deltas)
         self.position_offsets: np.ndarray | None = None
         self.lengths = np.zeros(batch, np.int64)  # shared: each row's positions so far
 
-    def _bind_pasts(self) -> None:
-        for name, value in zip(self.parts.past_names, self.values, strict=True):
-            self.binding.bind_ortvalue_input(name, value)
-
     def _run(
-        self, inputs_embeds: np.ndarray, mask: np.ndarray, keep: int = 0, extra: dict[str, np.ndarray] | None = None, positions: np.ndarray | None = None
+        self,
+        inputs_embeds: np.ndarray,
+        mask: np.ndarray,
+        keep: int = 0,
+        extra: dict[str, np.ndarray] | None = None,
+        positions: np.ndarray | None = None,
+        prompt: bool = False,
     ) -> np.ndarray:
-        """One decoder run on the cache; the logits of the last `keep` positions where the decoder takes
-        `logits_to_keep` (0: every position; bound every run, since a binding outlives the run)."""
-        parts, binding = self.parts, self.binding
+        """One decoder run on the cache (`prompt`: through the prefill decoder where there is one); the logits of the
+        last `keep` positions where the decoder takes `logits_to_keep` (0: every position; bound every run, since a
+        binding outlives the run)."""
+        parts = self.parts
+        session, binding = (parts.prefill, self.prefill_binding) if prompt and parts.prefill is not None else (parts.decoder, self.binding)
+        for name, value in zip(parts.past_names, self.values, strict=True):
+            binding.bind_ortvalue_input(name, value)  # the cache's current values, whichever decoder ran last
         for name, value in parts.step_feed(inputs_embeds, mask, extra, positions).items():
             binding.bind_cpu_input(name, value)
         if parts.keeps_logits:
@@ -442,11 +467,10 @@ class KvCache:
                 binding.bind_ortvalue_output(name, value)
             else:
                 binding.bind_output(name, "cpu")
-        parts.decoder.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         if not parts.shares_buffer:
             self.values = list(outputs[1:])  # this step's presents are the next step's pasts: bound as they are, no copy
-            self._bind_pasts()
         return outputs[0].numpy()
 
     def _shared_mask(self) -> np.ndarray:
@@ -478,10 +502,10 @@ class KvCache:
         where they are not the mask's (M-RoPE, `Prompt.position_ids`)."""
         if not self.parts.shares_buffer:
             self.mask = attention_mask.astype(np.int64)
-            return self._run(inputs_embeds, self.mask, extra=extra, positions=self._positions(positions, attention_mask))
+            return self._run(inputs_embeds, self.mask, extra=extra, positions=self._positions(positions, attention_mask), prompt=True)
         width = attention_mask.shape[1]
         moved = self._moved_left(inputs_embeds, attention_mask)
-        logits = self._run(moved, self._shared_mask()[:, :width], extra=self._extra_moved_left(extra, attention_mask))
+        logits = self._run(moved, self._shared_mask()[:, :width], extra=self._extra_moved_left(extra, attention_mask), prompt=True)
         back = np.zeros_like(logits)
         for row, n in enumerate(self.lengths):
             back[row, width - n :] = logits[row, :n]
@@ -496,10 +520,10 @@ class KvCache:
         width = attention_mask.shape[1]
         if not self.parts.shares_buffer:
             self.mask = attention_mask.astype(np.int64)
-            return self._run(inputs_embeds, self.mask, keep=1, extra=extra, positions=self._positions(positions, attention_mask))[:, -1]
+            return self._run(inputs_embeds, self.mask, keep=1, extra=extra, positions=self._positions(positions, attention_mask), prompt=True)[:, -1]
         moved = self._moved_left(inputs_embeds, attention_mask)
         keep = width - int(self.lengths.min()) + 1
-        logits = self._run(moved, self._shared_mask()[:, :width], keep=keep, extra=self._extra_moved_left(extra, attention_mask))
+        logits = self._run(moved, self._shared_mask()[:, :width], keep=keep, extra=self._extra_moved_left(extra, attention_mask), prompt=True)
         first = width - logits.shape[1]  # the position of the first row of logits handed back
         return np.stack([logits[row, n - 1 - first] for row, n in enumerate(self.lengths)])
 

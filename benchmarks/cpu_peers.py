@@ -228,8 +228,9 @@ def gemm_peak(threads: int, shapes: tuple[tuple[int, int, int], ...] = ((1024, 1
     """This CPU's fp32 and int8 matrix-product throughput, GOP/s (2*M*N*K per product), per backend and form, best over `shapes`.
 
     ONNX Runtime: fp32 MatMul, MatMulInteger (what int8-dynamic runs) and QLinearMatMul (QDQ int8-static).
-    OpenVINO: fp32 MatMul and the form NNCF writes (u8 activations by FakeQuantize, i8 weights dequantized), which
-    the CPU plugin runs as an int8 FullyConnected; the precision it ran is read back. The peak of a precision is the
+    OpenVINO: fp32 MatMul, the form NNCF's int8 writes (u8 activations by FakeQuantize, i8 weights dequantized), which
+    the CPU plugin runs as an int8 FullyConnected, and NNCF's int8-weights form under DYNAMIC_QUANTIZATION_GROUP_SIZE 32
+    (activations quantized at run time); the precision each ran is read back. The peak of a precision is the
     best any of them reached: the limit a layer of that precision can be held to on this machine."""
     import onnxruntime as ort
     import openvino as ov
@@ -257,9 +258,17 @@ def gemm_peak(threads: int, shapes: tuple[tuple[int, int, int], ...] = ((1024, 1
         w8 = ops.constant(rng.integers(-127, 127, (n, k), dtype=np.int8))
         dequantized = ops.multiply(ops.convert(w8, "f32"), ops.constant(np.full((n, 1), 0.01, np.float32)))
         int8 = ov.Model([ops.matmul(quantized, dequantized, False, True)], [x8])
+        # weight-only int8 (NNCF's int8-weights form): the CPU plugin quantizes the activations at run time in groups
+        xw = ops.parameter([m, k], np.float32, name="x")
+        weights_only = ov.Model([ops.matmul(xw, dequantized, False, True)], [xw])
         feed = rng.standard_normal((m, k)).astype(np.float32)
-        for name, model in (("openvino fp32", fp32), ("openvino int8", int8)):
-            compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
+        for name, model, extra in (
+            ("openvino fp32", fp32, {}),
+            ("openvino int8", int8, {}),
+            ("openvino int8-weights, dynamic quantization 32", weights_only, {"DYNAMIC_QUANTIZATION_GROUP_SIZE": 32}),
+        ):
+            config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", **extra}
+            compiled = core.compile_model(model, "CPU", config)
             request = compiled.create_infer_request()
             seconds_per = _timed(lambda request=request, feed=feed: request.infer([feed]), seconds)
             found[name] = max(found[name], 2 * m * k * n / seconds_per / 1e9)

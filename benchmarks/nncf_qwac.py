@@ -108,7 +108,7 @@ def nncf_qwac(model_dir: Path, samples: list[dict[str, np.ndarray]], validation:
 
 def vlmopt_variant(model_dir: Path, stage: str, options: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
-    artifact = getattr(vlmopt, stage)(model_dir, force=True, **options).artifact
+    artifact = getattr(vlmopt, stage)(model_dir, force=True, progress=lambda m: say(f"    {m}"), **options).artifact
     seconds = time.perf_counter() - started
     fallback = ((artifact.record.get("fallback") or {}).get("towers") or {}).get("text") or {}
     kept = f"{len(fallback.get('kept', []))} of {fallback.get('quantized_layers', '?')}" if fallback else "?"

@@ -93,7 +93,8 @@ def nncf_qwac(model_dir: Path, samples: list[dict[str, np.ndarray]], validation:
     )
     seconds = time.perf_counter() - started
     before, after = quantized_matmuls(fully)[0], quantized_matmuls(controlled)
-    folder = model_dir / ("nncf-qwac" if smooth_quant else "nncf-qwac-sq-off")
+    # beside the model directory, not in it: vlmopt's manifest knows nothing of this IR
+    folder = model_dir.parent / ("nncf-qwac" if smooth_quant else "nncf-qwac-sq-off")
     folder.mkdir(exist_ok=True)
     ov.save_model(controlled, str(folder / "text.xml"))
     return {

@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 RECIPE ?= examples/recipes/clip-cpu.yaml
 DEMO ?= build/clip-cpu
 
-.PHONY: install demo test bench bench-models bench-fidelity bench-encoder-int8 bench-distill bench-vlm bench-serve bench-int4 bench-int4-lm bench-gguf-grid bench-blip-cross bench-gpu lint clean
+.PHONY: install demo test bench bench-models bench-fidelity bench-encoder-int8 bench-distill bench-vlm bench-serve bench-int4 bench-int4-lm bench-gguf-grid bench-blip-cross bench-gpu lint clean bench-qwac
 
 install: $(BIN)/vlmopt
 
@@ -50,6 +50,11 @@ bench-fidelity: bench-models
 # the fp32 ONNX in one interleaved run: cosine min, retrieval, speed ratio (issue 23)
 bench-encoder-int8: bench-models
 	$(BIN)/python benchmarks/encoder_int8.py
+
+# NNCF's quantize_with_accuracy_control against vlmopt's fallback (openvino --mode int8, quantize --mode int8-dynamic)
+# on the real all-MiniLM-L6-v2: fidelity, layers kept in float, speed, time to quantize
+bench-qwac: bench-models
+	$(BIN)/python benchmarks/nncf_qwac.py
 
 # Real all-MiniLM-L6-v2 pruned at MLP ratio 0.5, distilled from the original (DISTILL_MINUTES of CPU training), int8
 DISTILL_MINUTES ?= 25

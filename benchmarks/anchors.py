@@ -19,7 +19,7 @@ Fidelity, every contender on the same windows of token ids (the first 2048 token
 windows of 256, no BOS, teacher-forced; the tokenizer's ids are fed to llama.cpp as they are): top-1 agreement with
 the fp32 ONNX decoder's next token, KL(fp32 || contender) per position, and the perplexity increase, all over the
 vocabulary both runtimes have (the fp32 decoder's padded rows for `<image>` left out). Speed: decode tokens/s at
-batch 1 (steps after the first; end-of-text banned so every run makes `--new-tokens`), vlmopt's ONNX Runtime loop
+batch 1 (the steps after the first), vlmopt's ONNX Runtime loop
 with the model's image and a 32-token text against llama.cpp on a text prompt of the same length, every contender
 taking turns, round after round, in this one process. Where vlmopt's default misses the fidelity targets, the
 per-matrix sensitivity of RTN int4 (what `--fallback` ranks by) says where the error comes from.
@@ -33,6 +33,7 @@ A benchmark reports; it does not gate. Needs `llama-cpp-python` (built from sour
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import statistics
@@ -73,7 +74,7 @@ def llama_quantize(source: Path, target: Path, ftype: int, threads: int) -> Path
     partial = target.with_suffix(".partial")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread, params.allow_requantize = ftype, threads, True
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), params) != 0:
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
         partial.unlink(missing_ok=True)
         raise SystemExit(f"llama.cpp's quantize failed on {source} (ftype {ftype})")
     partial.rename(target)
@@ -175,7 +176,7 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--gguf", type=Path, default=None, help="the GGUF the model directory's language model came from (default: SmolLM2's)")
     parser.add_argument("--artifact", default="onnx", help="the fp32 artifact (default onnx)")
-    parser.add_argument("--work", type=Path, default=None, help="where the llama.cpp variants are kept (default: MODEL_DIR/anchors)")
+    parser.add_argument("--work", type=Path, default=None, help="where the llama.cpp variants are kept (default: MODEL_DIR-anchors)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -205,11 +206,11 @@ def main() -> None:
     folder = directory.artifact_path(args.artifact)
     files = {name: tower.file for name, tower in record.towers.items()}
     preprocessor = family_named(record.traits.family).preprocessor(directory.checkpoint_folder(record))
-    ggufs = gguf_variants(source, args.work or args.model_dir / "anchors", threads)
+    ggufs = gguf_variants(source, args.work or args.model_dir.with_name(args.model_dir.name + "-anchors"), threads)
 
     fp32 = graph.load(folder / files["decoder"])
     del fp32.graph.value_info[:]
-    method = json.dumps(default.to_json()).count('"method": "grid"') and "grid" or "rtn"
+    method = default.record["towers"]["decoder"]["quantization"]["method"]  # what the default chose: grid or rtn
     settings = int4.Settings(block_size=32, symmetric=True, accuracy_level=4, threads=threads)
     made = {
         "vlmopt int4 acc0": int4.quantize(method, fp32, int4.Settings(32, True, 0, [], threads)),

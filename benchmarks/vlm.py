@@ -145,14 +145,13 @@ def anchor(prompt_tokens: int, batch: int, new_tokens: int, threads: int) -> dic
 
 
 def llama_cpp_generate(llm: Any, ids: list[int], new_tokens: int) -> dict[str, Any]:
-    """Greedy generation of `new_tokens` tokens after the prompt `ids` by a loaded `llama_cpp.Llama`, its end-of-text
-    token banned (as vlmopt's loop's `min_new_tokens`), streamed: time to first token, and decode tokens/s over the
-    steps after it."""
+    """Greedy generation of up to `new_tokens` tokens after the prompt `ids` by a loaded `llama_cpp.Llama`, streamed:
+    time to first token, decode tokens/s over the steps after it, and how many it made (fewer where it ended the text;
+    no logit bias bans that: llama-cpp-python applies one through a per-token Python sampler, which would slow it)."""
     started = time.perf_counter()
     stamps = []
-    ban = {llm.token_eos(): -1e9}
     llm.reset()  # a fresh cache: the prompt's prefill is timed, never a prefix match with the last run
-    for _ in llm.create_completion(ids, max_tokens=new_tokens, temperature=0.0, stream=True, logit_bias=ban):
+    for _ in llm.create_completion(ids, max_tokens=new_tokens, temperature=0.0, stream=True):
         stamps.append(time.perf_counter())
     decode = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None
     return {"ttft_s": stamps[0] - started, "decode_tokens_per_s": decode, "new_tokens": len(stamps)}

@@ -182,8 +182,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
-
-    import llama_cpp
+    try:
+        import llama_cpp
+    except ImportError:
+        print("llama-cpp-python is not installed: `make bench-anchors` installs it (pip builds llama.cpp from source, 15 minutes or more)", file=sys.stderr)
+        sys.exit(2)
 
     from vlmopt import graph
     from vlmopt.demo_llava import smollm2_gguf

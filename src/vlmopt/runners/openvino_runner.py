@@ -10,14 +10,18 @@ check and time what ran.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from vlmopt.errors import VlmoptError
+from vlmopt.families.generative import LOGITS, GenerativeContract
+from vlmopt.graph import LOGITS_TO_KEEP
 from vlmopt.machine import type_name
 from vlmopt.runners.base import Runner
+from vlmopt.runners.generate import KvCache, OrtGenerateRunner, OrtParts
 
 #: execution-graph layers that only move or describe data; the rest are compute whose precision is reported
 _PLUMBING = {
@@ -159,3 +163,108 @@ def first_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     useful = [line for line in lines if not line.startswith(("Exception from", "Check '"))]
     return (useful or lines or [type(exc).__name__])[0][:300]
+
+
+# -- generation: vlmopt's loop over OpenVINO parts ---------------------------------------------------
+@dataclass
+class PortInfo:
+    """A port as ONNX Runtime's `NodeArg` describes it: its name, shape (ints, or names for dynamic axes) and type."""
+
+    name: str
+    shape: list[int | str]
+    type: str
+
+
+#: OpenVINO element types -> ONNX Runtime's type names, as the loop reads them
+_ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)", "int32": "tensor(int32)"}
+
+
+def _port_info(port: Any, axis: str) -> PortInfo:
+    shape = [int(d.get_length()) if d.is_static else f"{axis}{i}" for i, d in enumerate(port.get_partial_shape())]
+    dtype = np.dtype(port.get_element_type().to_dtype()).name
+    return PortInfo(port.get_any_name(), shape, _ORT_TYPES.get(dtype, f"tensor({dtype})"))
+
+
+class OpenVINOSession:
+    """One compiled IR part behind the slice of ONNX Runtime's session API that vlmopt's generation loop and its
+    int4 tools use (`run`, `get_inputs`, `get_outputs`), so the same loop runs either back end."""
+
+    def __init__(self, path: Path, meta: dict[str, Any], threads: int | None = None):
+        from vlmopt.machine import check_openvino_device, require_openvino
+
+        ov = require_openvino("running an OpenVINO artifact")
+        core = ov.Core()
+        device = meta.get("device", "CPU")
+        check_openvino_device(core, device)
+        try:
+            self.compiled = core.compile_model(core.read_model(str(path)), device, compile_config(meta, threads))
+        except RuntimeError as exc:
+            raise VlmoptError(f"OpenVINO cannot load {path}: {first_line(exc)}") from exc
+        self.request = self.compiled.create_infer_request()
+        self._inputs = [_port_info(p, "in") for p in self.compiled.inputs]
+        self._outputs = {port.get_any_name(): port for port in self.compiled.outputs}
+
+    def get_inputs(self) -> list[PortInfo]:
+        return self._inputs
+
+    def get_outputs(self) -> list[PortInfo]:
+        return [_port_info(port, "out") for port in self._outputs.values()]
+
+    def run(self, output_names: list[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        results = self.request.infer({name: np.ascontiguousarray(value) for name, value in feed.items()})
+        # the request reuses its output buffers on the next run: what is handed back is copied out
+        return [np.array(results[self._outputs[name]]) for name in (output_names or list(self._outputs))]
+
+
+class OpenVINOParts(OrtParts):
+    """The parts of an OpenVINO artifact (`.xml` IR), compiled with the settings `vlmopt openvino` recorded for each
+    (`engines`: part -> its record's `engine`); the rest of the loop is ONNX Runtime's (`OrtParts`)."""
+
+    def __init__(
+        self, folder: Path, files: dict[str, str], threads: int | None = None, contract: GenerativeContract | None = None, engines: dict[str, Any] | None = None
+    ):
+        self._meta = {files[name]: meta or {} for name, meta in (engines or {}).items() if name in files}
+        super().__init__(folder, files, threads, contract)
+        if self.shares_buffer:
+            raise VlmoptError("OpenVINO runs decoders with a concatenated KV cache (exported from PyTorch: `vlmopt convert --decoder torch`)")
+
+    def session(self, path: Path, threads: int | None) -> Any:  # type: ignore[override]
+        return OpenVINOSession(path, self._meta.get(path.name, {}), threads)
+
+    def cache(self, batch: int, capacity: int) -> KvCache:
+        return OpenVINOKvCache(self, batch, capacity)
+
+
+class OpenVINOKvCache(KvCache):
+    """One generation's KV cache as numpy arrays: each step's `present` outputs are the next step's `past` inputs."""
+
+    def __init__(self, parts: OrtParts, batch: int, capacity: int):
+        self.parts, self.capacity = parts, capacity
+        self.values = [parts.empty_past(batch) for _ in parts.past_names]
+        self.mask = np.zeros((batch, 0), np.int64)
+        self.position_offsets = None
+        self.lengths = np.zeros(batch, np.int64)
+
+    def _run(
+        self, inputs_embeds: np.ndarray, mask: np.ndarray, keep: int = 0, extra: dict[str, np.ndarray] | None = None, positions: np.ndarray | None = None
+    ) -> np.ndarray:
+        parts = self.parts
+        feed = {**parts.step_feed(inputs_embeds, mask, extra, positions), **dict(zip(parts.past_names, self.values, strict=True))}
+        if parts.keeps_logits:
+            feed[LOGITS_TO_KEEP] = np.array(keep, np.int64)
+        logits, *self.values = parts.decoder.run([LOGITS, *parts.present_names], feed)
+        return logits
+
+    def keys(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.values[2 * layer], self.mask.astype(bool)
+
+
+class OpenVINOGenerateRunner(OrtGenerateRunner):
+    """vlmopt's generation loop (`OrtGenerateRunner`'s) over the OpenVINO IR parts of an artifact."""
+
+    backend = "openvino"
+
+    def __init__(
+        self, folder: Path, files: dict[str, str], threads: int | None = None, contract: GenerativeContract | None = None, engines: dict[str, Any] | None = None
+    ):
+        self.parts = OpenVINOParts(folder, files, threads, contract, engines)

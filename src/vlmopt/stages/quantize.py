@@ -152,15 +152,7 @@ class QuantizeOptions(StageOptions):
     @property
     def parts(self) -> dict[str, str]:
         """--part as {part: mode}, in the order given."""
-        parts: dict[str, str] = {}
-        for item in self.part:
-            name, sep, mode = item.partition("=")
-            if not sep or not name.strip() or not mode.strip():
-                raise VlmoptError(f"--part takes PART=MODE (decoder=int4), got '{item}'")
-            if name.strip() in parts:
-                raise VlmoptError(f"--part names {name.strip()} twice")
-            parts[name.strip()] = mode.strip()
-        return parts
+        return part_modes(self.part)
 
     eval_images: str | None = eval_images_option()
     eval_text: str | None = eval_text_option()
@@ -235,6 +227,19 @@ class QuantizeOptions(StageOptions):
         if self.fallback is not None:
             return self.fallback
         return self.mode in FALLBACK_DEFAULT_MODES and not self.part and self.min_cosine is not None
+
+
+def part_modes(items: list[str]) -> dict[str, str]:
+    """--part PART=MODE items as {part: mode}, in the order given; a malformed or repeated one refused."""
+    parts: dict[str, str] = {}
+    for item in items:
+        name, sep, mode = item.partition("=")
+        if not sep or not name.strip() or not mode.strip():
+            raise VlmoptError(f"--part takes PART=MODE (decoder=int4), got '{item}'")
+        if name.strip() in parts:
+            raise VlmoptError(f"--part names {name.strip()} twice")
+        parts[name.strip()] = mode.strip()
+    return parts
 
 
 # -- the modes -------------------------------------------------------------------------------

@@ -86,6 +86,17 @@ def test_grid_records_how_many_matrices_it_kept_on_their_grid(gridded: Path, tmp
     assert record["grid"] == {"kept_on_their_grid": 15, "int8": 0}
 
 
+def test_auto_tries_grid_first_on_a_decoder_on_a_4_bit_grid_and_keeps_it_when_it_agrees_best(gridded: Path, tmp_path: Path) -> None:
+    model_dir = tmp_path / "auto"
+    shutil.copytree(gridded, model_dir)
+
+    vlmopt_json("quantize", model_dir, "--part", "decoder=int4", "--method", "auto", "--calib-samples", "4", *GATES_OFF)
+
+    auto = manifest(model_dir)["artifacts"]["decoder-int4"]["record"]["towers"]["decoder"]["quantization"]["auto"]
+    assert list(auto["tried"])[0] == "grid" and auto["tried"]["grid"]["top1_agreement"] == 1.0
+    assert auto["chosen"] == "grid"
+
+
 def test_grid_with_fallback_is_refused(gridded: Path) -> None:
     assert_refused(gridded, "quantize", "--part", "decoder=int4", "--method", "grid", "--fallback", fragments=("--method grid",))
 

@@ -38,6 +38,7 @@ from rich.markup import escape
 from vlmopt.calibration import calibration_feeds, calibration_source, load_calibration, sample_count, synthetic_warning
 from vlmopt.errors import CheckFailed, VlmoptError
 from vlmopt.families import Tower, family_named
+from vlmopt.families.base import SHARED, kv_contract
 from vlmopt.inputs import make_inputs
 from vlmopt.machine import check_openvino_device, require_nncf, require_openvino
 from vlmopt.options import (
@@ -480,10 +481,12 @@ class OpenVINO(Stage):
         super().check_parent(parent, options)
         if parent.kind == "openvino" and options.compresses:
             raise VlmoptError(f"'{parent.name}' is already OpenVINO IR; NNCF compresses from the ONNX export: use --from onnx")
-        if "com.microsoft" in parent.traits.ort_only_ops and not parent.traits.fused:
+        shared = [name for name, record in parent.towers.items() if kv_contract(record.tower) == SHARED]
+        if shared:
             raise VlmoptError(
-                f"'{parent.name}' holds ONNX Runtime-only operators (onnxruntime-genai's builder decoder: GroupQueryAttention), which OpenVINO "
-                "cannot read; convert a decoder exported from PyTorch (`vlmopt convert DIR --decoder torch --name onnx-torch`) and use --from onnx-torch"
+                f"the {shared[0]} of '{parent.name}' is onnxruntime-genai's builder graph (GroupQueryAttention, one shared KV buffer), which "
+                "NNCF cannot compress and vlmopt's OpenVINO loop does not run; convert a decoder exported from PyTorch "
+                "(`vlmopt convert DIR --decoder torch --name onnx-torch`) and use --from onnx-torch"
             )
         if options.compresses and parent.traits.fused:
             # measured: NNCF 3.4 fails inside its own graph of ORT's com.microsoft Attention ("Could not find a node

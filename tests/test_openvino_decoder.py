@@ -134,4 +134,4 @@ def test_calibration_text_for_rtn_is_refused(llama: Path, tmp_path: Path) -> Non
 def test_generate_runs_the_openvino_decoder_in_vlmopts_loop(int4_llama: Path) -> None:
     result = vlmopt_json("generate", int4_llama, INT4, "--prompt", "Describe a cat.", "--max-new-tokens", "4")
 
-    assert result["backend"] == "openvino" and result["new_tokens"] == 4
+    assert result["backend"] == "openvino" and len(result["tokens"]) == 4

@@ -187,7 +187,13 @@ def _port_info(port: Any, axis: str) -> PortInfo:
 
 class OpenVINOSession:
     """One compiled IR part behind the slice of ONNX Runtime's session API that vlmopt's generation loop and its
-    int4 tools use (`run`, `get_inputs`, `get_outputs`), so the same loop runs either back end."""
+    int4 tools use (`run`, `get_inputs`, `get_outputs`), so the same loop runs either back end.
+
+    A decoder (`past_key_values.*` inputs, `present.*` outputs) is compiled stateful, as optimum-intel deploys one:
+    OpenVINO's make-stateful transformation turns each past/present pair into a variable the plugin keeps between
+    runs, so a decode step feeds only its new positions. Measured on the tiny llama, one decode step: 2.4 to 4 ms
+    stateful against 20 to 30 ms with the cache passed in and out as inputs whose length changes every step (load
+    average 27). The session still shows the file's own interface; `run` with pasts sets the variables to them first."""
 
     def __init__(self, path: Path, meta: dict[str, Any], threads: int | None = None):
         from vlmopt.machine import check_openvino_device, require_openvino
@@ -197,23 +203,50 @@ class OpenVINOSession:
         device = meta.get("device", "CPU")
         check_openvino_device(core, device)
         try:
-            self.compiled = core.compile_model(core.read_model(str(path)), device, compile_config(meta, threads))
+            model = core.read_model(str(path))
+            self._inputs = [_port_info(p, "in") for p in model.inputs]
+            self._outputs = [_port_info(p, "out") for p in model.outputs]
+            #: past input -> present output, the pairs the plugin keeps as variables
+            self.pairs = {i.name: i.name.replace("past_key_values.", "present.", 1) for i in self._inputs if i.name.startswith("past_key_values.")}
+            if self.pairs:
+                from openvino._offline_transformations import apply_make_stateful_transformation
+
+                apply_make_stateful_transformation(model, self.pairs)
+            self.compiled = core.compile_model(model, device, compile_config(meta, threads))
         except RuntimeError as exc:
             raise VlmoptError(f"OpenVINO cannot load {path}: {first_line(exc)}") from exc
         self.request = self.compiled.create_infer_request()
-        self._inputs = [_port_info(p, "in") for p in self.compiled.inputs]
-        self._outputs = {port.get_any_name(): port for port in self.compiled.outputs}
+        self._ports = {port.get_any_name(): port for port in self.compiled.outputs}
+        self._fed = [port.get_any_name() for port in self.compiled.inputs]
+        #: each past input's variable (named after the pair by the transformation)
+        self.states = {past: next(v for v in self.request.query_state() if v.name == past + present) for past, present in self.pairs.items()}
 
     def get_inputs(self) -> list[PortInfo]:
         return self._inputs
 
     def get_outputs(self) -> list[PortInfo]:
-        return [_port_info(port, "out") for port in self._outputs.values()]
+        return self._outputs
+
+    def set_pasts(self, pasts: dict[str, np.ndarray]) -> None:
+        """The variables set to these past values (empty ones start a sequence)."""
+        import openvino as ov
+
+        for name, value in pasts.items():
+            self.states[name].state = ov.Tensor(np.ascontiguousarray(value))
+
+    def infer(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        """One run on the variables as they stand (a stateful decoder's step); its logits."""
+        results = self.request.infer({name: np.ascontiguousarray(feed[name]) for name in self._fed})
+        return np.array(results[self._ports[LOGITS]] if LOGITS in self._ports else results[self.compiled.outputs[0]])
 
     def run(self, output_names: list[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        results = self.request.infer({name: np.ascontiguousarray(value) for name, value in feed.items()})
+        if self.pairs:
+            self.set_pasts({name: feed[name] for name in self.pairs})
+        results = self.request.infer({name: np.ascontiguousarray(feed[name]) for name in self._fed})
+        presents = {present: past for past, present in self.pairs.items()}
+        wanted = output_names or [o.name for o in self._outputs]
         # the request reuses its output buffers on the next run: what is handed back is copied out
-        return [np.array(results[self._outputs[name]]) for name in (output_names or list(self._outputs))]
+        return [np.array(self.states[presents[n]].state.data) if n in presents else np.array(results[self._ports[n]]) for n in wanted]
 
 
 class OpenVINOParts(OrtParts):
@@ -236,11 +269,12 @@ class OpenVINOParts(OrtParts):
 
 
 class OpenVINOKvCache(KvCache):
-    """One generation's KV cache as numpy arrays: each step's `present` outputs are the next step's `past` inputs."""
+    """One generation's KV cache in the stateful decoder's variables: set empty for the batch, then grown by the
+    plugin at each run."""
 
     def __init__(self, parts: OrtParts, batch: int, capacity: int):
         self.parts, self.capacity = parts, capacity
-        self.values = [parts.empty_past(batch) for _ in parts.past_names]
+        parts.decoder.set_pasts({name: parts.empty_past(batch) for name in parts.past_names})
         self.mask = np.zeros((batch, 0), np.int64)
         self.position_offsets = None
         self.lengths = np.zeros(batch, np.int64)
@@ -248,15 +282,13 @@ class OpenVINOKvCache(KvCache):
     def _run(
         self, inputs_embeds: np.ndarray, mask: np.ndarray, keep: int = 0, extra: dict[str, np.ndarray] | None = None, positions: np.ndarray | None = None
     ) -> np.ndarray:
-        parts = self.parts
-        feed = {**parts.step_feed(inputs_embeds, mask, extra, positions), **dict(zip(parts.past_names, self.values, strict=True))}
-        if parts.keeps_logits:
+        feed = self.parts.step_feed(inputs_embeds, mask, extra, positions)
+        if self.parts.keeps_logits:
             feed[LOGITS_TO_KEEP] = np.array(keep, np.int64)
-        logits, *self.values = parts.decoder.run([LOGITS, *parts.present_names], feed)
-        return logits
+        return self.parts.decoder.infer(feed)
 
     def keys(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.values[2 * layer], self.mask.astype(bool)
+        return np.array(self.parts.decoder.states[f"past_key_values.{layer}.key"].state.data), self.mask.astype(bool)
 
 
 class OpenVINOGenerateRunner(OrtGenerateRunner):

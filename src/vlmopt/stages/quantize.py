@@ -906,7 +906,7 @@ class Quantize(Stage):
             job.say(f"ranking the {tower} part's matrices by sensitivity")
             splicer = fallback.Splicer(state["fp32"], state["quantized"])
             if state["method"] == "grid":  # grid made the matrices off the grid 8-bit already: only those on it can move up
-                splicer.candidates = [c for c in splicer.candidates if any(m.name.endswith("/grid_add") for m in splicer.slices[c].members)]
+                splicer.candidates = [c for c in splicer.candidates if any(n.name.endswith("/grid_add") for n in splicer.slices[c].nodes)]
             ranking = fallback.sensitivity(splicer, scorer.feeds, threads)
             keeper = splicer if options.fallback_precision == "fp32" else int4.Int8Keeper(splicer, int4.rtn(state["fp32"], state["settings"], bits=8))
             seen: list[dict[str, float]] = []

@@ -965,6 +965,7 @@ class Quantize(Stage):
             }
             made[tower].tower.size = graph.weight_bytes(tmp, file)
             made[tower].work.update(self._graph_facts(tmp / file))
+            self._grid_counts(made[tower].work["quantization"], state["method"], mixed)
             made[tower].work["quantization"]["weights"] += f"; {len(result.kept)} of {len(splicer.candidates)} matrices at {options.fallback_precision}"
         job.state["fallback"] = record
         job.say("verifying the variant with its mixed-precision decoder")

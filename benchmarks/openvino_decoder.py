@@ -79,7 +79,9 @@ def main() -> None:
     print(f"load average at end {os.getloadavg()}", flush=True)
 
     base, second = statistics.median(speeds[names[0]]), statistics.median(speeds[names[min(1, len(names) - 1)]])
-    print(f"\n| artifact | back end | top-1 agreement | perplexity increase | decode tok/s, batch 1 (median of {args.rounds}) | x {names[0]} | x {names[min(1, len(names) - 1)]} |")
+    print(
+        f"\n| artifact | back end | top-1 agreement | perplexity increase | decode tok/s, batch 1 (median of {args.rounds}) | x {names[0]} | x {names[min(1, len(names) - 1)]} |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|")
     for name in names:
         speed = statistics.median(speeds[name])

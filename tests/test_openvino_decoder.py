@@ -116,7 +116,9 @@ def test_a_decoder_of_onnxruntime_genais_builder_is_refused_naming_the_torch_exp
     assert_refused(converted("llama"), "openvino", "--part", "decoder=int4", fragments=("GroupQueryAttention", "--decoder torch"))
 
 
-@pytest.mark.parametrize(("content", "fragment"), [(b"  \n", "is empty"), (b"caf\xe9 " * 400, "not UTF-8"), (b"Too short.", "fewer than one")], ids=["empty", "latin-1", "short"])
+@pytest.mark.parametrize(
+    ("content", "fragment"), [(b"  \n", "is empty"), (b"caf\xe9 " * 400, "not UTF-8"), (b"Too short.", "fewer than one")], ids=["empty", "latin-1", "short"]
+)
 def test_bad_calibration_text_is_refused(llama: Path, tmp_path: Path, content: bytes, fragment: str) -> None:
     text = tmp_path / "calib.txt"
     text.write_bytes(content)

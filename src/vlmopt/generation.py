@@ -35,7 +35,11 @@ class GenerateOptions(StageOptions):
     top_p: float = option(1.0, "Sampling: keep the smallest set of tokens whose probability reaches this.", minimum=0.0, maximum=1.0, exclusive=("min",))
     seed: int = option(0, "Sampling: the random seed.", minimum=0)
     raw_prompt: bool = option(False, "Give --prompt to the model as is (no chat template); it must hold one <image> per --image.")
-    backend: str = option("auto", "transformers (hf), onnxruntime (vlmopt's loop), onnxruntime-genai or openvino (vlmopt's loop on OpenVINO IR); auto: the artifact's first.", choices=BACKENDS)
+    backend: str = option(
+        "auto",
+        "transformers (hf), onnxruntime (vlmopt's loop), onnxruntime-genai or openvino (vlmopt's loop on OpenVINO IR); auto: the artifact's first.",
+        choices=BACKENDS,
+    )
 
     def check(self) -> None:
         if self.prompt is None:

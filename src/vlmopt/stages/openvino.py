@@ -782,7 +782,9 @@ class OpenVINO(Stage):
         for tower, work in (artifact.record.get("towers") or {}).items():
             compression = work.get("compression") or {}
             if "method" in compression:
-                lines.append(f"{tower}: {compression['mode']}, groups of {compression['group_size']}, ratio {compression['ratio']:g}, NNCF {compression['method']}")
+                lines.append(
+                    f"{tower}: {compression['mode']}, groups of {compression['group_size']}, ratio {compression['ratio']:g}, NNCF {compression['method']}"
+                )
         for tower, info in ((artifact.record.get("fallback") or {}).get("towers") or {}).items():
             lines.append(escape(summary(tower, info)))
             for layer in info.get("kept", []):

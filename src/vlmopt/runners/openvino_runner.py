@@ -73,6 +73,17 @@ def executed_precisions(compiled: Any) -> dict[str, Any]:
     }
 
 
+def open_core(meta: dict[str, Any]) -> tuple[Any, str]:
+    """OpenVINO's Core and the device an artifact recorded, checked to be on this machine."""
+    from vlmopt.machine import check_openvino_device, require_openvino
+
+    ov = require_openvino("running an OpenVINO artifact")
+    core = ov.Core()
+    device = meta.get("device", "CPU")
+    check_openvino_device(core, device)
+    return core, device
+
+
 def port_name(port: Any, expected: list[str]) -> str:
     """A port's tensor name: the one the tower's interface uses when the tensor has several (OpenVINO merges names when it folds a node)."""
     names = port.get_names()
@@ -85,12 +96,7 @@ class OpenVINORunner(Runner):
     backend = "openvino"
 
     def __init__(self, path: Path, meta: dict[str, Any], threads: int | None = None, profile: bool = False, names: tuple[list[str], list[str]] | None = None):
-        from vlmopt.machine import check_openvino_device, require_openvino
-
-        ov = require_openvino("running an OpenVINO artifact")
-        core = ov.Core()
-        device = meta.get("device", "CPU")
-        check_openvino_device(core, device)
+        core, device = open_core(meta)
         try:
             model = core.read_model(str(path))
             self.compiled = core.compile_model(model, device, compile_config(meta, threads, profile))
@@ -196,12 +202,7 @@ class OpenVINOSession:
     average 27). The session still shows the file's own interface; `run` with pasts sets the variables to them first."""
 
     def __init__(self, path: Path, meta: dict[str, Any], threads: int | None = None):
-        from vlmopt.machine import check_openvino_device, require_openvino
-
-        ov = require_openvino("running an OpenVINO artifact")
-        core = ov.Core()
-        device = meta.get("device", "CPU")
-        check_openvino_device(core, device)
+        core, device = open_core(meta)
         try:
             model = core.read_model(str(path))
             self._inputs = [_port_info(p, "in") for p in model.inputs]

@@ -90,7 +90,8 @@ def test_auto_tries_grid_first_on_a_decoder_on_a_4_bit_grid_and_keeps_it_when_it
     model_dir = tmp_path / "auto"
     shutil.copytree(gridded, model_dir)
 
-    vlmopt_json("quantize", model_dir, "--part", "decoder=int4", "--method", "auto", "--calib-samples", "4", *GATES_OFF)
+    # fp32 compute (accuracy level 0): the grid is then exact, as the GGUF's own weights
+    vlmopt_json("quantize", model_dir, "--part", "decoder=int4", "--method", "auto", "--calib-samples", "4", "--accuracy-level", "0", *GATES_OFF)
 
     auto = manifest(model_dir)["artifacts"]["decoder-int4"]["record"]["towers"]["decoder"]["quantization"]["auto"]
     assert list(auto["tried"])[0] == "grid" and auto["tried"]["grid"]["top1_agreement"] == 1.0

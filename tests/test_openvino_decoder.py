@@ -137,3 +137,14 @@ def test_generate_runs_the_openvino_decoder_in_vlmopts_loop(int4_llama: Path) ->
     result = vlmopt_json("generate", int4_llama, INT4, "--prompt", "Describe a cat.", "--max-new-tokens", "4")
 
     assert result["backend"] == "openvino" and len(result["tokens"]) == 4
+
+
+def test_bench_shows_the_openvino_decoders_recorded_token_figures(int4_llama: Path, copy_model_dir: Callable[[Path], Path]) -> None:
+    model_dir = copy_model_dir(int4_llama)
+
+    result = vlmopt("bench", model_dir, INT4, "--batch", "1")
+
+    report = next((model_dir / "reports").glob("bench-*.md")).read_text()
+    assert result.exit_code == 0, result.stderr
+    line = next(line for line in report.splitlines() if line.startswith(f"- `{INT4}`"))
+    assert "top-1 agreement" in line and "perplexity" in line and line.count("not gated") == 2, line

@@ -526,8 +526,6 @@ class OpenVINO(Stage):
 
     def _part_modes(self, job: Job) -> dict[str, str]:
         """Each tower's mode (--mode for all, or --part per part); which int4 parts are decoders, and their calibration text read."""
-        from vlmopt.families.base import kv_contract
-
         options: OpenVINOOptions = job.options
         if not options.part:
             return {name: options.mode for name in job.towers}

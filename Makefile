@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 RECIPE ?= examples/recipes/clip-cpu.yaml
 DEMO ?= build/clip-cpu
 
-.PHONY: install demo test bench bench-models bench-fidelity bench-encoder-int8 bench-distill bench-vlm bench-serve bench-int4 bench-int4-lm bench-gguf-grid bench-blip-cross bench-gpu lint clean bench-qwac bench-anchors bench-anchors-gemma
+.PHONY: install demo test bench bench-models bench-fidelity bench-encoder-int8 bench-distill bench-vlm bench-serve bench-int4 bench-int4-lm bench-gguf-grid bench-blip-cross bench-gpu lint clean bench-qwac bench-anchors bench-anchors-gemma bench-int4-ov
 
 install: $(BIN)/vlmopt
 
@@ -101,6 +101,16 @@ bench-int4-lm: install
 	test -f $(INT4_LM)/onnx/decoder.onnx || ($(BIN)/vlmopt demo-model $(INT4_LM)-src --family llama --language-model smollm2 \
 		&& $(BIN)/vlmopt export $(INT4_LM)-src -o $(INT4_LM) && $(BIN)/vlmopt convert $(INT4_LM))
 	$(BIN)/python benchmarks/int4_methods.py --model-dir $(INT4_LM) --methods rtn,grid
+
+# The bare SmolLM2-135M's int4 decoder on ONNX Runtime (quantize's default, grid) against OpenVINO + NNCF (AWQ + scale
+# estimation): recorded token figures and decode tokens/s, interleaved in one run
+bench-int4-ov: install
+	test -f $(INT4_LM)/onnx/decoder.onnx || ($(BIN)/vlmopt demo-model $(INT4_LM)-src --family llama --language-model smollm2 \
+		&& $(BIN)/vlmopt export $(INT4_LM)-src -o $(INT4_LM) && $(BIN)/vlmopt convert $(INT4_LM))
+	test -f $(INT4_LM)/onnx-torch/decoder.onnx || $(BIN)/vlmopt convert $(INT4_LM) --decoder torch --name onnx-torch
+	$(BIN)/vlmopt quantize $(INT4_LM) --part decoder=int4 --min-token-agreement off --max-ppl-increase off
+	$(BIN)/vlmopt openvino $(INT4_LM) --from onnx-torch --part decoder=int4 --min-token-agreement off --max-ppl-increase off
+	$(BIN)/python benchmarks/openvino_decoder.py --model-dir $(INT4_LM)
 
 # SmolLM2's GGUF Q4_1 against MatMulNBits' forms: blocks on the integer grid, weight error, one-row speed
 bench-gguf-grid: install

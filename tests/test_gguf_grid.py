@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import assert_refused, manifest, vlmopt_json
+from conftest import manifest, vlmopt_json
 from vlmopt.quantization.int4 import four_bit_grid
 
 AGREEMENT = "teacher-forced next-token top-1 agreement"
@@ -86,8 +86,30 @@ def test_grid_records_how_many_matrices_it_kept_on_their_grid(gridded: Path, tmp
     assert record["grid"] == {"kept_on_their_grid": 15, "int8": 0}
 
 
-def test_grid_with_fallback_is_refused(gridded: Path) -> None:
-    assert_refused(gridded, "quantize", "--part", "decoder=int4", "--method", "grid", "--fallback", fragments=("--method grid",))
+def test_auto_tries_grid_first_on_a_decoder_on_a_4_bit_grid_and_keeps_it_when_it_agrees_best(gridded: Path, tmp_path: Path) -> None:
+    model_dir = tmp_path / "auto"
+    shutil.copytree(gridded, model_dir)
+
+    # fp32 compute (accuracy level 0): the grid is then exact, as the GGUF's own weights
+    vlmopt_json("quantize", model_dir, "--part", "decoder=int4", "--method", "auto", "--calib-samples", "4", "--accuracy-level", "0", *GATES_OFF)
+
+    auto = manifest(model_dir)["artifacts"]["decoder-int4"]["record"]["towers"]["decoder"]["quantization"]["auto"]
+    assert list(auto["tried"])[0] == "grid" and auto["tried"]["grid"]["top1_agreement"] == 1.0
+    assert auto["chosen"] == "grid"
+
+
+def test_fallback_moves_the_fewest_matrices_kept_on_their_grid_up_to_int8_until_the_gate_passes(gridded: Path, tmp_path: Path) -> None:
+    model_dir = tmp_path / "fallback"
+    shutil.copytree(gridded, model_dir)
+    # at accuracy level 4 (int8 activations) grid agrees on 0.9775 of the positions, and every matrix at int8 on 0.981
+    vlmopt_json("quantize", model_dir, "--part", "decoder=int4", "--fallback", "--min-token-agreement", "0.979", "--max-ppl-increase", "off")
+
+    artifact = manifest(model_dir)["artifacts"]["decoder-int4"]
+    info = artifact["record"]["fallback"]["towers"]["decoder"]
+    grid = artifact["record"]["towers"]["decoder"]["quantization"]["grid"]
+    assert info["method"] == "grid" and info["quantized_layers"] == 15
+    assert info["fully_int4"]["top1_agreement"] < 0.979 <= info["reached"]["top1_agreement"]
+    assert 1 <= len(info["kept"]) < 15 and grid["kept_on_their_grid"] == 15 - len(info["kept"])
 
 
 def test_the_default_method_keeps_a_decoder_that_is_on_a_4_bit_grid_on_it(gridded: Path, tmp_path: Path) -> None:

@@ -136,6 +136,7 @@ def test_auto_scores_every_method_on_the_gate_text_and_records_which_it_chose_an
     assert auto["chosen"] in tried and auto["why"]
     fast = [m for m in tried if m not in int4.FLOAT_ZERO_POINTS]
     assert tried[auto["chosen"]]["top1_agreement"] == max(tried[m]["top1_agreement"] for m in fast)
+    assert auto["tried"]["grid"]["error"].startswith("not tried: 0 of")  # the random decoder is on no 4-bit grid
 
 
 # -- mixed precision ----------------------------------------------------------------------------------

@@ -18,9 +18,9 @@ from vlmopt.errors import VlmoptError
 from vlmopt.options import StageOptions, option
 from vlmopt.workspace import Artifact, ModelDir
 
-BACKENDS = ("auto", "transformers", "onnxruntime", "onnxruntime-genai")
+BACKENDS = ("auto", "transformers", "onnxruntime", "onnxruntime-genai", "openvino")
 #: the backends each artifact kind can run on; the first is the default
-KIND_BACKENDS = {"hf": ("transformers",), "onnx": ("onnxruntime", "onnxruntime-genai")}
+KIND_BACKENDS = {"hf": ("transformers",), "onnx": ("onnxruntime", "onnxruntime-genai"), "openvino": ("openvino",)}
 
 
 @dataclass
@@ -35,7 +35,11 @@ class GenerateOptions(StageOptions):
     top_p: float = option(1.0, "Sampling: keep the smallest set of tokens whose probability reaches this.", minimum=0.0, maximum=1.0, exclusive=("min",))
     seed: int = option(0, "Sampling: the random seed.", minimum=0)
     raw_prompt: bool = option(False, "Give --prompt to the model as is (no chat template); it must hold one <image> per --image.")
-    backend: str = option("auto", "transformers (hf), onnxruntime (vlmopt's loop) or onnxruntime-genai; auto: the artifact's first.", choices=BACKENDS)
+    backend: str = option(
+        "auto",
+        "transformers (hf), onnxruntime (vlmopt's loop), onnxruntime-genai or openvino (vlmopt's loop on OpenVINO IR); auto: the artifact's first.",
+        choices=BACKENDS,
+    )
 
     def check(self) -> None:
         if self.prompt is None:
@@ -77,7 +81,7 @@ def load_images(paths: list[str]) -> tuple[list[Any], list[str]]:
 def _backend(artifact: Artifact, requested: str) -> str:
     choices = KIND_BACKENDS.get(artifact.kind)
     if choices is None:
-        raise VlmoptError(f"'{artifact.name}' is {artifact.kind} artifact; generate runs hf and ONNX artifacts")
+        raise VlmoptError(f"'{artifact.name}' is {artifact.kind} artifact; generate runs hf, ONNX and OpenVINO artifacts")
     if requested == "auto":
         return choices[0]
     if requested not in choices:
@@ -99,9 +103,11 @@ def open_runner(model_dir: ModelDir, artifact: Artifact, backend: str, preproces
             raise VlmoptError(f"onnxruntime-genai has no model type that runs {preprocessor.family.name} models; use --backend onnxruntime (vlmopt's loop)")
 
         return GenaiGenerateRunner(folder, preprocessor.image_token_id, threads)
-    from vlmopt.runners.loops import ort_runner
+    from vlmopt.runners.loops import loop_runner
 
-    return ort_runner(folder, {name: record.file or "" for name, record in artifact.towers.items()}, threads, preprocessor.contract)
+    files = {name: record.file or "" for name, record in artifact.towers.items()}
+    engines = {name: record.engine for name, record in artifact.towers.items()}
+    return loop_runner(folder, files, threads, preprocessor.contract, engines)
 
 
 class StopGeneration(Exception):

@@ -25,8 +25,8 @@ Every method ends in ONNX Runtime's MatMulNBits, so every variant runs on the sa
     -m/d on the integer grid) and its float zero points run 30-50x slower at one row (`benchmarks/gguf_grid.py`).
     Matrices not on such a grid (SmolLM2's head, tied to its Q8_0 token table) become 8-bit MatMulNBits (rtn), as
     the source kept them at more than 4 bits: a GGUF's Q8_0/Q6_K matrices stay near their own precision.
-  * `auto`: each method above in turn, each scored on the gate's text; the best that passes is kept, and
-    the record says what each scored and why the one kept was chosen.
+  * `auto`: each method above in turn (grid only where most matrices are on a 4-bit grid), each scored on the
+    gate's text; the best that passes is kept, and the record says what each scored and why the one kept was chosen.
 
 Calibration text is never the text the gate judges on: by default the second half of the same built-in
 text (the gate reads its first 2048 tokens), or `--calib-text FILE`.
@@ -585,10 +585,17 @@ def auto(
     gates: tuple[float | None, float | None],
     say: Callable[[str], None],
 ) -> tuple[Any, AutoChoice]:
-    """Every method in AUTO_ORDER, scored on the gate's text; the chosen graph and why."""
+    """Every method in AUTO_ORDER, and grid first where at least half the decoder's matrices are on a 4-bit grid (a
+    dequantized GGUF), scored on the gate's text; the chosen graph and why. Where grid is not tried, `tried` says why."""
     tried: dict[str, dict[str, Any]] = {}
     graphs: dict[str, Any] = {}
-    for method in AUTO_ORDER:
+    on_grid, total = grid_share(model, settings)
+    if total and on_grid * 2 >= total:
+        order = ("grid", *AUTO_ORDER)
+    else:
+        order = AUTO_ORDER
+        tried["grid"] = {"error": f"not tried: {on_grid} of {total} matrices are on a 4-bit grid (fewer than half)"}
+    for method in order:
         say(f"auto: {method}")
         started = time.perf_counter()
         try:

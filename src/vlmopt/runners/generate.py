@@ -326,13 +326,13 @@ class OrtParts:
         missing = [part for part in (embedding, decoder) if part not in files]
         if missing:
             raise VlmoptError(f"{folder} has no {' and no '.join(missing)} part; generation needs {embedding} and {decoder} parts")
-        self.vision = ort_session(folder / files[vision], threads) if vision in files else None
-        self.embedding = ort_session(folder / files[embedding], threads)
+        self.vision = self.session(folder / files[vision], threads) if vision in files else None
+        self.embedding = self.session(folder / files[embedding], threads)
         #: a bare language model's embedding part takes the token ids alone
         self.embedding_takes_images = IMAGE_FEATURES in {i.name for i in self.embedding.get_inputs()}
-        self.decoder = ort_session(folder / files[decoder], threads)
+        self.decoder = self.session(folder / files[decoder], threads)
         prefill = prefill_part(contract)
-        self.prefill = ort_session(folder / files[prefill], threads) if prefill in files else None
+        self.prefill = self.session(folder / files[prefill], threads) if prefill in files else None
         if self.prefill is not None and _signature(self.prefill) != _signature(self.decoder):
             raise VlmoptError(
                 f"{files[prefill]} does not take and give what {files[decoder]} does; a prefill decoder must share its decoder's inputs, outputs and cache"
@@ -365,6 +365,11 @@ class OrtParts:
         self.hidden = int(inputs[INPUTS_EMBEDS].shape[2])
         self.embeds_dtype = np.float16 if inputs[INPUTS_EMBEDS].type == "tensor(float16)" else np.float32
         self.past_dtype = np.float16 if inputs[self.past_names[0]].type == "tensor(float16)" else np.float32
+
+    @staticmethod
+    def session(path: Path, threads: int | None) -> Any:
+        """One part's session (another back end gives an object with the same `run`, `get_inputs`, `get_outputs`)."""
+        return ort_session(path, threads)
 
     def encode_images(self, pixel_values: np.ndarray, vision_inputs: dict[str, np.ndarray] | None = None) -> np.ndarray:
         if self.vision is None:

@@ -37,7 +37,8 @@ from rich.markup import escape
 
 from vlmopt.calibration import calibration_feeds, calibration_source, load_calibration, sample_count, synthetic_warning
 from vlmopt.errors import CheckFailed, VlmoptError
-from vlmopt.families import Tower
+from vlmopt.families import Tower, family_named
+from vlmopt.families.base import SHARED, kv_contract
 from vlmopt.inputs import make_inputs
 from vlmopt.machine import check_openvino_device, require_nncf, require_openvino
 from vlmopt.options import (
@@ -51,8 +52,10 @@ from vlmopt.options import (
     fallback_budget_option,
     fallback_option,
     fallback_seconds_option,
+    max_ppl_increase_option,
     min_agreement_option,
     min_cosine_option,
+    min_token_agreement_option,
     name_option,
     option,
     source_option,
@@ -73,6 +76,13 @@ BIAS_CORRECTION = ("fast", "full", "off")
 #: default: on all-MiniLM-L6-v2 it gives cosine min 0.864 fully int8 where off gives 0.954, and 0.830 against 0.987 with
 #: the outlier split, which handles the activation outlier channels SmoothQuant moves into the int8 weights (README)
 NNCF_SMOOTH_QUANT_ALPHA = 0.95
+#: --part modes: NNCF weight compression of one part (a decoder's int4 chosen by --method)
+PART_MODES = ("fp32", "int8", "int4")
+#: --part decoder=int4: NNCF's data-aware algorithms (compress_weights' awq, scale_estimation, gptq), or rtn (data-free)
+DECODER_METHODS = ("awq+scale-estimation", "awq", "scale-estimation", "gptq", "rtn")
+DEFAULT_DECODER_METHOD = "awq+scale-estimation"
+#: int4 group sizes: NNCF's 128 for --mode int4-weights; a decoder part's 32 is quantize's int4 block and GGUF's Q4 block
+DEFAULT_GROUP, DECODER_GROUP = 128, 32
 _NO_RULE = re.compile(r"No conversion rule found for operations:\s*(.+)")
 
 
@@ -82,6 +92,18 @@ class OpenVINOOptions(StageOptions):
     name: str | None = name_option(None, "openvino, openvino-<mode>, with -<from> when not from onnx")
     mode: str = option(
         "fp32", "fp32 (the graph as is), int8 (NNCF post-training quantization), int8-weights or int4-weights (NNCF weight compression).", choices=MODES
+    )
+    part: list[str] = option(
+        [],
+        "Compress one part of a generative model: PART=MODE, repeatable (decoder=int4); int8/int4 are NNCF weight compression, a decoder's "
+        "int4 calibrated by --method; parts not named are converted as they are (fp32).",
+        metavar="PART=MODE",
+    )
+    method: str | None = option(
+        None,
+        f"--part decoder=int4: NNCF's algorithm for the int4 weights: {', '.join(DECODER_METHODS[:-1])} (calibrated on --calib-text, "
+        f"else built-in real text the gate does not read) or rtn (data-free). Default: {DEFAULT_DECODER_METHOD}.",
+        choices=DECODER_METHODS,
     )
     inference_precision: str = option(
         "f32",
@@ -119,8 +141,19 @@ class OpenVINOOptions(StageOptions):
         "are computed in float beside the int8 MatMul, as in quantize's int8-dynamic (0: none).",
         minimum=0,
     )
-    group_size: int = option(128, "int4-weights: weights per quantization group; -1 for one scale per output channel.", minimum=-1)
-    ratio: float = option(1.0, "int4-weights: share of the weights in int4, the rest int8.", minimum=0.0, maximum=1.0, exclusive=("min",))
+    group_size: int | None = option(
+        None,
+        f"int4-weights and --part ...=int4: weights per quantization group; -1 for one scale per output channel (default: {DEFAULT_GROUP}; "
+        f"{DECODER_GROUP} for --part, quantize's int4 block).",
+        minimum=-1,
+    )
+    ratio: float = option(
+        1.0,
+        "int4-weights and --part ...=int4: share of the weights in int4, the rest int8 (a decoder's chosen by NNCF's sensitivity on the calibration text).",
+        minimum=0.0,
+        maximum=1.0,
+        exclusive=("min",),
+    )
     symmetric: bool = option(False, "Weight compression: symmetric (no zero point) instead of asymmetric.", flag="--symmetric/--asymmetric")
     fallback: bool | None = fallback_option("--mode int8")
     fallback_budget: float | None = fallback_budget_option()
@@ -129,6 +162,27 @@ class OpenVINOOptions(StageOptions):
     min_agreement: float | None = min_agreement_option(None)
     eval_images: str | None = eval_images_option()
     eval_text: str | None = eval_text_option()
+    min_token_agreement: float | None = min_token_agreement_option(0.90)
+    max_ppl_increase: float | None = max_ppl_increase_option(0.05)
+
+    @property
+    def parts(self) -> dict[str, str]:
+        """--part as {part: mode}, in the order given."""
+        from vlmopt.stages.quantize import part_modes
+
+        return part_modes(self.part)
+
+    @property
+    def compresses(self) -> bool:
+        """Whether NNCF compresses anything (a --mode other than fp32, or a --part mode)."""
+        return self.mode != "fp32" or any(mode != "fp32" for mode in self.parts.values())
+
+    @property
+    def groups(self) -> int:
+        """--group-size, or its default for the mode."""
+        if self.group_size is not None:
+            return self.group_size
+        return DECODER_GROUP if self.part else DEFAULT_GROUP
 
     @property
     def accuracy_aware(self) -> bool:
@@ -141,14 +195,31 @@ class OpenVINOOptions(StageOptions):
     def artifact(self) -> str:
         if self.name:
             return self.name
-        parts = ["openvino"] + ([] if self.source == "onnx" else [self.source]) + ([] if self.mode == "fp32" else [self.mode])
-        return "-".join(parts)
+        modes = [f"{name}-{mode}" for name, mode in self.parts.items()] if self.part else ([] if self.mode == "fp32" else [self.mode])
+        return "-".join(["openvino"] + ([] if self.source == "onnx" else [self.source]) + modes)
 
     def check(self) -> None:
         int8 = self.mode == "int8"
-        weights = self.mode in ("int8-weights", "int4-weights")
-        if not int8 and (self.calib_images or self.calib_text):
-            raise VlmoptError(f"--calib-images and --calib-text calibrate --mode int8; {self.mode} needs no data")
+        parts = self.parts
+        bad = {name: mode for name, mode in parts.items() if mode not in PART_MODES}
+        if bad:
+            name, mode = next(iter(bad.items()))
+            raise VlmoptError(f"--part {name}={mode}: a part takes {', '.join(PART_MODES)} (NNCF weight compression)")
+        if parts and self.mode != "fp32":
+            raise VlmoptError("--mode sets one mode for every tower and --part one per part; use one of them")
+        if parts and set(parts.values()) == {"fp32"}:
+            raise VlmoptError("--part leaves every part fp32; name a mode for at least one part (decoder=int4)")
+        weights = self.mode in ("int8-weights", "int4-weights") or bool(parts)
+        int4 = self.mode == "int4-weights" or "int4" in parts.values()
+        if self.method is not None and "int4" not in parts.values():
+            raise VlmoptError(f"--method {self.method} chooses a decoder's int4 weights; use it with --part decoder=int4")
+        calibrated = int4 and bool(parts) and self.method != "rtn"
+        if self.calib_images and not int8:
+            raise VlmoptError(f"--calib-images calibrates --mode int8; {self.mode if not parts else '--part'} reads no images")
+        if self.calib_text and not (int8 or calibrated):
+            raise VlmoptError(
+                f"--calib-text calibrates --mode int8 and --part decoder=int4 (not --method rtn); {self.mode if not parts else '--method rtn'} needs no data"
+            )
         nncf_int8 = {
             "--model-type": self.model_type != "transformer",
             "--preset": self.preset != "mixed",
@@ -161,8 +232,8 @@ class OpenVINOOptions(StageOptions):
             raise VlmoptError("--ignored-names/--ignored-patterns/--ignored-types choose what NNCF leaves in float; --mode fp32 compresses nothing")
         if self.split_outliers != OUTLIER_LIMIT and not int8:
             raise VlmoptError(f"--split-outliers applies to --mode int8, not {self.mode}")
-        if self.mode != "int4-weights" and (self.group_size != 128 or self.ratio != 1.0):
-            raise VlmoptError(f"--group-size and --ratio apply to --mode int4-weights, not {self.mode}")
+        if not int4 and (self.group_size is not None or self.ratio != 1.0):
+            raise VlmoptError(f"--group-size and --ratio apply to --mode int4-weights and --part ...=int4, not {self.mode}")
         if not weights and self.symmetric:
             raise VlmoptError(f"--symmetric applies to weight compression (int8-weights, int4-weights), not {self.mode}")
         if self.fallback and not int8:
@@ -317,21 +388,32 @@ def quantize_int8(model: Any, samples: list[dict[str, np.ndarray]], options: Ope
     return quantized, details
 
 
-def compress_weights(model: Any, options: OpenVINOOptions, tower: str, ignored: Ignored) -> tuple[Any, dict[str, Any]]:
-    """`nncf.compress_weights`: int8 per output channel, or int4 in groups with the rest (1 - ratio) in int8."""
+def compress_weights(
+    model: Any, options: OpenVINOOptions, tower: str, ignored: Ignored, bits: int, samples: list[dict[str, np.ndarray]] | None = None
+) -> tuple[Any, dict[str, Any]]:
+    """`nncf.compress_weights`: int8 per output channel, or int4 in groups with the rest (1 - ratio) in int8; with
+    `samples` (a decoder's calibration prefills) data-aware, by the options' --method (AWQ, scale estimation, GPTQ)."""
     import nncf
 
-    if options.mode == "int8-weights":
+    if bits == 8:
         mode = nncf.CompressWeightsMode.INT8_SYM if options.symmetric else nncf.CompressWeightsMode.INT8_ASYM
         kwargs: dict[str, Any] = {}
     else:
         mode = nncf.CompressWeightsMode.INT4_SYM if options.symmetric else nncf.CompressWeightsMode.INT4_ASYM
-        kwargs = {"group_size": options.group_size, "ratio": options.ratio}
+        kwargs = {"group_size": options.groups, "ratio": options.ratio}
+    data: dict[str, Any] = {}
+    if samples:
+        method = options.method or DEFAULT_DECODER_METHOD
+        data = {"dataset": nncf.Dataset(samples), "subset_size": len(samples)}
+        data.update(awq="awq" in method, scale_estimation="scale-estimation" in method, gptq=method == "gptq")
     try:
-        compressed = nncf.compress_weights(model, mode=mode, ignored_scope=ignored.scope(), **kwargs)
+        compressed = nncf.compress_weights(model, mode=mode, ignored_scope=ignored.scope(), **kwargs, **data)
     except user_errors() as exc:
         raise nncf_failure(exc, tower, "weight compression") from None
-    return compressed, {"mode": str(mode.value), **kwargs}
+    details = {"mode": str(mode.value), **kwargs}
+    if samples:
+        details.update(method=options.method or DEFAULT_DECODER_METHOD, samples=len(samples))
+    return compressed, details
 
 
 def single_samples(feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
@@ -397,23 +479,30 @@ class OpenVINO(Stage):
 
     def check_parent(self, parent: Artifact, options: OpenVINOOptions) -> None:
         super().check_parent(parent, options)
-        if parent.kind == "openvino" and options.mode != "fp32":
+        if parent.kind == "openvino" and options.compresses:
             raise VlmoptError(f"'{parent.name}' is already OpenVINO IR; NNCF compresses from the ONNX export: use --from onnx")
-        if options.mode != "fp32" and parent.traits.fused:
+        shared = [name for name, record in parent.towers.items() if kv_contract(record.tower) == SHARED]
+        if shared:
+            raise VlmoptError(
+                f"the {shared[0]} of '{parent.name}' is onnxruntime-genai's builder graph (GroupQueryAttention, one shared KV buffer), which "
+                "NNCF cannot compress and vlmopt's OpenVINO loop does not run; convert a decoder exported from PyTorch "
+                "(`vlmopt convert DIR --decoder torch --name onnx-torch`) and use --from onnx-torch"
+            )
+        if options.compresses and parent.traits.fused:
             # measured: NNCF 3.4 fails inside its own graph of ORT's com.microsoft Attention ("Could not find a node
             # Gather_... in NNCFGraph"); OpenVINO's CPU plugin fuses attention of the plain export itself.
             raise VlmoptError(
                 f"'{parent.name}' is fused by ONNX Runtime's optimizer, which NNCF cannot quantize; use --from onnx "
                 "(OpenVINO fuses the attention of the plain export itself)"
             )
-        if options.mode != "fp32" and parent.traits.precision != "fp32":
+        if options.compresses and parent.traits.precision != "fp32":
             raise VlmoptError(f"'{parent.name}' is already {parent.traits.precision}; NNCF compresses fp32 artifacts: use --from onnx")
 
     def prepare(self, job: Job) -> None:
         options: OpenVINOOptions = job.options
         ov = require_openvino()
-        if options.mode != "fp32":
-            require_nncf(f"--mode {options.mode}")
+        if options.compresses:
+            require_nncf(f"--mode {options.mode}" if not options.part else "--part")
         core = ov.Core()
         check_openvino_device(core, options.device)
         job.state.update(core=core, version=ov.get_version().split("-")[0], calibration={}, executed={}, fallback={})
@@ -433,13 +522,41 @@ class OpenVINO(Stage):
             job.state["calibration_data"] = load_calibration(
                 job.model_dir, job.towers, options.calib_images, options.calib_text, options.calib_samples, builtin=True
             )
+        job.state["modes"] = self._part_modes(job)
+
+    def _part_modes(self, job: Job) -> dict[str, str]:
+        """Each tower's mode (--mode for all, or --part per part); which int4 parts are decoders, and their calibration text read."""
+        options: OpenVINOOptions = job.options
+        if not options.part:
+            return {name: options.mode for name in job.towers}
+        parts = options.parts
+        unknown = [name for name in parts if name not in job.towers]
+        if unknown:
+            raise VlmoptError(f"no part named {', '.join(unknown)} in '{job.parent.name}'; the parts are {', '.join(job.towers)}")
+        modes = {name: parts.get(name, "fp32") for name in job.towers}
+        decoders = [name for name, mode in modes.items() if mode == "int4" and kv_contract(job.towers[name]) is not None]
+        others = [name for name, mode in modes.items() if mode == "int4" and name not in decoders]
+        if options.method not in (None, "rtn") and others:
+            raise VlmoptError(
+                f"--method {options.method} calibrates a decoder's MatMuls (a part with a KV cache); the {', '.join(others)} part is not one "
+                "(only rtn compresses it); drop --method or name --part decoder=int4"
+            )
+        job.state["decoders"] = decoders
+        if decoders and options.method != "rtn":
+            from vlmopt.quantization import int4
+
+            preprocessor = family_named(job.parent.traits.family).preprocessor(job.model_dir.checkpoint_folder(job.parent))
+            job.state["calib_text"] = int4.calibration_text(preprocessor.tokenizer, options.calib_text, options.calib_samples)
+            job.state["embedding"] = preprocessor.contract.embedding.name
+        return modes
 
     def make_tower(self, job: Job, tower: str, tmp: Path) -> Made:
         import openvino as ov
 
         options: OpenVINOOptions = job.options
         spec = job.towers[tower]
-        job.say(f"{options.mode}: the {tower} tower")
+        mode = job.state["modes"][tower]
+        job.say(f"{mode}: the {tower} tower")
         model = job.state["models"].pop(tower, None) or read_onnx(job.state["core"], job.parent_file(tower), tower, job.parent.name)
         ignored = job.state["ignored"].get(tower) or Ignored([], [], [])
         details: dict[str, Any] = {}
@@ -455,8 +572,11 @@ class OpenVINO(Stage):
                 model, details = quantize_int8(original.clone(), samples, options, tower, ignored)
                 if options.accuracy_aware:
                     model = self._fallback(job, spec, original, model, samples, ignored)
-            elif options.mode != "fp32":
-                model, details = compress_weights(model, options, tower, ignored)
+            elif mode in ("int8-weights", "int8"):
+                model, details = compress_weights(model, options, tower, ignored, bits=8)
+            elif mode in ("int4-weights", "int4"):
+                samples = self._decoder_calibration(job, tower) if tower in job.state.get("decoders", ()) and options.method != "rtn" else None
+                model, details = compress_weights(model, options, tower, ignored, bits=4, samples=samples)
         if ignored.scope() is not None:
             details["ignored"] = dataclasses.asdict(ignored)
         if tower in job.state.get("outliers", {}):
@@ -558,6 +678,18 @@ class OpenVINO(Stage):
             job.say(accuracy.summary(spec.name, state["towers"][spec.name]))
         return outcome.model
 
+    def _decoder_calibration(self, job: Job, tower: str) -> list[dict[str, np.ndarray]]:
+        """Prefills of the calibration text's windows into the decoder, embedded by the parent's own embedding part."""
+        from vlmopt.quantization import int4
+        from vlmopt.runners.generate import ort_session
+
+        calib, embedding = job.state["calib_text"], job.state["embedding"]
+        threads = job.context.thread_count
+        job.say(f"calibration: {len(calib.windows)} windows of {int4.CALIB_WINDOW} tokens of {calib.source}")
+        feeds = int4.decoder_feeds(ort_session(job.parent_file(embedding), threads), ort_session(job.parent_file(tower), threads), calib.windows)
+        job.state["calibration"][tower] = {"data": "real", "source": calib.source, "samples": len(feeds), "window": int4.CALIB_WINDOW}
+        return feeds
+
     def _calibration(self, job: Job, spec: Tower) -> list[dict[str, np.ndarray]]:
         options: OpenVINOOptions = job.options
         feeds, origin = calibration_feeds(spec, job.state["calibration_data"], options.calib_samples)
@@ -603,11 +735,23 @@ class OpenVINO(Stage):
             specs = {name: record.tower for name, record in towers.items()}
             # a fixed served batch takes none of the real sets' batch sizes: it is checked on synthetic inputs of its batch
             data = job.state.get("data") if options.static_batch is None else None
-            return verify_runners(specs, references.runner, opened, Gates.of(options), job.parent.name, sets=sets, data=data)
+            gates = Gates.of(options)
+            family = family_named(job.parent.traits.family)
+            extra = None
+            if family is not None and family.generative:
+                from vlmopt.verification.generation import variant_checks
+
+                preprocessor = family.preprocessor(job.model_dir.checkpoint_folder(job.parent))
+                threads = job.context.thread_count
+                extra = lambda: ({}, variant_checks(preprocessor, job.parent_dir, job.parent, tmp, candidate, gates, threads, job.say))  # noqa: E731
+            return verify_runners(specs, references.runner, opened, gates, job.parent.name, sets=sets, data=data, extra=extra)
 
     def traits(self, job: Job, made: dict[str, Made]) -> Traits:
         options: OpenVINOOptions = job.options
-        precision = job.parent.traits.precision if options.mode == "fp32" else options.mode
+        if options.part:
+            precision = ",".join(f"{name}={mode}" for name, mode in options.parts.items())
+        else:
+            precision = job.parent.traits.precision if options.mode == "fp32" else options.mode
         return job.parent.traits.derive(precision=precision, target="cpu", fused=False, ort_only_ops=[])
 
     def record(self, job: Job, made: dict[str, Made]) -> dict[str, Any]:
@@ -631,7 +775,14 @@ class OpenVINO(Stage):
             lines.append(f"ran ({tower}): inference precision {executed['inference_precision']} (asked: {requested}); {escape(compute)}")
         for tower, info in (artifact.record.get("calibration") or {}).items():
             label = "[bold yellow]SYNTHETIC[/]" if info["data"] == "synthetic" else f"real ({escape(info.get('source', 'real'))})"
-            lines.append(f"calibration of {tower}: {info['samples']} {label} samples")
+            unit = f"windows of {info['window']} tokens" if "window" in info else "samples"
+            lines.append(f"calibration of {tower}: {info['samples']} {unit}, {label}")
+        for tower, work in (artifact.record.get("towers") or {}).items():
+            compression = work.get("compression") or {}
+            if "method" in compression:
+                lines.append(
+                    f"{tower}: {compression['mode']}, groups of {compression['group_size']}, ratio {compression['ratio']:g}, NNCF {compression['method']}"
+                )
         for tower, info in ((artifact.record.get("fallback") or {}).get("towers") or {}).items():
             lines.append(escape(summary(tower, info)))
             for layer in info.get("kept", []):

@@ -156,15 +156,7 @@ class QuantizeOptions(StageOptions):
     @property
     def parts(self) -> dict[str, str]:
         """--part as {part: mode}, in the order given."""
-        parts: dict[str, str] = {}
-        for item in self.part:
-            name, sep, mode = item.partition("=")
-            if not sep or not name.strip() or not mode.strip():
-                raise VlmoptError(f"--part takes PART=MODE (decoder=int4), got '{item}'")
-            if name.strip() in parts:
-                raise VlmoptError(f"--part names {name.strip()} twice")
-            parts[name.strip()] = mode.strip()
-        return parts
+        return part_modes(self.part)
 
     eval_images: str | None = eval_images_option()
     eval_text: str | None = eval_text_option()
@@ -187,8 +179,6 @@ class QuantizeOptions(StageOptions):
             if self.fallback and "int4" not in self.parts.values():
                 raise VlmoptError("--fallback with --part keeps the most sensitive matrices of a decoder=int4 part at int8 or fp32; name one")
         decoder_int4 = bool(self.part) and "int4" in self.parts.values()
-        if self.method == "grid" and self.fallback:
-            raise VlmoptError("--method grid writes each kept-on-grid matrix as several nodes, which --fallback cannot splice yet; drop one of them")
         if self.method not in (None, "rtn") and not decoder_int4:
             raise VlmoptError(f"--method {self.method} chooses a decoder's int4 weights; use it with --part decoder=int4")
         if self.fallback_precision != "int8" and not (decoder_int4 and self.fallback):
@@ -239,6 +229,19 @@ class QuantizeOptions(StageOptions):
         if self.fallback is not None:
             return self.fallback
         return self.mode in FALLBACK_DEFAULT_MODES and not self.part and self.min_cosine is not None
+
+
+def part_modes(items: list[str]) -> dict[str, str]:
+    """--part PART=MODE items as {part: mode}, in the order given; a malformed or repeated one refused."""
+    parts: dict[str, str] = {}
+    for item in items:
+        name, sep, mode = item.partition("=")
+        if not sep or not name.strip() or not mode.strip():
+            raise VlmoptError(f"--part takes PART=MODE (decoder=int4), got '{item}'")
+        if name.strip() in parts:
+            raise VlmoptError(f"--part names {name.strip()} twice")
+        parts[name.strip()] = mode.strip()
+    return parts
 
 
 # -- the modes -------------------------------------------------------------------------------
@@ -838,15 +841,16 @@ class Quantize(Stage):
             exclude += [n.name for n in int4.weight_matmuls(fp32) if n.name not in options.nodes]
         settings = int4.Settings(options.block_size, options.symmetric, options.accuracy_level, exclude, threads)
         details: dict[str, Any] = {"op_types": ["MatMul"], "accuracy_level": options.accuracy_level}
+        default = None
+        if options.method is None:  # the default: a decoder already on a 4-bit grid (a dequantized GGUF) keeps it
+            on_grid, total = int4.grid_share(fp32, settings)
+            default = "grid" if total and on_grid * 2 >= total else "rtn"
+            details["default"] = f"{default}: {on_grid} of {total} matrices are on a 4-bit grid" + (
+                " (grid where at least half are: it keeps them exactly)" if default == "grid" else " (fewer than half: nothing to keep)"
+            )
+            job.say(f"--method {details['default']}")
         if options.method in (None, "rtn") and not options.fallback:
-            method = "rtn"
-            if options.method is None:  # the default: a decoder already on a 4-bit grid (a dequantized GGUF) keeps it
-                on_grid, total = int4.grid_share(fp32, settings)
-                method = "grid" if total and on_grid * 2 >= total else "rtn"
-                details["default"] = f"{method}: {on_grid} of {total} matrices are on a 4-bit grid" + (
-                    " (grid where at least half are: it keeps them exactly)" if method == "grid" else " (fewer than half: nothing to keep)"
-                )
-                job.say(f"--method {details['default']}")
+            method = default or "rtn"
             quantized = int4.quantize(method, fp32, settings, None, job.say)
             details.update(method=method, weights=int4.describe(method, settings))
             self._grid_counts(details, method, quantized)
@@ -876,7 +880,7 @@ class Quantize(Stage):
             details["auto"] = {"chosen": choice.method, "why": choice.why, "tried": choice.tried, "data": "the gate's text (its token gates)"}
             method = choice.method
         else:
-            method = options.method or "rtn"
+            method = options.method or default or "rtn"
             job.say(f"int4 by {method}: the {tower} part")
             quantized = int4.quantize(method, fp32, settings, feeds, job.say)
         details.update(method=method, weights=int4.describe(method, settings))
@@ -905,6 +909,8 @@ class Quantize(Stage):
             scorer = state["scorer"]
             job.say(f"ranking the {tower} part's matrices by sensitivity")
             splicer = fallback.Splicer(state["fp32"], state["quantized"])
+            if state["method"] == "grid":  # grid made the matrices off the grid 8-bit already: only those on it can move up
+                splicer.candidates = [c for c in splicer.candidates if any(n.name.endswith("/grid_add") for n in splicer.slices[c].nodes)]
             ranking = fallback.sensitivity(splicer, scorer.feeds, threads)
             keeper = splicer if options.fallback_precision == "fp32" else int4.Int8Keeper(splicer, int4.rtn(state["fp32"], state["settings"], bits=8))
             seen: list[dict[str, float]] = []
@@ -963,6 +969,7 @@ class Quantize(Stage):
             }
             made[tower].tower.size = graph.weight_bytes(tmp, file)
             made[tower].work.update(self._graph_facts(tmp / file))
+            self._grid_counts(made[tower].work["quantization"], state["method"], mixed)
             made[tower].work["quantization"]["weights"] += f"; {len(result.kept)} of {len(splicer.candidates)} matrices at {options.fallback_precision}"
         job.state["fallback"] = record
         job.say("verifying the variant with its mixed-precision decoder")

@@ -13,7 +13,7 @@ After `convert` (fp32 parts against transformers itself, not against vlmopt's wr
     `generate`, on several image+prompt pairs (end-of-sequence held back so every pair runs its full length);
     and through onnxruntime-genai where it is installed (recorded, not gated: an optional runtime).
 
-After `quantize` (the variant against its fp32 parent, both through ONNX Runtime), on a real English text
+After `quantize` or `openvino` (the variant against its fp32 parent, each through vlmopt's loop on its own back end), on a real English text
 that is always here (`vlmopt.samples.english_text`): teacher-forced next-token top-1 agreement, mean KL
 divergence and perplexity; and greedy generations on image+prompt pairs: exact-match rate and where each
 first diverges. Agreement and perplexity increase are the gates (`--min-token-agreement`, `--max-ppl-increase`).
@@ -364,14 +364,15 @@ def variant_checks(
     preprocessor: Any, reference_dir: Path, reference: Any, folder: Path, candidate: Any, gates: Any, threads: int, say: Callable[[str], None]
 ) -> list[MetricCheck]:
     """A quantized variant against its fp32 parent: teacher-forced agreement, KL and perplexity on the real text, greedy matches."""
-    from vlmopt.runners.loops import ort_runner
+    from vlmopt.runners.loops import loop_runner
 
     files = {name: record.file for name, record in candidate.towers.items()}
+    engines = {name: record.engine for name, record in candidate.towers.items()}
     reference_files = {name: record.file for name, record in reference.towers.items()}
     ids, identity = text_tokens(preprocessor.tokenizer, TEXT_TOKENS)
     window = min(WINDOW, preprocessor.max_positions, len(ids))
     contract = preprocessor.contract
-    with ort_runner(reference_dir, reference_files, threads, contract) as fp32, ort_runner(folder, files, threads, contract) as variant:
+    with loop_runner(reference_dir, reference_files, threads, contract) as fp32, loop_runner(folder, files, threads, contract, engines) as variant:
         say(f"teacher-forced next-token agreement and perplexity over {len(ids)} tokens of {TEXT_SOURCE}")
         scores = teacher_forced(fp32.parts, variant.parts, ids, window)
         say(f"greedy generation of {VARIANT_NEW_TOKENS} tokens on {VARIANT_PAIRS} {_pair_words(preprocessor)}, fp32 against the variant")

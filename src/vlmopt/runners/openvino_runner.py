@@ -281,8 +281,16 @@ class OpenVINOKvCache(KvCache):
         self.lengths = np.zeros(batch, np.int64)
 
     def _run(
-        self, inputs_embeds: np.ndarray, mask: np.ndarray, keep: int = 0, extra: dict[str, np.ndarray] | None = None, positions: np.ndarray | None = None
+        self,
+        inputs_embeds: np.ndarray,
+        mask: np.ndarray,
+        keep: int = 0,
+        extra: dict[str, np.ndarray] | None = None,
+        positions: np.ndarray | None = None,
+        prompt: bool = False,
     ) -> np.ndarray:
+        """One run of the stateful decoder; `prompt` changes nothing: the cache lives in this one request's variables,
+        so an OpenVINO artifact has no separate prefill decoder."""
         feed = self.parts.step_feed(inputs_embeds, mask, extra, positions)
         if self.parts.keeps_logits:
             feed[LOGITS_TO_KEEP] = np.array(keep, np.int64)

@@ -216,7 +216,7 @@ def main() -> None:
     method = default.record["towers"]["decoder"]["quantization"]["method"]  # what the default chose: grid or rtn
     settings = int4.Settings(block_size=32, symmetric=True, accuracy_level=4, threads=threads)
     made = {
-        "vlmopt int4 acc0": int4.quantize(method, fp32, int4.Settings(32, True, 0, [], threads)),
+        "vlmopt int4 acc0": int4.quantize(method, fp32, int4.Settings(32, True, 0, [], threads), None),
         "ORT int4 rtn": int4.rtn(fp32, settings),
         "vlmopt int8": int4.rtn(fp32, settings, bits=8),
     }

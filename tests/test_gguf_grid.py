@@ -98,17 +98,23 @@ def test_auto_tries_grid_first_on_a_decoder_on_a_4_bit_grid_and_keeps_it_when_it
     assert auto["chosen"] == "grid"
 
 
-def test_fallback_moves_the_fewest_matrices_kept_on_their_grid_up_to_int8_until_the_gate_passes(gridded: Path, tmp_path: Path) -> None:
+def test_fallback_moves_the_fewest_matrices_kept_on_their_grid_out_of_int4_until_the_gate_passes(gridded: Path, tmp_path: Path) -> None:
     model_dir = tmp_path / "fallback"
     shutil.copytree(gridded, model_dir)
-    # at accuracy level 4 (int8 activations) grid agrees on 0.9775 of the positions, and every matrix at int8 on 0.981
-    vlmopt_json("quantize", model_dir, "--part", "decoder=int4", "--fallback", "--min-token-agreement", "0.979", "--max-ppl-increase", "off")
+    # at accuracy level 4 grid loses tokens to int8 activation rounding only, by how much depends on the CPU's kernels
+    # (0.9775 of the positions agree on an AVX2 machine, 0.9804 with AVX-512 VNNI), so the gate is set from this
+    # machine's figure: a third of the way to 1, won back by keeping matrices in fp32 (int8 rounds activations too)
+    vlmopt_json("quantize", model_dir, "--part", "decoder=int4", *GATES_OFF, "--name", "grid-only")
+    metrics = manifest(model_dir)["artifacts"]["grid-only"]["verification"]["metrics"]
+    alone = next(m["value"] for m in metrics if m["name"] == AGREEMENT)
+    gate = round(alone + (1 - alone) / 3, 4)
+    vlmopt_json("quantize", model_dir, "--part", "decoder=int4", "--fallback", "--fallback-precision", "fp32", "--min-token-agreement", str(gate), "--max-ppl-increase", "off")
 
     artifact = manifest(model_dir)["artifacts"]["decoder-int4"]
     info = artifact["record"]["fallback"]["towers"]["decoder"]
     grid = artifact["record"]["towers"]["decoder"]["quantization"]["grid"]
     assert info["method"] == "grid" and info["quantized_layers"] == 15
-    assert info["fully_int4"]["top1_agreement"] < 0.979 <= info["reached"]["top1_agreement"]
+    assert info["fully_int4"]["top1_agreement"] < gate <= info["reached"]["top1_agreement"]
     assert 1 <= len(info["kept"]) < 15 and grid["kept_on_their_grid"] == 15 - len(info["kept"])
 
 

@@ -2,8 +2,10 @@
 model kept in float (NNCF's ignored scope) until the cosine gate passes on rows the search did not see, the model
 measured is the model shipped, and the manifest records what was kept, the fidelity reached and what it costs.
 
-The tiny random-weight CLIP calibrated on 8 samples of the built-in photos and prose misses a GATE it can be made to
-meet by keeping a few layers."""
+The tiny random-weight CLIP calibrated on 8 samples of the built-in photos and prose misses a gate it can be made to
+meet by keeping a few layers. How far fully int8 falls depends on the CPU's int8 kernels (cosine min 0.97 on an AVX2
+machine, 0.9955 with AVX-512 VNNI), so the gate is set from the strict variant measured first on this machine: a
+third of the way from its worst tower's cosine to 1, which the fallback must win back."""
 
 from __future__ import annotations
 
@@ -30,15 +32,19 @@ import openvino as ov  # noqa: E402
 from vlmopt.quantization.openvino_fallback import FakeQuantizeProbe, sensitivity  # noqa: E402
 
 INT8 = ("--mode", "int8", "--calib-samples", "8")
-GATE = "0.98"
 
 
 @pytest.fixture(scope="module")
-def fell_back(tmp_path_factory: pytest.TempPathFactory, converted: Callable[[str], Path]) -> tuple[Path, dict[str, Any]]:
-    """(model directory, artifact) of the tiny CLIP in NNCF int8 with --fallback and a 0.98 gate."""
+def fell_back(tmp_path_factory: pytest.TempPathFactory, converted: Callable[[str], Path]) -> tuple[Path, dict[str, Any], float]:
+    """(model directory, artifact, gate) of the tiny CLIP in NNCF int8 with --fallback, gated a third of the way from
+    the fully int8 variant's worst cosine to 1."""
     model_dir = tmp_path_factory.mktemp("ov-fallback") / "clip"
     shutil.copytree(converted("clip"), model_dir)
-    return model_dir, vlmopt_json("openvino", model_dir, *INT8, "--min-cosine", GATE, "--fallback-budget", "0.9", "--name", "fb")["artifact"]
+    strict = vlmopt_json("openvino", model_dir, *INT8, "--no-fallback", "--min-cosine", "0", "--name", "strict")["artifact"]
+    worst = min(_gated_cosines(strict).values())
+    gate = round(worst + (1 - worst) / 3, 6)
+    made = vlmopt_json("openvino", model_dir, *INT8, "--min-cosine", str(gate), "--fallback-budget", "0.9", "--name", "fb")["artifact"]
+    return model_dir, made, gate
 
 
 def _gated_cosines(artifact: dict[str, Any]) -> dict[str, float]:
@@ -47,21 +53,21 @@ def _gated_cosines(artifact: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def test_fallback_keeps_layers_in_float_until_the_gate_passes(fell_back: tuple[Path, dict[str, Any]]) -> None:
-    _, artifact = fell_back
+def test_fallback_keeps_layers_in_float_until_the_gate_passes(fell_back: tuple[Path, dict[str, Any], float]) -> None:
+    _, artifact, gate = fell_back
     record = artifact["record"]["fallback"]["towers"]
     needed = [tower for tower, info in record.items() if info["needed"]]
 
     assert needed
     for tower in needed:
-        assert min(record[tower]["fully_quantized"].values()) < float(GATE) <= min(record[tower]["reached"].values())
+        assert min(record[tower]["fully_quantized"].values()) < gate <= min(record[tower]["reached"].values())
         assert 0 < len(record[tower]["kept"]) < record[tower]["quantized_layers"]
-    assert min(_gated_cosines(artifact).values()) >= float(GATE)
+    assert min(_gated_cosines(artifact).values()) >= gate
     assert artifact["verification"]["passed"] is True
 
 
-def test_the_shipped_ir_has_exactly_the_kept_layers_in_float(fell_back: tuple[Path, dict[str, Any]]) -> None:
-    model_dir, artifact = fell_back
+def test_the_shipped_ir_has_exactly_the_kept_layers_in_float(fell_back: tuple[Path, dict[str, Any], float]) -> None:
+    model_dir, artifact, _ = fell_back
 
     for tower, info in artifact["record"]["fallback"]["towers"].items():
         if not info["needed"]:
@@ -72,8 +78,8 @@ def test_the_shipped_ir_has_exactly_the_kept_layers_in_float(fell_back: tuple[Pa
         assert len(still_int8) == info["quantized_layers"] - len(kept)
 
 
-def test_fallback_records_the_ranking_the_search_and_the_cost_of_the_kept_layers(fell_back: tuple[Path, dict[str, Any]]) -> None:
-    _, artifact = fell_back
+def test_fallback_records_the_ranking_the_search_and_the_cost_of_the_kept_layers(fell_back: tuple[Path, dict[str, Any], float]) -> None:
+    _, artifact, _ = fell_back
     info = next(info for info in artifact["record"]["fallback"]["towers"].values() if info["needed"])
 
     scores = [row["sensitivity"] for row in info["top_sensitive"]]

@@ -559,11 +559,13 @@ def test_forced_quantize_failing_verification_keeps_the_previous_variant(
 
 
 def test_zero_shot_agreement_below_min_agreement_exits_1_and_writes_nothing(converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]) -> None:
-    """Calibrated on synthetic inputs, the TensorRT form moves the best caption of two of the ten built-in photos (agreement 0.8 here)."""
+    """Static int8 moves the best caption of at least one of the ten built-in photos on the tiny random CLIP, whose
+    captions' scores lie close together (agreement 0.9 with AVX-512 VNNI kernels; the TensorRT form, 0.8 on an AVX2
+    machine, moved none there)."""
     model_dir = copy_model_dir(converted("clip"))
     before = snapshot(model_dir)
 
-    result = vlmopt("quantize", model_dir, "--mode", "int8-static", "--target", "tensorrt", "--min-cosine", "0", "--min-agreement", "1")
+    result = vlmopt("quantize", model_dir, "--mode", "int8-static", "--min-cosine", "0", "--min-agreement", "1")
 
     assert result.exit_code == 1, result.output
     assert "below --min-agreement 1" in result.stderr

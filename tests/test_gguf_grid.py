@@ -108,7 +108,19 @@ def test_fallback_moves_the_fewest_matrices_kept_on_their_grid_out_of_int4_until
     metrics = manifest(model_dir)["artifacts"]["grid-only"]["verification"]["metrics"]
     alone = next(m["value"] for m in metrics if m["name"] == AGREEMENT)
     gate = round(alone + (1 - alone) / 3, 4)
-    vlmopt_json("quantize", model_dir, "--part", "decoder=int4", "--fallback", "--fallback-precision", "fp32", "--min-token-agreement", str(gate), "--max-ppl-increase", "off")
+    vlmopt_json(
+        "quantize",
+        model_dir,
+        "--part",
+        "decoder=int4",
+        "--fallback",
+        "--fallback-precision",
+        "fp32",
+        "--min-token-agreement",
+        str(gate),
+        "--max-ppl-increase",
+        "off",
+    )
 
     artifact = manifest(model_dir)["artifacts"]["decoder-int4"]
     info = artifact["record"]["fallback"]["towers"]["decoder"]

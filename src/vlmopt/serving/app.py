@@ -64,7 +64,7 @@ class Metrics:
         )
         self.stage_seconds = Histogram(
             "vlmopt_batch_stage_seconds",
-            "Time of each batch's stages, by tower: preprocess (image processor or tokenizer, over the batch) and model.",
+            "Time of the stages, by tower: preprocess (the image processor per image, in its request; the tokenizer per batch) and model (per batch).",
             ["tower", "stage"],
             buckets=LATENCY_BUCKETS,
             registry=r,
@@ -232,7 +232,7 @@ class ServeApp:
         blobs = [_data_bytes(v, f"images[{i}]", self.options.max_image_bytes) for i, v in enumerate(images)]
 
         async def one(i: int, data: bytes) -> list[float]:
-            # decoded (and refused where it is no image) per request; the image processor runs over the batch
+            # decoded (and refused where it is no image) and preprocessed per request; the model runs over the batch
             try:
                 image = await asyncio.to_thread(self.service.image, data, self.options.max_image_pixels)
             except BadItem as exc:

@@ -18,13 +18,19 @@ Every method ends in ONNX Runtime's MatMulNBits, so every variant runs on the sa
     scale_estimation=True)` on its ONNX back end (ONNX Runtime's only AWQ is `nvidia_awq`, which needs
     NVIDIA ModelOpt, CUDA and a dataset download). NNCF reads graphs of standard operators; where it cannot
     read a decoder (the builder's fused operators) the method is refused with NNCF's own reason.
-  * `grid`: weights already on a 4-bit grid (a dequantized GGUF Q4_0/Q4_1: per block of 32 inputs w = d*q + m,
-    q in 0..15) kept exactly: the block's own codes and step d as MatMulNBits with zero points 0, and the offsets m
-    added back through the input's block sums, y += (x @ E) @ M (E [K, K/32] sums each block, M [K/32, N] holds
-    m). MatMulNBits' integer zero points alone cannot hold m (on SmolLM2's Q4_1 fewer than 0.5 % of blocks have
-    -m/d on the integer grid) and its float zero points run 30-50x slower at one row (`benchmarks/gguf_grid.py`).
-    Matrices not on such a grid (SmolLM2's head, tied to its Q8_0 token table) become 8-bit MatMulNBits (rtn), as
-    the source kept them at more than 4 bits: a GGUF's Q8_0/Q6_K matrices stay near their own precision.
+  * `grid`: a dequantized GGUF's matrices kept on their own grids, exactly, each at the narrowest MatMulNBits form
+    that holds it (`GRID_FORMS`), detected from the fp32 weights per block of inputs:
+      - grids through zero (w = d*(q - z): Q4_0; Q5_0, Q8_0 over blocks of 32; Q6_K, Q3_K over sub-blocks of 16) are
+        MatMulNBits' own form: the codes, the step d as the scale (taken back exactly from the block's largest code)
+        and an integer zero point, at 4 bits where 16 levels hold the block, else at 8;
+      - grids with an offset of their own per block (w = d*q + m: Q4_1, Q4_K; at 8 bits Q5_1, Q5_K) keep the codes
+        and d with zero points 0, and the offsets m are added back through the input's block sums,
+        y += (x @ E) @ M (E [K, K/32] sums each block, M [K/32, N] holds m). Integer zero points alone cannot hold m
+        (on SmolLM2's Q4_1 fewer than 0.5 % of blocks have -m/d on the integer grid) and MatMulNBits' float zero
+        points run 30-50x slower at one row (`benchmarks/gguf_grid.py`).
+    A Q4_K_M GGUF keeps most of its matrices at more than 4 bits (Gemma 3 270M's: 27 Q4_K, 81 Q5_0, plus Q6_K and
+    Q8_0): those stay 8-bit, exactly as the source held them. Matrices on no grid become 8-bit MatMulNBits (rtn).
+    Every matrix's form, and why, is in the record.
   * `auto`: each method above in turn (grid only where most matrices are on a 4-bit grid), each scored on the
     gate's text; the best that passes is kept, and the record says what each scored and why the one kept was chosen.
 

@@ -291,3 +291,17 @@ def test_a_gguf_with_a_tensor_type_vlmopt_cannot_read_is_refused_naming_the_type
 
     assert_bad_input(result, "GGUF type Q8_1", "token_embd.weight", "cannot read")
     assert not (tmp_path / "lm").exists()
+
+
+def test_a_block_whose_codes_are_all_odd_still_gets_zero_points() -> None:
+    # w = d*k: a block of 16 with only odd k shows steps of 2d, and its minimum sits half such a step off zero
+    rng = np.random.default_rng(5)
+    codes = rng.integers(-32, 32, (64, 8))
+    codes[:16, 0] = rng.integers(-16, 16, 16) * 2 + 1
+    d = (rng.random((4, 8)) * 0.01 + 0.001).astype(np.float16).astype(np.float32)
+    weight = (np.repeat(d, 16, axis=0) * codes).astype(np.float32)
+
+    form = gguf_grid(weight)
+
+    assert form is not None and form.key == "q8b16"
+    assert np.array_equal(grid_rebuilt(form), weight)

@@ -479,8 +479,17 @@ def _grid_chunk(w: np.ndarray, bits: int, block: int, offsets: bool) -> tuple[np
     if offsets:
         return unblocked(codes), step.astype(np.float32), low.astype(np.float32)
     anchor = low / step  # the grid holds 0 where low is a whole number of steps: integer zero points hold it
+    span = codes.max(-1)
+    for divisor in range(2, 9):  # a block whose codes share a factor (all even: 1 in 2^15 blocks of 16) shows a multiple of d
+        off = np.abs(anchor - np.round(anchor)) > 0.01
+        if not off.any():
+            break
+        finer = off & (span * divisor <= maxq) & (np.abs(low / (step / divisor) - np.round(low / (step / divisor))) <= 0.01)
+        step = np.where(finer, step / divisor, step)
+        anchor = low / step
     if np.abs(anchor - np.round(anchor)).max() > 0.01:
         return None
+    codes = np.round((blocks - low[..., None]) / step[..., None])
     signed = codes + np.round(anchor)[..., None]  # w = step * signed
     lowest, highest = signed.min(-1), signed.max(-1)
     if (highest - lowest).max() > maxq:

@@ -191,7 +191,7 @@ def test_a_missed_token_gate_names_the_most_sensitive_matrices_and_the_command_t
     assert result.exit_code == 1 and len(lines) == 1, result.stderr
     assert "most sensitive matrices of the decoder part" in lines[0]
     assert "layers.0." in lines[0] or "layers.1." in lines[0], lines[0]
-    assert f"vlmopt quantize {model_dir} --part decoder=int4 --fallback" in lines[0]
+    assert f"vlmopt quantize {model_dir} --part decoder=int4 --min-token-agreement 0.99 --max-ppl-increase off --fallback" in lines[0]
     assert "node_" not in lines[0] and "nothing was written" in lines[0]
 
 

@@ -949,8 +949,10 @@ class Quantize(Stage):
             del reference
             splicer = self._decoder_splicer(state)
             report[tower] = _sensitivity_json(splicer, fallback.sensitivity(splicer, feeds, threads), readable=True)
-        parts = " ".join(f"--part {name}={mode}" for name, mode in options.parts.items())
-        command = f"vlmopt quantize {job.model_dir.path} {parts} --fallback"
+        flags = [f"--part {name}={mode}" for name, mode in options.parts.items()] + ([f"--method {options.method}"] if options.method else [])
+        for flag, value in (("--min-token-agreement", options.min_token_agreement), ("--max-ppl-increase", options.max_ppl_increase)):
+            flags.append(f"{flag} {'off' if value is None else f'{value:g}'}")
+        command = f"vlmopt quantize {job.model_dir.path} {' '.join(flags)} --fallback"
         raise CheckFailed(
             f"{failed.message.removesuffix('; nothing was written')}; {_sensitivity_line(report, 'matrices', 'part', 'int4 alone')}; "
             f"to keep the fewest of them at int8 until the gates pass: {command}; nothing was written",

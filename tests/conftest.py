@@ -187,6 +187,22 @@ def converted(tmp_path_factory: pytest.TempPathFactory, exported: Callable[[str]
 
 
 @pytest.fixture(scope="session")
+def torch_converted(tmp_path_factory: pytest.TempPathFactory, exported: Callable[[str], Path]) -> Callable[[str], Path]:
+    """A generative model directory with `hf` and its `onnx` conversion with the decoder exported from PyTorch
+    (`convert --decoder torch`); copy it before writing to it."""
+    root = tmp_path_factory.mktemp("torch-converted")
+
+    def make(family: str) -> Path:
+        model_dir = root / family
+        shutil.copytree(exported(family), model_dir)
+        result = vlmopt("convert", model_dir, "--decoder", "torch")
+        assert result.exit_code == 0, f"convert --decoder torch of {family} failed with exit {result.exit_code}: {result.stderr}"
+        return model_dir
+
+    return _Cache(make)
+
+
+@pytest.fixture(scope="session")
 def static_clip(tmp_path_factory: pytest.TempPathFactory, exported: Callable[[str], Path]) -> Path:
     """The tiny CLIP converted with fixed shapes: batch 2, sequence 8."""
     model_dir = tmp_path_factory.mktemp("static") / "clip"

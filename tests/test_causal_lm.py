@@ -21,11 +21,10 @@ def _metrics(model_dir: Path, artifact: str) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def llama(exported: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def llama(torch_converted: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny llama with its decoder exported from PyTorch."""
     model_dir = tmp_path_factory.mktemp("llama") / "llama"
-    shutil.copytree(exported("llama"), model_dir)
-    vlmopt_json("convert", model_dir, "--decoder", "torch")
+    shutil.copytree(torch_converted("llama"), model_dir)
     return model_dir
 
 

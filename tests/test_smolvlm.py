@@ -41,6 +41,17 @@ def test_the_processor_splits_images_of_different_sizes_into_different_tile_coun
     assert tiles == [10, 7]
 
 
+def test_the_part_checks_send_one_tile_per_image_and_leave_the_processor_splitting_after(smolvlm: Path, images: list[Any]) -> None:
+    from vlmopt.families.smolvlm import SmolVlmFamily, SmolVlmPreprocessor
+
+    preprocessor = SmolVlmPreprocessor(smolvlm / "hf")
+    with preprocessor.image_processor_settings(SmolVlmFamily.part_check_image_processor):
+        inside = len(preprocessor(PROMPTS[0], [images[0]]).pixel_values)
+    after = len(preprocessor(PROMPTS[0], [images[0]]).pixel_values)
+
+    assert (inside, after) == (1, 10)
+
+
 def test_convert_verifies_every_part_and_greedy_generation_against_transformers(smolvlm: Path) -> None:
     verification, against_transformers, metrics = onnx_verification(smolvlm)
 

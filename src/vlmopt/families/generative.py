@@ -23,6 +23,8 @@ image token must), so the preprocessor checks the count before anything runs.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,6 +159,10 @@ class GenerativeFamily(Family):
     decoder_makers = ("builder", "torch")
     #: the language models whose decoder (and its cache) vlmopt's wrapper and verification cover
     language_models: tuple[str, ...] = ("llama", "mistral", "qwen2")
+    #: image processor settings for the checks that compare parts (convert's vision and embedding parts at two
+    #: shapes; a quantized variant's greedy pairs against its fp32 parent), where the processor's own make them
+    #: needlessly costly; convert's generation checks against transformers keep the processor's settings
+    part_check_image_processor: dict[str, Any] = {}
 
     # -- the reference (transformers' model), read by verification, the builder and the wrappers -----------
     def text_config(self, config: Any) -> Any:
@@ -347,6 +353,19 @@ class VlmPreprocessor:
     @property
     def contract(self) -> GenerativeContract:
         return self.family.contract
+
+    @contextmanager
+    def image_processor_settings(self, settings: dict[str, Any]) -> Iterator[None]:
+        """The image processor with `settings` (its attributes) inside the block, its own again after it."""
+        image_processor = self.processor.image_processor
+        saved = {name: getattr(image_processor, name) for name in settings}
+        try:
+            for name, value in settings.items():
+                setattr(image_processor, name, value)
+            yield
+        finally:
+            for name, value in saved.items():
+                setattr(image_processor, name, value)
 
     @property
     def has_chat_template(self) -> bool:

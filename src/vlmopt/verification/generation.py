@@ -152,7 +152,7 @@ def _references(model: Any, preprocessor: Any, shares_buffer: bool) -> _Referenc
     from vlmopt.runners.generate import HfGenerateRunner
 
     family = preprocessor.family
-    with torch.inference_mode():
+    with torch.inference_mode(), preprocessor.image_processor_settings(family.part_check_image_processor):
         vision = _vision_cases(model, preprocessor) if preprocessor.contract.takes_images else []
         embedding = _embedding_cases(model, preprocessor)
         decoder = _decoder_cases(model, family, shares_buffer)
@@ -376,7 +376,8 @@ def variant_checks(
         say(f"teacher-forced next-token agreement and perplexity over {len(ids)} tokens of {TEXT_SOURCE}")
         scores = teacher_forced(fp32.parts, variant.parts, ids, window)
         say(f"greedy generation of {VARIANT_NEW_TOKENS} tokens on {VARIANT_PAIRS} {_pair_words(preprocessor)}, fp32 against the variant")
-        pairs = _pairs(preprocessor, VARIANT_PAIRS, offset=100)
+        with preprocessor.image_processor_settings(preprocessor.family.part_check_image_processor):
+            pairs = _pairs(preprocessor, VARIANT_PAIRS, offset=100)
         divergences, matched = [], []
         for prompt in pairs:
             request = _request(preprocessor, prompt, VARIANT_NEW_TOKENS)

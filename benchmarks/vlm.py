@@ -13,7 +13,7 @@ long as the VLM's prefill.
 
 Per contender and batch (1 and 4): image encode latency (the vision part alone), time to first token for one
 image per sequence and a 32-token prompt (chat template included), decode tokens/s per sequence over the steps
-after the first, and the process's peak RSS. Every measurement runs in its own process (the 0.9 B model's
+after the first, and the process's peak RSS, each after one 2-token warm-up generation in the same process. Every measurement runs in its own process (the 0.9 B model's
 contenders do not fit in memory together) and the contenders take turns, round after round (interleaved), so
 a change in the machine's load hits all of them; the medians are reported. The machine's memory bandwidth is
 measured in the same run, and decode at batch 1 is reported as achieved bytes/s (decoder weight bytes read per
@@ -209,6 +209,7 @@ def anchor(prompt_tokens: int, batch: int, new_tokens: int, threads: int) -> dic
     path = smollm2_gguf()
     llm = llama_cpp.Llama(str(path), n_threads=threads, n_threads_batch=threads, n_ctx=512, verbose=False)
     ids = llm.tokenize((PROMPT * 20).encode(), add_bos=False)[:prompt_tokens]
+    llama_cpp_generate(llm, ids, 2)  # the warm-up every contender gets
     timed = llama_cpp_generate(llm, ids, new_tokens)
     return {
         "image_encode_s": None,
@@ -263,6 +264,9 @@ def child(model_dir: Path, artifact: str, batch: int, new_tokens: int, threads: 
             started = time.perf_counter()
             runner.encode_images(prompt.pixel_values, prompt.vision_inputs, prompt.reference_inputs)  # batch 1: the one image's tiles/patches
             encode.append(time.perf_counter() - started)
+        # one short warm-up generation first (every contender, the anchor too): ONNX Runtime's and PyTorch's first run of
+        # a part allocates its arenas and picks kernels, which is start-up, not the time to a first token
+        runner.generate(GenerateRequest(prompt, 2, preprocessor.eos_token_ids, preprocessor.pad_token_id, min_new_tokens=2))
         result = runner.generate(request)
         weights = decoder_bytes(runner, directory, record, preprocessor.family)
     return {

@@ -3,7 +3,7 @@
 Run by `benchmarks/vlm.py` with the python of optimum-intel's own environment (its pins clash with vlmopt's:
 transformers < 4.58 for these families' export), so it imports neither vlmopt nor anything the anchor's
 environment lacks. It reads the prompt as `generate` takes it (written by vlm.py with vlmopt's own preprocessor, so
-both sides time the same tokens and pixels) and prints one JSON line: time to first token, decode tokens/s over the
+both sides time the same tokens and pixels) and prints one JSON line, after a 2-token warm-up generation: time to first token, decode tokens/s over the
 steps after the first, peak RSS.
 
   python vlm_openvino_anchor.py OV_FOLDER PROMPT.npz NEW_TOKENS THREADS
@@ -53,6 +53,8 @@ def main() -> None:
         def end(self) -> None:
             return None
 
+    with torch.inference_mode():  # one 2-token warm-up generation, as vlm.py's contenders get (first-inference set-up is not TTFT)
+        model.generate(**kwargs, max_new_tokens=2, min_new_tokens=2, do_sample=False, eos_token_id=eos, pad_token_id=pad)
     started = time.perf_counter()
     with torch.inference_mode():
         model.generate(**kwargs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad, streamer=Stream())

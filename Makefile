@@ -57,7 +57,7 @@ bench-qwac: bench-models
 	$(BIN)/python benchmarks/nncf_qwac.py
 
 # Real all-MiniLM-L6-v2 pruned at MLP ratio 0.5, distilled from the original (DISTILL_MINUTES of CPU training), int8
-DISTILL_MINUTES ?= 25
+DISTILL_MINUTES ?= 30
 bench-distill: bench-models
 	$(BIN)/python benchmarks/distill.py --minutes $(DISTILL_MINUTES)
 

@@ -396,9 +396,10 @@ def print_table(results: dict[str, Any]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="build/bench-distill")
-    parser.add_argument("--minutes", type=float, default=25.0, help="training time bound (distill --minutes)")
-    # the schedule's length: about 20 minutes here at load 10 (25 steps a minute), so the learning rate decays before --minutes
-    parser.add_argument("--steps", type=int, default=500, help="distill --steps (the schedule's length)")
+    parser.add_argument("--minutes", type=float, default=30.0, help="training time bound (distill --minutes)")
+    # the schedule's length: about 32 minutes on one quiet core here (94 steps a minute), so the learning rate has
+    # decayed when --minutes stops it (under load far fewer steps run: 8.8 a minute at load 25)
+    parser.add_argument("--steps", type=int, default=3000, help="distill --steps (the schedule's length)")
     parser.add_argument("--batch-size", type=int, default=16)
     # one thread: on a shared 2-core machine under load, two threads spend more time waiting on each other than
     # computing (tiny CLIP, load average 9-10: 30 steps in 90 s with two threads, 6 s with one)

@@ -169,6 +169,15 @@ def legacy_checkpoint(source: Path, dest: Path) -> Path:
     return dest
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (MB): /proc's VmHWM, which starts again at exec. getrusage's ru_maxrss does
+    not: a child inherits the parent's resident size at fork as its floor (every row read 1248 MB, the parent's)."""
+    for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 # -- memory bandwidth ------------------------------------------------------------------------------
 def bandwidth(mib: int = 1024, repeats: int = 5) -> dict[str, float]:
     """Read bandwidth (GB/s, best of `repeats`): a sum over an array far larger than the caches, numpy on one
@@ -215,7 +224,7 @@ def anchor(prompt_tokens: int, batch: int, new_tokens: int, threads: int) -> dic
         "image_encode_s": None,
         **timed,
         "prompt_tokens": len(ids),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "decoder_bytes_per_token": path.stat().st_size,
         "text": f"llama.cpp {llama_cpp.__version__}, {path.name}, text only",
     }
@@ -255,7 +264,7 @@ def child(model_dir: Path, artifact: str, batch: int, new_tokens: int, threads: 
         files = {name: tower.file or "" for name, tower in record.towers.items()}
         other = directory.artifact(prefill)
         decoder = preprocessor.contract.decoder.name
-        files[prefill_part(preprocessor.contract)] = str(directory.artifact_path(prefill) / (other.towers[decoder].file or ""))
+        files[prefill_part(preprocessor.contract)] = str((directory.artifact_path(prefill) / (other.towers[decoder].file or "")).resolve())
         generator.runner = OrtGenerateRunner(directory.artifact_path(record.name), files, threads, preprocessor.contract)
     with generator.load():
         runner = generator.runner
@@ -275,7 +284,7 @@ def child(model_dir: Path, artifact: str, batch: int, new_tokens: int, threads: 
         "decode_tokens_per_s": result.decode_tokens_per_s,
         "prompt_tokens": int(prompt.input_ids.shape[1]),
         "new_tokens": len(result.tokens[0]),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "decoder_bytes_per_token": weights,
         "text": preprocessor.decode(result.tokens[0])[:120],
     }

@@ -356,7 +356,11 @@ class VlmPreprocessor:
 
     @contextmanager
     def image_processor_settings(self, settings: dict[str, Any]) -> Iterator[None]:
-        """The image processor with `settings` (its attributes) inside the block, its own again after it."""
+        """The image processor with `settings` (its attributes) inside the block, its own again after it (none to set:
+        nothing touched, so a bare language model's tokenizer-only processor passes through)."""
+        if not settings:
+            yield
+            return
         image_processor = self.processor.image_processor
         saved = {name: getattr(image_processor, name) for name in settings}
         try:

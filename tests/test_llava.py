@@ -204,6 +204,17 @@ def test_the_decoder_computes_only_the_last_positions_logits_when_asked(maker: s
     np.testing.assert_allclose(last[:, 0], every[:, -1], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("maker", ["builder", "torch"])
+def test_the_loop_asks_the_converted_decoder_for_the_last_positions_logits_only(maker: str, request: pytest.FixtureRequest) -> None:
+    from vlmopt.runners.generate import OrtParts
+
+    model_dir = request.getfixturevalue({"builder": "llava", "torch": "llava_torch"}[maker])
+    parts = OrtParts(model_dir / "onnx", {"embedding": "embedding.onnx", "decoder": "decoder.onnx"}, threads=1)
+
+    # the graph gives logits_to_keep a default, which ONNX Runtime would list as an overridable initializer, unbindable
+    assert parts.keeps_logits and "logits_to_keep" in {i.name for i in parts.decoder.get_inputs()}
+
+
 def test_a_prefill_hands_back_each_rows_last_logits_from_a_batch_of_unequal_prompts(llava: Path) -> None:
     from vlmopt.runners.generate import OrtParts
 

@@ -295,12 +295,29 @@ class HfGenerateRunner(GenerateRunner):
 
 
 # -- ONNX Runtime ---------------------------------------------------------------------------------
-def ort_session(path: Path, threads: int | None) -> Any:
-    """A CPU session that does not spin between runs: on shared cores, spinning threads slow whatever runs next."""
+def ort_session(path: Path, threads: int | None, plain_inputs: tuple[str, ...] = ()) -> Any:
+    """A CPU session that does not spin between runs: on shared cores, spinning threads slow whatever runs next.
+
+    `plain_inputs`: inputs the graph gives a default (an initializer of the same name) that the session takes as plain
+    inputs, without the default. ONNX Runtime lists an input with a default among `get_overridable_initializers()`,
+    not `get_inputs()`, and IO binding binds none of those ("Failed to find NodeArg"); the file is not changed (the
+    graph is read without its external data, which the session reads from the file's folder)."""
     import onnxruntime as ort
 
+    options = quiet_cpu_options(threads)
+    source: str | bytes = str(path)
     try:
-        return ort.InferenceSession(str(path), quiet_cpu_options(threads), providers=["CPUExecutionProvider"])
+        if plain_inputs:
+            import onnx
+
+            model = onnx.load(str(path), load_external_data=False)
+            kept = [t for t in model.graph.initializer if t.name not in plain_inputs]
+            if len(kept) < len(model.graph.initializer):
+                del model.graph.initializer[:]
+                model.graph.initializer.extend(kept)
+                source = model.SerializeToString()
+                options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(Path(path).parent))
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise VlmoptError(f"cannot load ONNX file {path}: {first}") from exc
@@ -330,9 +347,9 @@ class OrtParts:
         self.embedding = self.session(folder / files[embedding], threads)
         #: a bare language model's embedding part takes the token ids alone
         self.embedding_takes_images = IMAGE_FEATURES in {i.name for i in self.embedding.get_inputs()}
-        self.decoder = self.session(folder / files[decoder], threads)
+        self.decoder = self.decoder_session(folder / files[decoder], threads)
         prefill = prefill_part(contract)
-        self.prefill = self.session(folder / files[prefill], threads) if prefill in files else None
+        self.prefill = self.decoder_session(folder / files[prefill], threads) if prefill in files else None
         if self.prefill is not None and _signature(self.prefill) != _signature(self.decoder):
             raise VlmoptError(
                 f"{files[prefill]} does not take and give what {files[decoder]} does; a prefill decoder must share its decoder's inputs, outputs and cache"
@@ -371,6 +388,12 @@ class OrtParts:
         """One part's session (another back end gives an object with the same `run`, `get_inputs`, `get_outputs`)."""
         return ort_session(path, threads)
 
+    def decoder_session(self, path: Path, threads: int | None) -> Any:
+        """A decoder's session, its `logits_to_keep` taken as a plain input, so that the loop's IO binding can ask a
+        prefill for its last position's logits only (with the default, every prompt position went through the head:
+        Qwen2.5-VL-3B's 151936 x 2048 head over 310 positions roughly doubled the prefill)."""
+        return ort_session(path, threads, (LOGITS_TO_KEEP,))
+
     def encode_images(self, pixel_values: np.ndarray, vision_inputs: dict[str, np.ndarray] | None = None) -> np.ndarray:
         if self.vision is None:
             raise VlmoptError(f"this artifact has no {self.contract.vision.name} part" if self.contract.vision else "this model takes no images")
@@ -402,6 +425,8 @@ class OrtParts:
         for name in self.position_inputs:
             given = (extra or {}).get(name)
             feed[name] = np.zeros(inputs_embeds.shape[:2], np.int64) if given is None else np.ascontiguousarray(given.astype(np.int64))
+        if self.keeps_logits:
+            feed[LOGITS_TO_KEEP] = np.array(0, np.int64)  # every position, the graph's default; the cache's runs ask for fewer
         return feed
 
     def decode(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> np.ndarray:
@@ -461,10 +486,11 @@ class KvCache:
         session, binding = (parts.prefill, self.prefill_binding) if prompt and parts.prefill is not None else (parts.decoder, self.binding)
         for name, value in zip(parts.past_names, self.values, strict=True):
             binding.bind_ortvalue_input(name, value)  # the cache's current values, whichever decoder ran last
-        for name, value in parts.step_feed(inputs_embeds, mask, extra, positions).items():
-            binding.bind_cpu_input(name, value)
+        feed = parts.step_feed(inputs_embeds, mask, extra, positions)
         if parts.keeps_logits:
-            binding.bind_cpu_input(LOGITS_TO_KEEP, np.array(keep, np.int64))
+            feed[LOGITS_TO_KEEP] = np.array(keep, np.int64)
+        for name, value in feed.items():
+            binding.bind_cpu_input(name, value)
         binding.clear_binding_outputs()
         binding.bind_output(LOGITS, "cpu")  # rebound each step: its shape changes from prefill to decode
         for name, value in zip(parts.present_names, self.values, strict=True):

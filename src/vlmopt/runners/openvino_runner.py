@@ -265,6 +265,10 @@ class OpenVINOParts(OrtParts):
     def session(self, path: Path, threads: int | None) -> Any:  # type: ignore[override]
         return OpenVINOSession(path, self._meta.get(path.name, {}), threads)
 
+    def decoder_session(self, path: Path, threads: int | None) -> Any:
+        """An IR lists every input it takes among its inputs, `logits_to_keep` included."""
+        return self.session(path, threads)
+
     def cache(self, batch: int, capacity: int) -> KvCache:
         return OpenVINOKvCache(self, batch, capacity)
 

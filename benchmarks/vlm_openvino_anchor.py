@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -22,24 +21,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (MB): /proc's VmHWM, which starts again at exec. getrusage's ru_maxrss does
-    not: a child inherits the parent's resident size at fork as its floor (every row read 1248 MB, the parent's)."""
-    for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def main() -> None:
     folder, inputs, new_tokens, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     from importlib.metadata import version
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import numpy as np
     import openvino
     import torch
     from optimum.intel import OVModelForVisualCausalLM
     from transformers.generation.streamers import BaseStreamer
+    from vlm import peak_rss_mb  # vlm.py imports nothing at module level that this environment lacks
 
     torch.set_num_threads(threads)
     ov_config = {"INFERENCE_NUM_THREADS": str(threads), "PERFORMANCE_HINT": "LATENCY", "CACHE_DIR": ""}

@@ -558,19 +558,26 @@ def test_forced_quantize_failing_verification_keeps_the_previous_variant(
     assert leftovers(model_dir) == []
 
 
-def test_zero_shot_agreement_below_min_agreement_exits_1_and_writes_nothing(converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]) -> None:
-    """Static int8 moves the best caption of at least one of the ten built-in photos on the tiny random CLIP, whose
-    captions' scores lie close together (agreement 0.9 with AVX-512 VNNI kernels; the TensorRT form, 0.8 on an AVX2
-    machine, moved none there)."""
-    model_dir = copy_model_dir(converted("clip"))
-    before = snapshot(model_dir)
+def test_zero_shot_agreement_below_min_agreement_exits_1_and_writes_nothing(converted: Callable[[str], Path], tmp_path: Path) -> None:
+    """Static int8 moves the best caption of one of the ten built-in photos on the tiny random CLIP, whose captions'
+    scores lie close together; which form moves one depends on the CPU's int8 kernels (ONNX Runtime's form: 0.9 with
+    AVX-512 VNNI, 1.0 on AVX2; the TensorRT form: 0.9 on AVX2, 1.0 with VNNI). Both run, each on its own copy: at least
+    one misses the gate, and each that misses it refuses in one line and writes nothing."""
+    refused = 0
+    for index, target in enumerate(([], ["--target", "tensorrt"])):
+        model_dir = tmp_path / f"clip-{index}"
+        shutil.copytree(converted("clip"), model_dir)
+        before = snapshot(model_dir)
 
-    result = vlmopt("quantize", model_dir, "--mode", "int8-static", "--min-cosine", "0", "--min-agreement", "1")
+        result = vlmopt("quantize", model_dir, "--mode", "int8-static", *target, "--min-cosine", "0", "--min-agreement", "1")
 
-    assert result.exit_code == 1, result.output
-    assert "below --min-agreement 1" in result.stderr
-    assert snapshot(model_dir) == before
-    assert leftovers(model_dir) == []
+        assert result.exit_code in (0, 1), result.output
+        if result.exit_code == 1:
+            refused += 1
+            assert "below --min-agreement 1" in result.stderr
+            assert snapshot(model_dir) == before
+            assert leftovers(model_dir) == []
+    assert refused >= 1
 
 
 def test_min_cosine_off_turns_the_cosine_gate_off(converted: Callable[[str], Path], copy_model_dir: Callable[[Path], Path]) -> None:

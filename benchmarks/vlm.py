@@ -6,7 +6,8 @@ Models (built offline by `vlmopt demo-model`, then `export`, `convert` and `quan
 Contenders: `hf` (transformers `generate`, SDPA, its KV cache: the reference), `onnx` (fp32 parts through
 vlmopt's ORT loop, the decoder from onnxruntime-genai's model builder: GroupQueryAttention, KV cache in place),
 `onnx-torch` (the same with the decoder exported from PyTorch), `int8` (decoder weight-only int8 MatMulNBits +
-vision int8), `int4` (decoder int4 MatMulNBits + vision int8) and `int4-torch` (int4 of the PyTorch-exported decoder). The variants are made with the fidelity gates off so their speed is shown; their agreement and
+vision int8), `int4` (decoder int4 MatMulNBits + vision int8), `int4-prefill` (the same with an int8-dynamic
+prompt decoder beside it, `quantize --prefill int8-dynamic`) and `int4-torch` (int4 of the PyTorch-exported decoder). The variants are made with the fidelity gates off so their speed is shown; their agreement and
 perplexity on the real text are printed from the manifest beside them. `llama.cpp` is an anchor outside vlmopt, for
 model a at batch 1 where `llama-cpp-python` is installed: the same SmolLM2 GGUF (Q4_1), text only, on a prompt as
 long as the VLM's prefill.
@@ -77,6 +78,8 @@ VARIANTS = {
     "int4-torch": ("onnx-torch", _INT4),
     # MatMulNBits' compute at accuracy level 1 (fp32 activations) instead of the default 4 (int8 activations)
     "int4-acc1": ("onnx", [*_INT4, "--accuracy-level", "1"]),
+    # int4 decode steps beside an int8-dynamic (MatMulInteger) prompt decoder: `quantize --prefill`, the product's path
+    "int4-prefill": ("onnx", [*_INT4, "--prefill", "int8-dynamic"]),
 }
 #: contender -> (artifact, artifact whose decoder runs the prompt): the int4 decode decoder beside another prefill decoder
 PREFILL_SPLITS = {"int4+int8-prefill": ("int4", "int8"), "int4+fp32-prefill": ("int4", "onnx")}
@@ -84,14 +87,14 @@ PREFILL_SPLITS = {"int4+int8-prefill": ("int4", "int8"), "int4+fp32-prefill": ("
 #: by `vlm_openvino_anchor.py` under optimum-intel's own environment's python (`--optimum-intel`)
 #: int4 in blocks of 32, as vlmopt's (optimum-intel's default 128 does not divide SmolLM2's 576 channels)
 OPENVINO_ANCHORS = {"ov-int4": ["--weight-format", "int4", "--group-size", "32"], "ov-fp32": ["--weight-format", "fp32"]}
-CONTENDERS = ("hf", "onnx", "onnx-torch", "int8", "int4", "int4-torch", "int4-acc1", *PREFILL_SPLITS, *OPENVINO_ANCHORS, "llama.cpp")
+CONTENDERS = ("hf", "onnx", "onnx-torch", "int8", "int4", "int4-torch", "int4-acc1", "int4-prefill", *PREFILL_SPLITS, *OPENVINO_ANCHORS, "llama.cpp")
 #: the contenders when --contenders is not given: LLaVA's as before; SmolVLM's and Qwen's with the prefill levers and
 #: the optimum-intel anchor (Qwen's `onnx` decoder is already PyTorch's: it has no builder decoder, M-RoPE)
 DEFAULT_CONTENDERS = {
     "a": ("hf", "onnx", "onnx-torch", "int8", "int4", "int4-torch", "llama.cpp"),
     "b": ("hf", "onnx", "onnx-torch", "int8", "int4", "int4-torch"),
-    "s": ("hf", "onnx", "int8", "int4", "int4-acc1", *PREFILL_SPLITS, *OPENVINO_ANCHORS),
-    "q": ("hf", "onnx", "int8", "int4", "int4-acc1", *PREFILL_SPLITS, *OPENVINO_ANCHORS),
+    "s": ("hf", "onnx", "int8", "int4", "int4-acc1", "int4-prefill", *PREFILL_SPLITS, *OPENVINO_ANCHORS),
+    "q": ("hf", "onnx", "int8", "int4", "int4-acc1", "int4-prefill", *PREFILL_SPLITS, *OPENVINO_ANCHORS),
 }
 #: the anchor outside vlmopt: llama.cpp (`llama-cpp-python`, built from source by pip, about 15 minutes here, so
 #: `make install` does not install it) running the same SmolLM2 GGUF, text only, on a prompt of the same length

@@ -14,6 +14,7 @@ import onnxruntime as ort
 import pytest
 
 from conftest import manifest, vlmopt, vlmopt_json
+from vlmopt import graph
 from vlmopt.samples import sample_image
 
 
@@ -53,6 +54,31 @@ def quantized(tmp_path_factory: pytest.TempPathFactory, llava: Path) -> Path:
         "vision=int8",
         "--part",
         "embedding=int8",
+        "--min-token-agreement",
+        "off",
+        "--max-ppl-increase",
+        "off",
+    )
+    return model_dir
+
+
+PREFILLED = "decoder-int4_vision-int8_prefill-int8-dynamic"
+
+
+@pytest.fixture(scope="module")
+def prefilled(tmp_path_factory: pytest.TempPathFactory, llava: Path) -> Path:
+    """The tiny llava with an int4 decoder and an int8-dynamic prompt decoder beside it (`--prefill`; gates off)."""
+    model_dir = tmp_path_factory.mktemp("llava-prefilled") / "llava"
+    shutil.copytree(llava, model_dir)
+    vlmopt_json(
+        "quantize",
+        model_dir,
+        "--part",
+        "decoder=int4",
+        "--part",
+        "vision=int8",
+        "--prefill",
+        "int8-dynamic",
         "--min-token-agreement",
         "off",
         "--max-ppl-increase",
@@ -260,6 +286,93 @@ def test_a_prefill_decoder_that_does_not_match_the_decoder_is_refused(llava: Pat
 
     with pytest.raises(VlmoptError, match="prefill decoder must share"):
         OrtParts(llava / "onnx", {"embedding": "embedding.onnx", "decoder": "decoder.onnx", "decoder_prefill": "vision.onnx"}, threads=1)
+
+
+def test_prefill_adds_an_int8_dynamic_prompt_decoder_beside_the_int4_decoder(prefilled: Path) -> None:
+    artifact = manifest(prefilled)["artifacts"][PREFILLED]
+    decoder = artifact["towers"]["decoder"]
+    folder = prefilled / PREFILLED
+    ops = {name: graph.op_counts(graph.load_structure(folder / name)) for name in (decoder["file"], decoder["prefill"])}
+
+    assert decoder["prefill"] == "decoder_prefill.onnx"
+    assert ops["decoder.onnx"].get("MatMulNBits", 0) > 0 and not ops["decoder.onnx"].get("MatMulInteger")
+    assert ops["decoder_prefill.onnx"].get("MatMulInteger", 0) > 0 and not ops["decoder_prefill.onnx"].get("MatMulNBits")
+    assert artifact["record"]["towers"]["decoder"]["prefill"]["mode"] == "int8-dynamic"
+
+
+def test_the_prompt_decoder_belongs_to_the_decoder_parts_files(prefilled: Path) -> None:
+    from vlmopt.workspace import ModelDir
+
+    artifact = ModelDir.open(prefilled).artifact(PREFILLED)
+
+    assert "decoder_prefill.onnx" in {f.path for f in artifact.tower_files("decoder")}
+    assert "decoder_prefill.onnx" not in {f.path for f in artifact.tower_files("vision")}
+
+
+def test_the_loop_of_a_prefill_artifact_runs_its_prompts_through_the_prompt_decoder(prefilled: Path) -> None:
+    from vlmopt.generation import Generator
+    from vlmopt.runners.generate import OrtParts
+
+    alone = OrtParts(prefilled / PREFILLED, {"embedding": "embedding.onnx", "decoder": "decoder_prefill.onnx"}, threads=1)
+    embeds = np.random.default_rng(4).standard_normal((1, 7, alone.hidden)).astype(np.float32)
+    mask = np.ones((1, 7), np.int64)
+    with Generator(prefilled, PREFILLED, "onnxruntime", threads=1) as generator:
+        parts = generator.load().runner.parts
+        prompt, steps = parts.decode(embeds, mask, prompt=True), parts.decode(embeds, mask)
+
+    np.testing.assert_allclose(prompt, alone.decode(embeds, mask), rtol=0, atol=1e-6)
+    assert np.abs(steps - prompt).max() > 1e-4  # the int4 decoder is another graph
+
+
+def test_the_prompt_decoder_is_gated_on_its_own_teacher_forced_figures(prefilled: Path) -> None:
+    metrics = {m["name"]: m for m in manifest(prefilled)["artifacts"][PREFILLED]["verification"]["metrics"]}
+    decoder, prompt = metrics["teacher-forced next-token top-1 agreement"], metrics["prompt decoder: teacher-forced next-token top-1 agreement"]
+
+    assert prompt["detail"]["graph"] == "prompt" and prompt["detail"]["positions"] == decoder["detail"]["positions"]
+    assert prompt["value"] != decoder["value"]  # int8-dynamic and int4 disagree with fp32 at different positions
+    assert "prompt decoder: perplexity increase" in metrics
+
+
+def test_teacher_forcing_with_prompt_scores_the_prompt_decoder(llava: Path, prefilled: Path) -> None:
+    from vlmopt.runners.generate import OrtParts
+    from vlmopt.verification.generation import teacher_forced
+
+    files = {"embedding": "embedding.onnx", "decoder": "decoder.onnx"}
+    folder = prefilled / PREFILLED
+    reference = OrtParts(llava / "onnx", files, threads=1)
+    split = OrtParts(folder, {**files, "decoder_prefill": "decoder_prefill.onnx"}, threads=1)
+    alone = OrtParts(folder, {**files, "decoder": "decoder_prefill.onnx"}, threads=1)
+    ids = np.random.default_rng(0).integers(5, 400, 96)
+
+    assert teacher_forced(reference, split, ids, 32, prompt=True) == teacher_forced(reference, alone, ids, 32)
+    assert teacher_forced(reference, split, ids, 32) != teacher_forced(reference, alone, ids, 32)
+
+
+def test_generate_runs_a_prefill_artifact(prefilled: Path, image: Path) -> None:
+    result = _generate(prefilled, image, PREFILLED)
+
+    assert result["backend"] == "onnxruntime" and len(result["tokens"]) >= 1
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--mode", "int8-dynamic", "--prefill", "int8-dynamic"], "--prefill adds a prompt decoder"),
+        (["--part", "vision=int8", "--prefill", "int8-dynamic"], "--prefill goes beside a decoder part"),
+        (["--part", "decoder=int8", "--prefill", "int8-weights"], "is the decoder part's own form"),
+        (["--part", "decoder=int4", "--prefill", "int8-dynamic", "--fallback"], "cannot mend a prompt decoder"),
+    ],
+)
+def test_a_prefill_without_a_low_bit_decoder_to_go_beside_is_refused(
+    llava: Path, copy_model_dir: Callable[[Path], Path], flags: list[str], message: str
+) -> None:
+    model_dir = copy_model_dir(llava)
+
+    result = vlmopt("quantize", model_dir, *flags)
+
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert set(manifest(model_dir)["artifacts"]) == {"hf", "onnx"}
 
 
 def test_convert_records_the_export_peak_memory_against_the_weights(llava: Path) -> None:

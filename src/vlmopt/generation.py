@@ -103,9 +103,10 @@ def open_runner(model_dir: ModelDir, artifact: Artifact, backend: str, preproces
             raise VlmoptError(f"onnxruntime-genai has no model type that runs {preprocessor.family.name} models; use --backend onnxruntime (vlmopt's loop)")
 
         return GenaiGenerateRunner(folder, preprocessor.image_token_id, threads)
+    from vlmopt.runners.generate import loop_files
     from vlmopt.runners.loops import loop_runner
 
-    files = {name: record.file or "" for name, record in artifact.towers.items()}
+    files = loop_files(artifact.towers, preprocessor.contract)
     engines = {name: record.engine for name, record in artifact.towers.items()}
     return loop_runner(folder, files, threads, preprocessor.contract, engines)
 

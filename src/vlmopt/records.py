@@ -82,22 +82,26 @@ class Traits:
 class TowerRecord:
     """One graph of an artifact: its file (relative to the artifact's folder), interface and size.
 
-    `engine` is what a backend needs beyond the file to load it (TensorRT: version, GPU, profiles)."""
+    `engine` is what a backend needs beyond the file to load it (TensorRT: version, GPU, profiles). `prefill`: a
+    decoder's second graph for the prompt (`quantize --prefill`), same inputs and outputs, other weights."""
 
     tower: Tower
     file: str | None = None
     size: int | None = None
     engine: dict[str, Any] | None = None
+    prefill: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = {"file": self.file, "size": self.size, **self.tower.to_json()}
         if self.engine is not None:
             data["engine"] = self.engine
+        if self.prefill is not None:
+            data["prefill"] = self.prefill
         return data
 
     @classmethod
     def from_json(cls, name: str, data: dict[str, Any]) -> TowerRecord:
-        return cls(Tower.from_json(name, data), data.get("file"), data.get("size"), data.get("engine"))
+        return cls(Tower.from_json(name, data), data.get("file"), data.get("size"), data.get("engine"), data.get("prefill"))
 
 
 # -- verification ---------------------------------------------------------------------------------
@@ -162,6 +166,8 @@ def _token_text(metric: MetricCheck) -> str:
     percent = metric.gate == "--max-ppl-increase"
     value = f"{metric.value:+.1%}" if percent else f"{metric.value:.4f}"
     label = _TOKEN_LABELS.get(metric.gate or "", metric.name)
+    if metric.detail.get("graph") == "prompt":  # `quantize --prefill`'s prompt decoder, gated beside the decoder
+        label = f"prompt decoder {label}"
     if metric.threshold is None:
         return f"{label} {value}, not gated"
     limit = f"{metric.threshold:+.1%}" if percent else f"{metric.threshold:g}"

@@ -98,10 +98,12 @@ class Artifact:
         return sum(f.size for f in self.files)
 
     def tower_files(self, tower: str) -> list[FileRecord]:
-        """The files of one tower: its graph and any external data beside it (an OpenVINO IR's `.bin` beside its `.xml`)."""
-        stem = self.towers[tower].file or ""
-        weights = stem[: -len(".xml")] + ".bin" if stem.endswith(".xml") else None
-        return [f for f in self.files if f.path in (stem, weights) or f.path.startswith(stem + ".")]
+        """The files of one tower: its graph and any external data beside it (an OpenVINO IR's `.bin` beside its `.xml`),
+        and a decoder's prompt graph with its data (`TowerRecord.prefill`)."""
+        record = self.towers[tower]
+        graphs = [g for g in (record.file or "", record.prefill) if g]
+        weights = [g[: -len(".xml")] + ".bin" for g in graphs if g.endswith(".xml")]
+        return [f for f in self.files if f.path in (*graphs, *weights) or any(f.path.startswith(g + ".") for g in graphs)]
 
     def to_json(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

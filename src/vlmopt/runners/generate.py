@@ -429,11 +429,13 @@ class OrtParts:
             feed[LOGITS_TO_KEEP] = np.array(0, np.int64)  # every position, the graph's default; the cache's runs ask for fewer
         return feed
 
-    def decode(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        """The logits of one prefill with no past (numpy in and out, unpadded rows: every contract takes those). For checks."""
+    def decode(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, extra: dict[str, np.ndarray] | None = None, prompt: bool = False) -> np.ndarray:
+        """The logits of one prefill with no past (numpy in and out, unpadded rows: every contract takes those). For
+        checks; `prompt`: through the prefill decoder where there is one."""
         batch = inputs_embeds.shape[0]
         past = {name: self.empty_past(batch) for name in self.past_names}
-        return self.decoder.run([LOGITS], {**self.step_feed(inputs_embeds, attention_mask, extra), **past})[0]
+        session = self.prefill if prompt and self.prefill is not None else self.decoder
+        return session.run([LOGITS], {**self.step_feed(inputs_embeds, attention_mask, extra), **past})[0]
 
     def cache(self, batch: int, capacity: int) -> KvCache:
         """A fresh KV cache for one generation of `batch` rows and at most `capacity` positions."""
@@ -446,6 +448,17 @@ class OrtParts:
 def prefill_part(contract: GenerativeContract) -> str:
     """The name of the optional prompt-only decoder beside the contract's decoder part (`OrtParts`)."""
     return f"{contract.decoder.name}_prefill"
+
+
+def loop_files(towers: dict[str, Any], contract: GenerativeContract | None = None) -> dict[str, str]:
+    """An artifact's `TowerRecord`s as the loops' `files`: each part's graph, and the decoder's prompt graph
+    (`TowerRecord.prefill`, from `quantize --prefill`) as `prefill_part`."""
+    contract = contract or GenerativeContract()
+    files = {name: record.file or "" for name, record in towers.items()}
+    decoder = towers.get(contract.decoder.name)
+    if decoder is not None and decoder.prefill:
+        files[prefill_part(contract)] = decoder.prefill
+    return files
 
 
 def _signature(session: Any) -> tuple[Any, ...]:

@@ -42,6 +42,8 @@ GENERATION_IDENTICAL = "greedy generation identical to transformers"
 GENAI_IDENTICAL = "onnxruntime-genai generation identical to transformers"
 TOKEN_AGREEMENT = "teacher-forced next-token top-1 agreement"
 PPL_INCREASE = "perplexity increase"
+#: the prefix of the prompt decoder's token figures (`quantize --prefill`)
+PROMPT_DECODER = "prompt decoder:"
 
 
 class _Worst:
@@ -335,13 +337,19 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
-def teacher_forced(reference: Any, candidate: Any, ids: np.ndarray, window: int) -> dict[str, Any]:
-    """Both decoders on the same real tokens, each window a fresh prefill: agreement, KL(reference || candidate), perplexities."""
+def teacher_forced(reference: Any, candidate: Any, ids: np.ndarray, window: int, prompt: bool = False) -> dict[str, Any]:
+    """Both decoders on the same real tokens, each window a fresh prefill: agreement, KL(reference || candidate), perplexities.
+    `prompt`: the candidate's prompt decoder instead of its decoder."""
     agree, kl, nll_reference, nll_candidate = [], [], [], []
     for start in range(0, len(ids) - window + 1, window):
         chunk = ids[None, start : start + window]
         mask = np.ones_like(chunk)
-        outputs = [_log_softmax(parts.decode(parts.embed(chunk), mask)[0, :-1]) for parts in (reference, candidate)]
+        outputs = [
+            _log_softmax(parts.decode(parts.embed(chunk), mask, prompt=True) if parts is candidate and prompt else parts.decode(parts.embed(chunk), mask))[
+                0, :-1
+            ]
+            for parts in (reference, candidate)
+        ]
         target = chunk[0, 1:]
         agree.append(outputs[0].argmax(-1) == outputs[1].argmax(-1))
         kl.append((np.exp(outputs[0]) * (outputs[0] - outputs[1])).sum(-1))
@@ -364,17 +372,22 @@ def variant_checks(
     preprocessor: Any, reference_dir: Path, reference: Any, folder: Path, candidate: Any, gates: Any, threads: int, say: Callable[[str], None]
 ) -> list[MetricCheck]:
     """A quantized variant against its fp32 parent: teacher-forced agreement, KL and perplexity on the real text, greedy matches."""
+    from vlmopt.runners.generate import loop_files
     from vlmopt.runners.loops import loop_runner
 
-    files = {name: record.file for name, record in candidate.towers.items()}
+    contract = preprocessor.contract
+    files = loop_files(candidate.towers, contract)
     engines = {name: record.engine for name, record in candidate.towers.items()}
-    reference_files = {name: record.file for name, record in reference.towers.items()}
+    reference_files = loop_files(reference.towers, contract)
     ids, identity = text_tokens(preprocessor.tokenizer, TEXT_TOKENS)
     window = min(WINDOW, preprocessor.max_positions, len(ids))
-    contract = preprocessor.contract
     with loop_runner(reference_dir, reference_files, threads, contract) as fp32, loop_runner(folder, files, threads, contract, engines) as variant:
         say(f"teacher-forced next-token agreement and perplexity over {len(ids)} tokens of {TEXT_SOURCE}")
         scores = teacher_forced(fp32.parts, variant.parts, ids, window)
+        prompt_scores = None
+        if getattr(variant.parts, "prefill", None) is not None:  # the prompt decoder (`quantize --prefill`) is gated on its own
+            say("the same for the prompt decoder")
+            prompt_scores = teacher_forced(fp32.parts, variant.parts, ids, window, prompt=True)
         say(f"greedy generation of {VARIANT_NEW_TOKENS} tokens on {VARIANT_PAIRS} {_pair_words(preprocessor)}, fp32 against the variant")
         with preprocessor.image_processor_settings(preprocessor.family.part_check_image_processor):
             pairs = _pairs(preprocessor, VARIANT_PAIRS, offset=100)
@@ -400,5 +413,28 @@ def variant_checks(
             sum(d is None for d in divergences) / len(pairs),
             f"{len(pairs)} {_pair_words(preprocessor)} x {VARIANT_NEW_TOKENS} new tokens",
             detail={**greedy, "image_features_cosine_min": cosine},
+        ),
+        *_prompt_checks(prompt_scores, text, identity, gates),
+    ]
+
+
+def _prompt_checks(scores: dict[str, Any] | None, text: str, identity: Any, gates: Any) -> list[MetricCheck]:
+    """The prompt decoder's (`quantize --prefill`) own token figures, under the same gates as the decoder's: every
+    prompt runs through it, so its first token and the cache it fills are as good as it is."""
+    if scores is None:
+        return []
+    detail = {**scores, "text": identity, "graph": "prompt"}
+    return [
+        MetricCheck(
+            f"{PROMPT_DECODER} {TOKEN_AGREEMENT}", scores["top1_agreement"], text, gates.min_token_agreement, detail=detail, gate="--min-token-agreement"
+        ),
+        MetricCheck(
+            f"{PROMPT_DECODER} {PPL_INCREASE}",
+            scores["ppl_increase"],
+            text,
+            gates.max_ppl_increase,
+            higher_is_better=False,
+            detail=detail,
+            gate="--max-ppl-increase",
         ),
     ]

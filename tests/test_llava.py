@@ -298,6 +298,7 @@ def test_prefill_adds_an_int8_dynamic_prompt_decoder_beside_the_int4_decoder(pre
     assert ops["decoder.onnx"].get("MatMulNBits", 0) > 0 and not ops["decoder.onnx"].get("MatMulInteger")
     assert ops["decoder_prefill.onnx"].get("MatMulInteger", 0) > 0 and not ops["decoder_prefill.onnx"].get("MatMulNBits")
     assert artifact["record"]["towers"]["decoder"]["prefill"]["mode"] == "int8-dynamic"
+    assert artifact["traits"]["precision"] == "decoder=int4,vision=int8,prefill=int8-dynamic"
 
 
 def test_the_prompt_decoder_belongs_to_the_decoder_parts_files(prefilled: Path) -> None:

@@ -1155,7 +1155,9 @@ class Quantize(Stage):
     def traits(self, job: Job, made: dict[str, Made]) -> Traits:
         options: QuantizeOptions = job.options
         return job.parent.traits.derive(
-            precision=",".join(f"{name}={mode}" for name, mode in options.parts.items()) if options.part else options.mode,
+            precision=",".join([*(f"{name}={mode}" for name, mode in options.parts.items()), *([f"prefill={options.prefill}"] if options.prefill else [])])
+            if options.part
+            else options.mode,
             target=options.target,
             ort_only_ops=sorted({d for m in made.values() for d in m.work["ort_only_ops"]}),
             tensorrt_issues={name: m.work["tensorrt_issue"] for name, m in made.items()},

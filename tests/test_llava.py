@@ -40,26 +40,18 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def _variant(tmp_path_factory: pytest.TempPathFactory, llava: Path, *flags: str) -> Path:
+    """A copy of the tiny llava with one `quantize --part` variant, made with the token gates off (random weights)."""
+    model_dir = tmp_path_factory.mktemp("llava-variant") / "llava"
+    shutil.copytree(llava, model_dir)
+    vlmopt_json("quantize", model_dir, *flags, "--min-token-agreement", "off", "--max-ppl-increase", "off")
+    return model_dir
+
+
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory: pytest.TempPathFactory, llava: Path) -> Path:
-    """The tiny llava with a weight-only int8 decoder, int8 vision and int8 embedding table (gates off: random weights)."""
-    model_dir = tmp_path_factory.mktemp("llava-quantized") / "llava"
-    shutil.copytree(llava, model_dir)
-    vlmopt_json(
-        "quantize",
-        model_dir,
-        "--part",
-        "decoder=int8",
-        "--part",
-        "vision=int8",
-        "--part",
-        "embedding=int8",
-        "--min-token-agreement",
-        "off",
-        "--max-ppl-increase",
-        "off",
-    )
-    return model_dir
+    """The tiny llava with a weight-only int8 decoder, int8 vision and int8 embedding table."""
+    return _variant(tmp_path_factory, llava, "--part", "decoder=int8", "--part", "vision=int8", "--part", "embedding=int8")
 
 
 PREFILLED = "decoder-int4_vision-int8_prefill-int8-dynamic"
@@ -67,24 +59,8 @@ PREFILLED = "decoder-int4_vision-int8_prefill-int8-dynamic"
 
 @pytest.fixture(scope="module")
 def prefilled(tmp_path_factory: pytest.TempPathFactory, llava: Path) -> Path:
-    """The tiny llava with an int4 decoder and an int8-dynamic prompt decoder beside it (`--prefill`; gates off)."""
-    model_dir = tmp_path_factory.mktemp("llava-prefilled") / "llava"
-    shutil.copytree(llava, model_dir)
-    vlmopt_json(
-        "quantize",
-        model_dir,
-        "--part",
-        "decoder=int4",
-        "--part",
-        "vision=int8",
-        "--prefill",
-        "int8-dynamic",
-        "--min-token-agreement",
-        "off",
-        "--max-ppl-increase",
-        "off",
-    )
-    return model_dir
+    """The tiny llava with an int4 decoder and an int8-dynamic prompt decoder beside it (`--prefill`)."""
+    return _variant(tmp_path_factory, llava, "--part", "decoder=int4", "--part", "vision=int8", "--prefill", "int8-dynamic")
 
 
 def _axes(path: Path) -> dict[str, list[Any]]:

@@ -94,6 +94,19 @@ def test_the_onnx_vision_part_equals_transformers_at_two_image_sizes_and_two_ima
         assert np.abs(got - expected).max() < 1e-5
 
 
+def test_the_vision_parts_patch_embedding_is_a_matmul_that_int8_dynamic_quantizes(qwen: Path) -> None:
+    from vlmopt import graph
+    from vlmopt.stages.quantize import QuantizeOptions, int8_dynamic
+
+    before = graph.op_counts(graph.load_structure(qwen / "onnx" / "vision.onnx"))
+    int8 = qwen / "vision-int8.onnx"
+    int8_dynamic(qwen / "onnx" / "vision.onnx", int8, QuantizeOptions(split_outliers=0))
+    readers = {n.op_type for n in graph.load_structure(int8).graph.node if "pixel_values" in n.input}
+
+    assert not before.get("Conv") and not before.get("ConvInteger")
+    assert readers & {"DynamicQuantizeLinear", "DynamicQuantizeMatMul"}  # the patches are quantized for an int8 MatMul
+
+
 @pytest.mark.parametrize("which", [0, 1])
 def test_greedy_generation_equals_transformers_on_images_of_different_sizes(qwen: Path, images: list[Any], which: int) -> None:
     expected, got = greedy(qwen, [PROMPTS[which]], [images[which]])

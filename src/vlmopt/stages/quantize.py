@@ -65,7 +65,7 @@ INT8_MODES = ("int8-dynamic", "int8-static")
 PART_MODES = ("gather-int8", "gather-int4", "fp32")
 #: --prefill: the prompt decoder's form beside a low-bit decoder. int8-dynamic (MatMulInteger, int8 activations per
 #: tensor) runs Qwen2.5-VL-3B's widths' 310-position prefill in 913 ms where int4 MatMulNBits takes 1661 and fp32 1416
-#: (README, "Prompt decoder")
+#: (README, "A prompt decoder beside the int4 one")
 PREFILL_MODES = ("int8-dynamic", "int8-weights", "fp32")
 #: the decoder modes a prompt decoder goes beside
 PREFILL_DECODER_MODES = ("int4", "int8-weights")

@@ -46,6 +46,21 @@ def _axes(path: Path) -> dict[str, list[Any]]:
 
 
 # -- convert ---------------------------------------------------------------------------------------
+def test_a_calibration_prefill_gives_the_decoder_text_token_types(gemma3: Path) -> None:
+    """What `quantize` calibrates a decoder on (--prefill int8-dynamic's outlier channels, --method awq/gptq):
+    token_type_ids 0 (text) on every position, as the loop gives a text prompt."""
+    from vlmopt.quantization import int4
+    from vlmopt.runners.generate import OrtParts, ort_session
+
+    parts = OrtParts(gemma3 / "onnx", PARTS, threads=1, contract=preprocessor_of(gemma3).contract)
+    decoder = ort_session(gemma3 / "onnx" / "decoder.onnx", 1)
+    embeds = parts.embed(np.arange(3, 12, dtype=np.int64)[None])
+
+    feed = int4.prefill_feed(decoder, embeds)
+
+    np.testing.assert_allclose(decoder.run(["logits"], feed)[0], parts.decode(embeds, np.ones((1, 9), np.int64)), rtol=0, atol=1e-5)
+
+
 def test_export_reads_a_gemma3_checkpoint_saved_with_save_pretrained(exported: Callable[[str], Path]) -> None:
     hf = manifest(exported("gemma3"))["artifacts"]["hf"]
 

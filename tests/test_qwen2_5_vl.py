@@ -78,6 +78,21 @@ def test_the_decoder_part_takes_three_axis_position_ids(qwen: Path) -> None:
     assert shape[0] == 3 and len(shape) == 3
 
 
+def test_a_calibration_prefill_gives_the_decoder_text_positions_on_all_three_m_rope_axes(qwen: Path) -> None:
+    """What `quantize` calibrates a decoder on (--prefill int8-dynamic's outlier channels, --method awq/gptq):
+    its text positions on each of M-RoPE's three axes, as the loop gives a text prompt."""
+    from vlmopt.quantization import int4
+    from vlmopt.runners.generate import OrtParts, ort_session
+
+    parts = OrtParts(qwen / "onnx", PARTS, threads=1, contract=preprocessor_of(qwen).contract)
+    decoder = ort_session(qwen / "onnx" / "decoder.onnx", 1)
+    embeds = parts.embed(np.arange(3, 12, dtype=np.int64)[None])
+
+    feed = int4.prefill_feed(decoder, embeds)
+
+    np.testing.assert_allclose(decoder.run(["logits"], feed)[0], parts.decode(embeds, np.ones((1, 9), np.int64)), rtol=0, atol=1e-5)
+
+
 def test_the_onnx_vision_part_equals_transformers_at_two_image_sizes_and_two_images(qwen: Path, images: list[Any]) -> None:
     from vlmopt.hf import load_model
     from vlmopt.runners.generate import HfGenerateRunner, OrtParts

@@ -129,7 +129,8 @@ def calibration_text(tokenizer: Any, path: str | None, windows: int) -> Calibrat
 # -- decoder feeds -------------------------------------------------------------------------------
 def prefill_feed(session: Any, inputs_embeds: np.ndarray) -> dict[str, np.ndarray]:
     """A prefill of one row for any decoder contract: the embeddings, a full mask, empty pasts, every other input
-    at its neutral value (positions 0.., logits_to_keep 0: every position)."""
+    at its neutral value (positions 0.., on each of M-RoPE's axes; logits_to_keep 0: every position; a family's
+    per-position inputs such as Gemma 3's token_type_ids 0: text)."""
     feed: dict[str, np.ndarray] = {}
     length = inputs_embeds.shape[1]
     for spec in session.get_inputs():
@@ -138,11 +139,14 @@ def prefill_feed(session: Any, inputs_embeds: np.ndarray) -> dict[str, np.ndarra
         elif spec.name == "attention_mask":
             feed[spec.name] = np.ones((1, length), np.int64)
         elif spec.name == "position_ids":
-            feed[spec.name] = np.arange(length, dtype=np.int64)[None]
+            positions = np.arange(length, dtype=np.int64)[None]
+            feed[spec.name] = np.ascontiguousarray(np.broadcast_to(positions, (int(spec.shape[0]), 1, length))) if len(spec.shape) == 3 else positions
         elif spec.name.startswith("past_key_values."):
             feed[spec.name] = np.zeros((1, int(spec.shape[1]), 0, int(spec.shape[3])), np.float16 if spec.type == "tensor(float16)" else np.float32)
         elif not spec.shape:
             feed[spec.name] = np.array(0, np.int64)
+        elif len(spec.shape) == 2 and spec.type == "tensor(int64)":
+            feed[spec.name] = np.zeros((1, length), np.int64)
         else:
             raise VlmoptError(f"the decoder takes an input vlmopt cannot fill for calibration: {spec.name} {spec.shape}")
     return feed

@@ -277,6 +277,45 @@ def test_prefill_adds_an_int8_dynamic_prompt_decoder_beside_the_int4_decoder(pre
     assert artifact["traits"]["precision"] == "decoder=int4,vision=int8,prefill=int8-dynamic"
 
 
+def test_the_prompt_decoders_activations_are_quantized_per_token(prefilled: Path) -> None:
+    quantization = manifest(prefilled)["artifacts"][PREFILLED]["record"]["towers"]["decoder"]["prefill"]["quantization"]
+    ops = graph.op_counts(graph.load_structure(prefilled / PREFILLED / "decoder_prefill.onnx"))
+
+    assert "per token" in quantization["activations"]
+    assert not ops.get("DynamicQuantizeLinear") and ops.get("ReduceMax", 0) > 0
+
+
+def test_the_prompt_decoders_outlier_channels_are_chosen_on_text_the_gate_does_not_read(prefilled: Path) -> None:
+    quantization = manifest(prefilled)["artifacts"][PREFILLED]["record"]["towers"]["decoder"]["prefill"]["quantization"]
+
+    assert quantization["calibration"]["windows"] > 0 and "the gate reads only its start" in quantization["calibration"]["source"]
+    assert quantization["outlier_channels"]["data"] == quantization["calibration"]["source"]
+
+
+def test_calib_text_chooses_the_prompt_decoders_outlier_channels(llava: Path, copy_model_dir: Callable[[Path], Path], tmp_path: Path) -> None:
+    model_dir = copy_model_dir(llava)
+    text = tmp_path / "calibration.txt"
+    text.write_text(" ".join(f"Sentence {i} of the user's own calibration text, about cats and maps." for i in range(200)))
+
+    result = vlmopt_json(
+        "quantize",
+        model_dir,
+        "--part",
+        "decoder=int4",
+        "--prefill",
+        "int8-dynamic",
+        "--calib-text",
+        text,
+        "--min-token-agreement",
+        "off",
+        "--max-ppl-increase",
+        "off",
+    )
+
+    quantization = manifest(model_dir)["artifacts"][result["artifact"]["name"]]["record"]["towers"]["decoder"]["prefill"]["quantization"]
+    assert quantization["calibration"]["source"] == f"your text {text}"
+
+
 def test_the_prompt_decoder_belongs_to_the_decoder_parts_files(prefilled: Path) -> None:
     from vlmopt.workspace import ModelDir
 
@@ -338,6 +377,7 @@ def test_generate_runs_a_prefill_artifact(prefilled: Path, image: Path) -> None:
         (["--part", "vision=int8", "--prefill", "int8-dynamic"], "--prefill goes beside a decoder part"),
         (["--part", "decoder=int8", "--prefill", "int8-weights"], "is the decoder part's own form"),
         (["--part", "decoder=int4", "--prefill", "int8-dynamic", "--fallback"], "cannot mend a prompt decoder"),
+        (["--part", "decoder=int4", "--prefill", "int8-weights", "--calib-text", "README.md"], "reads no calibration data"),
     ],
 )
 def test_a_prefill_without_a_low_bit_decoder_to_go_beside_is_refused(

@@ -37,13 +37,13 @@ def save(model: Any, path: Path) -> None:
     """Save `model`, with its weights in `<name>.data` when they are too large for one protobuf."""
     import onnx
 
-    if _byte_size(model) > EXTERNAL_DATA_BYTES:
+    if byte_size(model) > EXTERNAL_DATA_BYTES:
         onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data")
     else:
         onnx.save(model, str(path))
 
 
-def _byte_size(model: Any) -> float:
+def byte_size(model: Any) -> float:
     """The serialized size, computed once; infinite where protobuf refuses to size a message beyond 2 GB."""
     try:
         return model.ByteSize()

@@ -17,7 +17,11 @@ most 4 channels, for about 5 % more time per batch (README).
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -61,20 +65,34 @@ def channel_ranges(model: Any, feeds: list[dict[str, np.ndarray]], threads: int 
 
     import onnx
 
-    from vlmopt.quantization.fallback import session
-
     probe = copy.deepcopy(model)
     wanted = sorted({n.input[0] for n in weighted_matmuls(model)})
     present = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in wanted if t not in present)
-    sess = session(probe, threads)
-    names = {i.name for i in sess.get_inputs()}
-    ranges: dict[str, np.ndarray] = {}
-    for feed in feeds:
-        for tensor, value in zip(wanted, sess.run(wanted, {k: v for k, v in feed.items() if k in names}), strict=True):
-            channel_max = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
-            ranges[tensor] = np.maximum(ranges[tensor], channel_max) if tensor in ranges else channel_max
+    with _session(probe, threads) as sess:
+        names = {i.name for i in sess.get_inputs()}
+        ranges: dict[str, np.ndarray] = {}
+        for feed in feeds:
+            for tensor, value in zip(wanted, sess.run(wanted, {k: v for k, v in feed.items() if k in names}), strict=True):
+                channel_max = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
+                ranges[tensor] = np.maximum(ranges[tensor], channel_max) if tensor in ranges else channel_max
     return ranges
+
+
+@contextlib.contextmanager
+def _session(model: Any, threads: int | None) -> Iterator[Any]:
+    """A session of an in-memory graph; one over protobuf's 2 GB (a 3B decoder) goes through a temporary file."""
+    from vlmopt import graph
+    from vlmopt.quantization.fallback import session
+    from vlmopt.runners.generate import ort_session
+
+    if graph.byte_size(model) <= graph.EXTERNAL_DATA_BYTES:
+        yield session(model, threads)
+        return
+    with tempfile.TemporaryDirectory(prefix="vlmopt-outliers-") as folder:
+        path = Path(folder) / "probe.onnx"
+        graph.save(model, path)
+        yield ort_session(path, threads)
 
 
 def outlier_channels(channel_max: np.ndarray, ratio: float = RATIO, limit: int = LIMIT) -> list[int]:
